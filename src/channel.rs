@@ -1,0 +1,650 @@
+//! The public owner type: one end of a connection.
+//!
+//! # Waiting, and why no wake is lost
+//!
+//! A receiver with nothing to read spins for `Options::spin`, then sleeps in
+//! `FUTEX_WAIT` on the peer's `published` word. A sender with no room spins,
+//! then sleeps on the peer's `released` word. Each sleeper announces itself
+//! with a flag in its own region, and each waker checks that flag:
+//!
+//! ```text
+//! receiver (sleeper)                     sender (waker)
+//! S1 store rx_sleeping = 1   (SeqCst)    W1 store published = n  (SeqCst)
+//! S2 load  published         (SeqCst)    W2 load  rx_sleeping    (SeqCst)
+//! S3 if unchanged: FUTEX_WAIT(published, old)
+//!                                        W3 if flag set: FUTEX_WAKE(published)
+//! ```
+//!
+//! All four accesses are `SeqCst`, so they fall in one total order (also
+//! across processes: it is the same hardware coherence on the same physical
+//! memory). If S2 comes before W1 in that order then S1 comes before W2, so
+//! the sender sees the flag and wakes. Otherwise S2 sees `n` and the receiver
+//! does not sleep. A wake that lands between S2 and S3 is not lost either:
+//! `FUTEX_WAIT` compares the word with `old` inside the kernel and returns
+//! at once when it changed. The same argument, with `tx_sleeping` and
+//! `released`, covers a sender waiting for space.
+//!
+//! A futex cannot see a dead process, so every sleep is at most
+//! `Options::wait_slice`. After a slice that brought nothing, the waiter polls
+//! the socket: a peer that died (even by `SIGKILL`) has had its end of the
+//! socket closed by the kernel, which shows as hang-up. A peer that closes
+//! cleanly sets `closed` (after its last publish) and wakes both words at once.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use capnp::message::Builder;
+
+use crate::alloc::RegionAllocator;
+use crate::error::{Error, ProtocolError, SendError};
+use crate::handshake::{self, Hello};
+use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
+use crate::message::{Received, Segments};
+use crate::options::Options;
+use crate::receiver::RxBook;
+use crate::region::{InRegion, OutRegion};
+use crate::sender::TxBook;
+use crate::sys::{self, futex, socket};
+
+/// A message being built in a channel's outgoing region; see [`Channel::message`].
+pub type MessageBuilder<'c> = Builder<RegionAllocator<'c>>;
+
+/// One word of zeros: the single segment sent for a builder that was never
+/// given a root (a message whose root is null).
+static EMPTY_SEGMENT: [u8; 8] = [0; 8];
+
+/// One end of a zero-copy Cap'n Proto channel between two processes.
+///
+/// Each end owns an outgoing region (a sealed memfd it maps read-write) and
+/// maps the peer's region read-only. [`message`](Channel::message) builds a
+/// message directly in the outgoing region, [`send`](Channel::send) publishes
+/// it, and [`recv`](Channel::recv) on the other end reads it where it lies.
+///
+/// A `Channel` is [`Send`] but not [`Sync`]: one thread owns each end at a
+/// time. Builders and received messages borrow it. Dropping it tells the peer,
+/// which still receives every message sent before, then
+/// [`Error::Disconnected`].
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use capnp_shm::Channel;
+///
+/// let (left, right) = Channel::pair()?;
+/// let mut message = left.message();
+/// message.set_root(capnp::text::Reader::from("hello"))?;
+/// left.send(message)?;
+///
+/// let received = right.recv()?;
+/// assert_eq!(received.get_root::<capnp::text::Reader<'_>>()?.to_str()?, "hello");
+/// # Ok(()) }
+/// ```
+pub struct Channel {
+    socket: OwnedFd,
+    out: OutRegion,
+    incoming: InRegion,
+    tx: RefCell<TxBook>,
+    rx: RxBook,
+    /// The fatal error that ended the channel, returned again by every call.
+    failed: RefCell<Option<Error>>,
+    /// The socket showed hang-up: the peer's process is gone.
+    peer_gone: Cell<bool>,
+    /// Segments the allocator had to take from the heap (region full).
+    spilled: Cell<u64>,
+    options: Options,
+    /// The process that created this end; a copy inherited by `fork` leaves
+    /// the shared state alone when it drops.
+    owner_pid: u32,
+}
+
+/// A channel end that has sent its hello and waits for the peer's.
+struct HalfOpen {
+    socket: OwnedFd,
+    out: OutRegion,
+    options: Options,
+    deadline: Instant,
+}
+
+impl HalfOpen {
+    fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, Error> {
+        let deadline = Instant::now() + options.setup_timeout;
+        let geometry = geometry_for(options)?;
+        let socket = OwnedFd::from(stream);
+        let (out, peer_fd) = OutRegion::create(geometry, options.backing)?;
+        let hello = Hello {
+            geometry,
+            sealed: out.is_sealed(),
+        };
+        handshake::send_hello(socket.as_fd(), &hello, peer_fd.as_fd(), deadline)?;
+        Ok(HalfOpen {
+            socket,
+            out,
+            options: options.clone(),
+            deadline,
+        })
+    }
+
+    fn finish(self) -> Result<Channel, Error> {
+        let (hello, fd) = handshake::recv_hello(self.socket.as_fd(), self.deadline)?;
+        let accept_unsealed = self.options.allow_unsealed_peer || !self.out.is_sealed();
+        let incoming = handshake::map_peer_region(&hello, &fd, accept_unsealed)?;
+        // `fd` closes here; the mapping keeps the peer's file alive.
+        let geometry = self.out.region().geometry();
+        Ok(Channel {
+            socket: self.socket,
+            tx: RefCell::new(TxBook::new(geometry)),
+            out: self.out,
+            incoming,
+            rx: RxBook::default(),
+            failed: RefCell::new(None),
+            peer_gone: Cell::new(false),
+            spilled: Cell::new(0),
+            options: self.options,
+            owner_pid: sys::getpid(),
+        })
+    }
+}
+
+/// The outgoing geometry the options ask for, rounded to what the format allows.
+fn geometry_for(options: &Options) -> Result<Geometry, Error> {
+    let ring_capacity = options.ring_capacity.clamp(1, MAX_RING).next_power_of_two();
+    let region_size = (options.region_size as u64).next_multiple_of(DATA_ALIGN);
+    let geometry = Geometry {
+        region_size,
+        ring_capacity,
+    };
+    geometry.validate().map_err(|_| {
+        let min = Geometry::region_for(ring_capacity, DATA_ALIGN);
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("region size {region_size} is outside {min}..={MAX_REGION} bytes"),
+        ))
+    })
+}
+
+/// When a waiting call gives up.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// Do not wait at all.
+    Now,
+    /// Wait until this instant.
+    At(Instant),
+    /// Wait as long as it takes.
+    Never,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Deadline {
+        Instant::now().checked_add(timeout).map_or(Deadline::Never, Deadline::At)
+    }
+
+    /// The next sleep: one slice, or what remains until the deadline. `None`
+    /// when the deadline has passed.
+    fn slice(self, slice: Duration) -> Option<Duration> {
+        match self {
+            Deadline::Now => None,
+            Deadline::Never => Some(slice),
+            Deadline::At(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                (!left.is_zero()).then(|| left.min(slice))
+            }
+        }
+    }
+}
+
+impl Channel {
+    /// Creates a connected pair of channel ends in this process, over a
+    /// `socketpair`. Typical use: make a pair, `fork`, and let each process
+    /// drop the end it does not use.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the socket, memfd or mapping cannot be created.
+    pub fn pair() -> Result<(Channel, Channel), Error> {
+        Channel::pair_with(&Options::default())
+    }
+
+    /// [`pair`](Channel::pair) with options (both ends use the same).
+    ///
+    /// # Errors
+    ///
+    /// As [`pair`](Channel::pair); [`Error::Io`] with `InvalidInput` for a
+    /// region size the format does not allow.
+    pub fn pair_with(options: &Options) -> Result<(Channel, Channel), Error> {
+        let (a, b) = UnixStream::pair()?;
+        let a = HalfOpen::start(a, options)?;
+        let b = HalfOpen::start(b, options)?;
+        Ok((a.finish()?, b.finish()?))
+    }
+
+    /// Sets up a channel over an already connected Unix stream socket (from a
+    /// listener, `connect`, or an inherited descriptor). The peer must do the
+    /// same on its end. Blocks until the peer's hello arrives, at most
+    /// `Options::setup_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when the peer stays silent, [`Error::Protocol`] when
+    /// its hello or region is unacceptable, [`Error::Io`] when the OS refuses.
+    pub fn from_stream(stream: UnixStream) -> Result<Channel, Error> {
+        Channel::from_stream_with(stream, &Options::default())
+    }
+
+    /// [`from_stream`](Channel::from_stream) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_stream`](Channel::from_stream).
+    pub fn from_stream_with(stream: UnixStream, options: &Options) -> Result<Channel, Error> {
+        HalfOpen::start(stream, options)?.finish()
+    }
+
+    /// Starts a message, built directly in the outgoing region. Fill it with
+    /// capnp's builder API and pass it to [`send`](Channel::send); dropping
+    /// it unsent gives its space back.
+    pub fn message(&self) -> MessageBuilder<'_> {
+        Builder::new(RegionAllocator::new(self, self.options.first_segment_words))
+    }
+
+    /// Sends a message, waiting while the peer holds too many earlier ones.
+    ///
+    /// A builder from [`message`](Channel::message) is published in place;
+    /// segments that could not be placed in the region while building (and
+    /// builders of another channel) are copied in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] when the peer has closed or died;
+    /// [`Error::TooLarge`] when the message can never fit (the channel stays
+    /// usable); [`Error::Protocol`] or [`Error::Io`] when the channel broke.
+    pub fn send(&self, message: MessageBuilder<'_>) -> Result<(), Error> {
+        self.send_until(message, Deadline::Never).map_err(SendError::into_error)
+    }
+
+    /// Sends a message if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Full`] when the peer holds too many messages, and the errors
+    /// of [`send`](Channel::send); the message comes back in the error.
+    pub fn try_send<'a>(&self, message: MessageBuilder<'a>) -> Result<(), SendError<MessageBuilder<'a>>> {
+        self.send_until(message, Deadline::Now)
+    }
+
+    /// Sends a message, waiting at most `timeout` for room.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when no room came in time, and the errors of
+    /// [`send`](Channel::send); the message comes back in the error.
+    pub fn send_timeout<'a>(
+        &self,
+        message: MessageBuilder<'a>,
+        timeout: Duration,
+    ) -> Result<(), SendError<MessageBuilder<'a>>> {
+        self.send_until(message, Deadline::after(timeout))
+    }
+
+    /// Receives the next message, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] once the peer has closed or died and every
+    /// message it sent has been received; [`Error::Protocol`] when the peer
+    /// published something invalid.
+    pub fn recv(&self) -> Result<Received<'_>, Error> {
+        self.recv_until(Deadline::Never)
+    }
+
+    /// Receives a message if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Empty`] when none is, and the errors of [`recv`](Channel::recv).
+    pub fn try_recv(&self) -> Result<Received<'_>, Error> {
+        self.recv_until(Deadline::Now)
+    }
+
+    /// Receives a message, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when none came in time, and the errors of
+    /// [`recv`](Channel::recv).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Received<'_>, Error> {
+        self.recv_until(Deadline::after(timeout))
+    }
+
+    /// Whether this end's outgoing region is a sealed memfd (rather than an
+    /// unsealed `/dev/shm` file).
+    pub fn is_sealed(&self) -> bool {
+        self.out.is_sealed()
+    }
+
+    /// Bytes available for message data in the outgoing region.
+    pub fn capacity_bytes(&self) -> usize {
+        self.out.region().geometry().data_words() as usize * 8
+    }
+
+    /// How many segments were built on the heap because the region was full
+    /// at the time, and copied in at send. Zero in a well-sized channel.
+    pub fn spilled_segments(&self) -> u64 {
+        self.spilled.get()
+    }
+
+    /// The address range of the peer's region as mapped here. Received
+    /// segments read in place lie inside it.
+    pub fn incoming_range(&self) -> std::ops::Range<usize> {
+        let base = self.incoming.region().control() as *const _ as usize;
+        base..base + self.incoming.region().geometry().region_size as usize
+    }
+
+    pub(crate) fn incoming(&self) -> &InRegion {
+        &self.incoming
+    }
+
+    // ---- sending -------------------------------------------------------
+
+    fn send_until<'a>(
+        &self,
+        message: MessageBuilder<'a>,
+        deadline: Deadline,
+    ) -> Result<(), SendError<MessageBuilder<'a>>> {
+        let result = {
+            let output = message.get_segments_for_output();
+            let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
+            let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
+            self.publish(segments, deadline)
+        };
+        match result {
+            // Dropping the builder now finds its region segments sent (no
+            // longer open) and frees only heap segments. No allocation may
+            // happen between the publish and this drop.
+            Ok(()) => {
+                drop(message);
+                Ok(())
+            }
+            Err(e) => Err(SendError::new(e, message)),
+        }
+    }
+
+    fn publish(&self, segments: &[&[u8]], deadline: Deadline) -> Result<(), Error> {
+        self.check_open()?;
+        if self.peer_closed() {
+            return Err(Error::Disconnected);
+        }
+        self.tx.borrow().check_fits(segments)?;
+        loop {
+            {
+                let mut book = self.tx.borrow_mut();
+                if book.try_publish(&self.out, segments) {
+                    break;
+                }
+                let reclaimed = book
+                    .reclaim(&self.out, self.incoming.region())
+                    .map_err(|p| self.fail(p.into()))?;
+                if reclaimed > 0 {
+                    continue;
+                }
+                if book.in_flight() == 0 {
+                    // Nothing will ever be released: no wait can help.
+                    return Err(book.cannot_place(&self.out, segments));
+                }
+            }
+            self.wait_for_release(deadline)?;
+        }
+        // SeqCst: the load half of the Dekker pair (module notes).
+        if self.incoming.region().control().rx_sleeping.0.load(Ordering::SeqCst) != 0 {
+            futex::futex_wake(&self.out.region().control().published.0);
+        }
+        Ok(())
+    }
+
+    /// Waits until the peer releases something (or the deadline passes, or
+    /// the peer goes away).
+    fn wait_for_release(&self, deadline: Deadline) -> Result<(), Error> {
+        let peer = self.incoming.region().control();
+        let seen = self.tx.borrow().reclaimed();
+        let released = || peer.released.0.load(Ordering::Relaxed) != seen;
+        if let Deadline::Now = deadline {
+            return Err(Error::Full);
+        }
+        if self.spin(released) {
+            return Ok(());
+        }
+        let Some(slice) = deadline.slice(self.options.wait_slice) else {
+            return Err(Error::Timeout);
+        };
+        let flag = &self.out.region().control().tx_sleeping.0;
+        // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
+        flag.store(1, Ordering::SeqCst);
+        if peer.released.0.load(Ordering::SeqCst) == seen && peer.closed.0.load(Ordering::SeqCst) == 0 {
+            futex::futex_wait(&peer.released.0, seen, slice);
+        }
+        // Relaxed: a stale `1` seen by the peer costs one spurious wake.
+        flag.store(0, Ordering::Relaxed);
+        if released() {
+            return Ok(());
+        }
+        if self.peer_closed() || !self.peer_alive()? {
+            return Err(Error::Disconnected);
+        }
+        Ok(())
+    }
+
+    // ---- receiving -----------------------------------------------------
+
+    fn recv_until(&self, deadline: Deadline) -> Result<Received<'_>, Error> {
+        loop {
+            if let Some(received) = self.take()? {
+                return Ok(received);
+            }
+            if self.peer_closed() {
+                // Everything published before `closed` is visible now.
+                return self.take()?.ok_or(Error::Disconnected);
+            }
+            if let Deadline::Now = deadline {
+                return Err(Error::Empty);
+            }
+            self.wait_for_message(deadline)?;
+        }
+    }
+
+    fn take(&self) -> Result<Option<Received<'_>>, Error> {
+        self.check_open()?;
+        let taken = self
+            .rx
+            .take(&self.incoming, self.out.region())
+            .map_err(|p| self.fail(p.into()))?;
+        Ok(taken.map(|t| {
+            let segments = if self.options.copy_received {
+                Segments::copied(self, &t.table, t.slot, t.seq)
+            } else {
+                Segments::in_place(self, t.table, t.slot, t.seq)
+            };
+            Received::new(segments, self.options.reader_options)
+        }))
+    }
+
+    /// Waits until the peer publishes (or closes, or the deadline passes).
+    fn wait_for_message(&self, deadline: Deadline) -> Result<(), Error> {
+        let peer = self.incoming.region().control();
+        let seen = self.rx.consumed();
+        let published = || peer.published.0.load(Ordering::Relaxed) != seen;
+        if self.spin(published) {
+            return Ok(());
+        }
+        let Some(slice) = deadline.slice(self.options.wait_slice) else {
+            return Err(Error::Timeout);
+        };
+        let flag = &self.out.region().control().rx_sleeping.0;
+        // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
+        flag.store(1, Ordering::SeqCst);
+        if peer.published.0.load(Ordering::SeqCst) == seen && peer.closed.0.load(Ordering::SeqCst) == 0 {
+            futex::futex_wait(&peer.published.0, seen, slice);
+        }
+        // Relaxed: a stale `1` seen by the peer costs one spurious wake.
+        flag.store(0, Ordering::Relaxed);
+        if !published() {
+            // Nothing new: make sure the peer still exists. Its death shows
+            // as hang-up; the caller then drains and reports Disconnected.
+            self.peer_alive()?;
+        }
+        Ok(())
+    }
+
+    /// Releases peer message `(slot, seq)`; called when its reader drops.
+    pub(crate) fn release(&self, slot: u32, seq: u32) {
+        self.rx.release(self.out.region(), self.incoming.region(), slot, seq);
+    }
+
+    // ---- allocation (called by RegionAllocator) ------------------------
+
+    /// A zeroed extent of at least `min` words for a builder, reclaiming
+    /// released messages if the free list is short. `None`: use the heap.
+    pub(crate) fn allocate_segment(&self, min: u32, want: u32) -> Option<(NonNull<u8>, u32)> {
+        let extent = {
+            let mut book = self.tx.try_borrow_mut().ok()?;
+            match book.allocate(min, want) {
+                Some(e) => Some(e),
+                None => match book.reclaim(&self.out, self.incoming.region()) {
+                    Ok(n) if n > 0 => book.allocate(min, want),
+                    Ok(_) => None,
+                    Err(p) => {
+                        drop(book);
+                        self.fail(p.into());
+                        None
+                    }
+                },
+            }
+        };
+        match extent {
+            Some(e) => Some((self.out.extent_ptr(e), e.len)),
+            None => {
+                self.spilled.set(self.spilled.get() + 1);
+                None
+            }
+        }
+    }
+
+    /// Takes back a builder's segment. Returns `false` when `ptr` is not in
+    /// our region (a heap segment, for the caller to free).
+    pub(crate) fn deallocate_segment(&self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) -> bool {
+        let Some(start) = self.out.offset_of(ptr.as_ptr()) else {
+            return false;
+        };
+        // A segment that was sent is no longer open; `deallocate` leaves it.
+        if let Ok(mut book) = self.tx.try_borrow_mut() {
+            book.deallocate(&self.out, start, words_used);
+        }
+        true
+    }
+
+    // ---- state ---------------------------------------------------------
+
+    fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
+        if self.options.spin.is_zero() {
+            return ready();
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if ready() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= self.options.spin {
+                return ready();
+            }
+        }
+    }
+
+    /// Whether the peer has closed its end or its process is gone.
+    fn peer_closed(&self) -> bool {
+        // Acquire: pairs with the peer's SeqCst store of `closed` after its
+        // last publish, so a later load of `published` sees that publish.
+        self.peer_gone.get() || self.incoming.region().control().closed.0.load(Ordering::Acquire) != 0
+    }
+
+    /// Polls the socket without waiting. `Ok(false)` (and `peer_gone` set)
+    /// when the peer hung up.
+    fn peer_alive(&self) -> Result<bool, Error> {
+        let ready = socket::poll(self.socket.as_fd(), false, Duration::ZERO)?;
+        if ready.hung_up {
+            self.peer_gone.set(true);
+            return Ok(false);
+        }
+        if ready.readable {
+            return Err(self.fail(ProtocolError::UnexpectedSocketData.into()));
+        }
+        Ok(true)
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        match &*self.failed.borrow() {
+            Some(e) => Err(e.replay()),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the channel with `error`: later calls return it again, and the
+    /// peer is told we closed.
+    fn fail(&self, error: Error) -> Error {
+        if let Ok(mut failed) = self.failed.try_borrow_mut() {
+            if failed.is_none() {
+                *failed = Some(error.replay());
+            }
+        }
+        self.close_shared();
+        error
+    }
+
+    /// Sets `closed` in our region and wakes the peer wherever it sleeps.
+    fn close_shared(&self) {
+        let control = self.out.region().control();
+        // SeqCst: after every publish (program order), so a peer that sees
+        // `closed` also sees them.
+        control.closed.0.store(1, Ordering::SeqCst);
+        futex::futex_wake(&control.published.0);
+        futex::futex_wake(&control.released.0);
+    }
+}
+
+impl AsFd for Channel {
+    /// The channel's socket (for `poll`ing it for hang-up; do not read or write it).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tx = self.tx.try_borrow();
+        f.debug_struct("Channel")
+            .field("socket", &self.socket)
+            .field("sealed", &self.out.is_sealed())
+            .field("geometry", &self.out.region().geometry())
+            .field("peer_geometry", &self.incoming.region().geometry())
+            .field("published", &tx.as_ref().map(|t| t.published()).ok())
+            .field("in_flight", &tx.as_ref().map(|t| t.in_flight()).ok())
+            .field("received", &self.rx.consumed())
+            .field("failed", &self.failed.try_borrow().ok().map(|f| f.is_some()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // A copy of this end inherited through fork() shares the region with
+        // the original: only the creating process may announce the close.
+        if sys::getpid() == self.owner_pid {
+            self.close_shared();
+        }
+        // Then the fields drop: both mappings unmapped, the socket closed.
+    }
+}

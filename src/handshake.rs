@@ -1,0 +1,258 @@
+//! The hello each end sends once over the socket, and the checks on the
+//! peer's hello and descriptor.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic          "CAPNPSHM"
+//! 8       4     version        layout::VERSION
+//! 12      4     flags          bit 0: the region is a sealed memfd
+//! 16      8     region_size    bytes, multiple of 4096
+//! 24      4     ring_capacity  power of two
+//! 28      36    reserved       zero
+//! ```
+//!
+//! All integers little-endian. Exactly one descriptor, read-only, travels with
+//! the hello (`SCM_RIGHTS`). Both ends send first and then receive, so the
+//! exchange cannot deadlock; each waits at most until the set-up deadline.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::error::{Error, ProtocolError};
+use crate::layout::{Geometry, FLAG_SEALED, MAGIC, VERSION};
+use crate::region::InRegion;
+use crate::sys::{file, socket};
+
+/// Bytes in a hello.
+pub(crate) const HELLO_LEN: usize = 64;
+
+/// What one end announces about its outgoing region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub(crate) geometry: Geometry,
+    pub(crate) sealed: bool,
+}
+
+impl Hello {
+    /// The hello's bytes.
+    pub(crate) fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let flags = if self.sealed { FLAG_SEALED } else { 0 };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.geometry.region_size.to_le_bytes());
+        b[24..28].copy_from_slice(&self.geometry.ring_capacity.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks a hello: magic, version, flags, reserved bytes,
+    /// geometry, in that order.
+    pub(crate) fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, ProtocolError> {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        if u64_at(0) != MAGIC {
+            return Err(ProtocolError::BadMagic);
+        }
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(ProtocolError::BadVersion { found: version });
+        }
+        let flags = u32_at(12);
+        if flags & !FLAG_SEALED != 0 || b[28..].iter().any(|&x| x != 0) {
+            return Err(ProtocolError::BadHelloFlags);
+        }
+        let geometry = Geometry {
+            region_size: u64_at(16),
+            ring_capacity: u32_at(24),
+        }
+        .validate()?;
+        Ok(Hello {
+            geometry,
+            sealed: flags & FLAG_SEALED != 0,
+        })
+    }
+}
+
+/// Sends our hello with `region_fd` attached, waiting for buffer space at most
+/// until `deadline`.
+pub(crate) fn send_hello(
+    sock: BorrowedFd<'_>,
+    hello: &Hello,
+    region_fd: BorrowedFd<'_>,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let bytes = hello.encode();
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let r = if sent == 0 {
+            socket::send_with_fd(sock, &bytes, region_fd)
+        } else {
+            socket::send(sock, &bytes[sent..])
+        };
+        match r {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, true, deadline)?,
+            Err(e) if is_disconnect(&e) => return Err(Error::Disconnected),
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Receives the peer's hello and its descriptors, at most until `deadline`.
+/// Every descriptor that arrives is owned at once, so a rejected one closes.
+pub(crate) fn recv_hello(sock: BorrowedFd<'_>, deadline: Instant) -> Result<(Hello, OwnedFd), Error> {
+    let mut buf = [0u8; HELLO_LEN];
+    let mut filled = 0;
+    let mut fds = Vec::new();
+    let mut truncated = false;
+    while filled < HELLO_LEN {
+        match socket::recv_with_fds(sock, &mut buf[filled..]) {
+            Ok(r) if r.len == 0 => return Err(ProtocolError::HandshakeTruncated.into()),
+            Ok(r) => {
+                filled += r.len;
+                fds.extend(r.fds);
+                truncated |= r.control_truncated;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, false, deadline)?,
+            Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+    if truncated {
+        return Err(ProtocolError::ControlTruncated.into());
+    }
+    let hello = Hello::decode(&buf)?;
+    let mut fds = fds.into_iter();
+    match (fds.next(), fds.len()) {
+        (None, _) => Err(ProtocolError::MissingDescriptor.into()),
+        (Some(fd), 0) => Ok((hello, fd)),
+        (Some(_), extra) => Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into()),
+    }
+}
+
+/// Checks the peer's descriptor against its hello and maps it read-only:
+/// a regular file of exactly the announced size, sealed as announced (or
+/// unsealed and accepted), whose control block repeats the hello.
+pub(crate) fn map_peer_region(hello: &Hello, fd: &OwnedFd, accept_unsealed: bool) -> Result<InRegion, Error> {
+    let kind = file::fstat(fd.as_fd())?;
+    if !kind.regular {
+        return Err(ProtocolError::NotARegularFile.into());
+    }
+    if kind.size != hello.geometry.region_size {
+        return Err(ProtocolError::WrongFileSize {
+            announced: hello.geometry.region_size,
+            actual: kind.size,
+        }
+        .into());
+    }
+    if hello.sealed {
+        let found = file::get_seals(fd.as_fd()).unwrap_or(0);
+        if found != file::REGION_SEALS {
+            return Err(ProtocolError::WrongSeals { found }.into());
+        }
+    } else if !accept_unsealed {
+        return Err(ProtocolError::UnsealedRegion.into());
+    }
+    let region = InRegion::map(fd, hello.geometry)?;
+    let header = &region.region().control().header.0;
+    let flags = if hello.sealed { FLAG_SEALED } else { 0 };
+    if header.magic.load(Ordering::Relaxed) != MAGIC
+        || header.version.load(Ordering::Relaxed) != VERSION
+        || header.flags.load(Ordering::Relaxed) != flags
+        || header.region_size.load(Ordering::Relaxed) != hello.geometry.region_size
+        || header.ring_capacity.load(Ordering::Relaxed) != hello.geometry.ring_capacity
+    {
+        return Err(ProtocolError::ControlBlockMismatch.into());
+    }
+    Ok(region)
+}
+
+fn wait(sock: BorrowedFd<'_>, for_write: bool, deadline: Instant) -> Result<(), Error> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout);
+    }
+    let ready = socket::poll(sock, for_write, left)?;
+    if !ready.readable && !ready.writable && !ready.hung_up && Instant::now() >= deadline {
+        return Err(Error::Timeout);
+    }
+    Ok(())
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            geometry: Geometry {
+                region_size: 1 << 20,
+                ring_capacity: 64,
+            },
+            sealed: true,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let h = hello();
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        let unsealed = Hello { sealed: false, ..h };
+        assert_eq!(Hello::decode(&unsealed.encode()), Ok(unsealed));
+    }
+
+    #[test]
+    fn each_field_is_checked() {
+        let good = hello().encode();
+        let mut b = good;
+        b[0] ^= 1;
+        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadMagic));
+        let mut b = good;
+        b[8] = 9;
+        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadVersion { found: 9 }));
+        let mut b = good;
+        b[12] |= 2;
+        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
+        let mut b = good;
+        b[63] = 1;
+        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
+        let mut b = good;
+        b[24] = 3;
+        assert!(matches!(Hello::decode(&b), Err(ProtocolError::BadGeometry { .. })));
+        let mut b = good;
+        b[16] = 1;
+        assert!(matches!(Hello::decode(&b), Err(ProtocolError::BadGeometry { .. })));
+    }
+
+    /// A deterministic sweep: no byte pattern panics the decoder, and what it
+    /// accepts always has a valid geometry.
+    #[test]
+    fn random_hellos_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let good = hello().encode();
+        for i in 0..100_000 {
+            let mut b = good;
+            for _ in 0..(i % 6) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = usize::try_from(seed % 64).unwrap();
+                b[at] = (seed >> 8) as u8;
+            }
+            if let Ok(h) = Hello::decode(&b) {
+                assert_eq!(h.geometry.validate(), Ok(h.geometry));
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The frozen shared-memory format of one region.
+//!
+//! A region is written only by its owner and read by the peer. From offset 0:
+//!
+//! ```text
+//! 0                         control block (CONTROL_BYTES): header + counters,
+//!                           each on its own 128-byte line
+//! CONTROL_BYTES             descriptor ring: ring_capacity x DescriptorEntry (64 B)
+//! releases_offset()         release ring:    ring_capacity x ReleaseEntry (8 B)
+//! data_offset()             data area, DATA_ALIGN aligned, to the end of the region
+//! ```
+//!
+//! Every field is a fixed-width atomic so that either process may read any
+//! field at any time without a data race, and any bit pattern is a valid value:
+//! what the peer wrote is data to validate, never a value to trust. Changing
+//! anything here changes the wire format: bump [`VERSION`].
+//!
+//! Units: offsets and lengths inside the data area are in 8-byte *words*, so a
+//! misaligned segment cannot be expressed at all.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use crate::error::ProtocolError;
+
+/// The first 8 bytes of every region and hello: `"CAPNPSHM"` read as a
+/// little-endian `u64`.
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
+
+/// The format version. Any change to this file changes it.
+pub(crate) const VERSION: u32 = 1;
+
+/// Bytes reserved for the control block at the start of a region.
+pub(crate) const CONTROL_BYTES: u64 = 1024;
+
+/// Alignment of the data area (and granularity of region sizes).
+pub(crate) const DATA_ALIGN: u64 = 4096;
+
+/// Segments described inside a descriptor entry; more go out of line.
+pub(crate) const INLINE_SEGMENTS: usize = 6;
+
+/// The most segments one message may have.
+pub(crate) const MAX_SEGMENTS: u32 = 512;
+
+/// The smallest and largest ring capacities (power of two).
+pub(crate) const MIN_RING: u32 = 1;
+/// See [`MIN_RING`].
+pub(crate) const MAX_RING: u32 = 1 << 16;
+
+/// The largest region: keeps every word offset and length within `u32`.
+pub(crate) const MAX_REGION: u64 = 1 << 34;
+
+/// The smallest data area a region may have.
+pub(crate) const MIN_DATA: u64 = 4096;
+
+/// Bytes in a capnp word.
+pub(crate) const WORD: u64 = 8;
+
+/// Flag in [`Header::flags`] and in the hello: the region is a sealed memfd.
+pub(crate) const FLAG_SEALED: u32 = 1;
+
+/// A value alone on a 128-byte line, so that fields written by different
+/// processes (or at different rates) never share a cache line. 128 rather
+/// than 64 because adjacent-line prefetch pairs lines on x86.
+#[repr(C, align(128))]
+#[derive(Debug)]
+pub(crate) struct Line<T>(pub(crate) T);
+
+/// Written once by the owner before the hello is sent; the peer checks it
+/// against the hello.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct Header {
+    pub(crate) magic: AtomicU64,
+    pub(crate) version: AtomicU32,
+    pub(crate) flags: AtomicU32,
+    pub(crate) region_size: AtomicU64,
+    pub(crate) ring_capacity: AtomicU32,
+    pub(crate) reserved: AtomicU32,
+}
+
+/// The control block at offset 0 of every region.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct ControlBlock {
+    pub(crate) header: Line<Header>,
+    /// Messages the owner has published (wrapping). A futex word: the peer's
+    /// receiver sleeps on it.
+    pub(crate) published: Line<AtomicU32>,
+    /// Peer messages the owner has taken from the peer's descriptor ring.
+    pub(crate) consumed: Line<AtomicU32>,
+    /// Entries the owner has appended to its release ring (wrapping). A futex
+    /// word: the peer's blocked sender sleeps on it.
+    pub(crate) released: Line<AtomicU32>,
+    /// Non-zero while the owner sleeps (or is about to) on the peer's `published`.
+    pub(crate) rx_sleeping: Line<AtomicU32>,
+    /// Non-zero while the owner sleeps (or is about to) on the peer's `released`.
+    pub(crate) tx_sleeping: Line<AtomicU32>,
+    /// Non-zero once the owner has closed its end. Set after its last publish.
+    pub(crate) closed: Line<AtomicU32>,
+}
+
+/// One message in the descriptor ring.
+///
+/// With `seg_count <= INLINE_SEGMENTS` the segments are `segments[..seg_count]`.
+/// With more, `segments[0]` is `(offset, seg_count)` of an out-of-line table in
+/// the data area: `seg_count` words, each `offset | length << 32`.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct DescriptorEntry {
+    /// The message's sequence number (its position in the stream, wrapping).
+    pub(crate) seq: AtomicU32,
+    /// The sender's private token for the message; echoed back on release.
+    pub(crate) slot: AtomicU32,
+    /// Number of segments, 1..=MAX_SEGMENTS.
+    pub(crate) seg_count: AtomicU32,
+    pub(crate) reserved: AtomicU32,
+    /// `(offset, length)` pairs in words, relative to the data area.
+    pub(crate) segments: [[AtomicU32; 2]; INLINE_SEGMENTS],
+}
+
+/// One released message in the release ring: which peer message the owner
+/// has dropped.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct ReleaseEntry {
+    pub(crate) slot: AtomicU32,
+    pub(crate) seq: AtomicU32,
+}
+
+const _: () = {
+    assert!(size_of::<Line<AtomicU32>>() == 128);
+    assert!(size_of::<Header>() == 32);
+    assert!(size_of::<ControlBlock>() == 7 * 128);
+    assert!(size_of::<ControlBlock>() as u64 <= CONTROL_BYTES);
+    assert!(std::mem::offset_of!(ControlBlock, published) == 128);
+    assert!(std::mem::offset_of!(ControlBlock, consumed) == 256);
+    assert!(std::mem::offset_of!(ControlBlock, released) == 384);
+    assert!(std::mem::offset_of!(ControlBlock, rx_sleeping) == 512);
+    assert!(std::mem::offset_of!(ControlBlock, tx_sleeping) == 640);
+    assert!(std::mem::offset_of!(ControlBlock, closed) == 768);
+    assert!(size_of::<DescriptorEntry>() == 64);
+    assert!(std::mem::offset_of!(DescriptorEntry, segments) == 16);
+    assert!(size_of::<ReleaseEntry>() == 8);
+    assert!(CONTROL_BYTES % 128 == 0);
+};
+
+/// The shape of one region, as announced in the hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Total bytes, a multiple of [`DATA_ALIGN`].
+    pub(crate) region_size: u64,
+    /// Descriptor and release ring entries; a power of two.
+    pub(crate) ring_capacity: u32,
+}
+
+impl Geometry {
+    /// Checks that the geometry describes a usable region: ring capacity a
+    /// power of two in range, size a multiple of [`DATA_ALIGN`], at most
+    /// [`MAX_REGION`], and room for a data area of at least [`MIN_DATA`].
+    pub(crate) fn validate(self) -> Result<Geometry, ProtocolError> {
+        let bad = ProtocolError::BadGeometry {
+            region_size: self.region_size,
+            ring_capacity: self.ring_capacity,
+        };
+        if !self.ring_capacity.is_power_of_two()
+            || self.ring_capacity < MIN_RING
+            || self.ring_capacity > MAX_RING
+            || self.region_size % DATA_ALIGN != 0
+            || self.region_size > MAX_REGION
+        {
+            return Err(bad);
+        }
+        // ring_capacity <= 2^16, so this cannot overflow.
+        if self.data_offset() + MIN_DATA > self.region_size {
+            return Err(bad);
+        }
+        Ok(self)
+    }
+
+    /// Byte offset of the descriptor ring.
+    pub(crate) fn descriptors_offset(self) -> u64 {
+        CONTROL_BYTES
+    }
+
+    /// Byte offset of the release ring.
+    pub(crate) fn releases_offset(self) -> u64 {
+        CONTROL_BYTES + u64::from(self.ring_capacity) * size_of::<DescriptorEntry>() as u64
+    }
+
+    /// Byte offset of the data area.
+    pub(crate) fn data_offset(self) -> u64 {
+        let end = self.releases_offset() + u64::from(self.ring_capacity) * size_of::<ReleaseEntry>() as u64;
+        end.next_multiple_of(DATA_ALIGN)
+    }
+
+    /// Size of the data area in words. Fits in `u32` for a valid geometry.
+    pub(crate) fn data_words(self) -> u32 {
+        let words = self.region_size.saturating_sub(self.data_offset()) / WORD;
+        u32::try_from(words).unwrap_or(u32::MAX)
+    }
+
+    /// The ring index of sequence number `seq`.
+    pub(crate) fn ring_index(self, seq: u32) -> u32 {
+        seq & (self.ring_capacity - 1)
+    }
+
+    /// The smallest region (rounded up to [`DATA_ALIGN`]) with this ring
+    /// capacity and a data area of at least `data_bytes`.
+    pub(crate) fn region_for(ring_capacity: u32, data_bytes: u64) -> u64 {
+        let probe = Geometry {
+            region_size: 0,
+            ring_capacity,
+        };
+        probe.data_offset() + data_bytes.next_multiple_of(DATA_ALIGN)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(region_size: u64, ring_capacity: u32) -> Geometry {
+        Geometry {
+            region_size,
+            ring_capacity,
+        }
+    }
+
+    #[test]
+    fn offsets_follow_the_documented_layout() {
+        let g = geo(1 << 20, 256).validate().unwrap();
+        assert_eq!(g.descriptors_offset(), 1024);
+        assert_eq!(g.releases_offset(), 1024 + 256 * 64);
+        assert_eq!(g.data_offset(), (1024 + 256 * 72u64).next_multiple_of(4096));
+        assert_eq!(u64::from(g.data_words()) * 8, (1 << 20) - g.data_offset());
+        assert_eq!(g.ring_index(257), 1);
+    }
+
+    #[test]
+    fn rejects_bad_geometry() {
+        assert!(geo(1 << 20, 0).validate().is_err());
+        assert!(geo(1 << 20, 3).validate().is_err());
+        assert!(geo(1 << 20, MAX_RING * 2).validate().is_err());
+        assert!(geo((1 << 20) + 1, 4).validate().is_err());
+        assert!(geo(0, 4).validate().is_err());
+        assert!(geo(4096, 4).validate().is_err(), "no room for data");
+        assert!(geo(MAX_REGION + DATA_ALIGN, 4).validate().is_err());
+        assert!(geo(MAX_REGION, MAX_RING).validate().is_ok());
+        assert!(geo(8192, 1).validate().is_ok());
+    }
+
+    #[test]
+    fn data_words_fit_u32_at_the_largest_region() {
+        let g = geo(MAX_REGION, 1).validate().unwrap();
+        assert!(u64::from(g.data_words()) * 8 + g.data_offset() == MAX_REGION);
+    }
+
+    #[test]
+    fn region_for_gives_room_for_the_data() {
+        let size = Geometry::region_for(64, 10_000);
+        let g = geo(size, 64).validate().unwrap();
+        assert!(u64::from(g.data_words()) * 8 >= 10_000);
+    }
+}

@@ -1,0 +1,76 @@
+//! Zero-copy Cap'n Proto messages between processes on one Linux host.
+//!
+//! Two processes share a Unix socket. Each end creates a sealed memfd, maps
+//! it read-write as its *outgoing region*, and hands the peer a read-only
+//! descriptor; the peer maps it read-only. A message is built directly in the
+//! outgoing region by a capnp allocator, its segment table travels through a
+//! ring in shared memory, `futex(2)` wakes a receiver that sleeps, and the
+//! receiver reads the message where it lies. When the receiver drops the
+//! message, the sender reuses the space.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use capnp_shm::Channel;
+//!
+//! let (client, server) = Channel::pair()?;
+//!
+//! let mut request = client.message();
+//! request.set_root(capnp::text::Reader::from("ping"))?;
+//! client.send(request)?;
+//!
+//! let received = server.recv()?; // no copy: the bytes stay in client's region
+//! let text: capnp::text::Reader<'_> = received.get_root()?;
+//! assert_eq!(text.to_str()?, "ping");
+//! drop(received); // client may now reuse the space
+//!
+//! drop(client);
+//! assert!(matches!(server.recv(), Err(capnp_shm::Error::Disconnected)));
+//! # Ok(()) }
+//! ```
+//!
+//! # Blocking, and the other end
+//!
+//! Every call blocks the calling thread, never longer than asked:
+//! [`Channel::send`] waits while the peer holds too many messages,
+//! [`Channel::recv`] waits for one, and their `try_` and `_timeout` forms
+//! bound the wait. There are no background threads. A peer that closes, or
+//! dies even by `SIGKILL`, is noticed within one wait slice (100 ms by
+//! default): messages it sent before are still delivered, then
+//! [`Error::Disconnected`].
+//!
+//! # Trust
+//!
+//! The peer can never write this process's memory (its view of our region is
+//! read-only and the memfd is sealed against new writable mappings), never
+//! shrink a region under us, and never make us read outside its region: every
+//! counter, offset and length it publishes is checked, and a violation ends
+//! the channel with [`Error::Protocol`]. Reading in place does assume the peer
+//! leaves a message alone between sending it and our release, as this crate
+//! does; for a peer not trusted with that, [`Options::copy_received`] copies
+//! each message into private memory first.
+//!
+//! # Where `unsafe` lives
+//!
+//! `unsafe_code` is denied crate-wide and allowed only in: `src/sys/` (every
+//! system call), `src/region.rs` (references into mapped memory), and
+//! `src/alloc.rs` (the `unsafe impl` of capnp's `Allocator`).
+
+#![cfg(target_os = "linux")]
+
+mod alloc;
+mod channel;
+mod error;
+mod handshake;
+mod layout;
+mod message;
+mod options;
+mod receiver;
+mod region;
+mod sender;
+mod sys;
+
+pub use alloc::RegionAllocator;
+pub use channel::{Channel, MessageBuilder};
+pub use error::{Error, ProtocolError, SendError, TooLargeKind};
+pub use message::{Received, Segments};
+pub use options::{Backing, Options};

@@ -1,0 +1,177 @@
+//! Received messages: a capnp reader over segments in the peer's region, and
+//! the release when it drops.
+
+use std::fmt;
+
+use capnp::message::{Reader, ReaderSegments};
+use capnp::traits::FromPointerReader;
+use capnp::Word;
+
+use crate::channel::Channel;
+use crate::receiver::SegmentTable;
+
+/// A received message, read in place.
+///
+/// Its segments stay in the peer's shared region (or, with
+/// [`Options::copy_received`](crate::Options::copy_received), in a private
+/// copy) until it drops; dropping it tells the peer the space may be reused.
+/// It borrows the channel, so the mapping outlives it.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (a, b) = capnp_shm::Channel::pair()?;
+/// let mut message = a.message();
+/// message.set_root(capnp::text::Reader::from("hi"))?;
+/// a.send(message)?;
+/// let received = b.recv()?;
+/// let text: capnp::text::Reader<'_> = received.get_root()?;
+/// assert_eq!(text.to_str()?, "hi");
+/// # Ok(()) }
+/// ```
+pub struct Received<'c> {
+    reader: Reader<Segments<'c>>,
+}
+
+impl<'c> Received<'c> {
+    pub(crate) fn new(segments: Segments<'c>, options: capnp::message::ReaderOptions) -> Received<'c> {
+        Received {
+            reader: Reader::new(segments, options),
+        }
+    }
+
+    /// Gets the root of the message as the given type.
+    ///
+    /// # Errors
+    ///
+    /// Whatever capnp reports for a malformed message or an exceeded
+    /// traversal or nesting limit.
+    pub fn get_root<'a, T: FromPointerReader<'a>>(&'a self) -> capnp::Result<T> {
+        self.reader.get_root()
+    }
+
+    /// The capnp reader, for everything else a reader does.
+    pub fn reader(&self) -> &Reader<Segments<'c>> {
+        &self.reader
+    }
+
+    /// The capnp reader by value; the message is released when it drops.
+    pub fn into_reader(self) -> Reader<Segments<'c>> {
+        self.reader
+    }
+
+    /// The message's segments, as the bytes capnp reads.
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let segments = self.reader.get_segments();
+        (0..).map_while(move |i| segments.get_segment(i))
+    }
+
+    /// Whether the message was copied into private memory
+    /// ([`Options::copy_received`](crate::Options::copy_received)).
+    pub fn is_copied(&self) -> bool {
+        matches!(self.reader.get_segments().body, Body::Copied { .. })
+    }
+
+    /// Total size of the message in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.segments().map(<[u8]>::len).sum()
+    }
+}
+
+impl fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Received")
+            .field("segments", self.reader.get_segments())
+            .finish()
+    }
+}
+
+/// The segments of a [`Received`] message; implements capnp's
+/// [`ReaderSegments`]. Dropping it releases the message to the peer.
+pub struct Segments<'c> {
+    channel: &'c Channel,
+    body: Body,
+    /// `(slot, seq)` to release on drop; `None` once released.
+    release: Option<(u32, u32)>,
+}
+
+enum Body {
+    /// Extents in the peer's data area.
+    InPlace(SegmentTable),
+    /// A private copy: all segments back to back, and where each ends.
+    Copied { words: Vec<Word>, ends: Vec<usize> },
+}
+
+impl<'c> Segments<'c> {
+    pub(crate) fn in_place(channel: &'c Channel, table: SegmentTable, slot: u32, seq: u32) -> Segments<'c> {
+        Segments {
+            channel,
+            body: Body::InPlace(table),
+            release: Some((slot, seq)),
+        }
+    }
+
+    /// Copies the segments of `table` out of the peer's region; the message
+    /// is released at once (the copy no longer needs the shared words).
+    pub(crate) fn copied(channel: &'c Channel, table: &SegmentTable, slot: u32, seq: u32) -> Segments<'c> {
+        let total = usize::try_from(table.words()).unwrap_or(usize::MAX);
+        let mut words = Word::allocate_zeroed_vec(total);
+        let mut ends = Vec::with_capacity(table.len() as usize);
+        let bytes = Word::words_to_bytes_mut(&mut words);
+        let mut at = 0;
+        for i in 0..table.len() {
+            let src = table.get(i).and_then(|e| channel.incoming().segment(e)).unwrap_or(&[]);
+            bytes[at..at + src.len()].copy_from_slice(src);
+            at += src.len();
+            ends.push(at);
+        }
+        channel.release(slot, seq);
+        Segments {
+            channel,
+            body: Body::Copied { words, ends },
+            release: None,
+        }
+    }
+}
+
+impl ReaderSegments for Segments<'_> {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        match &self.body {
+            Body::InPlace(table) => self.channel.incoming().segment(table.get(idx)?),
+            Body::Copied { words, ends } => {
+                let i = idx as usize;
+                let end = *ends.get(i)?;
+                let start = if i == 0 { 0 } else { ends[i - 1] };
+                Word::words_to_bytes(words).get(start..end)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::InPlace(table) => table.len() as usize,
+            Body::Copied { ends, .. } => ends.len(),
+        }
+    }
+}
+
+impl Drop for Segments<'_> {
+    fn drop(&mut self) {
+        if let Some((slot, seq)) = self.release.take() {
+            self.channel.release(slot, seq);
+        }
+    }
+}
+
+impl fmt::Debug for Segments<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, count) = match &self.body {
+            Body::InPlace(t) => ("in place", t.len() as usize),
+            Body::Copied { ends, .. } => ("copied", ends.len()),
+        };
+        f.debug_struct("Segments")
+            .field("storage", &kind)
+            .field("count", &count)
+            .field("seq", &self.release.map(|(_, seq)| seq))
+            .finish()
+    }
+}

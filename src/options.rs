@@ -1,0 +1,144 @@
+//! Channel settings.
+
+use std::time::Duration;
+
+/// Where this end's outgoing region lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Backing {
+    /// A sealed memfd; a `/dev/shm` file when `memfd_create` is unavailable
+    /// (old kernel, seccomp). The default.
+    #[default]
+    Auto,
+    /// A sealed memfd or nothing: set-up fails if `memfd_create` or sealing fails.
+    Memfd,
+    /// Always an unlinked `/dev/shm` file (unsealed). For systems without memfd,
+    /// and to test that path.
+    ShmFile,
+}
+
+/// Settings for one end of a channel. Each end chooses its own: the region
+/// size and ring capacity describe the region this end *sends* through.
+///
+/// ```
+/// use std::time::Duration;
+/// let options = capnp_shm::Options::new()
+///     .region_size(64 << 20)
+///     .ring_capacity(1024)
+///     .spin(Duration::ZERO);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) region_size: usize,
+    pub(crate) ring_capacity: u32,
+    pub(crate) first_segment_words: u32,
+    pub(crate) spin: Duration,
+    pub(crate) wait_slice: Duration,
+    pub(crate) setup_timeout: Duration,
+    pub(crate) reader_options: capnp::message::ReaderOptions,
+    pub(crate) copy_received: bool,
+    pub(crate) backing: Backing,
+    pub(crate) allow_unsealed_peer: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            region_size: 16 << 20,
+            ring_capacity: 256,
+            first_segment_words: 1024,
+            spin: Duration::from_micros(50),
+            wait_slice: Duration::from_millis(100),
+            setup_timeout: Duration::from_secs(5),
+            reader_options: capnp::message::ReaderOptions::new(),
+            copy_received: false,
+            backing: Backing::Auto,
+            allow_unsealed_peer: false,
+        }
+    }
+}
+
+impl Options {
+    /// The defaults: a 16 MiB region, 256 messages in flight, 8 KiB first
+    /// segments, 50 µs of spinning before sleeping, 100 ms wait slices, 5 s
+    /// set-up timeout, capnp's default reader limits, zero-copy receive,
+    /// [`Backing::Auto`], unsealed peer regions refused.
+    pub fn new() -> Options {
+        Options::default()
+    }
+
+    /// Size in bytes of the outgoing region (control block, rings and data
+    /// area), rounded up to 4 KiB. A message larger than the data area
+    /// cannot be sent. Memory is touched only as messages use it.
+    pub fn region_size(mut self, bytes: usize) -> Options {
+        self.region_size = bytes;
+        self
+    }
+
+    /// How many messages may be in flight (sent and not yet released by the
+    /// peer), rounded up to a power of two, at most 65 536.
+    pub fn ring_capacity(mut self, messages: u32) -> Options {
+        self.ring_capacity = messages;
+        self
+    }
+
+    /// Size of the first segment of each message, in 8-byte words. Unused
+    /// words are given back at send, so this costs nothing for small messages;
+    /// a message larger than it grows into further segments.
+    pub fn first_segment_words(mut self, words: u32) -> Options {
+        self.first_segment_words = words.max(1);
+        self
+    }
+
+    /// How long a waiting call spins before it sleeps in the kernel. Spinning
+    /// answers in well under a microsecond but occupies a core; zero sleeps
+    /// at once (lowest CPU use, a futex wake per message).
+    pub fn spin(mut self, budget: Duration) -> Options {
+        self.spin = budget;
+        self
+    }
+
+    /// The longest single sleep of a waiting call. Between slices it checks
+    /// whether the peer's process still exists, so a peer killed without
+    /// closing is noticed within one slice. At least 1 ms.
+    pub fn wait_slice(mut self, slice: Duration) -> Options {
+        self.wait_slice = slice.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long the set-up waits for the peer's hello before failing with
+    /// [`Error::Timeout`](crate::Error::Timeout).
+    pub fn setup_timeout(mut self, timeout: Duration) -> Options {
+        self.setup_timeout = timeout;
+        self
+    }
+
+    /// Limits applied when reading received messages (traversal and nesting).
+    pub fn reader_options(mut self, options: capnp::message::ReaderOptions) -> Options {
+        self.reader_options = options;
+        self
+    }
+
+    /// Copy each received message into private memory before reading it, and
+    /// release its shared space at once. Use this when the peer is not
+    /// trusted to leave a message alone after sending it; it costs one copy.
+    pub fn copy_received(mut self, copy: bool) -> Options {
+        self.copy_received = copy;
+        self
+    }
+
+    /// Where the outgoing region lives; see [`Backing`].
+    pub fn backing(mut self, backing: Backing) -> Options {
+        self.backing = backing;
+        self
+    }
+
+    /// Accept a peer whose region is an unsealed file. Such a peer could
+    /// shrink its file under our mapping (a `SIGBUS` here). Without this,
+    /// unsealed peers are accepted only when this end is unsealed too.
+    pub fn allow_unsealed_peer(mut self, allow: bool) -> Options {
+        self.allow_unsealed_peer = allow;
+        self
+    }
+}

@@ -1,0 +1,280 @@
+//! The receiving side: taking descriptors from the peer's ring, validating
+//! them into a private segment table, and releasing messages.
+//!
+//! # Notes about memory ordering
+//!
+//! - `take` loads the peer's `published` with `Acquire`, pairing with the
+//!   peer's `SeqCst` store after it wrote the descriptor and the message: the
+//!   descriptor, table and bytes are then visible.
+//! - `release` writes the entry, then stores `released` with `SeqCst`
+//!   (Release for the entry and for every read of the message we finished,
+//!   so the peer may zero the words; SeqCst for the Dekker pair with the
+//!   peer's `tx_sleeping`, see channel.rs).
+
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+
+use crate::error::ProtocolError;
+use crate::layout::{DescriptorEntry, INLINE_SEGMENTS, MAX_SEGMENTS};
+use crate::region::{Extent, InRegion, Region};
+use crate::sys::futex;
+
+/// A message's segments, copied out of the shared descriptor and validated:
+/// every extent lies inside the peer's data area. Up to
+/// [`INLINE_SEGMENTS`] live inline (no allocation).
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentTable {
+    count: u32,
+    inline: [Extent; INLINE_SEGMENTS],
+    more: Vec<Extent>,
+}
+
+impl SegmentTable {
+    /// Number of segments.
+    pub(crate) fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Segment `i`.
+    pub(crate) fn get(&self, i: u32) -> Option<Extent> {
+        if i >= self.count {
+            return None;
+        }
+        let i = i as usize;
+        if self.more.is_empty() {
+            self.inline.get(i).copied()
+        } else {
+            self.more.get(i).copied()
+        }
+    }
+
+    /// Total words in all segments.
+    pub(crate) fn words(&self) -> u64 {
+        (0..self.count).filter_map(|i| self.get(i)).map(|e| u64::from(e.len)).sum()
+    }
+
+    /// Reads and validates the segment table of `entry`. `data_words` is the
+    /// size of the data area; `read_word` reads a word of it (for out-of-line
+    /// tables). Pure apart from those reads, so it is tested and fuzzed alone.
+    pub(crate) fn read(
+        count: u32,
+        inline: [[u32; 2]; INLINE_SEGMENTS],
+        data_words: u32,
+        mut read_word: impl FnMut(u32) -> Option<u64>,
+    ) -> Result<SegmentTable, ProtocolError> {
+        if count == 0 || count > MAX_SEGMENTS {
+            return Err(ProtocolError::BadSegmentCount { count });
+        }
+        let check = |start: u32, len: u32| {
+            if u64::from(start) + u64::from(len) <= u64::from(data_words) {
+                Ok(Extent { start, len })
+            } else {
+                Err(ProtocolError::SegmentOutOfBounds { offset: start, len })
+            }
+        };
+        let mut table = SegmentTable {
+            count,
+            inline: [Extent { start: 0, len: 0 }; INLINE_SEGMENTS],
+            more: Vec::new(),
+        };
+        if count as usize <= INLINE_SEGMENTS {
+            for (slot, pair) in table.inline.iter_mut().zip(&inline).take(count as usize) {
+                *slot = check(pair[0], pair[1])?;
+            }
+        } else {
+            let [start, len] = inline[0];
+            if len != count {
+                return Err(ProtocolError::SegmentOutOfBounds { offset: start, len });
+            }
+            let t = check(start, len)?;
+            table.more.reserve_exact(count as usize);
+            for i in 0..count {
+                let word = read_word(t.start + i).ok_or(ProtocolError::SegmentOutOfBounds {
+                    offset: t.start,
+                    len: t.len,
+                })?;
+                let lo = u32::try_from(word & 0xffff_ffff).unwrap_or(u32::MAX);
+                let hi = u32::try_from(word >> 32).unwrap_or(u32::MAX);
+                table.more.push(check(lo, hi)?);
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// One message taken from the ring.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) slot: u32,
+    pub(crate) seq: u32,
+    pub(crate) table: SegmentTable,
+}
+
+/// The receiver's counters. Plain cells: only this process writes them, and
+/// the shared copies are stored after each change.
+#[derive(Debug, Default)]
+pub(crate) struct RxBook {
+    /// Peer messages taken so far (wrapping).
+    consumed: Cell<u32>,
+    /// Release entries written so far (wrapping).
+    released: Cell<u32>,
+}
+
+impl RxBook {
+    /// Messages the peer has published that we have not taken, validated
+    /// against the ring capacity (a counter that went backwards shows up as a
+    /// huge distance).
+    pub(crate) fn available(&self, peer: &Region) -> Result<u32, ProtocolError> {
+        // Acquire: see the module notes.
+        let published = peer.control().published.0.load(Ordering::Acquire);
+        let consumed = self.consumed.get();
+        let available = published.wrapping_sub(consumed);
+        if available > peer.geometry().ring_capacity {
+            return Err(ProtocolError::PublishedOutOfRange { consumed, published });
+        }
+        Ok(available)
+    }
+
+    /// The sequence number of the next message to take; the value of the
+    /// peer's `published` counter while nothing is waiting.
+    pub(crate) fn consumed(&self) -> u32 {
+        self.consumed.get()
+    }
+
+    /// Takes the next message, if the peer has published one.
+    pub(crate) fn take(&self, peer: &InRegion, mine: &Region) -> Result<Option<Taken>, ProtocolError> {
+        let region = peer.region();
+        if self.available(region)? == 0 {
+            return Ok(None);
+        }
+        let seq = self.consumed.get();
+        let entry: &DescriptorEntry = region.descriptor(seq);
+        // Relaxed: ordered after the Acquire load in `available`.
+        let found = entry.seq.load(Ordering::Relaxed);
+        if found != seq {
+            return Err(ProtocolError::DescriptorSequence { expected: seq, found });
+        }
+        let slot = entry.slot.load(Ordering::Relaxed);
+        let count = entry.seg_count.load(Ordering::Relaxed);
+        let inline = std::array::from_fn(|i| {
+            [
+                entry.segments[i][0].load(Ordering::Relaxed),
+                entry.segments[i][1].load(Ordering::Relaxed),
+            ]
+        });
+        let table = SegmentTable::read(count, inline, region.geometry().data_words(), |w| peer.read_word(w))?;
+        let next = seq.wrapping_add(1);
+        self.consumed.set(next);
+        // Release: the peer reads it only to validate releases.
+        mine.control().consumed.0.store(next, Ordering::Release);
+        Ok(Some(Taken { slot, seq, table }))
+    }
+
+    /// Tells the peer we are done with message `(slot, seq)`, and wakes it if
+    /// it sleeps waiting for space.
+    pub(crate) fn release(&self, mine: &Region, peer: &Region, slot: u32, seq: u32) {
+        let n = self.released.get();
+        let entry = mine.release_entry(n);
+        // Relaxed: published by the SeqCst store of `released` below.
+        entry.slot.store(slot, Ordering::Relaxed);
+        entry.seq.store(seq, Ordering::Relaxed);
+        let next = n.wrapping_add(1);
+        self.released.set(next);
+        let control = mine.control();
+        // SeqCst: Release for the entry and our reads of the message; and the
+        // store half of the Dekker pair with the peer's `tx_sleeping`.
+        control.released.0.store(next, Ordering::SeqCst);
+        if peer.control().tx_sleeping.0.load(Ordering::SeqCst) != 0 {
+            futex::futex_wake(&control.released.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inline(pairs: &[[u32; 2]]) -> [[u32; 2]; INLINE_SEGMENTS] {
+        let mut a = [[0; 2]; INLINE_SEGMENTS];
+        a[..pairs.len()].copy_from_slice(pairs);
+        a
+    }
+
+    fn no_words(_: u32) -> Option<u64> {
+        None
+    }
+
+    #[test]
+    fn inline_table() {
+        let t = SegmentTable::read(2, inline(&[[0, 4], [10, 6]]), 100, no_words).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(1), Some(Extent { start: 10, len: 6 }));
+        assert_eq!(t.get(2), None);
+        assert_eq!(t.words(), 10);
+    }
+
+    #[test]
+    fn rejects_bad_counts_and_bounds() {
+        assert_eq!(
+            SegmentTable::read(0, inline(&[]), 100, no_words).unwrap_err(),
+            ProtocolError::BadSegmentCount { count: 0 }
+        );
+        assert_eq!(
+            SegmentTable::read(513, inline(&[]), 100, no_words).unwrap_err(),
+            ProtocolError::BadSegmentCount { count: 513 }
+        );
+        assert_eq!(
+            SegmentTable::read(1, inline(&[[96, 5]]), 100, no_words).unwrap_err(),
+            ProtocolError::SegmentOutOfBounds { offset: 96, len: 5 }
+        );
+        // offset + length overflowing u32
+        assert!(SegmentTable::read(1, inline(&[[u32::MAX, 2]]), u32::MAX, no_words).is_err());
+        assert!(SegmentTable::read(1, inline(&[[100, 0]]), 100, no_words).is_ok());
+    }
+
+    #[test]
+    fn out_of_line_table() {
+        let words: Vec<u64> = (0..8u64).map(|i| (i * 10) | (5 << 32)).collect();
+        let read = |w: u32| words.get(w.checked_sub(50)? as usize).copied();
+        let t = SegmentTable::read(8, inline(&[[50, 8]]), 100, read).unwrap();
+        assert_eq!(t.len(), 8);
+        assert_eq!(t.get(7), Some(Extent { start: 70, len: 5 }));
+        // The table must be as long as the count, and in bounds.
+        assert!(SegmentTable::read(8, inline(&[[50, 7]]), 100, read).is_err());
+        assert!(SegmentTable::read(8, inline(&[[95, 8]]), 100, read).is_err());
+        // An entry out of bounds.
+        let bad = |w: u32| Some(if w == 53 { 99 | (5 << 32) } else { u64::from(w) | (1 << 32) });
+        assert_eq!(
+            SegmentTable::read(8, inline(&[[50, 8]]), 100, bad).unwrap_err(),
+            ProtocolError::SegmentOutOfBounds { offset: 99, len: 5 }
+        );
+    }
+
+    /// Deterministic sweep: whatever the descriptor holds, the table either
+    /// is rejected or describes only extents inside the data area.
+    #[test]
+    fn random_descriptors_stay_in_bounds() {
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let data_words = 4096;
+        for _ in 0..50_000 {
+            let small = |v: u64| u32::try_from(v % 5000).unwrap();
+            let count = small(next()) % 600;
+            let pairs = std::array::from_fn(|_| [small(next()), small(next()) % 64]);
+            let fill = next();
+            let read = |w: u32| (w < data_words).then(|| fill.rotate_left(w) % (1 << 40));
+            if let Ok(t) = SegmentTable::read(count, pairs, data_words, read) {
+                assert!((1..=MAX_SEGMENTS).contains(&t.len()));
+                for i in 0..t.len() {
+                    let e = t.get(i).unwrap();
+                    assert!(u64::from(e.start) + u64::from(e.len) <= u64::from(data_words));
+                }
+            }
+        }
+    }
+}
