@@ -32,7 +32,10 @@ impl FreeList {
     pub(crate) fn new(words: u32) -> FreeList {
         let mut extents = Vec::with_capacity(64);
         if words > 0 {
-            extents.push(Extent { start: 0, len: words });
+            extents.push(Extent {
+                start: 0,
+                len: words,
+            });
         }
         FreeList {
             extents,
@@ -60,11 +63,7 @@ impl FreeList {
         let index = match self.extents.iter().position(|e| e.len >= want) {
             Some(i) => i,
             None => {
-                let (i, e) = self
-                    .extents
-                    .iter()
-                    .enumerate()
-                    .max_by_key(|(_, e)| e.len)?;
+                let (i, e) = self.extents.iter().enumerate().max_by_key(|(_, e)| e.len)?;
                 if e.len < min {
                     return None;
                 }
@@ -73,7 +72,10 @@ impl FreeList {
         };
         let e = &mut self.extents[index];
         let len = e.len.min(want);
-        let taken = Extent { start: e.start, len };
+        let taken = Extent {
+            start: e.start,
+            len,
+        };
         e.start += len;
         e.len -= len;
         if e.len == 0 {

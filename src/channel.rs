@@ -70,6 +70,13 @@ static EMPTY_SEGMENT: [u8; 8] = [0; 8];
 /// which still receives every message sent before, then
 /// [`Error::Disconnected`].
 ///
+/// # Fork
+///
+/// Make a [`pair`](Channel::pair), `fork`, and let each process drop the end
+/// it does not use. An end belongs to the first process that uses it (builds,
+/// sends or receives); only that process announces the close when dropping
+/// it, so dropping an inherited, unused copy leaves the channel alone.
+///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use capnp_shm::Channel;
@@ -96,9 +103,9 @@ pub struct Channel {
     /// Segments the allocator had to take from the heap (region full).
     spilled: Cell<u64>,
     options: Options,
-    /// The process that created this end; a copy inherited by `fork` leaves
-    /// the shared state alone when it drops.
-    owner_pid: u32,
+    /// The process that first used this end (0: not used yet). Only it
+    /// announces the close; see `Drop`.
+    owner_pid: Cell<u32>,
 }
 
 /// A channel end that has sent its hello and waits for the peer's.
@@ -144,7 +151,7 @@ impl HalfOpen {
             peer_gone: Cell::new(false),
             spilled: Cell::new(0),
             options: self.options,
-            owner_pid: sys::getpid(),
+            owner_pid: Cell::new(0),
         })
     }
 }
@@ -179,7 +186,9 @@ enum Deadline {
 
 impl Deadline {
     fn after(timeout: Duration) -> Deadline {
-        Instant::now().checked_add(timeout).map_or(Deadline::Never, Deadline::At)
+        Instant::now()
+            .checked_add(timeout)
+            .map_or(Deadline::Never, Deadline::At)
     }
 
     /// The next sleep: one slice, or what remains until the deadline. `None`
@@ -247,6 +256,7 @@ impl Channel {
     /// capnp's builder API and pass it to [`send`](Channel::send); dropping
     /// it unsent gives its space back.
     pub fn message(&self) -> MessageBuilder<'_> {
+        self.mark_used();
         Builder::new(RegionAllocator::new(self, self.options.first_segment_words))
     }
 
@@ -262,7 +272,8 @@ impl Channel {
     /// [`Error::TooLarge`] when the message can never fit (the channel stays
     /// usable); [`Error::Protocol`] or [`Error::Io`] when the channel broke.
     pub fn send(&self, message: MessageBuilder<'_>) -> Result<(), Error> {
-        self.send_until(message, Deadline::Never).map_err(SendError::into_error)
+        self.send_until(message, Deadline::Never)
+            .map_err(SendError::into_error)
     }
 
     /// Sends a message if there is room now.
@@ -271,7 +282,10 @@ impl Channel {
     ///
     /// [`Error::Full`] when the peer holds too many messages, and the errors
     /// of [`send`](Channel::send); the message comes back in the error.
-    pub fn try_send<'a>(&self, message: MessageBuilder<'a>) -> Result<(), SendError<MessageBuilder<'a>>> {
+    pub fn try_send<'a>(
+        &self,
+        message: MessageBuilder<'a>,
+    ) -> Result<(), SendError<MessageBuilder<'a>>> {
         self.send_until(message, Deadline::Now)
     }
 
@@ -373,6 +387,7 @@ impl Channel {
     }
 
     fn publish(&self, segments: &[&[u8]], deadline: Deadline) -> Result<(), Error> {
+        self.mark_used();
         self.check_open()?;
         if self.peer_closed() {
             return Err(Error::Disconnected);
@@ -398,7 +413,15 @@ impl Channel {
             self.wait_for_release(deadline)?;
         }
         // SeqCst: the load half of the Dekker pair (module notes).
-        if self.incoming.region().control().rx_sleeping.0.load(Ordering::SeqCst) != 0 {
+        if self
+            .incoming
+            .region()
+            .control()
+            .rx_sleeping
+            .0
+            .load(Ordering::SeqCst)
+            != 0
+        {
             futex::futex_wake(&self.out.region().control().published.0);
         }
         Ok(())
@@ -422,7 +445,9 @@ impl Channel {
         let flag = &self.out.region().control().tx_sleeping.0;
         // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
         flag.store(1, Ordering::SeqCst);
-        if peer.released.0.load(Ordering::SeqCst) == seen && peer.closed.0.load(Ordering::SeqCst) == 0 {
+        if peer.released.0.load(Ordering::SeqCst) == seen
+            && peer.closed.0.load(Ordering::SeqCst) == 0
+        {
             futex::futex_wait(&peer.released.0, seen, slice);
         }
         // Relaxed: a stale `1` seen by the peer costs one spurious wake.
@@ -439,6 +464,7 @@ impl Channel {
     // ---- receiving -----------------------------------------------------
 
     fn recv_until(&self, deadline: Deadline) -> Result<Received<'_>, Error> {
+        self.mark_used();
         loop {
             if let Some(received) = self.take()? {
                 return Ok(received);
@@ -484,7 +510,9 @@ impl Channel {
         let flag = &self.out.region().control().rx_sleeping.0;
         // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
         flag.store(1, Ordering::SeqCst);
-        if peer.published.0.load(Ordering::SeqCst) == seen && peer.closed.0.load(Ordering::SeqCst) == 0 {
+        if peer.published.0.load(Ordering::SeqCst) == seen
+            && peer.closed.0.load(Ordering::SeqCst) == 0
+        {
             futex::futex_wait(&peer.published.0, seen, slice);
         }
         // Relaxed: a stale `1` seen by the peer costs one spurious wake.
@@ -499,7 +527,8 @@ impl Channel {
 
     /// Releases peer message `(slot, seq)`; called when its reader drops.
     pub(crate) fn release(&self, slot: u32, seq: u32) {
-        self.rx.release(self.out.region(), self.incoming.region(), slot, seq);
+        self.rx
+            .release(self.out.region(), self.incoming.region(), slot, seq);
     }
 
     // ---- allocation (called by RegionAllocator) ------------------------
@@ -533,7 +562,12 @@ impl Channel {
 
     /// Takes back a builder's segment. Returns `false` when `ptr` is not in
     /// our region (a heap segment, for the caller to free).
-    pub(crate) fn deallocate_segment(&self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) -> bool {
+    pub(crate) fn deallocate_segment(
+        &self,
+        ptr: NonNull<u8>,
+        _word_size: u32,
+        words_used: u32,
+    ) -> bool {
         let Some(start) = self.out.offset_of(ptr.as_ptr()) else {
             return false;
         };
@@ -545,6 +579,13 @@ impl Channel {
     }
 
     // ---- state ---------------------------------------------------------
+
+    /// Records the calling process as this end's user, the first time.
+    fn mark_used(&self) {
+        if self.owner_pid.get() == 0 {
+            self.owner_pid.set(sys::getpid());
+        }
+    }
 
     fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
         if self.options.spin.is_zero() {
@@ -568,7 +609,15 @@ impl Channel {
     fn peer_closed(&self) -> bool {
         // Acquire: pairs with the peer's SeqCst store of `closed` after its
         // last publish, so a later load of `published` sees that publish.
-        self.peer_gone.get() || self.incoming.region().control().closed.0.load(Ordering::Acquire) != 0
+        self.peer_gone.get()
+            || self
+                .incoming
+                .region()
+                .control()
+                .closed
+                .0
+                .load(Ordering::Acquire)
+                != 0
     }
 
     /// Polls the socket without waiting. `Ok(false)` (and `peer_gone` set)
@@ -633,16 +682,24 @@ impl fmt::Debug for Channel {
             .field("published", &tx.as_ref().map(|t| t.published()).ok())
             .field("in_flight", &tx.as_ref().map(|t| t.in_flight()).ok())
             .field("received", &self.rx.consumed())
-            .field("failed", &self.failed.try_borrow().ok().map(|f| f.is_some()))
+            .field(
+                "failed",
+                &self.failed.try_borrow().ok().map(|f| f.is_some()),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        // A copy of this end inherited through fork() shares the region with
-        // the original: only the creating process may announce the close.
-        if sys::getpid() == self.owner_pid {
+        // After fork() two processes hold copies of this end, sharing one
+        // region. Only the process that used it announces the close, so that
+        // the copy a process drops unused (the usual "each side drops the end
+        // it does not use") does not close the channel under the other. An
+        // end dropped unused is still seen by the peer, as socket hang-up,
+        // within one wait slice.
+        let owner = self.owner_pid.get();
+        if owner != 0 && owner == sys::getpid() {
             self.close_shared();
         }
         // Then the fields drop: both mappings unmapped, the socket closed.

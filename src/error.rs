@@ -56,7 +56,10 @@ pub enum TooLargeKind {
 impl Error {
     /// Whether the error ends the channel (every later call fails too).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Disconnected | Error::Protocol(_) | Error::Io(_))
+        matches!(
+            self,
+            Error::Disconnected | Error::Protocol(_) | Error::Io(_)
+        )
     }
 
     /// A copy of a fatal error to store on the channel and return again.
@@ -80,14 +83,23 @@ impl fmt::Display for Error {
                 needed,
                 limit,
                 kind: TooLargeKind::Words,
-            } => write!(f, "message too large: {needed} words, the region holds {limit}"),
+            } => write!(
+                f,
+                "message too large: {needed} words, the region holds {limit}"
+            ),
             Error::TooLarge {
                 needed,
                 limit,
                 kind: TooLargeKind::Segment,
-            } => write!(f, "message segment too large: {needed} words, at most {limit} fit"),
+            } => write!(
+                f,
+                "message segment too large: {needed} words, at most {limit} fit"
+            ),
             Error::TooLarge { needed, limit, .. } => {
-                write!(f, "message has too many segments: {needed}, at most {limit}")
+                write!(
+                    f,
+                    "message has too many segments: {needed}, at most {limit}"
+                )
             }
             Error::Protocol(p) => write!(f, "peer broke the protocol: {p}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
@@ -240,9 +252,13 @@ impl fmt::Display for ProtocolError {
                 write!(f, "region file is {actual} bytes, announced {announced}")
             }
             WrongSeals { found } => write!(f, "region seals are {found:#x}, not the required set"),
-            UnsealedRegion => f.write_str("peer region is unsealed and unsealed regions are not accepted"),
+            UnsealedRegion => {
+                f.write_str("peer region is unsealed and unsealed regions are not accepted")
+            }
             ControlBlockMismatch => f.write_str("region control block disagrees with the hello"),
-            UnexpectedSocketData => f.write_str("unexpected bytes on the socket after the handshake"),
+            UnexpectedSocketData => {
+                f.write_str("unexpected bytes on the socket after the handshake")
+            }
             PublishedOutOfRange {
                 consumed,
                 published,
@@ -255,14 +271,22 @@ impl fmt::Display for ProtocolError {
             }
             BadSegmentCount { count } => write!(f, "bad segment count {count}"),
             SegmentOutOfBounds { offset, len } => {
-                write!(f, "segment at word {offset} of {len} words lies outside the data area")
+                write!(
+                    f,
+                    "segment at word {offset} of {len} words lies outside the data area"
+                )
             }
-            ConsumedOutOfRange { consumed } => write!(f, "consumed counter {consumed} out of range"),
+            ConsumedOutOfRange { consumed } => {
+                write!(f, "consumed counter {consumed} out of range")
+            }
             ReleasedOutOfRange { seen, released } => {
                 write!(f, "release counter {released} out of range (seen {seen})")
             }
             BadRelease { slot, seq } => {
-                write!(f, "release of message {seq} (slot {slot}) that is not in flight")
+                write!(
+                    f,
+                    "release of message {seq} (slot {slot}) that is not in flight"
+                )
             }
         }
     }

@@ -104,7 +104,10 @@ pub(crate) fn send_hello(
 
 /// Receives the peer's hello and its descriptors, at most until `deadline`.
 /// Every descriptor that arrives is owned at once, so a rejected one closes.
-pub(crate) fn recv_hello(sock: BorrowedFd<'_>, deadline: Instant) -> Result<(Hello, OwnedFd), Error> {
+pub(crate) fn recv_hello(
+    sock: BorrowedFd<'_>,
+    deadline: Instant,
+) -> Result<(Hello, OwnedFd), Error> {
     let mut buf = [0u8; HELLO_LEN];
     let mut filled = 0;
     let mut fds = Vec::new();
@@ -137,7 +140,11 @@ pub(crate) fn recv_hello(sock: BorrowedFd<'_>, deadline: Instant) -> Result<(Hel
 /// Checks the peer's descriptor against its hello and maps it read-only:
 /// a regular file of exactly the announced size, sealed as announced (or
 /// unsealed and accepted), whose control block repeats the hello.
-pub(crate) fn map_peer_region(hello: &Hello, fd: &OwnedFd, accept_unsealed: bool) -> Result<InRegion, Error> {
+pub(crate) fn map_peer_region(
+    hello: &Hello,
+    fd: &OwnedFd,
+    accept_unsealed: bool,
+) -> Result<InRegion, Error> {
     let kind = file::fstat(fd.as_fd())?;
     if !kind.regular {
         return Err(ProtocolError::NotARegularFile.into());
@@ -220,7 +227,10 @@ mod tests {
         assert_eq!(Hello::decode(&b), Err(ProtocolError::BadMagic));
         let mut b = good;
         b[8] = 9;
-        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadVersion { found: 9 }));
+        assert_eq!(
+            Hello::decode(&b),
+            Err(ProtocolError::BadVersion { found: 9 })
+        );
         let mut b = good;
         b[12] |= 2;
         assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
@@ -229,10 +239,16 @@ mod tests {
         assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
         let mut b = good;
         b[24] = 3;
-        assert!(matches!(Hello::decode(&b), Err(ProtocolError::BadGeometry { .. })));
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(ProtocolError::BadGeometry { .. })
+        ));
         let mut b = good;
         b[16] = 1;
-        assert!(matches!(Hello::decode(&b), Err(ProtocolError::BadGeometry { .. })));
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(ProtocolError::BadGeometry { .. })
+        ));
     }
 
     /// A deterministic sweep: no byte pattern panics the decoder, and what it

@@ -189,7 +189,8 @@ impl Geometry {
 
     /// Byte offset of the data area.
     pub(crate) fn data_offset(self) -> u64 {
-        let end = self.releases_offset() + u64::from(self.ring_capacity) * size_of::<ReleaseEntry>() as u64;
+        let end = self.releases_offset()
+            + u64::from(self.ring_capacity) * size_of::<ReleaseEntry>() as u64;
         end.next_multiple_of(DATA_ALIGN)
     }
 

@@ -33,7 +33,10 @@ pub struct Received<'c> {
 }
 
 impl<'c> Received<'c> {
-    pub(crate) fn new(segments: Segments<'c>, options: capnp::message::ReaderOptions) -> Received<'c> {
+    pub(crate) fn new(
+        segments: Segments<'c>,
+        options: capnp::message::ReaderOptions,
+    ) -> Received<'c> {
         Received {
             reader: Reader::new(segments, options),
         }
@@ -102,7 +105,12 @@ enum Body {
 }
 
 impl<'c> Segments<'c> {
-    pub(crate) fn in_place(channel: &'c Channel, table: SegmentTable, slot: u32, seq: u32) -> Segments<'c> {
+    pub(crate) fn in_place(
+        channel: &'c Channel,
+        table: SegmentTable,
+        slot: u32,
+        seq: u32,
+    ) -> Segments<'c> {
         Segments {
             channel,
             body: Body::InPlace(table),
@@ -112,14 +120,22 @@ impl<'c> Segments<'c> {
 
     /// Copies the segments of `table` out of the peer's region; the message
     /// is released at once (the copy no longer needs the shared words).
-    pub(crate) fn copied(channel: &'c Channel, table: &SegmentTable, slot: u32, seq: u32) -> Segments<'c> {
+    pub(crate) fn copied(
+        channel: &'c Channel,
+        table: &SegmentTable,
+        slot: u32,
+        seq: u32,
+    ) -> Segments<'c> {
         let total = usize::try_from(table.words()).unwrap_or(usize::MAX);
         let mut words = Word::allocate_zeroed_vec(total);
         let mut ends = Vec::with_capacity(table.len() as usize);
         let bytes = Word::words_to_bytes_mut(&mut words);
         let mut at = 0;
         for i in 0..table.len() {
-            let src = table.get(i).and_then(|e| channel.incoming().segment(e)).unwrap_or(&[]);
+            let src = table
+                .get(i)
+                .and_then(|e| channel.incoming().segment(e))
+                .unwrap_or(&[]);
             bytes[at..at + src.len()].copy_from_slice(src);
             at += src.len();
             ends.push(at);

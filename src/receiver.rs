@@ -50,7 +50,10 @@ impl SegmentTable {
 
     /// Total words in all segments.
     pub(crate) fn words(&self) -> u64 {
-        (0..self.count).filter_map(|i| self.get(i)).map(|e| u64::from(e.len)).sum()
+        (0..self.count)
+            .filter_map(|i| self.get(i))
+            .map(|e| u64::from(e.len))
+            .sum()
     }
 
     /// Reads and validates the segment table of `entry`. `data_words` is the
@@ -130,7 +133,10 @@ impl RxBook {
         let consumed = self.consumed.get();
         let available = published.wrapping_sub(consumed);
         if available > peer.geometry().ring_capacity {
-            return Err(ProtocolError::PublishedOutOfRange { consumed, published });
+            return Err(ProtocolError::PublishedOutOfRange {
+                consumed,
+                published,
+            });
         }
         Ok(available)
     }
@@ -142,7 +148,11 @@ impl RxBook {
     }
 
     /// Takes the next message, if the peer has published one.
-    pub(crate) fn take(&self, peer: &InRegion, mine: &Region) -> Result<Option<Taken>, ProtocolError> {
+    pub(crate) fn take(
+        &self,
+        peer: &InRegion,
+        mine: &Region,
+    ) -> Result<Option<Taken>, ProtocolError> {
         let region = peer.region();
         if self.available(region)? == 0 {
             return Ok(None);
@@ -152,7 +162,10 @@ impl RxBook {
         // Relaxed: ordered after the Acquire load in `available`.
         let found = entry.seq.load(Ordering::Relaxed);
         if found != seq {
-            return Err(ProtocolError::DescriptorSequence { expected: seq, found });
+            return Err(ProtocolError::DescriptorSequence {
+                expected: seq,
+                found,
+            });
         }
         let slot = entry.slot.load(Ordering::Relaxed);
         let count = entry.seg_count.load(Ordering::Relaxed);
@@ -162,7 +175,9 @@ impl RxBook {
                 entry.segments[i][1].load(Ordering::Relaxed),
             ]
         });
-        let table = SegmentTable::read(count, inline, region.geometry().data_words(), |w| peer.read_word(w))?;
+        let table = SegmentTable::read(count, inline, region.geometry().data_words(), |w| {
+            peer.read_word(w)
+        })?;
         let next = seq.wrapping_add(1);
         self.consumed.set(next);
         // Release: the peer reads it only to validate releases.
@@ -243,7 +258,13 @@ mod tests {
         assert!(SegmentTable::read(8, inline(&[[50, 7]]), 100, read).is_err());
         assert!(SegmentTable::read(8, inline(&[[95, 8]]), 100, read).is_err());
         // An entry out of bounds.
-        let bad = |w: u32| Some(if w == 53 { 99 | (5 << 32) } else { u64::from(w) | (1 << 32) });
+        let bad = |w: u32| {
+            Some(if w == 53 {
+                99 | (5 << 32)
+            } else {
+                u64::from(w) | (1 << 32)
+            })
+        };
         assert_eq!(
             SegmentTable::read(8, inline(&[[50, 8]]), 100, bad).unwrap_err(),
             ProtocolError::SegmentOutOfBounds { offset: 99, len: 5 }

@@ -66,12 +66,21 @@ impl Region {
     /// The descriptor ring entry for sequence number `seq`.
     pub(crate) fn descriptor(&self, seq: u32) -> &DescriptorEntry {
         let index = u64::from(self.geometry.ring_index(seq));
-        let offset = self.geometry.descriptors_offset() + index * size_of::<DescriptorEntry>() as u64;
-        debug_assert!(offset + size_of::<DescriptorEntry>() as u64 <= self.geometry.releases_offset());
+        let offset =
+            self.geometry.descriptors_offset() + index * size_of::<DescriptorEntry>() as u64;
+        debug_assert!(
+            offset + size_of::<DescriptorEntry>() as u64 <= self.geometry.releases_offset()
+        );
         // SAFETY: index < ring_capacity, so the entry lies inside the
         // descriptor ring, inside the mapping; the offset is a multiple of 64
         // from a page-aligned base; the entry is all atomics (see `control`).
-        unsafe { &*self.map.as_ptr().add(offset as usize).cast::<DescriptorEntry>() }
+        unsafe {
+            &*self
+                .map
+                .as_ptr()
+                .add(offset as usize)
+                .cast::<DescriptorEntry>()
+        }
     }
 
     /// The release ring entry for release number `n`.
@@ -81,7 +90,13 @@ impl Region {
         debug_assert!(offset + size_of::<ReleaseEntry>() as u64 <= self.geometry.data_offset());
         // SAFETY: index < ring_capacity, so the entry lies inside the release
         // ring, inside the mapping, 8-byte aligned; it is all atomics.
-        unsafe { &*self.map.as_ptr().add(offset as usize).cast::<ReleaseEntry>() }
+        unsafe {
+            &*self
+                .map
+                .as_ptr()
+                .add(offset as usize)
+                .cast::<ReleaseEntry>()
+        }
     }
 
     /// Whether `extent` lies inside the data area.
@@ -132,11 +147,16 @@ impl OutRegion {
         let header = &region.region.control().header.0;
         header.magic.store(MAGIC, Ordering::Relaxed);
         header.version.store(VERSION, Ordering::Relaxed);
+        header.flags.store(
+            if region.sealed { FLAG_SEALED } else { 0 },
+            Ordering::Relaxed,
+        );
         header
-            .flags
-            .store(if region.sealed { FLAG_SEALED } else { 0 }, Ordering::Relaxed);
-        header.region_size.store(geometry.region_size, Ordering::Relaxed);
-        header.ring_capacity.store(geometry.ring_capacity, Ordering::Relaxed);
+            .region_size
+            .store(geometry.region_size, Ordering::Relaxed);
+        header
+            .ring_capacity
+            .store(geometry.ring_capacity, Ordering::Relaxed);
         // The peer reads the header only after receiving our hello over the
         // socket; the sendmsg system call orders these stores before it.
         Ok((region, peer_fd))
@@ -171,7 +191,8 @@ impl OutRegion {
     }
 
     fn len(geometry: Geometry) -> io::Result<usize> {
-        usize::try_from(geometry.region_size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        usize::try_from(geometry.region_size)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
     /// Whether the region is a sealed memfd.
@@ -204,11 +225,20 @@ impl OutRegion {
     /// The caller guarantees no reference into `extent` is alive: the words
     /// are free, or owned by a message the peer has released.
     pub(crate) fn zero(&self, extent: Extent) {
-        assert!(self.region.contains(extent), "zeroing outside the data area");
+        assert!(
+            self.region.contains(extent),
+            "zeroing outside the data area"
+        );
         // SAFETY: the extent lies inside our writable mapping (asserted), no
         // reference into it exists (caller's guarantee), and bytes have no
         // invalid values.
-        unsafe { std::ptr::write_bytes(self.region.data_ptr(extent.start), 0, extent.len as usize * 8) };
+        unsafe {
+            std::ptr::write_bytes(
+                self.region.data_ptr(extent.start),
+                0,
+                extent.len as usize * 8,
+            )
+        };
     }
 
     /// Copies `bytes` (a whole number of words) to the start of `extent`.
@@ -223,7 +253,11 @@ impl OutRegion {
         // SAFETY: the destination lies inside our writable mapping and inside
         // `extent` (asserted); `bytes` is private memory, so they cannot overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.region.data_ptr(extent.start), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.region.data_ptr(extent.start),
+                bytes.len(),
+            )
         };
     }
 }
@@ -238,7 +272,8 @@ impl InRegion {
     /// Maps the peer's region read-only. The caller has validated the file
     /// (regular, size equal to `geometry.region_size`) and the geometry.
     pub(crate) fn map(fd: &OwnedFd, geometry: Geometry) -> io::Result<InRegion> {
-        let len = usize::try_from(geometry.region_size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len = usize::try_from(geometry.region_size)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let map = Mapping::map(fd.as_fd(), len, false)?;
         Ok(InRegion {
             region: Region::new(map, geometry),
@@ -266,12 +301,17 @@ impl InRegion {
         // mapping, which lives as long as `self`; a u8 slice has no invalid
         // values and no alignment needs. Concurrent writes by the peer are
         // excluded by the protocol, see above.
-        Some(unsafe { std::slice::from_raw_parts(self.region.data_ptr(extent.start), extent.len as usize * 8) })
+        Some(unsafe {
+            std::slice::from_raw_parts(self.region.data_ptr(extent.start), extent.len as usize * 8)
+        })
     }
 
     /// Reads word `offset` of the data area (for out-of-line segment tables).
     pub(crate) fn read_word(&self, offset: u32) -> Option<u64> {
-        if !self.region.contains(Extent { start: offset, len: 1 }) {
+        if !self.region.contains(Extent {
+            start: offset,
+            len: 1,
+        }) {
             return None;
         }
         // SAFETY: the word lies inside the mapping and is 8-byte aligned; a

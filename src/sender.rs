@@ -208,7 +208,11 @@ impl TxBook {
                 kind: TooLargeKind::Segments,
             });
         }
-        let table = if segments.len() > INLINE_SEGMENTS { count } else { 0 };
+        let table = if segments.len() > INLINE_SEGMENTS {
+            count
+        } else {
+            0
+        };
         let words: u64 = segments.iter().map(|s| s.len() as u64 / WORD).sum::<u64>() + table;
         let limit = u64::from(self.geometry.data_words());
         if words > limit {

@@ -25,7 +25,8 @@ pub(crate) fn memfd_create(name: &CStr) -> io::Result<OwnedFd> {
 
 /// Sets the size of the file. `ftruncate(2)`
 pub(crate) fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     retry_eintr(|| {
         // SAFETY: `fd` is a valid descriptor for the duration of the call.
         cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })
@@ -35,7 +36,8 @@ pub(crate) fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 
 /// Adds seals to a memfd. `fcntl(2)`, `F_ADD_SEALS`
 pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: u32) -> io::Result<()> {
-    let seals = libc::c_int::try_from(seals).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let seals =
+        libc::c_int::try_from(seals).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `fd` is valid; F_ADD_SEALS takes an int argument.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
     Ok(())
@@ -76,7 +78,13 @@ pub(crate) fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::R
     let fd = retry_eintr(|| {
         // SAFETY: `path` is NUL-terminated; `mode` is passed as the variadic
         // third argument, which open reads only with O_CREAT.
-        cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, libc::c_uint::from(mode)) })
+        cvt(unsafe {
+            libc::open(
+                path.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                libc::c_uint::from(mode),
+            )
+        })
     })?;
     // SAFETY: open returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -100,7 +108,8 @@ pub(crate) fn unlink(path: &CStr) -> io::Result<()> {
 /// Allocates the blocks of `fd` up to `len`, so a full tmpfs fails now and not
 /// as `SIGBUS` later. `posix_fallocate(3)`
 pub(crate) fn posix_fallocate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     retry_eintr(|| {
         // SAFETY: `fd` is valid. posix_fallocate returns an error number
         // instead of setting errno.
@@ -110,7 +119,6 @@ pub(crate) fn posix_fallocate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
         }
     })
 }
-
 
 /// Creates a file in `/dev/shm` for a region that cannot be a memfd: a random
 /// name, `O_EXCL`, mode 0600, blocks allocated up to `len`, a second read-only
@@ -127,7 +135,11 @@ pub(crate) fn create_shm_file(len: u64) -> io::Result<(OwnedFd, OwnedFd)> {
             u64::from_ne_bytes(random)
         );
         let path = CStr::from_bytes_with_nul(name.as_bytes()).map_err(io::Error::other)?;
-        let rw = match open(path, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600) {
+        let rw = match open(
+            path,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        ) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => {
                 attempts += 1;

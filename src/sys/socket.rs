@@ -13,7 +13,11 @@ const MAX_FDS: usize = 8;
 /// Sends `bytes` with one descriptor attached, without blocking and without
 /// raising `SIGPIPE`. Returns the number of bytes sent (the descriptor goes
 /// with the first byte). `sendmsg(2)`, `unix(7)`
-pub(crate) fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+pub(crate) fn send_with_fd(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<usize> {
     let raw: RawFd = fd.as_raw_fd();
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
@@ -46,7 +50,11 @@ pub(crate) fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_
     retry_eintr(|| {
         // SAFETY: `msg` and everything it points to are valid for the call.
         cvt_size(unsafe {
-            libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
         })
     })
 }

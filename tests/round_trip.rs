@@ -1,0 +1,58 @@
+//! A message goes from one end to the other and back, in one process and
+//! across fork().
+mod common;
+
+use std::time::Duration;
+
+use capnp_shm::{Channel, Error};
+use common::{build, check, fork, Watchdog};
+
+#[test]
+fn round_trip_in_one_process() {
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let (a, b) = Channel::pair().unwrap();
+    for n in 0..1000 {
+        a.send(build(&a, n, 3, (n as usize * 7) % 300)).unwrap();
+        let got = b.recv().unwrap();
+        assert_eq!(check(&got), n);
+        drop(got);
+        b.send(build(&b, n + 1, 1, 16)).unwrap();
+        assert_eq!(check(&a.recv().unwrap()), n + 1);
+    }
+    assert!(matches!(a.try_recv(), Err(Error::Empty)));
+    assert!(matches!(
+        b.recv_timeout(Duration::from_millis(10)),
+        Err(Error::Timeout)
+    ));
+}
+
+#[test]
+fn round_trip_across_fork() {
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let (parent, child_end) = Channel::pair().unwrap();
+    let (mut parent, mut child_end) = (Some(parent), Some(child_end));
+    let child = fork(|| {
+        drop(parent.take());
+        let child_end = child_end.take().unwrap();
+        // Echo every message back with n + 1, until the parent hangs up.
+        loop {
+            let n = match child_end.recv() {
+                Ok(m) => check(&m),
+                Err(Error::Disconnected) => return 0,
+                Err(_) => return 1,
+            };
+            if child_end.send(build(&child_end, n + 1, 2, 100)).is_err() {
+                return 2;
+            }
+        }
+    });
+    drop(child_end);
+    let parent = parent.unwrap();
+    for n in 0..10_000u64 {
+        parent.send(build(&parent, n * 2, 2, 50)).unwrap();
+        let reply = parent.recv().unwrap();
+        assert_eq!(check(&reply), n * 2 + 1);
+    }
+    drop(parent);
+    assert_eq!(child.wait(), 0);
+}
