@@ -9,6 +9,7 @@ use common::{build, check, fork, Watchdog};
 
 #[test]
 fn round_trip_in_one_process() {
+    let _serial = common::serial();
     let _w = Watchdog::new(Duration::from_secs(60));
     let (a, b) = Channel::pair().unwrap();
     for n in 0..1000 {
@@ -28,6 +29,7 @@ fn round_trip_in_one_process() {
 
 #[test]
 fn round_trip_across_fork() {
+    let _serial = common::serial();
     let _w = Watchdog::new(Duration::from_secs(60));
     let (parent, child_end) = Channel::pair().unwrap();
     let (mut parent, mut child_end) = (Some(parent), Some(child_end));

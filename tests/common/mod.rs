@@ -165,3 +165,11 @@ pub fn check(received: &capnp_shm::Received<'_>) -> u64 {
     }
     n
 }
+
+/// Serialises the tests of one binary that fork or count process-wide
+/// resources: a child forked by one test would otherwise inherit another
+/// test's sockets and hide that test's hang-up.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

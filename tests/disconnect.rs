@@ -1,0 +1,129 @@
+//! Shutdown: a peer that drops its end, or is killed, ends the channel after
+//! everything it sent has been delivered.
+mod common;
+
+use std::time::Duration;
+
+use capnp_shm::{Channel, Error, Options};
+use common::{build, check, fork, Watchdog};
+
+#[test]
+fn pending_messages_are_delivered_then_disconnected() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let (tx, rx) = Channel::pair().unwrap();
+    for n in 0..10 {
+        tx.send(build(&tx, n, 1, 100)).unwrap();
+    }
+    drop(tx);
+    for n in 0..10 {
+        assert_eq!(check(&rx.recv().unwrap()), n);
+    }
+    assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+    assert!(matches!(rx.try_recv(), Err(Error::Disconnected)));
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Err(Error::Disconnected)));
+}
+
+#[test]
+fn sending_to_a_closed_peer_fails() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let (tx, rx) = Channel::pair().unwrap();
+    rx.try_recv().unwrap_err(); // use the end, so its drop is announced at once
+    drop(rx);
+    let err = tx.send(build(&tx, 0, 1, 10)).unwrap_err();
+    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert!(err.is_fatal());
+    let err = tx.try_send(build(&tx, 0, 1, 10)).unwrap_err();
+    assert!(matches!(err.error(), Error::Disconnected));
+}
+
+#[test]
+fn a_sleeping_receiver_wakes_when_the_peer_drops() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(30));
+    // A wait slice far longer than the watchdog: only the wake on drop can
+    // end the recv in time.
+    let options = Options::new().wait_slice(Duration::from_secs(600));
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let receiver = std::thread::spawn(move || match rx.recv() {
+        Err(Error::Disconnected) => true,
+        other => panic!("{other:?}"),
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    tx.try_recv().unwrap_err();
+    drop(tx);
+    assert!(receiver.join().unwrap());
+}
+
+#[test]
+fn an_unused_end_dropped_is_seen_as_hang_up() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let options = Options::new().wait_slice(Duration::from_millis(10));
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    drop(tx);
+    assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+}
+
+#[test]
+fn a_killed_peer_is_noticed_while_waiting_in_recv() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    for round in 0..5 {
+        let (parent, child_end) = Channel::pair().unwrap();
+        let (mut parent, mut child_end) = (Some(parent), Some(child_end));
+        let child = fork(|| {
+            drop(parent.take());
+            let tx = child_end.take().unwrap();
+            tx.send(build(&tx, 42, 1, 64)).unwrap();
+            // Then hang forever, never closing: only SIGKILL ends this.
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        drop(child_end);
+        let rx = parent.unwrap();
+        assert_eq!(check(&rx.recv().unwrap()), 42);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20 * round));
+            child.kill();
+            child.wait()
+        });
+        // Blocks in recv (spin, then futex slices) until the kill is seen.
+        assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+        assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
+        let err = rx.send(build(&rx, 0, 1, 8)).unwrap_err();
+        assert!(matches!(err, Error::Disconnected), "{err:?}");
+    }
+}
+
+#[test]
+fn a_killed_peer_is_noticed_by_a_blocked_sender() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let options = Options::new().ring_capacity(2);
+    let (parent, child_end) = Channel::pair_with(&options).unwrap();
+    let (mut parent, mut child_end) = (Some(parent), Some(child_end));
+    let child = fork(|| {
+        drop(parent.take());
+        let rx = child_end.take().unwrap();
+        // Hold everything and never release.
+        let _held: Vec<_> = (0..2).map(|_| rx.recv().unwrap()).collect();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    drop(child_end);
+    let tx = parent.unwrap();
+    tx.send(build(&tx, 0, 1, 8)).unwrap();
+    tx.send(build(&tx, 1, 1, 8)).unwrap();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        child.kill();
+        child.wait()
+    });
+    let err = tx.send(build(&tx, 2, 1, 8)).unwrap_err();
+    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
+}
