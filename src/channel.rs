@@ -354,7 +354,8 @@ impl Channel {
     /// segments read in place lie inside it.
     pub fn incoming_range(&self) -> std::ops::Range<usize> {
         let base = self.incoming.region().control() as *const _ as usize;
-        base..base + self.incoming.region().geometry().region_size as usize
+        let len = usize::try_from(self.incoming.region().geometry().region_size).unwrap_or(0);
+        base..base + len
     }
 
     pub(crate) fn incoming(&self) -> &InRegion {

@@ -264,7 +264,7 @@ mod tests {
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 let at = usize::try_from(seed % 64).unwrap();
-                b[at] = (seed >> 8) as u8;
+                b[at] = seed.to_le_bytes()[1];
             }
             if let Ok(h) = Hello::decode(&b) {
                 assert_eq!(h.geometry.validate(), Ok(h.geometry));

@@ -71,16 +71,11 @@ impl Region {
         debug_assert!(
             offset + size_of::<DescriptorEntry>() as u64 <= self.geometry.releases_offset()
         );
+        let ptr = self.at(offset).cast::<DescriptorEntry>();
         // SAFETY: index < ring_capacity, so the entry lies inside the
         // descriptor ring, inside the mapping; the offset is a multiple of 64
         // from a page-aligned base; the entry is all atomics (see `control`).
-        unsafe {
-            &*self
-                .map
-                .as_ptr()
-                .add(offset as usize)
-                .cast::<DescriptorEntry>()
-        }
+        unsafe { &*ptr }
     }
 
     /// The release ring entry for release number `n`.
@@ -88,15 +83,22 @@ impl Region {
         let index = u64::from(self.geometry.ring_index(n));
         let offset = self.geometry.releases_offset() + index * size_of::<ReleaseEntry>() as u64;
         debug_assert!(offset + size_of::<ReleaseEntry>() as u64 <= self.geometry.data_offset());
+        let ptr = self.at(offset).cast::<ReleaseEntry>();
         // SAFETY: index < ring_capacity, so the entry lies inside the release
         // ring, inside the mapping, 8-byte aligned; it is all atomics.
-        unsafe {
-            &*self
-                .map
-                .as_ptr()
-                .add(offset as usize)
-                .cast::<ReleaseEntry>()
-        }
+        unsafe { &*ptr }
+    }
+
+    /// The address `offset` bytes into the mapping; clamped to one past its
+    /// end, which no caller reaches (their offsets come from the validated
+    /// geometry).
+    fn at(&self, offset: u64) -> *mut u8 {
+        let offset = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.map.len());
+        // SAFETY: `offset <= len`, so the result is inside the mapping or one
+        // past its end.
+        unsafe { self.map.as_ptr().add(offset) }
     }
 
     /// Whether `extent` lies inside the data area.
@@ -108,10 +110,7 @@ impl Region {
     /// the data area's length (checked in debug builds).
     fn data_ptr(&self, offset: u32) -> *mut u8 {
         debug_assert!(offset <= self.geometry.data_words());
-        let byte = self.geometry.data_offset() + u64::from(offset) * WORD;
-        // SAFETY: data_offset + data_words * 8 <= region_size = the mapping's
-        // length, so the result is inside the mapping or one past its end.
-        unsafe { self.map.as_ptr().add(byte as usize) }
+        self.at(self.geometry.data_offset() + u64::from(offset) * WORD)
     }
 }
 
@@ -208,9 +207,9 @@ impl OutRegion {
     /// address inside it.
     pub(crate) fn offset_of(&self, ptr: *const u8) -> Option<u32> {
         let base = self.region.data_ptr(0) as usize;
-        let byte = (ptr as usize).checked_sub(base)?;
-        let word = u32::try_from(byte / WORD as usize).ok()?;
-        (byte % WORD as usize == 0 && word < self.region.geometry.data_words()).then_some(word)
+        let byte = u64::try_from((ptr as usize).checked_sub(base)?).ok()?;
+        let word = u32::try_from(byte / WORD).ok()?;
+        (byte % WORD == 0 && word < self.region.geometry.data_words()).then_some(word)
     }
 
     /// The address of the first word of `extent`, for handing to capnp.

@@ -57,20 +57,17 @@ fn send_blocks_until_the_receiver_drops_messages() {
         tx.send(build(&tx, n, 1, 100)).unwrap();
     }
     // The ring is full once the receiver holds all eight.
-    let mut message = build(&tx, 8, 1, 100);
-    loop {
-        match tx.try_send(message) {
-            Err(e) if matches!(e.error(), Error::Full) => {
-                message = e.into_message();
-                break;
-            }
-            Err(e) => panic!("{e:?}"),
-            Ok(()) => unreachable!("a ninth message fit in a ring of eight"),
-        }
-    }
+    let message = match tx.try_send(build(&tx, 8, 1, 100)) {
+        Err(e) if matches!(e.error(), Error::Full) => e.into_message(),
+        Err(e) => panic!("{e:?}"),
+        Ok(()) => panic!("a ninth message fit in a ring of eight"),
+    };
     full_tx.send(()).unwrap();
     tx.send(message).unwrap();
-    assert!(dropped.load(Ordering::SeqCst), "send returned before any release");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "send returned before any release"
+    );
     assert_eq!(receiver.join().unwrap(), 8);
 }
 

@@ -13,7 +13,8 @@ fn round_trip_in_one_process() {
     let _w = Watchdog::new(Duration::from_secs(60));
     let (a, b) = Channel::pair().unwrap();
     for n in 0..1000 {
-        a.send(build(&a, n, 3, (n as usize * 7) % 300)).unwrap();
+        a.send(build(&a, n, 3, usize::try_from(n * 7 % 300).unwrap()))
+            .unwrap();
         let got = b.recv().unwrap();
         assert_eq!(check(&got), n);
         drop(got);

@@ -15,6 +15,8 @@ use std::time::Duration;
 /// missed), on timeout, on a signal, or spuriously: the caller re-checks its
 /// condition in every case. `word` may live in a read-only mapping.
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
+    // c_long is 32 bits on 32-bit targets; nanoseconds always fit.
+    #[allow(clippy::unnecessary_fallible_conversions)]
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         // Always below 1e9, so it fits.

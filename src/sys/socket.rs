@@ -24,9 +24,9 @@ pub(crate) fn send_with_fd(
         iov_len: bytes.len(),
     };
     let mut cmsg_buf = [0u64; 4];
+    let fd_bytes = u32::try_from(size_of::<RawFd>()).unwrap_or(4);
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(u32::try_from(size_of::<RawFd>()).unwrap_or(4)) };
-    let space = space as usize;
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
     debug_assert!(space <= size_of_val(&cmsg_buf));
     // SAFETY: an all-zero msghdr is a valid (empty) value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -39,14 +39,19 @@ pub(crate) fn send_with_fd(
     if cmsg.is_null() {
         return Err(io::Error::other("no room for a control message"));
     }
-    // SAFETY: `cmsg` points into `cmsg_buf`, aligned for cmsghdr (u64 buffer),
-    // with room for the header and one descriptor (checked above).
-    unsafe {
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(u32::try_from(size_of::<RawFd>()).unwrap_or(4)) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), raw);
-    }
+    // SAFETY: an all-zero cmsghdr is a valid value (it may have padding).
+    let mut header: libc::cmsghdr = unsafe { std::mem::zeroed() };
+    header.cmsg_level = libc::SOL_SOCKET;
+    header.cmsg_type = libc::SCM_RIGHTS;
+    // SAFETY: CMSG_LEN only computes a size.
+    header.cmsg_len = unsafe { libc::CMSG_LEN(fd_bytes) } as usize;
+    // SAFETY: `cmsg` points into `cmsg_buf` with room for the header and one
+    // descriptor (checked above).
+    unsafe { cmsg.write_unaligned(header) };
+    // SAFETY: `cmsg` is a valid header in the buffer; its data follows it.
+    let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+    // SAFETY: the data of this header has room for one descriptor.
+    unsafe { data.write_unaligned(raw) };
     retry_eintr(|| {
         // SAFETY: `msg` and everything it points to are valid for the call.
         cvt_size(unsafe {
@@ -126,9 +131,11 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
             // SAFETY: the data of this header lies within the control buffer.
             let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
             for i in 0..count {
-                // SAFETY: `i < count`, so the read stays inside this header's
-                // data, which the kernel wrote.
-                let raw = unsafe { std::ptr::read_unaligned(data.add(i)) };
+                // SAFETY: `i < count`, so the address stays inside this
+                // header's data.
+                let at = unsafe { data.add(i) };
+                // SAFETY: the kernel wrote a descriptor there.
+                let raw = unsafe { at.read_unaligned() };
                 // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor in
                 // this process; nothing else owns it.
                 fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
