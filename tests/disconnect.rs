@@ -21,7 +21,10 @@ fn pending_messages_are_delivered_then_disconnected() {
     }
     assert!(matches!(rx.recv(), Err(Error::Disconnected)));
     assert!(matches!(rx.try_recv(), Err(Error::Disconnected)));
-    assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Err(Error::Disconnected)));
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Err(Error::Disconnected)
+    ));
 }
 
 #[test]

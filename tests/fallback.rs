@@ -37,7 +37,11 @@ fn round_trip_across_fork_over_dev_shm_files() {
     }
     drop(parent);
     assert_eq!(child.wait(), 0);
-    assert!(shm_files().is_empty(), "left files in /dev/shm: {:?}", shm_files());
+    assert!(
+        shm_files().is_empty(),
+        "left files in /dev/shm: {:?}",
+        shm_files()
+    );
 }
 
 #[test]
@@ -49,7 +53,10 @@ fn a_sealed_end_refuses_an_unsealed_peer_unless_it_opts_in() {
         Channel::from_stream_with(a, &Options::new().backing(Backing::ShmFile))
     });
     let err = Channel::from_stream_with(b, &Options::new().backing(Backing::Memfd)).unwrap_err();
-    assert!(matches!(err, Error::Protocol(ProtocolError::UnsealedRegion)), "{err:?}");
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::UnsealedRegion)),
+        "{err:?}"
+    );
     // The unsealed end accepted our sealed region, then sees us gone.
     let other = unsealed.join().unwrap().unwrap();
     assert!(matches!(other.recv(), Err(Error::Disconnected)));

@@ -49,7 +49,10 @@ fn a_thousand_channels_leave_nothing_behind() {
             assert_eq!(fd_count(), fds + 2);
             assert_eq!(shm_map_count(), 4);
             // Every descriptor the crate holds (the new ones) is close-on-exec.
-            let new: Vec<i32> = open_fds().into_iter().filter(|fd| !before.contains(fd)).collect();
+            let new: Vec<i32> = open_fds()
+                .into_iter()
+                .filter(|fd| !before.contains(fd))
+                .collect();
             assert_eq!(new.len(), 2);
             assert!(new.contains(&a.as_fd_raw()) && new.contains(&b.as_fd_raw()));
             for fd in new {

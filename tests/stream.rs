@@ -58,5 +58,8 @@ fn every_message_arrives_once_in_order_and_intact() {
     }
     assert!(matches!(rx.recv(), Err(Error::Disconnected)));
     assert_eq!(child.wait(), 0);
-    assert!(multi_segment > MESSAGES / 10, "only {multi_segment} multi-segment messages");
+    assert!(
+        multi_segment > MESSAGES / 10,
+        "only {multi_segment} multi-segment messages"
+    );
 }

@@ -15,7 +15,11 @@ fn too_large_message_is_refused_and_the_channel_goes_on() {
 
     let big = build(&tx, 0, 1, capacity + 1000);
     match tx.send(big) {
-        Err(Error::TooLarge { needed, limit, kind: TooLargeKind::Words }) => {
+        Err(Error::TooLarge {
+            needed,
+            limit,
+            kind: TooLargeKind::Words,
+        }) => {
             assert!(needed > limit);
             assert_eq!(limit * 8, capacity as u64);
         }
@@ -47,7 +51,16 @@ fn space_held_by_an_unsent_builder_is_reported_not_waited_for() {
     // and nothing in flight could ever free it.
     let hog = build(&tx, 0, 1, capacity * 3 / 5);
     let err = tx.send(build(&tx, 1, 1, capacity * 3 / 5)).unwrap_err();
-    assert!(matches!(err, Error::TooLarge { kind: TooLargeKind::Segment, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                kind: TooLargeKind::Segment,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     drop(hog);
     tx.send(build(&tx, 2, 1, capacity * 3 / 5)).unwrap();
 }

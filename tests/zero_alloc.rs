@@ -112,9 +112,19 @@ fn steady_state_adds_no_allocations_to_capnps_own() {
         total
     };
 
-    println!("allocations per message: capnp builder alone {}, shm send+recv {}, shm recv {}",
-        baseline as f64 / N as f64, send as f64 / N as f64, recv_only as f64 / N as f64);
+    println!(
+        "allocations per message: capnp builder alone {}, shm send+recv {}, shm recv {}",
+        baseline as f64 / N as f64,
+        send as f64 / N as f64,
+        recv_only as f64 / N as f64
+    );
     assert_eq!(recv_only, 0, "receiving and releasing allocated");
-    assert_eq!(send, baseline, "the shm path allocated beyond capnp's builder");
-    assert!(baseline <= N, "capnp's builder itself allocates at most once per message");
+    assert_eq!(
+        send, baseline,
+        "the shm path allocated beyond capnp's builder"
+    );
+    assert!(
+        baseline <= N,
+        "capnp's builder itself allocates at most once per message"
+    );
 }

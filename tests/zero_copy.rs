@@ -25,7 +25,11 @@ fn received_segments_lie_in_the_peers_region() {
     }
     assert!(count > 1, "expected a multi-segment message");
     assert_eq!(check(&m), 1);
-    assert_eq!(tx.spilled_segments(), 0, "built in place, nothing copied at send");
+    assert_eq!(
+        tx.spilled_segments(),
+        0,
+        "built in place, nothing copied at send"
+    );
 }
 
 #[test]
