@@ -1,0 +1,909 @@
+//! capnp-shm against Cap'n Proto over a Unix socket, side by side, in one run.
+//!
+//! ```text
+//! cargo run --release --example bench                  # full run, a few minutes
+//! cargo run --release --example bench -- --quick       # smoke run, seconds
+//! cargo run --release --example bench -- --json r.json --svg chart.svg
+//! ```
+//!
+//! Every measurement forks a peer process. Two transports do the same work:
+//!
+//! - `shm`: this crate (`Channel::pair`, then fork);
+//! - `socket`: what a user would pick instead: `capnp::serialize::write_message`
+//!   into a `BufWriter<UnixStream>` flushed per message, and
+//!   `capnp::serialize::read_message` from a `BufReader<UnixStream>`.
+//!
+//! Messages are real Cap'n Proto structs (`bench.capnp`). The receiver reads
+//! every byte it is sent (a checksum over the payload, checked against the
+//! sender's) on both transports.
+
+#![allow(unsafe_code)] // fork, waitpid, and the counting allocator.
+
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    clippy::cast_possible_truncation,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
+#[rustfmt::skip]
+mod bench_capnp;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write as _;
+use std::io::{BufReader, BufWriter, Write as _};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bench_capnp::{blob, order};
+use capnp::message::ReaderOptions;
+use capnp_shm::{Channel, Options};
+
+// ---- allocation counting -------------------------------------------------
+
+/// Counts heap allocations, so the table can show allocations per message.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+// ---- the two transports ----------------------------------------------------
+
+/// One end of a transport, as the workloads use it.
+trait Link {
+    /// Sends a blob: `seq` and a payload.
+    fn send_blob(&mut self, seq: u64, payload: &[u8]);
+    /// Receives a blob; returns `(seq, checksum of the payload)`, `None` when
+    /// the peer has gone.
+    fn recv_blob(&mut self) -> Option<(u64, u64)>;
+    /// Sends order number `seq` (50 line items).
+    fn send_order(&mut self, seq: u64);
+    /// Receives an order; returns `(seq, checksum over every field)`.
+    fn recv_order(&mut self) -> Option<(u64, u64)>;
+}
+
+/// Sum of the payload as little-endian words: touches every byte.
+fn checksum(bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    let mut sum = 0u64;
+    for w in &mut words {
+        sum = sum.wrapping_add(u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
+    }
+    for &b in words.remainder() {
+        sum = sum.wrapping_add(u64::from(b));
+    }
+    sum
+}
+
+fn fill_blob<A: capnp::message::Allocator>(m: &mut capnp::message::Builder<A>, seq: u64, payload: &[u8]) {
+    let mut b = m.init_root::<blob::Builder<'_>>();
+    b.set_seq(seq);
+    b.set_payload(payload);
+}
+
+fn read_blob<S: capnp::message::ReaderSegments>(m: &capnp::message::Reader<S>) -> (u64, u64) {
+    let b = m.get_root::<blob::Reader<'_>>().expect("blob");
+    (b.get_seq(), checksum(b.get_payload().expect("payload")))
+}
+
+const ITEMS: u32 = 50;
+
+fn fill_order<A: capnp::message::Allocator>(m: &mut capnp::message::Builder<A>, seq: u64) {
+    let mut o = m.init_root::<order::Builder<'_>>();
+    o.set_id(seq);
+    o.set_placed_at_micros(1_700_000_000_000_000 + seq);
+    o.set_note("leave at the door; ring twice");
+    {
+        let mut c = o.reborrow().init_customer();
+        c.set_id(seq % 1000);
+        c.set_name("Ada Lovelace");
+        c.set_email("ada@example.org");
+        let mut a = c.init_address();
+        a.set_street("12 Analytical Row");
+        a.set_city("London");
+        a.set_postcode("NW1 2DB");
+        a.set_country("GB");
+    }
+    let mut items = o.init_items(ITEMS);
+    for i in 0..ITEMS {
+        let mut item = items.reborrow().get(i);
+        item.set_sku("SKU-000123-XL");
+        item.set_description("stainless steel widget, extra large");
+        item.set_quantity(1 + i % 5);
+        item.set_unit_price_cents(1999 + u64::from(i));
+        item.set_discount(0.05);
+        let mut tags = item.init_tags(2);
+        tags.set(0, "hardware");
+        tags.set(1, "fragile");
+    }
+}
+
+fn read_order<S: capnp::message::ReaderSegments>(m: &capnp::message::Reader<S>) -> (u64, u64) {
+    let o = m.get_root::<order::Reader<'_>>().expect("order");
+    let text = |t: capnp::Result<capnp::text::Reader<'_>>| checksum(t.expect("text").as_bytes());
+    let mut sum = o.get_placed_at_micros().wrapping_add(text(o.get_note()));
+    let c = o.get_customer().expect("customer");
+    sum = sum.wrapping_add(c.get_id()) ^ text(c.get_name()) ^ text(c.get_email());
+    let a = c.get_address().expect("address");
+    sum = sum.wrapping_add(text(a.get_street()) ^ text(a.get_city()) ^ text(a.get_postcode()) ^ text(a.get_country()));
+    for item in o.get_items().expect("items") {
+        sum = sum
+            .wrapping_add(text(item.get_sku()))
+            .wrapping_add(text(item.get_description()))
+            .wrapping_add(u64::from(item.get_quantity()))
+            .wrapping_add(item.get_unit_price_cents())
+            .wrapping_add(u64::from(item.get_discount().to_bits()));
+        for tag in item.get_tags().expect("tags") {
+            sum = sum.wrapping_add(text(tag));
+        }
+    }
+    (o.get_id(), sum)
+}
+
+struct ShmLink(Channel);
+
+impl Link for ShmLink {
+    fn send_blob(&mut self, seq: u64, payload: &[u8]) {
+        let mut m = self.0.message();
+        fill_blob(&mut m, seq, payload);
+        self.0.send(m).expect("shm send");
+    }
+    fn recv_blob(&mut self) -> Option<(u64, u64)> {
+        let m = self.0.recv().ok()?;
+        Some(read_blob(m.reader()))
+    }
+    fn send_order(&mut self, seq: u64) {
+        let mut m = self.0.message();
+        fill_order(&mut m, seq);
+        self.0.send(m).expect("shm send");
+    }
+    fn recv_order(&mut self) -> Option<(u64, u64)> {
+        let m = self.0.recv().ok()?;
+        Some(read_order(m.reader()))
+    }
+}
+
+struct SocketLink {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+}
+
+impl SocketLink {
+    fn new(stream: UnixStream) -> SocketLink {
+        let other = stream.try_clone().expect("clone socket");
+        SocketLink {
+            reader: BufReader::new(stream),
+            writer: BufWriter::new(other),
+        }
+    }
+
+    fn write(&mut self, m: &capnp::message::Builder<capnp::message::HeapAllocator>) {
+        capnp::serialize::write_message(&mut self.writer, m).expect("socket write");
+        self.writer.flush().expect("socket flush");
+    }
+
+    fn read(&mut self) -> Option<capnp::message::Reader<capnp::serialize::OwnedSegments>> {
+        let options = *ReaderOptions::new().traversal_limit_in_words(None);
+        capnp::serialize::read_message(&mut self.reader, options).ok()
+    }
+}
+
+impl Link for SocketLink {
+    fn send_blob(&mut self, seq: u64, payload: &[u8]) {
+        let mut m = capnp::message::Builder::new_default();
+        fill_blob(&mut m, seq, payload);
+        self.write(&m);
+    }
+    fn recv_blob(&mut self) -> Option<(u64, u64)> {
+        self.read().map(|m| read_blob(&m))
+    }
+    fn send_order(&mut self, seq: u64) {
+        let mut m = capnp::message::Builder::new_default();
+        fill_order(&mut m, seq);
+        self.write(&m);
+    }
+    fn recv_order(&mut self) -> Option<(u64, u64)> {
+        self.read().map(|m| read_order(&m))
+    }
+}
+
+// ---- processes ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Shm,
+    Socket,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Shm => "shm",
+            Transport::Socket => "socket",
+        }
+    }
+}
+
+/// Forks a peer running `peer` on its end of a new connection and runs
+/// `main` on ours; waits for the peer and checks it exited cleanly.
+fn with_peer<R>(
+    transport: Transport,
+    options: &Options,
+    peer: impl FnOnce(&mut dyn Link),
+    main: impl FnOnce(&mut dyn Link) -> R,
+) -> R {
+    let (mut ours, mut theirs): (Option<Box<dyn Link>>, Option<Box<dyn Link>>) = match transport {
+        Transport::Shm => {
+            let (a, b) = Channel::pair_with(options).expect("channel pair");
+            (Some(Box::new(ShmLink(a))), Some(Box::new(ShmLink(b))))
+        }
+        Transport::Socket => {
+            let (a, b) = UnixStream::pair().expect("socketpair");
+            (Some(Box::new(SocketLink::new(a))), Some(Box::new(SocketLink::new(b))))
+        }
+    };
+    // SAFETY: this program is single-threaded; the child runs `peer` and
+    // leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(ours.take());
+        let mut link = theirs.take().expect("peer end");
+        peer(&mut *link);
+        drop(link);
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    drop(theirs.take());
+    let mut link = ours.take().expect("our end");
+    let result = main(&mut *link);
+    drop(link);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "peer process failed (status {status:#x})"
+    );
+    result
+}
+
+// ---- workloads ---------------------------------------------------------------
+
+/// Round-trip latencies in nanoseconds: we send a blob of `size` bytes, the
+/// peer checksums it and answers with the checksum.
+fn round_trips(transport: Transport, options: &Options, size: usize, warmup: u64, count: u64) -> Vec<u64> {
+    let payload = payload(size);
+    let expected = checksum(&payload);
+    with_peer(
+        transport,
+        options,
+        |link| {
+            while let Some((seq, sum)) = link.recv_blob() {
+                link.send_blob(seq ^ sum, &[]);
+            }
+        },
+        |link| {
+            let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            for seq in 0..warmup + count {
+                let t = Instant::now();
+                link.send_blob(seq, &payload);
+                let (answer, _) = link.recv_blob().expect("reply");
+                let elapsed = t.elapsed();
+                assert_eq!(answer, seq ^ expected, "peer read wrong bytes");
+                if seq >= warmup {
+                    samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+                }
+            }
+            samples
+        },
+    )
+}
+
+/// Round trips of orders; latencies in nanoseconds, and allocations per
+/// round trip counted in this process.
+fn order_round_trips(transport: Transport, options: &Options, warmup: u64, count: u64) -> (Vec<u64>, f64) {
+    with_peer(
+        transport,
+        options,
+        |link| {
+            while let Some((seq, _)) = link.recv_order() {
+                link.send_order(seq);
+            }
+        },
+        |link| {
+            let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            let mut allocations = 0;
+            for seq in 0..warmup + count {
+                let before = ALLOCATIONS.load(Ordering::Relaxed);
+                let t = Instant::now();
+                link.send_order(seq);
+                let (answer, _) = link.recv_order().expect("reply");
+                let elapsed = t.elapsed();
+                assert_eq!(answer, seq);
+                if seq >= warmup {
+                    samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+                    allocations += ALLOCATIONS.load(Ordering::Relaxed) - before;
+                }
+            }
+            (samples, allocations as f64 / count as f64)
+        },
+    )
+}
+
+/// One-way throughput: the peer sends `count` blobs of `size` bytes as fast as
+/// it can; we receive and checksum each. Returns (messages/s, bytes/s,
+/// allocations per message received here).
+fn throughput(transport: Transport, options: &Options, size: usize, count: u64) -> (f64, f64, f64) {
+    let payload = payload(size);
+    let expected = checksum(&payload);
+    with_peer(
+        transport,
+        options,
+        |link| {
+            for seq in 0..count {
+                link.send_blob(seq, &payload);
+            }
+        },
+        |link| {
+            // The clock starts at the first message, so set-up is not counted.
+            let (first, sum) = link.recv_blob().expect("first");
+            assert_eq!((first, sum), (0, expected));
+            let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
+            let start = Instant::now();
+            for seq in 1..count {
+                let (got, sum) = link.recv_blob().expect("message");
+                assert_eq!(got, seq, "lost or reordered");
+                assert_eq!(sum, expected, "corrupted");
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_before;
+            let n = (count - 1) as f64;
+            (n / secs, n * size as f64 / secs, allocations as f64 / n)
+        },
+    )
+}
+
+/// One-way throughput of orders, in messages per second.
+fn order_throughput(transport: Transport, options: &Options, count: u64) -> f64 {
+    with_peer(
+        transport,
+        options,
+        |link| {
+            for seq in 0..count {
+                link.send_order(seq);
+            }
+        },
+        |link| {
+            let (first, reference) = link.recv_order().expect("first");
+            assert_eq!(first, 0);
+            let start = Instant::now();
+            for seq in 1..count {
+                let (got, sum) = link.recv_order().expect("order");
+                assert_eq!(got, seq);
+                std::hint::black_box((sum, reference));
+            }
+            (count - 1) as f64 / start.elapsed().as_secs_f64()
+        },
+    )
+}
+
+fn payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i.wrapping_mul(31) ^ (i >> 8)).to_le_bytes()[0]).collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+// ---- results -----------------------------------------------------------------
+
+/// One row of the table: a workload measured on both transports.
+struct Row {
+    workload: String,
+    unit: &'static str,
+    /// Whether a lower figure is better (latencies, allocations).
+    lower_is_better: bool,
+    shm: f64,
+    socket: f64,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.shm / self.socket
+    }
+
+    /// How many times better shm is (above 1: shm wins).
+    fn advantage(&self) -> f64 {
+        if self.lower_is_better {
+            self.socket / self.shm
+        } else {
+            self.shm / self.socket
+        }
+    }
+}
+
+fn fmt_figure(v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} k", v / 1e3)
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<36} {:>12} {:>12} {:<9} {:>10} {:>12}",
+        "workload", "shm", "socket", "unit", "shm/socket", "shm better"
+    );
+    println!("{}", "-".repeat(96));
+    for r in rows {
+        println!(
+            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>11.1}x",
+            r.workload,
+            fmt_figure(r.shm),
+            fmt_figure(r.socket),
+            r.unit,
+            r.ratio(),
+            r.advantage()
+        );
+    }
+    println!();
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_number(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
+}
+
+fn to_json(rows: &[Row], quick: bool) -> String {
+    let mut s = String::from("{\n");
+    let _ = writeln!(s, "  \"quick\": {quick},");
+    s.push_str("  \"results\": [\n");
+    for (i, r) in rows.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"workload\": {}, \"unit\": {}, \"lower_is_better\": {}, \"shm\": {}, \"socket\": {}, \"ratio_shm_over_socket\": {}, \"shm_advantage\": {}}}",
+            json_string(&r.workload),
+            json_string(r.unit),
+            r.lower_is_better,
+            json_number(r.shm),
+            json_number(r.socket),
+            json_number(r.ratio()),
+            json_number(r.advantage()),
+        );
+        s.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
+    }
+    s.push_str("  ]\n}\n");
+    s
+}
+
+// ---- the chart ---------------------------------------------------------------
+
+/// A series of (payload bytes, value) points for one transport.
+struct Series {
+    shm: Vec<(f64, f64)>,
+    socket: Vec<(f64, f64)>,
+}
+
+/// Draws one log-log panel at `(x0, y0)`.
+fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series: &Series) {
+    let (w, h) = (400.0, 280.0);
+    let all: Vec<(f64, f64)> = series.shm.iter().chain(&series.socket).copied().collect();
+    let lg = |v: f64| v.max(1e-12).log10();
+    let (xmin, xmax) = (
+        all.iter().map(|p| lg(p.0)).fold(f64::INFINITY, f64::min).floor(),
+        all.iter().map(|p| lg(p.0)).fold(f64::NEG_INFINITY, f64::max).ceil(),
+    );
+    let (ymin, ymax) = (
+        all.iter().map(|p| lg(p.1)).fold(f64::INFINITY, f64::min).floor(),
+        all.iter().map(|p| lg(p.1)).fold(f64::NEG_INFINITY, f64::max).ceil(),
+    );
+    let (ymin, ymax) = if ymax <= ymin { (ymin - 1.0, ymin + 1.0) } else { (ymin, ymax) };
+    let (xmin, xmax) = if xmax <= xmin { (xmin - 1.0, xmin + 1.0) } else { (xmin, xmax) };
+    let px = |v: f64| x0 + (lg(v) - xmin) / (xmax - xmin) * w;
+    let py = |v: f64| y0 + h - (lg(v) - ymin) / (ymax - ymin) * h;
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" font-size="15" font-weight="bold" text-anchor="middle">{title}</text>"##,
+        x0 + w / 2.0,
+        y0 - 14.0
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##
+    );
+    let mut e = xmin;
+    while e <= xmax + 1e-9 {
+        let x = x0 + (e - xmin) / (xmax - xmin) * w;
+        let label = match e as i32 {
+            k if k >= 6 => format!("{} MiB", 10f64.powi(k) / 1_048_576.0),
+            k if k >= 3 => format!("{} KiB", 10f64.powi(k) / 1024.0),
+            k => format!("{} B", 10f64.powi(k)),
+        };
+        let label = shorten(&label);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x}" y1="{y0}" x2="{x}" y2="{}" stroke="#eee"/><text x="{x}" y="{}" font-size="11" text-anchor="middle">{label}</text>"##,
+            y0 + h,
+            y0 + h + 16.0
+        );
+        e += 1.0;
+    }
+    let mut e = ymin;
+    while e <= ymax + 1e-9 {
+        let y = y0 + h - (e - ymin) / (ymax - ymin) * h;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" font-size="11" text-anchor="end">{}</text>"##,
+            x0 + w,
+            x0 - 6.0,
+            y + 4.0,
+            shorten(&format!("{}", 10f64.powi(e as i32)))
+        );
+        e += 1.0;
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" font-size="12" text-anchor="middle">payload size</text>"##,
+        x0 + w / 2.0,
+        y0 + h + 36.0
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 {} {})">{y_label}</text>"##,
+        x0 - 46.0,
+        y0 + h / 2.0,
+        x0 - 46.0,
+        y0 + h / 2.0
+    );
+    for (points, colour) in [(&series.shm, "#1f77b4"), (&series.socket, "#ff7f0e")] {
+        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let _ = writeln!(
+            svg,
+            r##"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"##,
+            path.join(" ")
+        );
+        for &(x, y) in points.iter() {
+            let _ = writeln!(
+                svg,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"><title>{}: {}</title></circle>"##,
+                px(x),
+                py(y),
+                x,
+                fmt_figure(y)
+            );
+        }
+    }
+}
+
+/// "1024 B" -> "1 KiB" style cleanup of tick labels built from powers of ten.
+fn shorten(s: &str) -> String {
+    let mut parts = s.splitn(2, ' ');
+    let number: f64 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0.0);
+    let unit = parts.next().unwrap_or("");
+    let n = if number >= 100.0 {
+        format!("{number:.0}")
+    } else if number >= 1.0 {
+        format!("{:.3}", number).trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{number:.3}").trim_end_matches('0').to_string()
+    };
+    if unit.is_empty() {
+        n
+    } else {
+        format!("{n} {unit}")
+    }
+}
+
+fn to_svg(latency: &Series, bandwidth: &Series, note: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="420" font-family="sans-serif" viewBox="0 0 1000 420">"##
+    );
+    svg.push_str("<rect width=\"1000\" height=\"420\" fill=\"white\"/>\n");
+    panel(&mut svg, 80.0, 50.0, "round-trip latency, p50", "microseconds (log)", latency);
+    panel(&mut svg, 570.0, 50.0, "one-way throughput", "GB/s (log)", bandwidth);
+    let _ = writeln!(
+        svg,
+        r##"<rect x="380" y="378" width="14" height="4" fill="#1f77b4"/><text x="400" y="384" font-size="12">shm (capnp-shm)</text><rect x="520" y="378" width="14" height="4" fill="#ff7f0e"/><text x="540" y="384" font-size="12">socket (capnp::serialize over UnixStream)</text>"##
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="500" y="408" font-size="11" fill="#555" text-anchor="middle">{}</text>"##,
+        note
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+// ---- main --------------------------------------------------------------------
+
+struct Args {
+    quick: bool,
+    json: Option<String>,
+    svg: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        quick: false,
+        json: None,
+        svg: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--json" => args.json = Some(it.next().ok_or("--json needs a path")?),
+            "--svg" => args.svg = Some(it.next().ok_or("--svg needs a path")?),
+            "-h" | "--help" => {
+                println!("usage: bench [--quick] [--json PATH] [--svg PATH]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(args)
+}
+
+/// Prints a progress line that the next one overwrites.
+struct Progress {
+    step: usize,
+    total: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn show(&mut self, what: &str) {
+        self.step += 1;
+        eprint!(
+            "\r\x1b[2K[{:>2}/{}] {:>5.1}s  {what}",
+            self.step,
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let scale = if args.quick { 20 } else { 1 };
+    let rtt_count = 200_000 / scale;
+    let rtt_warmup = 20_000 / scale;
+    let small_count = 2_000_000 / scale;
+    let order_count = 200_000 / scale;
+    let default = Options::new().region_size(64 << 20);
+    let sleepy = default.clone().spin(Duration::ZERO);
+    let big = |size: usize| default.clone().region_size((4 * size + (4 << 20)).max(64 << 20));
+    let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
+    let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
+
+    let mut progress = Progress {
+        step: 0,
+        total: 2 * (3 + sizes.len() - 1 + latency_sizes.len() - 1 + 2),
+        started: Instant::now(),
+    };
+    let mut rows = Vec::new();
+    let mut latency = Series { shm: vec![], socket: vec![] };
+    let mut bandwidth = Series { shm: vec![], socket: vec![] };
+
+    // 1. Round-trip latency, 64-byte payload: default options and no spin.
+    let mut rtt = |t: Transport, options: &Options, size: usize, label: &str| {
+        progress.show(&format!("round trip {label} {}", t.name()));
+        let count = rtt_count / if size >= 64 << 10 { 20 } else { 1 } as u64;
+        let mut s = round_trips(t, options, size, rtt_warmup.min(count), count);
+        s.sort_unstable();
+        [50.0, 99.0, 99.9].map(|p| percentile(&s, p))
+    };
+    let shm = rtt(Transport::Shm, &default, 64, "64 B");
+    let sleeping = rtt(Transport::Shm, &sleepy, 64, "64 B, no spin");
+    let socket = rtt(Transport::Socket, &default, 64, "64 B");
+    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        rows.push(Row {
+            workload: format!("round trip 64 B, {p}"),
+            unit: "µs",
+            lower_is_better: true,
+            shm: shm[i],
+            socket: socket[i],
+        });
+    }
+    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        rows.push(Row {
+            workload: format!("round trip 64 B no spin, {p}"),
+            unit: "µs",
+            lower_is_better: true,
+            shm: sleeping[i],
+            socket: socket[i],
+        });
+    }
+    latency.shm.push((64.0, shm[0]));
+    latency.socket.push((64.0, socket[0]));
+    for &size in &latency_sizes[1..] {
+        let label = size_label(size);
+        let s = rtt(Transport::Shm, &big(size), size, &label);
+        let k = rtt(Transport::Socket, &default, size, &label);
+        rows.push(Row {
+            workload: format!("round trip {label}, p50"),
+            unit: "µs",
+            lower_is_better: true,
+            shm: s[0],
+            socket: k[0],
+        });
+        latency.shm.push((size as f64, s[0]));
+        latency.socket.push((size as f64, k[0]));
+    }
+
+    // 2-3. One-way throughput by payload size; 5. allocations per message.
+    let mut allocations = (f64::NAN, f64::NAN);
+    for &size in &sizes {
+        let label = size_label(size);
+        let count = if size <= 64 {
+            small_count
+        } else {
+            // About 2 GiB per run (100 MiB quick), at least 32 messages.
+            ((2u64 << 30) / scale / size as u64).max(32)
+        };
+        progress.show(&format!("throughput {label} shm"));
+        let (s_msgs, s_bytes, s_alloc) = throughput(Transport::Shm, &big(size), size, count);
+        progress.show(&format!("throughput {label} socket"));
+        let (k_msgs, k_bytes, k_alloc) = throughput(Transport::Socket, &default, size, count);
+        if size <= 64 {
+            rows.push(Row {
+                workload: format!("one-way {label} messages"),
+                unit: "msg/s",
+                lower_is_better: false,
+                shm: s_msgs,
+                socket: k_msgs,
+            });
+            allocations = (s_alloc, k_alloc);
+        }
+        rows.push(Row {
+            workload: format!("one-way {label} bandwidth"),
+            unit: "GB/s",
+            lower_is_better: false,
+            shm: s_bytes / 1e9,
+            socket: k_bytes / 1e9,
+        });
+        bandwidth.shm.push((size as f64, s_bytes / 1e9));
+        bandwidth.socket.push((size as f64, k_bytes / 1e9));
+    }
+
+    // 4. A structured message: an order with 50 line items.
+    progress.show("orders round trip shm");
+    let (mut s, s_alloc) = order_round_trips(Transport::Shm, &default, rtt_warmup, rtt_count / 4);
+    progress.show("orders round trip socket");
+    let (mut k, k_alloc) = order_round_trips(Transport::Socket, &default, rtt_warmup, rtt_count / 4);
+    s.sort_unstable();
+    k.sort_unstable();
+    rows.push(Row {
+        workload: format!("order ({ITEMS} items) round trip, p50"),
+        unit: "µs",
+        lower_is_better: true,
+        shm: percentile(&s, 50.0),
+        socket: percentile(&k, 50.0),
+    });
+    progress.show("orders one-way shm");
+    let s_rate = order_throughput(Transport::Shm, &default, order_count);
+    progress.show("orders one-way socket");
+    let k_rate = order_throughput(Transport::Socket, &default, order_count);
+    rows.push(Row {
+        workload: format!("order ({ITEMS} items) one-way"),
+        unit: "msg/s",
+        lower_is_better: false,
+        shm: s_rate,
+        socket: k_rate,
+    });
+    rows.push(Row {
+        workload: "heap allocs / received 64 B msg".into(),
+        unit: "allocs",
+        lower_is_better: true,
+        shm: allocations.0,
+        socket: allocations.1,
+    });
+    rows.push(Row {
+        workload: "heap allocs / order round trip".into(),
+        unit: "allocs",
+        lower_is_better: true,
+        shm: s_alloc,
+        socket: k_alloc,
+    });
+    eprintln!("\r\x1b[2Kdone in {:.1}s", progress.started.elapsed().as_secs_f64());
+
+    print_table(&rows);
+    println!(
+        "shm: capnp-shm, default options (64 MiB region, spin 50 µs) unless noted; socket: \
+         capnp::serialize over a buffered UnixStream, flushed per message.\n\
+         Ratios are from this one run; the machine is shared, so compare columns, not runs."
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, to_json(&rows, args.quick)).expect("write json");
+        println!("wrote {path}");
+    }
+    if let Some(path) = &args.svg {
+        let note = format!(
+            "{} run, {} cores; each point forks a peer process; payload read in full by the receiver",
+            if args.quick { "quick" } else { "full" },
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        std::fs::write(path, to_svg(&latency, &bandwidth, &note)).expect("write svg");
+        println!("wrote {path}");
+    }
+}
+
+fn size_label(size: usize) -> String {
+    if size >= 1 << 20 {
+        format!("{} MiB", size >> 20)
+    } else if size >= 1 << 10 {
+        format!("{} KiB", size >> 10)
+    } else {
+        format!("{size} B")
+    }
+}
