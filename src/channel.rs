@@ -143,7 +143,7 @@ impl HalfOpen {
         let geometry = self.out.region().geometry();
         Ok(Channel {
             socket: self.socket,
-            tx: RefCell::new(TxBook::new(geometry)),
+            tx: RefCell::new(TxBook::new(geometry, hello.geometry.ring_capacity)),
             out: self.out,
             incoming,
             rx: RxBook::default(),
@@ -539,17 +539,13 @@ impl Channel {
     pub(crate) fn allocate_segment(&self, min: u32, want: u32) -> Option<(NonNull<u8>, u32)> {
         let extent = {
             let mut book = self.tx.try_borrow_mut().ok()?;
-            match book.allocate(min, want) {
-                Some(e) => Some(e),
-                None => match book.reclaim(&self.out, self.incoming.region()) {
-                    Ok(n) if n > 0 => book.allocate(min, want),
-                    Ok(_) => None,
-                    Err(p) => {
-                        drop(book);
-                        self.fail(p.into());
-                        None
-                    }
-                },
+            match book.allocate(&self.out, self.incoming.region(), min, want) {
+                Ok(e) => e,
+                Err(p) => {
+                    drop(book);
+                    self.fail(p.into());
+                    None
+                }
             }
         };
         match extent {

@@ -158,7 +158,8 @@ pub(crate) fn map_peer_region(
     }
     if hello.sealed {
         let found = file::get_seals(fd.as_fd()).unwrap_or(0);
-        if found != file::REGION_SEALS {
+        // The exec seal may come on top: it does not affect reads or writes.
+        if found & !file::EXEC_SEAL != file::REGION_SEALS {
             return Err(ProtocolError::WrongSeals { found }.into());
         }
     } else if !accept_unsealed {

@@ -60,7 +60,15 @@ enum Placement {
 #[derive(Debug)]
 pub(crate) struct TxBook {
     geometry: Geometry,
+    /// The most messages in flight at once: our ring capacity, or the
+    /// peer's if smaller, since the peer's release ring (in its region, sized
+    /// by its capacity) must hold a release for every message in flight.
+    max_in_flight: u32,
     free: FreeList,
+    /// End of the highest word ever handed out. Below it, pages are already
+    /// faulted in and likely cached; an allocation that would cross it first
+    /// reclaims what the peer has released (see `allocate`).
+    high_water: u32,
     /// Extents lent to live builders, in allocation order.
     open: Vec<Extent>,
     slots: Vec<Slot>,
@@ -76,11 +84,13 @@ pub(crate) struct TxBook {
 }
 
 impl TxBook {
-    pub(crate) fn new(geometry: Geometry) -> TxBook {
-        let cap = geometry.ring_capacity;
+    pub(crate) fn new(geometry: Geometry, peer_ring_capacity: u32) -> TxBook {
+        let cap = geometry.ring_capacity.min(peer_ring_capacity);
         TxBook {
             geometry,
+            max_in_flight: cap,
             free: FreeList::new(geometry.data_words()),
+            high_water: 0,
             open: Vec::with_capacity(16),
             slots: (0..cap)
                 .map(|_| Slot {
@@ -100,8 +110,8 @@ impl TxBook {
 
     /// Messages sent and not yet released.
     pub(crate) fn in_flight(&self) -> u32 {
-        // free_slots.len() <= ring_capacity <= 2^16.
-        self.geometry.ring_capacity - u32::try_from(self.free_slots.len()).unwrap_or(0)
+        // free_slots.len() <= max_in_flight <= 2^16.
+        self.max_in_flight - u32::try_from(self.free_slots.len()).unwrap_or(0)
     }
 
     /// Our `published` counter.
@@ -115,10 +125,39 @@ impl TxBook {
     }
 
     /// Lends an extent of at least `min` (ideally `want`) words to a builder.
-    pub(crate) fn allocate(&mut self, min: u32, want: u32) -> Option<Extent> {
-        let extent = self.free.allocate(min, want)?;
+    ///
+    /// Releases are read lazily, to keep the peer's `released` line out of
+    /// the hot path: only when the free list cannot serve the request from
+    /// memory already used (below `high_water`). So a steady stream keeps
+    /// reusing the same warm pages instead of walking the whole region, and
+    /// pages are faulted in once, not once per lap.
+    pub(crate) fn allocate(
+        &mut self,
+        out: &OutRegion,
+        peer: &Region,
+        min: u32,
+        want: u32,
+    ) -> Result<Option<Extent>, ProtocolError> {
+        let mut extent = self.free.allocate(min, want);
+        if extent.is_none_or(|e| e.end() > self.high_water) && self.pending_releases(peer) {
+            if let Some(e) = extent.take() {
+                self.free.free(e); // untouched, still zero
+            }
+            self.reclaim(out, peer)?;
+            extent = self.free.allocate(min, want);
+        }
+        let Some(extent) = extent else {
+            return Ok(None);
+        };
+        self.high_water = self.high_water.max(extent.end());
         self.open.push(extent);
-        Some(extent)
+        Ok(Some(extent))
+    }
+
+    /// Whether the peer has released messages we have not reclaimed yet.
+    fn pending_releases(&self, peer: &Region) -> bool {
+        // Relaxed: only a hint; `reclaim` loads it again with Acquire.
+        peer.control().released.0.load(Ordering::Relaxed) != self.reclaimed
     }
 
     /// Takes back the open extent starting at `start` from a builder dropped

@@ -59,3 +59,29 @@ fn round_trip_across_fork() {
     drop(parent);
     assert_eq!(child.wait(), 0);
 }
+
+/// Each end sizes its own ring; the sender keeps no more messages in flight
+/// than the smaller ring holds, so the receiver's release ring never wraps
+/// over releases the sender has not read.
+#[test]
+fn ends_with_different_ring_capacities_interoperate() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    for (tx_ring, rx_ring) in [(256, 1), (1, 256), (64, 8)] {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            let tx =
+                Channel::from_stream_with(a, &capnp_shm::Options::new().ring_capacity(tx_ring))
+                    .unwrap();
+            for n in 0..2000 {
+                tx.send(build(&tx, n, 1, 40)).unwrap();
+            }
+        });
+        let rx = Channel::from_stream_with(b, &capnp_shm::Options::new().ring_capacity(rx_ring))
+            .unwrap();
+        for n in 0..2000 {
+            assert_eq!(check(&rx.recv().unwrap()), n);
+        }
+        sender.join().unwrap();
+    }
+}

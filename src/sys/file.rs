@@ -12,13 +12,29 @@ pub(crate) const REGION_SEALS: u32 =
     (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL)
         .unsigned_abs();
 
-/// Creates an anonymous memory file, close-on-exec, that accepts seals.
-/// `memfd_create(2)`
+/// The seal that forbids making the file executable (Linux 6.3). A memfd
+/// may carry it on top of [`REGION_SEALS`]: `MFD_NOEXEC_SEAL` adds it, and so
+/// does the kernel for every memfd under `vm.memfd_noexec=1`. It changes
+/// nothing about reading and writing, so a peer's region may carry it.
+pub(crate) const EXEC_SEAL: u32 = libc::F_SEAL_EXEC.unsigned_abs();
+
+/// Creates an anonymous memory file, close-on-exec, that accepts seals and
+/// can never be made executable. `memfd_create(2)`
+///
+/// `MFD_NOEXEC_SEAL` keeps the call working under `vm.memfd_noexec=2`, which
+/// refuses executable memfds; kernels before 6.3 do not know the flag and
+/// fail with `EINVAL`, so the call is repeated without it.
 pub(crate) fn memfd_create(name: &CStr) -> io::Result<OwnedFd> {
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
-    let fd = cvt(unsafe {
-        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    })?;
+    let fd = match cvt(unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_NOEXEC_SEAL) })
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // SAFETY: as above.
+            cvt(unsafe { libc::memfd_create(name.as_ptr(), flags) })?
+        }
+        other => other?,
+    };
     // SAFETY: memfd_create returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
