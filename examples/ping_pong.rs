@@ -31,7 +31,9 @@ fn serve(channel: &Channel) -> Result<(), Error> {
             Err(e) => return Err(e),
         }; // the request is dropped here: the parent may reuse its space
         let mut reply = channel.message();
-        reply.initn_root::<capnp::primitive_list::Builder<'_, u64>>(1).set(0, sum);
+        reply
+            .initn_root::<capnp::primitive_list::Builder<'_, u64>>(1)
+            .set(0, sum);
         channel.send(reply)?;
     }
 }
@@ -72,7 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         channel.send(request)?;
         let reply = channel.recv()?;
-        let sum = reply.get_root::<capnp::primitive_list::Reader<'_, u64>>()?.get(0);
+        let sum = reply
+            .get_root::<capnp::primitive_list::Reader<'_, u64>>()?
+            .get(0);
         assert_eq!(sum, 8 * u64::from(i) + 28, "wrong answer");
         worst = worst.max(t.elapsed());
     }

@@ -85,6 +85,44 @@ impl FreeList {
         Some(taken)
     }
 
+    /// Takes exactly `extent` out of the free list. Returns `false` (and
+    /// changes nothing) unless every word of it is free.
+    pub(crate) fn take(&mut self, extent: Extent) -> bool {
+        if extent.len == 0 {
+            return true;
+        }
+        // The last free extent starting at or before `extent`.
+        let i = self.extents.partition_point(|e| e.start <= extent.start);
+        let Some(i) = i.checked_sub(1) else {
+            return false;
+        };
+        let e = self.extents[i];
+        if e.end() < extent.end() {
+            return false;
+        }
+        let before = Extent {
+            start: e.start,
+            len: extent.start - e.start,
+        };
+        let after = Extent {
+            start: extent.end(),
+            len: e.end() - extent.end(),
+        };
+        match (before.len > 0, after.len > 0) {
+            (true, true) => {
+                self.extents[i] = before;
+                self.extents.insert(i + 1, after);
+            }
+            (true, false) => self.extents[i] = before,
+            (false, true) => self.extents[i] = after,
+            (false, false) => {
+                self.extents.remove(i);
+            }
+        }
+        self.free_words -= u64::from(extent.len);
+        true
+    }
+
     /// Returns `extent` to the free list, merging it with its neighbours.
     /// The extent must not overlap a free one (checked in debug builds).
     pub(crate) fn free(&mut self, extent: Extent) {
@@ -221,6 +259,23 @@ mod tests {
         f.free(b);
         assert_eq!(f.extents, vec![ext(0, 30)]);
         assert_eq!(f.largest(), 30);
+    }
+
+    #[test]
+    fn take_removes_exactly_the_range() {
+        let mut f = FreeList::new(100);
+        assert!(f.take(ext(10, 20)));
+        assert_eq!(f.extents, vec![ext(0, 10), ext(30, 70)]);
+        assert!(!f.take(ext(25, 10)), "partly taken already");
+        assert!(!f.take(ext(95, 10)), "past the end");
+        assert!(f.take(ext(0, 10)));
+        assert!(f.take(ext(90, 10)));
+        assert_eq!(f.extents, vec![ext(30, 60)]);
+        assert_eq!(f.free_words(), 60);
+        f.free(ext(10, 20));
+        f.free(ext(0, 10));
+        f.free(ext(90, 10));
+        assert_eq!(f.extents, vec![ext(0, 100)]);
     }
 
     #[test]

@@ -207,6 +207,14 @@ pub enum ProtocolError {
         /// Length in words.
         len: u32,
     },
+    /// A message's segments add up to more words than the data area holds:
+    /// they overlap, which an honest sender never does.
+    SegmentsExceedArea {
+        /// Total words of all segments.
+        words: u64,
+        /// Words in the data area.
+        data_words: u32,
+    },
     /// The peer's `consumed` counter went backwards or past what was sent.
     ConsumedOutOfRange {
         /// The counter the peer published.
@@ -276,6 +284,10 @@ impl fmt::Display for ProtocolError {
                     "segment at word {offset} of {len} words lies outside the data area"
                 )
             }
+            SegmentsExceedArea { words, data_words } => write!(
+                f,
+                "segments total {words} words, more than the {data_words}-word data area"
+            ),
             ConsumedOutOfRange { consumed } => {
                 write!(f, "consumed counter {consumed} out of range")
             }

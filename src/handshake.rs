@@ -145,6 +145,9 @@ pub(crate) fn map_peer_region(
     fd: &OwnedFd,
     accept_unsealed: bool,
 ) -> Result<InRegion, Error> {
+    // fstat first, for the most specific error. (On a regular file of a
+    // FUSE mount that the peer serves, fstat could block past the set-up
+    // deadline: a known limit, listed in the README.)
     let kind = file::fstat(fd.as_fd())?;
     if !kind.regular {
         return Err(ProtocolError::NotARegularFile.into());

@@ -101,6 +101,13 @@ impl SegmentTable {
                 table.more.push(check(lo, hi)?);
             }
         }
+        // An honest sender's segments never overlap, so together they fit
+        // in the data area. Checking it bounds what a copy of the message
+        // may cost (a hostile table could name the whole area 512 times).
+        let words = table.words();
+        if words > u64::from(data_words) {
+            return Err(ProtocolError::SegmentsExceedArea { words, data_words });
+        }
         Ok(table)
     }
 }
@@ -245,6 +252,14 @@ mod tests {
         // offset + length overflowing u32
         assert!(SegmentTable::read(1, inline(&[[u32::MAX, 2]]), u32::MAX, no_words).is_err());
         assert!(SegmentTable::read(1, inline(&[[100, 0]]), 100, no_words).is_ok());
+        // Each in bounds, together more than the area: overlapping.
+        assert_eq!(
+            SegmentTable::read(3, inline(&[[0, 60], [10, 60], [0, 1]]), 100, no_words).unwrap_err(),
+            ProtocolError::SegmentsExceedArea {
+                words: 121,
+                data_words: 100
+            }
+        );
     }
 
     #[test]
@@ -291,6 +306,7 @@ mod tests {
             let read = |w: u32| (w < data_words).then(|| fill.rotate_left(w) % (1 << 40));
             if let Ok(t) = SegmentTable::read(count, pairs, data_words, read) {
                 assert!((1..=MAX_SEGMENTS).contains(&t.len()));
+                assert!(t.words() <= u64::from(data_words));
                 for i in 0..t.len() {
                     let e = t.get(i).unwrap();
                     assert!(u64::from(e.start) + u64::from(e.len) <= u64::from(data_words));

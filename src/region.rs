@@ -18,6 +18,7 @@ use crate::layout::{
     ControlBlock, DescriptorEntry, Geometry, ReleaseEntry, FLAG_SEALED, MAGIC, VERSION, WORD,
 };
 use crate::options::Backing;
+use crate::sys::errno as libc_errno;
 use crate::sys::file;
 use crate::sys::mapping::Mapping;
 
@@ -114,6 +115,19 @@ impl Region {
     }
 }
 
+/// Whether a failure of the memfd path means memfd regions are not to be had
+/// here (so `Backing::Auto` falls back to `/dev/shm`): no `memfd_create`
+/// (`ENOSYS`), refused by policy (`EPERM`, `EACCES`: seccomp, memfd_noexec),
+/// or a seal this kernel does not know (`EINVAL`: `F_SEAL_FUTURE_WRITE`
+/// needs Linux 5.1). Anything else (out of memory, descriptors) is an error
+/// the fallback would not cure.
+fn memfd_unavailable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::ENOSYS | libc_errno::EPERM | libc_errno::EACCES | libc_errno::EINVAL)
+    )
+}
+
 /// This end's outgoing region, mapped read-write. Only this process writes it.
 #[derive(Debug)]
 pub(crate) struct OutRegion {
@@ -135,12 +149,15 @@ impl OutRegion {
             Backing::ShmFile => Self::create_shm_file(geometry)?,
             Backing::Auto => match Self::create_memfd(geometry) {
                 Ok(made) => made,
-                Err(memfd_err) => Self::create_shm_file(geometry).map_err(|shm_err| {
-                    io::Error::new(
-                        shm_err.kind(),
-                        format!("memfd failed ({memfd_err}); /dev/shm failed ({shm_err})"),
-                    )
-                })?,
+                Err(e) if memfd_unavailable(&e) => {
+                    Self::create_shm_file(geometry).map_err(|shm_err| {
+                        io::Error::new(
+                            shm_err.kind(),
+                            format!("memfd unavailable ({e}); /dev/shm failed ({shm_err})"),
+                        )
+                    })?
+                }
+                Err(e) => return Err(e),
             },
         };
         let header = &region.region.control().header.0;
@@ -166,8 +183,14 @@ impl OutRegion {
         file::ftruncate(fd.as_fd(), geometry.region_size)?;
         let map = Mapping::map(fd.as_fd(), Self::len(geometry)?, true)?;
         file::add_seals(fd.as_fd(), file::REGION_SEALS)?;
-        let peer_fd = file::reopen_read_only(fd.as_fd())?;
-        // `fd` closes here; the mapping keeps the file alive.
+        // A read-only description for the peer where /proc allows one. The
+        // seals are what protect the region (a peer could reopen its
+        // descriptor read-write through its own /proc, and the seals still
+        // refuse every write, resize and writable mapping), so without /proc
+        // the peer gets our descriptor instead of losing the sealed region.
+        let peer_fd = file::reopen_read_only(fd.as_fd()).unwrap_or(fd);
+        // Our descriptor (if not sent) closes here; the mapping keeps the
+        // file alive.
         Ok((
             OutRegion {
                 region: Region::new(map, geometry),
@@ -288,10 +311,12 @@ impl InRegion {
     ///
     /// The slice aliases memory the peer can write. The protocol forbids the
     /// peer to write a message between publishing it and our release, and the
-    /// slice lives only as long as the received message that holds it; a peer
-    /// that breaks this rule changes bytes under capnp's reader (which checks
-    /// bounds on every access, so it reads wrong values, never out of bounds).
-    /// `Options::copy_received` exists for peers not trusted with this.
+    /// slice lives only as long as the received message that holds it. A peer
+    /// that breaks this rule is outside what zero-copy reading can defend
+    /// against: capnp reads some words twice (check, then use), so bytes
+    /// changing underneath can make it read wrong values or crash the reader.
+    /// `Options::copy_received` (see [`copy_segment`](Self::copy_segment))
+    /// exists for peers not trusted with this.
     pub(crate) fn segment(&self, extent: Extent) -> Option<&[u8]> {
         if !self.region.contains(extent) {
             return None;
@@ -303,6 +328,27 @@ impl InRegion {
         Some(unsafe {
             std::slice::from_raw_parts(self.region.data_ptr(extent.start), extent.len as usize * 8)
         })
+    }
+
+    /// Copies a segment into `dst` (exactly `extent.len` words long) with
+    /// volatile word reads: the peer may be rewriting the words meanwhile,
+    /// and the copy then holds some mix of old and new words, never anything
+    /// worse. Returns `false` when the extent lies outside the data area.
+    pub(crate) fn copy_segment(&self, extent: Extent, dst: &mut [u8]) -> bool {
+        if !self.region.contains(extent) || dst.len() != extent.len as usize * 8 {
+            return false;
+        }
+        let src = self.region.data_ptr(extent.start).cast::<u64>();
+        for (i, out) in dst.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `i < extent.len`, so the word lies inside the extent,
+            // inside the mapping.
+            let at = unsafe { src.add(i) };
+            // SAFETY: an aligned u64 inside our mapping; a volatile read is
+            // valid whatever the peer is writing there.
+            let word = unsafe { at.read_volatile() };
+            out.copy_from_slice(&word.to_ne_bytes());
+        }
+        true
     }
 
     /// Reads word `offset` of the data area (for out-of-line segment tables).

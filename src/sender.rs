@@ -139,7 +139,7 @@ impl TxBook {
         want: u32,
     ) -> Result<Option<Extent>, ProtocolError> {
         let mut extent = self.free.allocate(min, want);
-        if extent.is_none_or(|e| e.end() > self.high_water) && self.pending_releases(peer) {
+        if !extent.is_some_and(|e| e.end() <= self.high_water) && self.pending_releases(peer) {
             if let Some(e) = extent.take() {
                 self.free.free(e); // untouched, still zero
             }
@@ -297,19 +297,35 @@ impl TxBook {
         let Some(&slot) = self.free_slots.last() else {
             return false;
         };
-        // Plan: find each segment's place, taking space for the copies.
+        // Plan: find each segment's place, taking space for the copies. The
+        // unused tails of in-region segments are freed first (never written,
+        // so still zero): a copy may need that space.
         let mut plan = std::mem::take(&mut self.plan);
         plan.clear();
-        let mut complete = true;
         for s in segments {
             let words = u32::try_from(s.len() as u64 / WORD).unwrap_or(u32::MAX);
             if let Some(open) = self.find_open(out, s) {
+                self.free.free(tail(open, words));
                 plan.push(Placement::InRegion { open, used: words });
-            } else if let Some(to) = self.free.allocate(words.max(1), words.max(1)) {
-                plan.push(Placement::Copied { to });
             } else {
-                complete = false;
-                break;
+                plan.push(Placement::Copied {
+                    to: Extent { start: 0, len: 0 },
+                });
+            }
+        }
+        let mut complete = true;
+        for (p, s) in plan.iter_mut().zip(segments) {
+            if let Placement::Copied { to } = p {
+                let words = u32::try_from(s.len() as u64 / WORD)
+                    .unwrap_or(u32::MAX)
+                    .max(1);
+                match self.free.allocate(words, words) {
+                    Some(e) => *to = e,
+                    None => {
+                        complete = false;
+                        break;
+                    }
+                }
             }
         }
         let count = u32::try_from(segments.len()).unwrap_or(u32::MAX);
@@ -321,10 +337,17 @@ impl TxBook {
             t
         };
         if !complete {
-            // Undo: the copy targets were never written, so still zero.
-            for p in plan.drain(..) {
-                if let Placement::Copied { to } = p {
+            // Undo in reverse: the copy targets were never written (still
+            // zero), and once they are back the tails are free to re-take.
+            for p in &plan {
+                if let Placement::Copied { to } = *p {
                     self.free.free(to);
+                }
+            }
+            for p in &plan {
+                if let Placement::InRegion { open, used } = *p {
+                    let taken = self.free.take(tail(open, used));
+                    debug_assert!(taken, "a freed tail was not free again");
                 }
             }
             self.plan = plan;
@@ -343,11 +366,6 @@ impl TxBook {
                     if let Some(k) = self.open.iter().rposition(|e| *e == open) {
                         self.open.swap_remove(k);
                     }
-                    // The unused tail was never written: free it as it is.
-                    self.free.free(Extent {
-                        start: open.start + used,
-                        len: open.len - used,
-                    });
                     Extent {
                         start: open.start,
                         len: used,
@@ -393,6 +411,14 @@ impl TxBook {
             .0
             .store(self.published, Ordering::SeqCst);
         true
+    }
+}
+
+/// The words of open extent `open` after its first `used`.
+fn tail(open: Extent, used: u32) -> Extent {
+    Extent {
+        start: open.start + used,
+        len: open.len - used,
     }
 }
 

@@ -130,3 +130,37 @@ fn a_killed_peer_is_noticed_by_a_blocked_sender() {
     assert!(matches!(err, Error::Disconnected), "{err:?}");
     assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
 }
+
+#[test]
+fn try_recv_and_try_send_notice_a_killed_peer() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let options = Options::new()
+        .wait_slice(Duration::from_millis(20))
+        .ring_capacity(4);
+    let (parent, child_end) = Channel::pair_with(&options).unwrap();
+    let (mut parent, mut child_end) = (Some(parent), Some(child_end));
+    let child = fork(|| {
+        drop(parent.take());
+        let tx = child_end.take().unwrap();
+        tx.send(build(&tx, 7, 1, 64)).unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    drop(child_end);
+    let ch = parent.unwrap();
+    assert_eq!(check(&ch.recv().unwrap()), 7);
+    child.kill();
+    assert_eq!(child.wait(), 128 + libc::SIGKILL);
+    // Polling without blocking: Empty until a liveness check falls due.
+    let got = loop {
+        match ch.try_recv() {
+            Err(Error::Empty) => std::thread::sleep(Duration::from_millis(1)),
+            other => break other,
+        }
+    };
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    let err = ch.try_send(build(&ch, 1, 1, 8)).unwrap_err();
+    assert!(matches!(err.error(), Error::Disconnected), "{err:?}");
+}

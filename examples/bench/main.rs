@@ -104,7 +104,11 @@ fn checksum(bytes: &[u8]) -> u64 {
     sum
 }
 
-fn fill_blob<A: capnp::message::Allocator>(m: &mut capnp::message::Builder<A>, seq: u64, payload: &[u8]) {
+fn fill_blob<A: capnp::message::Allocator>(
+    m: &mut capnp::message::Builder<A>,
+    seq: u64,
+    payload: &[u8],
+) {
     let mut b = m.init_root::<blob::Builder<'_>>();
     b.set_seq(seq);
     b.set_payload(payload);
@@ -154,7 +158,9 @@ fn read_order<S: capnp::message::ReaderSegments>(m: &capnp::message::Reader<S>) 
     let c = o.get_customer().expect("customer");
     sum = sum.wrapping_add(c.get_id()) ^ text(c.get_name()) ^ text(c.get_email());
     let a = c.get_address().expect("address");
-    sum = sum.wrapping_add(text(a.get_street()) ^ text(a.get_city()) ^ text(a.get_postcode()) ^ text(a.get_country()));
+    sum = sum.wrapping_add(
+        text(a.get_street()) ^ text(a.get_city()) ^ text(a.get_postcode()) ^ text(a.get_country()),
+    );
     for item in o.get_items().expect("items") {
         sum = sum
             .wrapping_add(text(item.get_sku()))
@@ -261,14 +267,18 @@ fn with_peer<R>(
     peer: impl FnOnce(&mut dyn Link),
     main: impl FnOnce(&mut dyn Link) -> R,
 ) -> R {
-    let (mut ours, mut theirs): (Option<Box<dyn Link>>, Option<Box<dyn Link>>) = match transport {
+    type End = Option<Box<dyn Link>>;
+    let (mut ours, mut theirs): (End, End) = match transport {
         Transport::Shm => {
             let (a, b) = Channel::pair_with(options).expect("channel pair");
             (Some(Box::new(ShmLink(a))), Some(Box::new(ShmLink(b))))
         }
         Transport::Socket => {
             let (a, b) = UnixStream::pair().expect("socketpair");
-            (Some(Box::new(SocketLink::new(a))), Some(Box::new(SocketLink::new(b))))
+            (
+                Some(Box::new(SocketLink::new(a))),
+                Some(Box::new(SocketLink::new(b))),
+            )
         }
     };
     // SAFETY: this program is single-threaded; the child runs `peer` and
@@ -301,7 +311,13 @@ fn with_peer<R>(
 
 /// Round-trip latencies in nanoseconds: we send a blob of `size` bytes, the
 /// peer checksums it and answers with the checksum.
-fn round_trips(transport: Transport, options: &Options, size: usize, warmup: u64, count: u64) -> Vec<u64> {
+fn round_trips(
+    transport: Transport,
+    options: &Options,
+    size: usize,
+    warmup: u64,
+    count: u64,
+) -> Vec<u64> {
     let payload = payload(size);
     let expected = checksum(&payload);
     with_peer(
@@ -331,7 +347,12 @@ fn round_trips(transport: Transport, options: &Options, size: usize, warmup: u64
 
 /// Round trips of orders; latencies in nanoseconds, and allocations per
 /// round trip counted in this process.
-fn order_round_trips(transport: Transport, options: &Options, warmup: u64, count: u64) -> (Vec<u64>, f64) {
+fn order_round_trips(
+    transport: Transport,
+    options: &Options,
+    warmup: u64,
+    count: u64,
+) -> (Vec<u64>, f64) {
     with_peer(
         transport,
         options,
@@ -418,9 +439,13 @@ fn order_throughput(transport: Transport, options: &Options, count: u64) -> f64 
 }
 
 fn payload(size: usize) -> Vec<u8> {
-    (0..size).map(|i| (i.wrapping_mul(31) ^ (i >> 8)).to_le_bytes()[0]).collect()
+    (0..size)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)).to_le_bytes()[0])
+        .collect()
 }
 
+// The rank is finite, non-negative and below the slice length.
+#[allow(clippy::cast_possible_truncation)]
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -546,20 +571,42 @@ struct Series {
 }
 
 /// Draws one log-log panel at `(x0, y0)`.
+// Axis exponents are small whole numbers (floor/ceil of log10).
+#[allow(clippy::cast_possible_truncation)]
 fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series: &Series) {
     let (w, h) = (400.0, 280.0);
     let all: Vec<(f64, f64)> = series.shm.iter().chain(&series.socket).copied().collect();
     let lg = |v: f64| v.max(1e-12).log10();
     let (xmin, xmax) = (
-        all.iter().map(|p| lg(p.0)).fold(f64::INFINITY, f64::min).floor(),
-        all.iter().map(|p| lg(p.0)).fold(f64::NEG_INFINITY, f64::max).ceil(),
+        all.iter()
+            .map(|p| lg(p.0))
+            .fold(f64::INFINITY, f64::min)
+            .floor(),
+        all.iter()
+            .map(|p| lg(p.0))
+            .fold(f64::NEG_INFINITY, f64::max)
+            .ceil(),
     );
     let (ymin, ymax) = (
-        all.iter().map(|p| lg(p.1)).fold(f64::INFINITY, f64::min).floor(),
-        all.iter().map(|p| lg(p.1)).fold(f64::NEG_INFINITY, f64::max).ceil(),
+        all.iter()
+            .map(|p| lg(p.1))
+            .fold(f64::INFINITY, f64::min)
+            .floor(),
+        all.iter()
+            .map(|p| lg(p.1))
+            .fold(f64::NEG_INFINITY, f64::max)
+            .ceil(),
     );
-    let (ymin, ymax) = if ymax <= ymin { (ymin - 1.0, ymin + 1.0) } else { (ymin, ymax) };
-    let (xmin, xmax) = if xmax <= xmin { (xmin - 1.0, xmin + 1.0) } else { (xmin, xmax) };
+    let (ymin, ymax) = if ymax <= ymin {
+        (ymin - 1.0, ymin + 1.0)
+    } else {
+        (ymin, ymax)
+    };
+    let (xmin, xmax) = if xmax <= xmin {
+        (xmin - 1.0, xmin + 1.0)
+    } else {
+        (xmin, xmax)
+    };
     let px = |v: f64| x0 + (lg(v) - xmin) / (xmax - xmin) * w;
     let py = |v: f64| y0 + h - (lg(v) - ymin) / (ymax - ymin) * h;
     let _ = writeln!(
@@ -617,7 +664,10 @@ fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series:
         y0 + h / 2.0
     );
     for (points, colour) in [(&series.shm, "#1f77b4"), (&series.socket, "#ff7f0e")] {
-        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
         let _ = writeln!(
             svg,
             r##"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"##,
@@ -644,7 +694,10 @@ fn shorten(s: &str) -> String {
     let n = if number >= 100.0 {
         format!("{number:.0}")
     } else if number >= 1.0 {
-        format!("{:.3}", number).trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{:.3}", number)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     } else {
         format!("{number:.3}").trim_end_matches('0').to_string()
     };
@@ -662,8 +715,22 @@ fn to_svg(latency: &Series, bandwidth: &Series, note: &str) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="420" font-family="sans-serif" viewBox="0 0 1000 420">"##
     );
     svg.push_str("<rect width=\"1000\" height=\"420\" fill=\"white\"/>\n");
-    panel(&mut svg, 80.0, 50.0, "round-trip latency, p50", "microseconds (log)", latency);
-    panel(&mut svg, 570.0, 50.0, "one-way throughput", "GB/s (log)", bandwidth);
+    panel(
+        &mut svg,
+        80.0,
+        50.0,
+        "round-trip latency, p50",
+        "microseconds (log)",
+        latency,
+    );
+    panel(
+        &mut svg,
+        570.0,
+        50.0,
+        "one-way throughput",
+        "GB/s (log)",
+        bandwidth,
+    );
     let _ = writeln!(
         svg,
         r##"<rect x="380" y="378" width="14" height="4" fill="#1f77b4"/><text x="400" y="384" font-size="12">shm (capnp-shm)</text><rect x="520" y="378" width="14" height="4" fill="#ff7f0e"/><text x="540" y="384" font-size="12">socket (capnp::serialize over UnixStream)</text>"##
@@ -742,7 +809,11 @@ fn main() {
     let order_count = 200_000 / scale;
     let default = Options::new().region_size(64 << 20);
     let sleepy = default.clone().spin(Duration::ZERO);
-    let big = |size: usize| default.clone().region_size((4 * size + (4 << 20)).max(64 << 20));
+    let big = |size: usize| {
+        default
+            .clone()
+            .region_size((4 * size + (4 << 20)).max(64 << 20))
+    };
     let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
     let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 
@@ -752,8 +823,14 @@ fn main() {
         started: Instant::now(),
     };
     let mut rows = Vec::new();
-    let mut latency = Series { shm: vec![], socket: vec![] };
-    let mut bandwidth = Series { shm: vec![], socket: vec![] };
+    let mut latency = Series {
+        shm: vec![],
+        socket: vec![],
+    };
+    let mut bandwidth = Series {
+        shm: vec![],
+        socket: vec![],
+    };
 
     // 1. Round-trip latency, 64-byte payload: default options and no spin.
     let mut rtt = |t: Transport, options: &Options, size: usize, label: &str| {
@@ -840,7 +917,8 @@ fn main() {
     progress.show("orders round trip shm");
     let (mut s, s_alloc) = order_round_trips(Transport::Shm, &default, rtt_warmup, rtt_count / 4);
     progress.show("orders round trip socket");
-    let (mut k, k_alloc) = order_round_trips(Transport::Socket, &default, rtt_warmup, rtt_count / 4);
+    let (mut k, k_alloc) =
+        order_round_trips(Transport::Socket, &default, rtt_warmup, rtt_count / 4);
     s.sort_unstable();
     k.sort_unstable();
     rows.push(Row {
@@ -875,7 +953,10 @@ fn main() {
         shm: s_alloc,
         socket: k_alloc,
     });
-    eprintln!("\r\x1b[2Kdone in {:.1}s", progress.started.elapsed().as_secs_f64());
+    eprintln!(
+        "\r\x1b[2Kdone in {:.1}s",
+        progress.started.elapsed().as_secs_f64()
+    );
 
     print_table(&rows);
     println!(

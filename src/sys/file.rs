@@ -74,6 +74,8 @@ pub(crate) struct FileKind {
     pub(crate) regular: bool,
     /// The size in bytes.
     pub(crate) size: u64,
+    /// Device and inode: which file it is.
+    pub(crate) id: (u64, u64),
 }
 
 /// `fstat(2)`
@@ -86,6 +88,7 @@ pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileKind> {
     Ok(FileKind {
         regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
         size: u64::try_from(st.st_size).unwrap_or(0),
+        id: (st.st_dev, st.st_ino),
     })
 }
 
@@ -163,8 +166,16 @@ pub(crate) fn create_shm_file(len: u64) -> io::Result<(OwnedFd, OwnedFd)> {
             }
             Err(e) => return Err(e),
         };
-        // From here on the name must go whatever happens.
+        // From here on the name must go whatever happens. The read-only
+        // open goes by name, so check it reached the same file.
         let rest = open(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+            .and_then(|ro| {
+                if fstat(ro.as_fd())?.id == fstat(rw.as_fd())?.id {
+                    Ok(ro)
+                } else {
+                    Err(io::Error::other("/dev/shm file replaced while opening it"))
+                }
+            })
             .and_then(|ro| posix_fallocate(rw.as_fd(), len).map(|()| ro));
         let unlinked = unlink(path);
         let ro = rest?;

@@ -14,6 +14,14 @@ pub(crate) mod socket;
 
 use std::io;
 
+/// The error numbers callers outside `sys/` match on.
+pub(crate) mod errno {
+    pub(crate) const ENOSYS: i32 = libc::ENOSYS;
+    pub(crate) const EPERM: i32 = libc::EPERM;
+    pub(crate) const EACCES: i32 = libc::EACCES;
+    pub(crate) const EINVAL: i32 = libc::EINVAL;
+}
+
 /// Converts a `-1`-on-error return code into an `io::Result`.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {

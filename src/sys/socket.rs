@@ -33,7 +33,7 @@ pub(crate) fn send_with_fd(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    msg.msg_controllen = space as _;
     // SAFETY: msg_control points to `space` bytes, enough for one header.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     if cmsg.is_null() {
@@ -44,7 +44,7 @@ pub(crate) fn send_with_fd(
     header.cmsg_level = libc::SOL_SOCKET;
     header.cmsg_type = libc::SCM_RIGHTS;
     // SAFETY: CMSG_LEN only computes a size.
-    header.cmsg_len = unsafe { libc::CMSG_LEN(fd_bytes) } as usize;
+    header.cmsg_len = unsafe { libc::CMSG_LEN(fd_bytes) } as _;
     // SAFETY: `cmsg` points into `cmsg_buf` with room for the header and one
     // descriptor (checked above).
     unsafe { cmsg.write_unaligned(header) };
@@ -105,7 +105,7 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&cmsg_buf);
+    msg.msg_controllen = size_of_val(&cmsg_buf) as _;
     let len = retry_eintr(|| {
         // SAFETY: `msg` points to a valid iovec over `buf` and a control buffer
         // of msg_controllen bytes, all live for the call.
@@ -127,7 +127,7 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
         if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN only computes a size.
             let data_offset = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = header.cmsg_len.saturating_sub(data_offset) / size_of::<RawFd>();
+            let count = (header.cmsg_len as usize).saturating_sub(data_offset) / size_of::<RawFd>();
             // SAFETY: the data of this header lies within the control buffer.
             let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
             for i in 0..count {
