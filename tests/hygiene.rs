@@ -37,6 +37,7 @@ fn a_thousand_channels_leave_nothing_behind() {
     drop(Channel::pair().unwrap());
     let fds = fd_count();
     let maps = map_count();
+    let maps_before = std::fs::read_to_string("/proc/self/maps").unwrap();
     let before = open_fds();
     for n in 0..1000u64 {
         let (a, b) = Channel::pair().unwrap();
@@ -61,7 +62,12 @@ fn a_thousand_channels_leave_nothing_behind() {
         }
     }
     assert_eq!(fd_count(), fds, "descriptors leaked");
-    assert_eq!(map_count(), maps, "mappings leaked");
+    assert_eq!(
+        map_count(),
+        maps,
+        "mappings leaked:\nbefore:\n{maps_before}\nafter:\n{}",
+        std::fs::read_to_string("/proc/self/maps").unwrap()
+    );
     assert_eq!(shm_map_count(), 0);
 }
 

@@ -86,11 +86,17 @@ pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// Mappings of this process.
+/// Mappings of files in this process (memfds included). Anonymous mappings
+/// are left out: malloc grows and trims its arenas as it likes.
 pub fn map_count() -> usize {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(5)
+                .is_some_and(|p| p.starts_with('/'))
+        })
         .count()
 }
 
