@@ -98,6 +98,8 @@ pub struct Channel {
     rx: RxBook,
     /// The fatal error that ended the channel, returned again by every call.
     failed: RefCell<Option<Error>>,
+    /// Whether `failed` is set: the hot paths test this plain flag.
+    broken: Cell<bool>,
     /// The socket showed hang-up: the peer's process is gone.
     peer_gone: Cell<bool>,
     /// Segments the allocator had to take from the heap (region full).
@@ -150,6 +152,7 @@ impl HalfOpen {
             incoming,
             rx: RxBook::default(),
             failed: RefCell::new(None),
+            broken: Cell::new(false),
             peer_gone: Cell::new(false),
             spilled: Cell::new(0),
             last_liveness_check: Cell::new(None),
@@ -505,7 +508,7 @@ impl Channel {
             let segments = if self.options.copy_received {
                 Segments::copied(self, &t.table, t.slot, t.seq)
             } else {
-                Segments::in_place(self, t.table, t.slot, t.seq)
+                Segments::in_place(self, &t.table, t.slot, t.seq)
             };
             Received::new(segments, self.options.reader_options)
         }))
@@ -662,6 +665,9 @@ impl Channel {
     }
 
     fn check_open(&self) -> Result<(), Error> {
+        if !self.broken.get() {
+            return Ok(());
+        }
         match &*self.failed.borrow() {
             Some(e) => Err(e.replay()),
             None => Ok(()),
@@ -674,6 +680,7 @@ impl Channel {
         if let Ok(mut failed) = self.failed.try_borrow_mut() {
             if failed.is_none() {
                 *failed = Some(error.replay());
+                self.broken.set(true);
             }
         }
         self.close_shared();

@@ -92,14 +92,18 @@ impl fmt::Debug for Received<'_> {
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
 pub struct Segments<'c> {
     channel: &'c Channel,
-    body: Body,
+    body: Body<'c>,
     /// `(slot, seq)` to release on drop; `None` once released.
     release: Option<(u32, u32)>,
 }
 
-enum Body {
-    /// Extents in the peer's data area.
-    InPlace(SegmentTable),
+enum Body<'c> {
+    /// Slices of the peer's data area, made once from the validated table so
+    /// that capnp's many `get_segment` calls are a plain lookup.
+    InPlace {
+        first: &'c [u8],
+        more: Vec<&'c [u8]>,
+    },
     /// A private copy: all segments back to back, and where each ends.
     Copied { words: Vec<Word>, ends: Vec<usize> },
 }
@@ -107,13 +111,20 @@ enum Body {
 impl<'c> Segments<'c> {
     pub(crate) fn in_place(
         channel: &'c Channel,
-        table: SegmentTable,
+        table: &SegmentTable,
         slot: u32,
         seq: u32,
     ) -> Segments<'c> {
+        let incoming = channel.incoming();
+        // The table was validated against the data area, so every lookup
+        // succeeds; an empty slice would only make capnp report an error.
+        let slice = |i| table.get(i).and_then(|e| incoming.segment(e)).unwrap_or(&[]);
         Segments {
             channel,
-            body: Body::InPlace(table),
+            body: Body::InPlace {
+                first: slice(0),
+                more: (1..table.len()).map(slice).collect(),
+            },
             release: Some((slot, seq)),
         }
     }
@@ -156,7 +167,10 @@ impl<'c> Segments<'c> {
 impl ReaderSegments for Segments<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match &self.body {
-            Body::InPlace(table) => self.channel.incoming().segment(table.get(idx)?),
+            Body::InPlace { first, more } => match idx {
+                0 => Some(first),
+                i => more.get(i as usize - 1).copied(),
+            },
             Body::Copied { words, ends } => {
                 let i = idx as usize;
                 let end = *ends.get(i)?;
@@ -168,7 +182,7 @@ impl ReaderSegments for Segments<'_> {
 
     fn len(&self) -> usize {
         match &self.body {
-            Body::InPlace(table) => table.len() as usize,
+            Body::InPlace { more, .. } => 1 + more.len(),
             Body::Copied { ends, .. } => ends.len(),
         }
     }
@@ -185,7 +199,7 @@ impl Drop for Segments<'_> {
 impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, count) = match &self.body {
-            Body::InPlace(t) => ("in place", t.len() as usize),
+            Body::InPlace { more, .. } => ("in place", 1 + more.len()),
             Body::Copied { ends, .. } => ("copied", ends.len()),
         };
         f.debug_struct("Segments")

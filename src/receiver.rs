@@ -126,6 +126,10 @@ pub(crate) struct Taken {
 pub(crate) struct RxBook {
     /// Peer messages taken so far (wrapping).
     consumed: Cell<u32>,
+    /// The peer's `published` counter as last loaded and validated. Messages
+    /// below it are taken without loading the counter again: in a stream,
+    /// that line is being rewritten by the peer, and each load is a miss.
+    known_published: Cell<u32>,
     /// Release entries written so far (wrapping).
     released: Cell<u32>,
 }
@@ -135,9 +139,13 @@ impl RxBook {
     /// against the ring capacity (a counter that went backwards shows up as a
     /// huge distance).
     pub(crate) fn available(&self, peer: &Region) -> Result<u32, ProtocolError> {
+        let consumed = self.consumed.get();
+        let known = self.known_published.get().wrapping_sub(consumed);
+        if known != 0 {
+            return Ok(known);
+        }
         // Acquire: see the module notes.
         let published = peer.control().published.0.load(Ordering::Acquire);
-        let consumed = self.consumed.get();
         let available = published.wrapping_sub(consumed);
         if available > peer.geometry().ring_capacity {
             return Err(ProtocolError::PublishedOutOfRange {
@@ -145,6 +153,7 @@ impl RxBook {
                 published,
             });
         }
+        self.known_published.set(published);
         Ok(available)
     }
 
