@@ -118,7 +118,12 @@ impl<'c> Segments<'c> {
         let incoming = channel.incoming();
         // The table was validated against the data area, so every lookup
         // succeeds; an empty slice would only make capnp report an error.
-        let slice = |i| table.get(i).and_then(|e| incoming.segment(e)).unwrap_or(&[]);
+        let slice = |i| {
+            table
+                .get(i)
+                .and_then(|e| incoming.segment(e))
+                .unwrap_or(&[])
+        };
         Segments {
             channel,
             body: Body::InPlace {

@@ -183,14 +183,11 @@ impl RxBook {
                 found,
             });
         }
-        let slot = entry.slot.load(Ordering::Relaxed);
-        let count = entry.seg_count.load(Ordering::Relaxed);
-        let inline = std::array::from_fn(|i| {
-            [
-                entry.segments[i][0].load(Ordering::Relaxed),
-                entry.segments[i][1].load(Ordering::Relaxed),
-            ]
-        });
+        let (slot, count) = DescriptorEntry::unpack(entry.slot_count.load(Ordering::Relaxed));
+        let inline = [[
+            entry.offset.load(Ordering::Relaxed),
+            entry.len.load(Ordering::Relaxed),
+        ]];
         let table = SegmentTable::read(count, inline, region.geometry().data_words(), |w| {
             peer.read_word(w)
         })?;
@@ -235,13 +232,22 @@ mod tests {
         None
     }
 
+    /// Reads words of a table stored at word 50.
+    fn table_at_50(words: &[u64]) -> impl Fn(u32) -> Option<u64> + Copy + '_ {
+        move |w| words.get(w.checked_sub(50)? as usize).copied()
+    }
+
+    fn pair(offset: u32, len: u32) -> u64 {
+        u64::from(offset) | (u64::from(len) << 32)
+    }
+
     #[test]
-    fn inline_table() {
-        let t = SegmentTable::read(2, inline(&[[0, 4], [10, 6]]), 100, no_words).unwrap();
-        assert_eq!(t.len(), 2);
-        assert_eq!(t.get(1), Some(Extent { start: 10, len: 6 }));
-        assert_eq!(t.get(2), None);
-        assert_eq!(t.words(), 10);
+    fn inline_segment() {
+        let t = SegmentTable::read(1, inline(&[[10, 6]]), 100, no_words).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.get(0), Some(Extent { start: 10, len: 6 }));
+        assert_eq!(t.get(1), None);
+        assert_eq!(t.words(), 6);
     }
 
     #[test]
@@ -262,8 +268,9 @@ mod tests {
         assert!(SegmentTable::read(1, inline(&[[u32::MAX, 2]]), u32::MAX, no_words).is_err());
         assert!(SegmentTable::read(1, inline(&[[100, 0]]), 100, no_words).is_ok());
         // Each in bounds, together more than the area: overlapping.
+        let words = [pair(0, 40), pair(10, 40), pair(0, 41)];
         assert_eq!(
-            SegmentTable::read(3, inline(&[[0, 60], [10, 60], [0, 1]]), 100, no_words).unwrap_err(),
+            SegmentTable::read(3, inline(&[[50, 3]]), 100, table_at_50(&words)).unwrap_err(),
             ProtocolError::SegmentsExceedArea {
                 words: 121,
                 data_words: 100
@@ -273,11 +280,11 @@ mod tests {
 
     #[test]
     fn out_of_line_table() {
-        let words: Vec<u64> = (0..8u64).map(|i| (i * 10) | (5 << 32)).collect();
-        let read = |w: u32| words.get(w.checked_sub(50)? as usize).copied();
+        let words: Vec<u64> = (0..8u32).map(|i| pair(i * 5, 5)).collect();
+        let read = table_at_50(&words);
         let t = SegmentTable::read(8, inline(&[[50, 8]]), 100, read).unwrap();
         assert_eq!(t.len(), 8);
-        assert_eq!(t.get(7), Some(Extent { start: 70, len: 5 }));
+        assert_eq!(t.get(7), Some(Extent { start: 35, len: 5 }));
         // The table must be as long as the count, and in bounds.
         assert!(SegmentTable::read(8, inline(&[[50, 7]]), 100, read).is_err());
         assert!(SegmentTable::read(8, inline(&[[95, 8]]), 100, read).is_err());

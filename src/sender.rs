@@ -139,7 +139,10 @@ impl TxBook {
         want: u32,
     ) -> Result<Option<Extent>, ProtocolError> {
         let mut extent = self.free.allocate(min, want);
-        if !extent.is_some_and(|e| e.end() <= self.high_water) && self.pending_releases(peer) {
+        // Only the first `min` words are sure to be written; the rest of a
+        // generous segment is usually trimmed away at send.
+        let cold = |e: &Extent| e.start + min > self.high_water;
+        if !extent.as_ref().is_some_and(|e| !cold(e)) && self.pending_releases(peer) {
             if let Some(e) = extent.take() {
                 self.free.free(e); // untouched, still zero
             }
@@ -379,22 +382,21 @@ impl TxBook {
             if placed.len > 0 {
                 extents.push(placed);
             }
-            if let Some(t) = table {
-                let word = u64::from(placed.start) | (u64::from(placed.len) << 32);
-                out.write(
-                    Extent {
+            match table {
+                Some(t) => {
+                    let word = u64::from(placed.start) | (u64::from(placed.len) << 32);
+                    let at = Extent {
                         start: t.start + u32::try_from(i).unwrap_or(0),
                         len: 1,
-                    },
-                    &word.to_le_bytes(),
-                );
-            } else {
-                store_pair(&entry.segments[i], placed);
+                    };
+                    out.write(at, &word.to_le_bytes());
+                }
+                None => store_extent(entry, placed),
             }
         }
         if let Some(t) = table {
             extents.push(t);
-            store_pair(&entry.segments[0], t);
+            store_extent(entry, t);
         }
         self.plan = plan;
         let s = &mut self.slots[index];
@@ -422,16 +424,16 @@ fn tail(open: Extent, used: u32) -> Extent {
     }
 }
 
-fn store_pair(pair: &[std::sync::atomic::AtomicU32; 2], e: Extent) {
-    // Relaxed: published by the SeqCst store of `published`.
-    pair[0].store(e.start, Ordering::Relaxed);
-    pair[1].store(e.len, Ordering::Relaxed);
+fn store_extent(entry: &DescriptorEntry, e: Extent) {
+    // Relaxed: published by the store of `published`.
+    entry.offset.store(e.start, Ordering::Relaxed);
+    entry.len.store(e.len, Ordering::Relaxed);
 }
 
 fn write_header(entry: &DescriptorEntry, seq: u32, slot: u32, count: u32) {
-    // Relaxed: published by the SeqCst store of `published`.
+    // Relaxed: published by the store of `published`.
     entry.seq.store(seq, Ordering::Relaxed);
-    entry.slot.store(slot, Ordering::Relaxed);
-    entry.seg_count.store(count, Ordering::Relaxed);
-    entry.reserved.store(0, Ordering::Relaxed);
+    entry
+        .slot_count
+        .store(DescriptorEntry::pack(slot, count), Ordering::Relaxed);
 }

@@ -183,7 +183,7 @@ fn wrong_magic_is_bad_magic() {
 fn wrong_version_is_bad_version() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
-    for version in [0, 2, u32::MAX] {
+    for version in [0, 1, 3, u32::MAX] {
         let hello = Hello {
             version,
             ..valid_hello()
@@ -234,7 +234,7 @@ fn absurd_geometry_is_bad_geometry() {
         (0, 4),                     // no region at all
         ((1 << 34) + 4096, 4),      // region above 16 GiB
         (u64::MAX - 4095, 1),       // offsets would overflow
-        (4096 + 65536 * 72, 65536), // rings fill the whole region
+        (4096 + 65536 * 24, 65536), // rings fill the whole region
     ];
     for (region_size, ring_capacity) in cases {
         let hello = Hello::new(Geometry::new(region_size, ring_capacity), true);
@@ -408,7 +408,7 @@ fn control_block_disagreeing_with_the_hello_is_control_block_mismatch() {
             r.map()
                 .store_u64(header::MAGIC, u64::from_le_bytes(*b"CAPNPSHX"));
         }),
-        ("version", |r| r.map().store_u32(header::VERSION, 2)),
+        ("version", |r| r.map().store_u32(header::VERSION, 3)),
         ("flags", |r| r.map().store_u32(header::FLAGS, 0)),
         ("region size", |r| {
             r.map().store_u64(header::REGION_SIZE, 128 << 10);
@@ -544,7 +544,8 @@ fn descriptor_with_the_wrong_seq_is_descriptor_sequence() {
 #[test]
 fn zero_or_too_many_segments_is_bad_segment_count() {
     let _w = Watchdog::new(LIMIT);
-    for count in [0, 513, u32::MAX] {
+    // The count is 16 bits on the wire: 65535 is the largest expressible.
+    for count in [0, 513, 0xffff] {
         let conn = connected();
         let mut d = Descriptor::inline(0, 0, &[(0, 1)]);
         d.seg_count = count;
@@ -558,13 +559,14 @@ fn zero_or_too_many_segments_is_bad_segment_count() {
 fn segment_outside_the_data_area_is_segment_out_of_bounds() {
     let _w = Watchdog::new(LIMIT);
     let words = GEOMETRY.data_words();
-    let cases: [&[(u32, u32)]; 6] = [
-        &[(words - 1, 2)],             // runs one word past the end
-        &[(0, words + 1)],             // longer than the area
-        &[(words, 1)],                 // starts at the end
-        &[(u32::MAX, 2)],              // offset + len overflows u32
-        &[(1, u32::MAX)],              // len + offset overflows u32
-        &[(0, 1), (0, 1), (words, 1)], // a later segment out of bounds
+    // (A later segment of a multi-segment message lies in the out-of-line
+    // table, covered by the table test below.)
+    let cases: [&[(u32, u32)]; 5] = [
+        &[(words - 1, 2)], // runs one word past the end
+        &[(0, words + 1)], // longer than the area
+        &[(words, 1)],     // starts at the end
+        &[(u32::MAX, 2)],  // offset + len overflows u32
+        &[(1, u32::MAX)],  // len + offset overflows u32
     ];
     for segments in cases {
         let conn = connected();

@@ -34,7 +34,7 @@ use capnp_shm::{Channel, Error, Options};
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Hello and header flag: the region is a sealed memfd.
 pub const FLAG_SEALED: u32 = 1;
 /// Bytes in a hello.
@@ -42,13 +42,13 @@ pub const HELLO_LEN: usize = 64;
 /// Bytes of the control block at the start of a region.
 pub const CONTROL_BYTES: u64 = 1024;
 /// Bytes of one descriptor ring entry.
-pub const DESCRIPTOR_BYTES: u64 = 64;
+pub const DESCRIPTOR_BYTES: u64 = 16;
 /// Bytes of one release ring entry.
 pub const RELEASE_BYTES: u64 = 8;
 /// Alignment of the data area and granularity of region sizes.
 pub const DATA_ALIGN: u64 = 4096;
 /// Segments a descriptor holds inline; more go to an out-of-line table.
-pub const INLINE_SEGMENTS: usize = 6;
+pub const INLINE_SEGMENTS: usize = 1;
 /// Bytes in a capnp word, the unit of data-area offsets and lengths.
 pub const WORD: u64 = 8;
 
@@ -639,13 +639,12 @@ impl Region {
         let base = self.geometry.descriptors_offset()
             + u64::from(self.geometry.ring_index(at)) * DESCRIPTOR_BYTES;
         self.map.store_u32(base, d.seq);
-        self.map.store_u32(base + 4, d.slot);
-        self.map.store_u32(base + 8, d.seg_count);
-        self.map.store_u32(base + 12, 0);
-        for (i, &(offset, len)) in (0u64..).zip(&d.segments) {
-            self.map.store_u32(base + 16 + i * 8, offset);
-            self.map.store_u32(base + 20 + i * 8, len);
-        }
+        // slot in the low 16 bits, segment count in the high 16 bits
+        self.map
+            .store_u32(base + 4, (d.slot & 0xffff) | (d.seg_count << 16));
+        let (offset, len) = d.segments[0];
+        self.map.store_u32(base + 8, offset);
+        self.map.store_u32(base + 12, len);
     }
 
     /// Copies `bytes` to word `word` of the data area.
@@ -855,19 +854,16 @@ impl Connected {
     pub fn their_descriptor(&self, seq: u32) -> Descriptor {
         let g = self.their_geometry;
         let base = g.descriptors_offset() + u64::from(g.ring_index(seq)) * DESCRIPTOR_BYTES;
-        let mut d = Descriptor {
+        let slot_count = self.theirs.load_u32(base + 4);
+        Descriptor {
             seq: self.theirs.load_u32(base),
-            slot: self.theirs.load_u32(base + 4),
-            seg_count: self.theirs.load_u32(base + 8),
-            segments: [(0, 0); INLINE_SEGMENTS],
-        };
-        for (i, pair) in (0u64..).zip(d.segments.iter_mut()) {
-            *pair = (
-                self.theirs.load_u32(base + 16 + i * 8),
-                self.theirs.load_u32(base + 20 + i * 8),
-            );
+            slot: slot_count & 0xffff,
+            seg_count: slot_count >> 16,
+            segments: [(
+                self.theirs.load_u32(base + 8),
+                self.theirs.load_u32(base + 12),
+            )],
         }
-        d
     }
 
     /// A private copy of `len` words at word `offset` of the real end's data area.
