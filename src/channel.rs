@@ -517,27 +517,32 @@ impl Channel {
     /// Waits until the peer publishes (or closes, or the deadline passes).
     fn wait_for_message(&self, deadline: Deadline) -> Result<(), Error> {
         let peer = self.incoming.region().control();
-        let seen = self.rx.consumed();
-        let published = || peer.published.0.load(Ordering::Relaxed) != seen;
+        // Spin on the next descriptor's tag: it is written before `published`
+        // and sits on the line the receiver reads next anyway.
+        let ready = || self.rx.next_ready(self.incoming.region());
         // Checked before spinning too, so a peer that keeps changing the
         // counter cannot stretch a timeout.
         let Some(slice) = deadline.slice(self.options.wait_slice) else {
             return Err(Error::Timeout);
         };
-        if self.spin(published) {
+        if self.spin(ready) {
             return Ok(());
         }
         let flag = &self.out.region().control().rx_sleeping.0;
         // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
         flag.store(1, Ordering::SeqCst);
-        if peer.published.0.load(Ordering::SeqCst) == seen
-            && peer.closed.0.load(Ordering::SeqCst) == 0
-        {
+        let seen = peer.published.0.load(Ordering::SeqCst);
+        // Nothing to take: the counter equals what we took, or trails it by
+        // the one message whose tag we saw first (see `RxBook::available`).
+        let consumed = self.rx.consumed();
+        let idle = seen == consumed || seen == consumed.wrapping_sub(1);
+        if idle && !ready() && peer.closed.0.load(Ordering::SeqCst) == 0 {
+            // Sleeps only while the counter still holds `seen`.
             futex::futex_wait(&peer.published.0, seen, slice);
         }
         // Relaxed: a stale `1` seen by the peer costs one spurious wake.
         flag.store(0, Ordering::Relaxed);
-        if !published() {
+        if !ready() && peer.published.0.load(Ordering::Relaxed) == seen {
             // Nothing new: make sure the peer still exists. Its death shows
             // as hang-up; the caller then drains and reports Disconnected.
             self.peer_alive()?;

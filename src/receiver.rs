@@ -3,9 +3,11 @@
 //!
 //! # Notes about memory ordering
 //!
-//! - `take` loads the peer's `published` with `Acquire`, pairing with the
-//!   peer's `SeqCst` store after it wrote the descriptor and the message: the
-//!   descriptor, table and bytes are then visible.
+//! - `take` loads the descriptor's tag with `Acquire`, pairing with the
+//!   peer's Release store of the tag after it wrote the rest of the entry and
+//!   the message: the descriptor, table and bytes are then visible. When the
+//!   tag is not there, it loads `published` with `Acquire` (pairing with the
+//!   peer's `SeqCst` store after the tag) to tell "not yet" from "broken".
 //! - `release` writes the entry, then stores `released` with `SeqCst`
 //!   (Release for the entry and for every read of the message we finished,
 //!   so the peer may zero the words; SeqCst for the Dekker pair with the
@@ -137,16 +139,24 @@ pub(crate) struct RxBook {
 impl RxBook {
     /// Messages the peer has published that we have not taken, validated
     /// against the ring capacity (a counter that went backwards shows up as a
-    /// huge distance).
+    /// huge distance). The counter may trail `consumed` by one: the peer
+    /// stores it just after the descriptor tag we may already have seen.
     pub(crate) fn available(&self, peer: &Region) -> Result<u32, ProtocolError> {
         let consumed = self.consumed.get();
+        // Messages taken by their tag alone move `consumed` past the cached
+        // counter; a distance beyond the ring means the cache is stale.
         let known = self.known_published.get().wrapping_sub(consumed);
-        if known != 0 {
+        if known != 0 && known <= peer.geometry().ring_capacity {
             return Ok(known);
         }
         // Acquire: see the module notes.
         let published = peer.control().published.0.load(Ordering::Acquire);
         let available = published.wrapping_sub(consumed);
+        if available == u32::MAX {
+            // One behind: we took the last message by its tag, and the peer
+            // has not stored the counter for it yet (it does right after).
+            return Ok(0);
+        }
         if available > peer.geometry().ring_capacity {
             return Err(ProtocolError::PublishedOutOfRange {
                 consumed,
@@ -163,6 +173,14 @@ impl RxBook {
         self.consumed.get()
     }
 
+    /// Whether the next message's descriptor looks complete: the cheap check
+    /// to spin on. `take` validates what it finds.
+    pub(crate) fn next_ready(&self, peer: &Region) -> bool {
+        let seq = self.consumed.get();
+        // Relaxed: only a hint; `take` loads it again with Acquire.
+        peer.descriptor(seq).seq.load(Ordering::Relaxed) == DescriptorEntry::tag(seq)
+    }
+
     /// Takes the next message, if the peer has published one.
     pub(crate) fn take(
         &self,
@@ -170,18 +188,23 @@ impl RxBook {
         mine: &Region,
     ) -> Result<Option<Taken>, ProtocolError> {
         let region = peer.region();
-        if self.available(region)? == 0 {
-            return Ok(None);
-        }
         let seq = self.consumed.get();
         let entry: &DescriptorEntry = region.descriptor(seq);
-        // Relaxed: ordered after the Acquire load in `available`.
-        let found = entry.seq.load(Ordering::Relaxed);
-        if found != seq {
-            return Err(ProtocolError::DescriptorSequence {
-                expected: seq,
-                found,
-            });
+        // Acquire: pairs with the sender's Release store of the tag, after
+        // the rest of the entry and the message.
+        if entry.seq.load(Ordering::Acquire) != DescriptorEntry::tag(seq) {
+            // Not there yet, or the peer wrote it wrongly: `published` decides.
+            if self.available(region)? == 0 {
+                return Ok(None);
+            }
+            // Relaxed: ordered after the Acquire load of `published`.
+            let found = entry.seq.load(Ordering::Relaxed);
+            if found != DescriptorEntry::tag(seq) {
+                return Err(ProtocolError::DescriptorSequence {
+                    expected: seq,
+                    found: found.wrapping_sub(1),
+                });
+            }
         }
         let (slot, count) = DescriptorEntry::unpack(entry.slot_count.load(Ordering::Relaxed));
         let inline = [[

@@ -20,9 +20,10 @@
 //!
 //! # Notes about memory ordering
 //!
-//! - The descriptor and the message bytes are written before `published` is
-//!   stored with `SeqCst` (at least Release): the peer's `Acquire` load of
-//!   `published` makes them visible.
+//! - The message bytes and the descriptor are written before the
+//!   descriptor's tag is stored with Release, and the tag before `published`
+//!   is stored with `SeqCst`: the peer's `Acquire` load of either makes the
+//!   entry and the message visible.
 //! - The peer stores its release entries before its `released` counter
 //!   (Release); `reclaim` loads the counter with `Acquire` before reading
 //!   entries, and only then zeroes and reuses the words the peer has finished
@@ -431,9 +432,12 @@ fn store_extent(entry: &DescriptorEntry, e: Extent) {
 }
 
 fn write_header(entry: &DescriptorEntry, seq: u32, slot: u32, count: u32) {
-    // Relaxed: published by the store of `published`.
-    entry.seq.store(seq, Ordering::Relaxed);
+    // Relaxed: published by the Release store of the tag below.
     entry
         .slot_count
         .store(DescriptorEntry::pack(slot, count), Ordering::Relaxed);
+    // Release, and last: the receiver takes the entry once it sees the tag.
+    entry
+        .seq
+        .store(DescriptorEntry::tag(seq), Ordering::Release);
 }

@@ -488,8 +488,9 @@ fn connected() -> Connected {
 fn published_past_the_ring_is_published_out_of_range() {
     let _w = Watchdog::new(LIMIT);
     let capacity = GEOMETRY.ring_capacity;
-    // Past the ring; or "backwards" from zero, which is as far.
-    for published in [capacity + 1, u32::MAX] {
+    // Past the ring; or "backwards" from zero by two, which is as far.
+    // (u32::MAX, one behind zero, is the legal trailing case.)
+    for published in [capacity + 1, u32::MAX - 1] {
         let conn = connected();
         conn.mine.publish(published);
         assert_recv_breaks(
@@ -500,16 +501,20 @@ fn published_past_the_ring_is_published_out_of_range() {
             },
         );
     }
-    // Backwards after one message was taken.
+    // Backwards after two messages were taken. (Trailing by one is legal:
+    // a receiver may take a message by its descriptor tag before the
+    // sender's counter store lands.)
     let conn = connected();
     conn.mine.write_message(0, 0, 0, &text_segments("one"));
-    conn.mine.publish(1);
+    conn.mine.write_message(1, 1, 8, &text_segments("two"));
+    conn.mine.publish(2);
+    drop(conn.channel.recv().unwrap());
     drop(conn.channel.recv().unwrap());
     conn.mine.publish(0);
     assert_recv_breaks(
         &conn,
         ProtocolError::PublishedOutOfRange {
-            consumed: 1,
+            consumed: 2,
             published: 0,
         },
     );

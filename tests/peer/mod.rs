@@ -638,13 +638,14 @@ impl Region {
     pub fn write_descriptor(&self, at: u32, d: &Descriptor) {
         let base = self.geometry.descriptors_offset()
             + u64::from(self.geometry.ring_index(at)) * DESCRIPTOR_BYTES;
-        self.map.store_u32(base, d.seq);
         // slot in the low 16 bits, segment count in the high 16 bits
         self.map
             .store_u32(base + 4, (d.slot & 0xffff) | (d.seg_count << 16));
         let (offset, len) = d.segments[0];
         self.map.store_u32(base + 8, offset);
         self.map.store_u32(base + 12, len);
+        // The tag, seq + 1, goes last: it marks the entry complete.
+        self.map.store_u32(base, d.seq.wrapping_add(1));
     }
 
     /// Copies `bytes` to word `word` of the data area.
@@ -856,7 +857,7 @@ impl Connected {
         let base = g.descriptors_offset() + u64::from(g.ring_index(seq)) * DESCRIPTOR_BYTES;
         let slot_count = self.theirs.load_u32(base + 4);
         Descriptor {
-            seq: self.theirs.load_u32(base),
+            seq: self.theirs.load_u32(base).wrapping_sub(1),
             slot: slot_count & 0xffff,
             seg_count: slot_count >> 16,
             segments: [(
