@@ -74,3 +74,45 @@ pub use channel::{Channel, MessageBuilder};
 pub use error::{Error, ProtocolError, SendError, TooLargeKind};
 pub use message::{Received, Segments};
 pub use options::{Backing, Options};
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the
+/// validators that read what a peer wrote, without processes or memory maps.
+/// Not part of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::handshake::{Hello, HELLO_LEN};
+    use crate::receiver::SegmentTable;
+
+    /// Parses a hello; `Ok((region_size, ring_capacity, sealed))` or the
+    /// protocol error's text. Shorter input is padded with zeros.
+    pub fn decode_hello(bytes: &[u8]) -> Result<(u64, u32, bool), String> {
+        let mut hello = [0u8; HELLO_LEN];
+        let n = bytes.len().min(HELLO_LEN);
+        hello[..n].copy_from_slice(&bytes[..n]);
+        Hello::decode(&hello)
+            .map(|h| (h.geometry.region_size, h.geometry.ring_capacity, h.sealed))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Validates a descriptor's segment table: `count` segments, inline pair
+    /// `(offset, len)`, a data area of `data_words` words whose words (for an
+    /// out-of-line table) come from `area` (missing words read as absent).
+    /// Returns the segments as `(start, len)` or the protocol error's text.
+    pub fn read_segment_table(
+        count: u32,
+        offset: u32,
+        len: u32,
+        data_words: u32,
+        area: &[u64],
+    ) -> Result<Vec<(u32, u32)>, String> {
+        let table = SegmentTable::read(count, [[offset, len]], data_words, |w| {
+            (w < data_words).then(|| area.get(w as usize).copied().unwrap_or(0))
+        })
+        .map_err(|e| e.to_string())?;
+        Ok((0..table.len())
+            .filter_map(|i| table.get(i))
+            .map(|e| (e.start, e.len))
+            .collect())
+    }
+}
