@@ -29,6 +29,15 @@
 //! the socket: a peer that died (even by `SIGKILL`) has had its end of the
 //! socket closed by the kernel, which shows as hang-up. A peer that closes
 //! cleanly sets `closed` (after its last publish) and wakes both words at once.
+//! (The close does not change the futex word, so a waiter that checked
+//! `closed` just before it was set and entered `FUTEX_WAIT` just after the
+//! wake sleeps out its slice: a clean close is then seen one slice late.)
+//!
+//! The receiver spins on the next descriptor's tag rather than on
+//! `published` (one cache miss less per message); the tag is stored before
+//! `published`, so the sleep path's check of `published` never misses a
+//! message the spin saw, and `published` may trail by the one message whose
+//! tag was seen first.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;

@@ -24,8 +24,12 @@ pub enum Error {
     /// The peer closed its end or its process died; every message it
     /// published before that has been delivered.
     Disconnected,
-    /// The message can never fit this channel: it needs more space or more
-    /// segments than the peer's region has. Nothing was sent.
+    /// The message cannot fit this end's outgoing region: more words than
+    /// its data area ([`TooLargeKind::Words`]), more than 512 segments
+    /// ([`TooLargeKind::Segments`]), or a segment larger than the largest
+    /// free space while nothing is in flight, so no release can make room
+    /// ([`TooLargeKind::Segment`]: space held by other live builders counts
+    /// against it). Nothing was sent; the channel still works.
     TooLarge {
         /// Words (or segments, for [`TooLargeKind::Segments`]) the message needs.
         needed: u64,

@@ -99,9 +99,10 @@ impl Options {
         self
     }
 
-    /// The longest single sleep of a waiting call. Between slices it checks
-    /// whether the peer's process still exists, so a peer killed without
-    /// closing is noticed within one slice. At least 1 ms.
+    /// The longest single sleep of a waiting call. Between slices it polls
+    /// the socket for hang-up, so a peer killed without closing is noticed
+    /// within one slice, provided no other process still holds the peer's
+    /// end of the socket (drop unused ends after `fork`). At least 1 ms.
     pub fn wait_slice(mut self, slice: Duration) -> Options {
         self.wait_slice = slice.max(Duration::from_millis(1));
         self
