@@ -577,15 +577,13 @@ fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series:
     let (w, h) = (400.0, 280.0);
     let all: Vec<(f64, f64)> = series.shm.iter().chain(&series.socket).copied().collect();
     let lg = |v: f64| v.max(1e-12).log10();
+    // x: the payload sizes are the ticks, with a little margin around them.
     let (xmin, xmax) = (
-        all.iter()
-            .map(|p| lg(p.0))
-            .fold(f64::INFINITY, f64::min)
-            .floor(),
+        all.iter().map(|p| lg(p.0)).fold(f64::INFINITY, f64::min) - 0.3,
         all.iter()
             .map(|p| lg(p.0))
             .fold(f64::NEG_INFINITY, f64::max)
-            .ceil(),
+            + 0.3,
     );
     let (ymin, ymax) = (
         all.iter()
@@ -602,11 +600,6 @@ fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series:
     } else {
         (ymin, ymax)
     };
-    let (xmin, xmax) = if xmax <= xmin {
-        (xmin - 1.0, xmin + 1.0)
-    } else {
-        (xmin, xmax)
-    };
     let px = |v: f64| x0 + (lg(v) - xmin) / (xmax - xmin) * w;
     let py = |v: f64| y0 + h - (lg(v) - ymin) / (ymax - ymin) * h;
     let _ = writeln!(
@@ -619,22 +612,18 @@ fn panel(svg: &mut String, x0: f64, y0: f64, title: &str, y_label: &str, series:
         svg,
         r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##
     );
-    let mut e = xmin;
-    while e <= xmax + 1e-9 {
-        let x = x0 + (e - xmin) / (xmax - xmin) * w;
-        let label = match e as i32 {
-            k if k >= 6 => format!("{} MiB", 10f64.powi(k) / 1_048_576.0),
-            k if k >= 3 => format!("{} KiB", 10f64.powi(k) / 1024.0),
-            k => format!("{} B", 10f64.powi(k)),
-        };
-        let label = shorten(&label);
+    let mut sizes: Vec<f64> = all.iter().map(|p| p.0).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    for size in sizes {
+        let x = px(size);
+        let label = size_label(size as usize);
         let _ = writeln!(
             svg,
-            r##"<line x1="{x}" y1="{y0}" x2="{x}" y2="{}" stroke="#eee"/><text x="{x}" y="{}" font-size="11" text-anchor="middle">{label}</text>"##,
+            r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">{label}</text>"##,
             y0 + h,
             y0 + h + 16.0
         );
-        e += 1.0;
     }
     let mut e = ymin;
     while e <= ymax + 1e-9 {
