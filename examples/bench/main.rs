@@ -808,7 +808,7 @@ fn main() {
 
     let mut progress = Progress {
         step: 0,
-        total: 2 * (3 + sizes.len() - 1 + latency_sizes.len() - 1 + 2),
+        total: 3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 4,
         started: Instant::now(),
     };
     let mut rows = Vec::new();
@@ -900,6 +900,37 @@ fn main() {
         });
         bandwidth.shm.push((size as f64, s_bytes / 1e9));
         bandwidth.socket.push((size as f64, k_bytes / 1e9));
+    }
+
+    // Untrusted-peer mode: what copying each received message costs.
+    let copying = |size: usize| big(size).copy_received(true);
+    progress.show("copy mode: round trip 64 B shm");
+    let mut c = round_trips(Transport::Shm, &copying(64), 64, rtt_warmup, rtt_count);
+    c.sort_unstable();
+    rows.push(Row {
+        workload: "round trip 64 B copy mode, p50".into(),
+        unit: "µs",
+        lower_is_better: true,
+        shm: percentile(&c, 50.0),
+        socket: socket[0],
+    });
+    for size in [64 << 10, 1 << 20] {
+        let label = size_label(size);
+        progress.show(&format!("copy mode: throughput {label} shm"));
+        let count = ((2u64 << 30) / scale / size as u64).max(32);
+        let (_, c_bytes, _) = throughput(Transport::Shm, &copying(size), size, count);
+        let socket = bandwidth
+            .socket
+            .iter()
+            .find(|p| p.0 == size as f64)
+            .map_or(f64::NAN, |p| p.1);
+        rows.push(Row {
+            workload: format!("one-way {label} copy mode"),
+            unit: "GB/s",
+            lower_is_better: false,
+            shm: c_bytes / 1e9,
+            socket,
+        });
     }
 
     // 4. A structured message: an order with 50 line items.
