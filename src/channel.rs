@@ -44,7 +44,7 @@ use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use capnp::message::Builder;
@@ -52,7 +52,10 @@ use capnp::message::Builder;
 use crate::alloc::RegionAllocator;
 use crate::error::{Error, ProtocolError, SendError};
 use crate::handshake::{self, Hello};
-use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
+use crate::layout::{
+    Geometry, AWAKE, DATA_ALIGN, DOORBELL, MAX_REGION, MAX_RING, SLEEPING_ON_FUTEX,
+    SLEEPING_ON_SOCKET,
+};
 use crate::message::{Received, Segments};
 use crate::options::Options;
 use crate::receiver::RxBook;
@@ -351,6 +354,19 @@ impl Channel {
         self.recv_until(Deadline::after(timeout))
     }
 
+    /// Sends `request` and waits for the peer's next message: the "ask, then
+    /// wait for the answer" step of a request/response loop. Meant for a
+    /// strict one-to-one exchange; with several requests in flight, pair
+    /// answers with requests yourself (say, by an id in the message).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`send`](Channel::send), then of [`recv`](Channel::recv).
+    pub fn request(&self, request: MessageBuilder<'_>) -> Result<Received<'_>, Error> {
+        self.send(request)?;
+        self.recv()
+    }
+
     /// Whether this end's outgoing region is a sealed memfd (rather than an
     /// unsealed `/dev/shm` file).
     pub fn is_sealed(&self) -> bool {
@@ -432,18 +448,28 @@ impl Channel {
             self.wait_for_release(deadline)?;
         }
         // SeqCst: the load half of the Dekker pair (module notes).
-        if self
+        let sleeping = self
             .incoming
             .region()
             .control()
             .rx_sleeping
             .0
-            .load(Ordering::SeqCst)
-            != 0
-        {
+            .load(Ordering::SeqCst);
+        if sleeping != AWAKE {
             futex::futex_wake(&self.out.region().control().published.0);
+            if sleeping == SLEEPING_ON_SOCKET {
+                self.ring_doorbell();
+            }
         }
         Ok(())
+    }
+
+    /// Writes one doorbell byte to the socket, for a peer that waits in
+    /// `poll` (see [`wait_any`](crate::wait_any)). A full socket buffer
+    /// already holds plenty of doorbells, so that is not an error; nor is a
+    /// peer gone (its death shows elsewhere).
+    fn ring_doorbell(&self) {
+        let _ = socket::send(self.socket.as_fd(), &[DOORBELL]);
     }
 
     /// Waits until the peer releases something (or the deadline passes, or
@@ -539,7 +565,7 @@ impl Channel {
         }
         let flag = &self.out.region().control().rx_sleeping.0;
         // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
-        flag.store(1, Ordering::SeqCst);
+        flag.store(SLEEPING_ON_FUTEX, Ordering::SeqCst);
         let seen = peer.published.0.load(Ordering::SeqCst);
         // Nothing to take: the counter equals what we took, or trails it by
         // the one message whose tag we saw first (see `RxBook::available`).
@@ -557,6 +583,55 @@ impl Channel {
             self.peer_alive()?;
         }
         Ok(())
+    }
+
+    // ---- waiting on many (called by `wait_any`) -------------------------
+
+    /// Whether `try_recv` would return something other than `Empty` now: a
+    /// message, or the end of the channel.
+    pub(crate) fn recv_ready(&self) -> bool {
+        let region = self.incoming.region();
+        let consumed = self.rx.consumed();
+        let published = region.control().published.0.load(Ordering::Acquire);
+        self.rx.next_ready(region)
+            || (published != consumed && published != consumed.wrapping_sub(1))
+            || self.peer_closed()
+            || self.broken.get()
+    }
+
+    /// Announces that this end goes to sleep in `mode` (a `rx_sleeping`
+    /// value) and re-checks, as `wait_for_message` does: the sleeper's half
+    /// of the Dekker pair. Returns the futex word and the value to sleep on,
+    /// or `None` (flag already cleared) when something is ready after all.
+    pub(crate) fn prepare_sleep(&self, mode: u32) -> Option<(&AtomicU32, u32)> {
+        let flag = &self.out.region().control().rx_sleeping.0;
+        // SeqCst store then SeqCst load: see the module notes.
+        flag.store(mode, Ordering::SeqCst);
+        let word = &self.incoming.region().control().published.0;
+        let seen = word.load(Ordering::SeqCst);
+        let consumed = self.rx.consumed();
+        let idle = seen == consumed || seen == consumed.wrapping_sub(1);
+        if idle && !self.recv_ready() {
+            Some((word, seen))
+        } else {
+            flag.store(AWAKE, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// Clears the flag `prepare_sleep` set.
+    pub(crate) fn finish_sleep(&self) {
+        // Relaxed: a stale flag seen by the peer costs one spurious wake.
+        self.out
+            .region()
+            .control()
+            .rx_sleeping
+            .0
+            .store(AWAKE, Ordering::Relaxed);
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
     }
 
     /// Releases peer message `(slot, seq)`; called when its reader drops.
@@ -666,16 +741,38 @@ impl Channel {
 
     /// Polls the socket without waiting. `Ok(false)` (and `peer_gone` set)
     /// when the peer hung up.
-    fn peer_alive(&self) -> Result<bool, Error> {
+    pub(crate) fn peer_alive(&self) -> Result<bool, Error> {
         let ready = socket::poll(self.socket.as_fd(), false, Duration::ZERO)?;
         if ready.hung_up {
             self.peer_gone.set(true);
             return Ok(false);
         }
         if ready.readable {
-            return Err(self.fail(ProtocolError::UnexpectedSocketData.into()));
+            return self.drain_doorbells();
         }
         Ok(true)
+    }
+
+    /// Reads the doorbell bytes waiting on the socket. Any other byte is a
+    /// protocol error; end of stream means the peer is gone (`Ok(false)`).
+    pub(crate) fn drain_doorbells(&self) -> Result<bool, Error> {
+        let mut buf = [0u8; 64];
+        loop {
+            match socket::recv_nowait(self.socket.as_fd(), &mut buf) {
+                Ok(0) => {
+                    self.peer_gone.set(true);
+                    return Ok(false);
+                }
+                Ok(n) if buf[..n].iter().all(|&b| b == DOORBELL) => continue,
+                Ok(_) => return Err(self.fail(ProtocolError::UnexpectedSocketData.into())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(_) => {
+                    // A broken connection: the peer is gone.
+                    self.peer_gone.set(true);
+                    return Ok(false);
+                }
+            }
+        }
     }
 
     fn check_open(&self) -> Result<(), Error> {

@@ -58,6 +58,16 @@ pub(crate) const WORD: u64 = 8;
 /// Flag in [`Header::flags`] and in the hello: the region is a sealed memfd.
 pub(crate) const FLAG_SEALED: u32 = 1;
 
+/// `rx_sleeping`: the owner is not asleep.
+pub(crate) const AWAKE: u32 = 0;
+/// `rx_sleeping`: the owner sleeps on the peer's `published` futex.
+pub(crate) const SLEEPING_ON_FUTEX: u32 = 1;
+/// `rx_sleeping`: the owner sleeps in `poll` on the socket; wake it with a
+/// [`DOORBELL`] byte (and a futex wake, which costs nothing extra).
+pub(crate) const SLEEPING_ON_SOCKET: u32 = 2;
+/// The one byte either end may write to the socket after the handshake.
+pub(crate) const DOORBELL: u8 = 0xDB;
+
 /// A value alone on a 128-byte line, so that fields written by different
 /// processes (or at different rates) never share a cache line. 128 rather
 /// than 64 because adjacent-line prefetch pairs lines on x86.
@@ -91,7 +101,10 @@ pub(crate) struct ControlBlock {
     /// Entries the owner has appended to its release ring (wrapping). A futex
     /// word: the peer's blocked sender sleeps on it.
     pub(crate) released: Line<AtomicU32>,
-    /// Non-zero while the owner sleeps (or is about to) on the peer's `published`.
+    /// How the owner waits for the peer's messages: [`AWAKE`],
+    /// [`SLEEPING_ON_FUTEX`] (on the peer's `published`, alone or with other
+    /// channels through `futex_waitv`), or [`SLEEPING_ON_SOCKET`] (in `poll`
+    /// on the socket: the peer must also write a [`DOORBELL`] byte).
     pub(crate) rx_sleeping: Line<AtomicU32>,
     /// Non-zero while the owner sleeps (or is about to) on the peer's `released`.
     pub(crate) tx_sleeping: Line<AtomicU32>,

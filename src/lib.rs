@@ -59,6 +59,7 @@
 
 mod alloc;
 mod channel;
+mod connect;
 mod error;
 mod handshake;
 mod layout;
@@ -66,14 +67,19 @@ mod message;
 mod options;
 mod receiver;
 mod region;
+mod select;
 mod sender;
+mod spawn;
 mod sys;
 
 pub use alloc::RegionAllocator;
 pub use channel::{Channel, MessageBuilder};
+pub use connect::{Credentials, Listener, ListenerOptions};
 pub use error::{Error, ProtocolError, SendError, TooLargeKind};
 pub use message::{Received, Segments};
 pub use options::{Backing, Options};
+pub use select::{wait_any, wait_any_with, WaitMethod};
+pub use spawn::{PendingChild, ENV_VAR};
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the
 /// validators that read what a peer wrote, without processes or memory maps.

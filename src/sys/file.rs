@@ -183,3 +183,11 @@ pub(crate) fn create_shm_file(len: u64) -> io::Result<(OwnedFd, OwnedFd)> {
         return Ok((rw, ro));
     }
 }
+
+/// Sets or clears close-on-exec on `fd`. `fcntl(2)`, `F_SETFD`
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: `fd` is valid; F_SETFD takes an int argument.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags) })?;
+    Ok(())
+}

@@ -59,3 +59,78 @@ pub(crate) fn futex_wake(word: &AtomicU32) -> usize {
     };
     usize::try_from(r).unwrap_or(0)
 }
+
+/// One futex of a [`futex_waitv`] call: `struct futex_waitv` of the kernel.
+#[repr(C)]
+struct FutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+/// `FUTEX2_SIZE_U32`: a 32-bit futex. Without `FUTEX2_PRIVATE`: shared.
+const FUTEX2_SIZE_U32: u32 = 0x02;
+
+/// The most futexes one `futex_waitv` call takes.
+pub(crate) const FUTEX_WAITV_MAX: usize = 128;
+
+/// Sleeps until any of `words` is woken (or no longer holds its expected
+/// value), for at most `timeout`. `futex_waitv(2)`, Linux 5.16.
+///
+/// Returns `Ok(Some(i))` when futex `i` was woken, `Ok(None)` on timeout,
+/// value mismatch, or signal (the caller re-checks everything anyway), and
+/// `Err` when the call is not available (`ENOSYS`) or refused.
+pub(crate) fn futex_waitv(
+    words: &[(&AtomicU32, u32)],
+    timeout: Duration,
+) -> std::io::Result<Option<usize>> {
+    if words.is_empty() || words.len() > FUTEX_WAITV_MAX {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let waiters: Vec<FutexWaitv> = words
+        .iter()
+        .map(|(word, expected)| FutexWaitv {
+            val: u64::from(*expected),
+            uaddr: word.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32,
+            reserved: 0,
+        })
+        .collect();
+    // The timeout is absolute, on CLOCK_MONOTONIC.
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let nanos = i128::from(now.tv_nsec) + i128::from(timeout.subsec_nanos());
+    let deadline = libc::timespec {
+        tv_sec: now
+            .tv_sec
+            .saturating_add(libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX))
+            .saturating_add(libc::time_t::from(nanos >= 1_000_000_000)),
+        tv_nsec: libc::c_long::try_from(nanos % 1_000_000_000).unwrap_or(0),
+    };
+    let count = u32::try_from(waiters.len()).unwrap_or(0);
+    // SAFETY: `waiters` holds `count` valid entries whose addresses point to
+    // live, aligned u32 words (borrowed for the call); `deadline` is valid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waiters.as_ptr(),
+            count,
+            0u32,
+            &deadline as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if r >= 0 {
+        return Ok(usize::try_from(r).ok());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR) => Ok(None),
+        _ => Err(e),
+    }
+}

@@ -10,6 +10,7 @@
 pub(crate) mod file;
 pub(crate) mod futex;
 pub(crate) mod mapping;
+pub(crate) mod process;
 pub(crate) mod socket;
 
 use std::io;
@@ -55,6 +56,13 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
 pub(crate) fn getpid() -> u32 {
     // SAFETY: getpid has no preconditions and cannot fail.
     let pid = unsafe { libc::getpid() };
+    pid.unsigned_abs()
+}
+
+/// The id of the parent process. `getppid(2)`
+pub(crate) fn parent_pid() -> u32 {
+    // SAFETY: getppid has no preconditions and cannot fail.
+    let pid = unsafe { libc::getppid() };
     pid.unsigned_abs()
 }
 

@@ -187,3 +187,199 @@ pub(crate) fn poll(sock: BorrowedFd<'_>, want_write: bool, timeout: Duration) ->
         hung_up: r & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0,
     })
 }
+
+/// Where a Unix socket lives: a path in the file system, or a name in the
+/// Linux abstract namespace (no file; gone when the last socket closes).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UnixAddr<'a> {
+    Path(&'a std::path::Path),
+    Abstract(&'a [u8]),
+}
+
+/// Builds a `sockaddr_un` for `addr`. `unix(7)`
+fn sockaddr_un(addr: UnixAddr<'_>) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is a valid (empty) value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    let (bytes, offset): (&[u8], usize) = match addr {
+        UnixAddr::Path(p) => (p.as_os_str().as_bytes(), 0),
+        // Abstract names start with a NUL byte.
+        UnixAddr::Abstract(name) => (name, 1),
+    };
+    let room = sa.sun_path.len() - offset;
+    // A path needs a terminating NUL; a name may fill the rest.
+    let fits = match addr {
+        UnixAddr::Path(_) => bytes.len() < room && !bytes.contains(&0) && !bytes.is_empty(),
+        UnixAddr::Abstract(_) => bytes.len() <= room,
+    };
+    if !fits {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path or name empty, too long, or with a NUL byte",
+        ));
+    }
+    for (dst, &src) in sa.sun_path[offset..].iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let base = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+    let len = match addr {
+        UnixAddr::Path(_) => base + bytes.len() + 1,
+        UnixAddr::Abstract(_) => base + 1 + bytes.len(),
+    };
+    let len =
+        libc::socklen_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok((sa, len))
+}
+
+/// A new Unix stream socket, close-on-exec. `socket(2)`
+fn unix_stream_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain arguments; the result is a new descriptor or -1.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A listening Unix stream socket at `addr`. For a path, the socket file is
+/// created with `mode` (further limited by the umask): the mode is set on
+/// the socket before `bind`, so the file never exists with wider access.
+/// `bind(2)`, `listen(2)`, `fchmod(2)`
+pub(crate) fn listen_unix(addr: UnixAddr<'_>, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
+    let (sa, len) = sockaddr_un(addr)?;
+    let fd = unix_stream_socket()?;
+    if let UnixAddr::Path(_) = addr {
+        // SAFETY: `fd` is a valid descriptor.
+        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+    }
+    // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: `fd` is a bound socket.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(fd)
+}
+
+/// A Unix stream socket connected to `addr`. `connect(2)`
+pub(crate) fn connect_unix(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
+    let (sa, len) = sockaddr_un(addr)?;
+    let fd = unix_stream_socket()?;
+    retry_eintr(|| {
+        // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
+        cvt(unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        })
+    })?;
+    Ok(fd)
+}
+
+/// Accepts a connection, close-on-exec. `accept4(2)`
+pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let fd = retry_eintr(|| {
+        // SAFETY: `listener` is a valid descriptor; null address is allowed.
+        cvt(unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        })
+    })?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The process, user and group of the peer of a connected Unix socket, as
+/// the kernel recorded them at `connect` (or `socketpair`). `SO_PEERCRED`
+pub(crate) fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    // SAFETY: an all-zero ucred is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).unwrap_or(12);
+    // SAFETY: `cred` is writable for `len` bytes.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// Whether `fd` is a connected Unix stream socket: domain `AF_UNIX`, type
+/// `SOCK_STREAM`. `getsockopt(2)`
+pub(crate) fn is_unix_stream(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let get = |option| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4);
+        // SAFETY: `value` is writable for `len` bytes.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(value)
+    };
+    Ok(get(libc::SO_DOMAIN)? == libc::AF_UNIX && get(libc::SO_TYPE)? == libc::SOCK_STREAM)
+}
+
+/// Reads whatever bytes are waiting, without blocking, into `buf`. `Ok(0)`
+/// means the peer closed; `WouldBlock` means nothing was waiting. `recv(2)`
+pub(crate) fn recv_nowait(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    retry_eintr(|| {
+        // SAFETY: `buf` is writable for its length.
+        cvt_size(unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        })
+    })
+}
+
+/// Waits up to `timeout` for any of `socks` to become readable or hung up;
+/// returns which are. `poll(2)`
+pub(crate) fn poll_many(socks: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<Ready>> {
+    let mut pfds: Vec<libc::pollfd> = socks
+        .iter()
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        })
+        .collect();
+    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    let n = libc::nfds_t::try_from(pfds.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    retry_eintr(|| {
+        // SAFETY: `pfds` holds `n` valid pollfds.
+        cvt(unsafe { libc::poll(pfds.as_mut_ptr(), n, ms) })
+    })?;
+    Ok(pfds
+        .iter()
+        .map(|p| Ready {
+            readable: p.revents & libc::POLLIN != 0,
+            writable: false,
+            hung_up: p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL)
+                != 0,
+        })
+        .collect())
+}
