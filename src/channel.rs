@@ -61,6 +61,7 @@ use crate::options::Options;
 use crate::receiver::RxBook;
 use crate::region::{InRegion, OutRegion};
 use crate::sender::TxBook;
+use crate::spin::SpinBudget;
 use crate::sys::{self, futex, socket};
 
 /// A message being built in a channel's outgoing region; see [`Channel::message`].
@@ -118,6 +119,10 @@ pub struct Channel {
     spilled: Cell<u64>,
     /// When a non-blocking call last polled the socket for hang-up.
     last_liveness_check: Cell<Option<Instant>>,
+    /// How long a receive spins before it sleeps (adaptive).
+    rx_spin: SpinBudget,
+    /// How long a blocked send spins before it sleeps (adaptive).
+    tx_spin: SpinBudget,
     options: Options,
     /// The process that first used this end (0: not used yet). Only it
     /// announces the close; see `Drop`.
@@ -168,6 +173,8 @@ impl HalfOpen {
             peer_gone: Cell::new(false),
             spilled: Cell::new(0),
             last_liveness_check: Cell::new(None),
+            rx_spin: SpinBudget::new(self.options.spin),
+            tx_spin: SpinBudget::new(self.options.spin),
             options: self.options,
             owner_pid: Cell::new(0),
         })
@@ -489,7 +496,7 @@ impl Channel {
         let Some(slice) = deadline.slice(self.options.wait_slice) else {
             return Err(Error::Timeout);
         };
-        if self.spin(released) {
+        if self.tx_spin.spin(released) {
             return Ok(());
         }
         let flag = &self.out.region().control().tx_sleeping.0;
@@ -560,7 +567,7 @@ impl Channel {
         let Some(slice) = deadline.slice(self.options.wait_slice) else {
             return Err(Error::Timeout);
         };
-        if self.spin(ready) {
+        if self.rx_spin.spin(ready) {
             return Ok(());
         }
         let flag = &self.out.region().control().rx_sleeping.0;
@@ -634,6 +641,11 @@ impl Channel {
         &self.options
     }
 
+    /// The receive side's adaptive spin budget (shared with `wait_any`).
+    pub(crate) fn rx_spin(&self) -> &SpinBudget {
+        &self.rx_spin
+    }
+
     /// Releases peer message `(slot, seq)`; called when its reader drops.
     pub(crate) fn release(&self, slot: u32, seq: u32) {
         self.rx
@@ -689,24 +701,6 @@ impl Channel {
     fn mark_used(&self) {
         if self.owner_pid.get() == 0 {
             self.owner_pid.set(sys::getpid());
-        }
-    }
-
-    fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
-        if self.options.spin.is_zero() {
-            return ready();
-        }
-        let start = Instant::now();
-        loop {
-            for _ in 0..64 {
-                if ready() {
-                    return true;
-                }
-                std::hint::spin_loop();
-            }
-            if start.elapsed() >= self.options.spin {
-                return ready();
-            }
         }
     }
 

@@ -70,6 +70,7 @@ mod region;
 mod select;
 mod sender;
 mod spawn;
+mod spin;
 mod sys;
 
 pub use alloc::RegionAllocator;

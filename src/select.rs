@@ -87,11 +87,6 @@ pub fn wait_any_with(
         return Err(invalid("wait_any needs at least one channel"));
     }
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-    let spin = channels
-        .iter()
-        .map(|c| c.options().spin)
-        .max()
-        .unwrap_or_default();
     let slice = channels
         .iter()
         .map(|c| c.options().wait_slice)
@@ -103,15 +98,15 @@ pub fn wait_any_with(
         if let Some(i) = first_ready(channels) {
             return Ok(i);
         }
-        // Spin, like a single recv, checking every channel.
-        let start = Instant::now();
-        while start.elapsed() < spin {
-            for _ in 0..16 {
-                std::hint::spin_loop();
-            }
-            if let Some(i) = first_ready(channels) {
-                return Ok(i);
-            }
+        // Spin, like a single recv, checking every channel; the first
+        // channel's adaptive budget stands for the set.
+        let mut found = None;
+        channels[0].rx_spin().spin(|| {
+            found = first_ready(channels);
+            found.is_some()
+        });
+        if let Some(i) = found {
+            return Ok(i);
         }
         let this_slice = match deadline {
             None => slice,

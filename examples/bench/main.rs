@@ -307,6 +307,149 @@ fn with_peer<R>(
     result
 }
 
+/// Forks one worker per connection, each running `worker` on its end; runs
+/// `serve` on all our ends; waits for every worker and checks each exited
+/// cleanly. Each worker drops every end but its own.
+fn with_workers<E, R>(ends: Vec<(E, E)>, worker: impl Fn(E), serve: impl FnOnce(Vec<E>) -> R) -> R {
+    let mut ours = Vec::new();
+    let mut theirs: Vec<Option<E>> = Vec::new();
+    for (a, b) in ends {
+        ours.push(Some(a));
+        theirs.push(Some(b));
+    }
+    let mut pids = Vec::new();
+    for i in 0..theirs.len() {
+        // SAFETY: this program is single-threaded; the child runs `worker`
+        // and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let mine = theirs[i].take().expect("worker end");
+            ours.clear();
+            theirs.clear();
+            worker(mine);
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        pids.push(pid);
+        drop(theirs[i].take());
+    }
+    let result = serve(ours.into_iter().flatten().collect());
+    for pid in pids {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "worker failed (status {status:#x})"
+        );
+    }
+    result
+}
+
+/// Requests per second of a pool: `workers` forked workers each send
+/// `per_worker` 64-byte requests and wait for every answer; this process
+/// serves them all, waiting on every connection at once (shm: `wait_any`;
+/// socket: `poll`).
+fn worker_pool(transport: Transport, options: &Options, workers: usize, per_worker: u64) -> f64 {
+    let payload = payload(64);
+    let expected = checksum(&payload);
+    let worker = |link: &mut dyn Link| {
+        for seq in 0..per_worker {
+            link.send_blob(seq, &payload);
+            let (answer, _) = link.recv_blob().expect("answer");
+            assert_eq!(answer, seq ^ expected, "wrong answer");
+        }
+    };
+    let start = Instant::now();
+    let served = match transport {
+        Transport::Shm => {
+            let ends = (0..workers)
+                .map(|_| Channel::pair_with(options).expect("pair"))
+                .collect();
+            with_workers(
+                ends,
+                |end| worker(&mut ShmLink(end)),
+                |ends| {
+                    let mut live: Vec<Channel> = ends;
+                    let mut served = 0u64;
+                    while !live.is_empty() {
+                        let refs: Vec<&Channel> = live.iter().collect();
+                        capnp_shm::wait_any(&refs, None).expect("wait_any");
+                        // Serve every ready channel, in turn.
+                        let mut gone = Vec::new();
+                        for (i, c) in live.iter().enumerate() {
+                            match c.try_recv() {
+                                Ok(m) => {
+                                    let (seq, sum) = read_blob(m.reader());
+                                    drop(m);
+                                    let mut reply = c.message();
+                                    fill_blob(&mut reply, seq ^ sum, &[]);
+                                    c.send(reply).expect("reply");
+                                    served += 1;
+                                }
+                                Err(capnp_shm::Error::Empty) => {}
+                                Err(capnp_shm::Error::Disconnected) => gone.push(i),
+                                Err(e) => panic!("serve: {e}"),
+                            }
+                        }
+                        for i in gone.into_iter().rev() {
+                            live.remove(i);
+                        }
+                    }
+                    served
+                },
+            )
+        }
+        Transport::Socket => {
+            let ends = (0..workers)
+                .map(|_| UnixStream::pair().expect("socketpair"))
+                .collect();
+            with_workers(
+                ends,
+                |end| worker(&mut SocketLink::new(end)),
+                |ends| {
+                    use std::os::fd::AsRawFd;
+                    let mut live: Vec<SocketLink> = ends.into_iter().map(SocketLink::new).collect();
+                    let mut served = 0u64;
+                    while !live.is_empty() {
+                        let mut fds: Vec<libc::pollfd> = live
+                            .iter()
+                            .map(|l| libc::pollfd {
+                                fd: l.reader.get_ref().as_raw_fd(),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            })
+                            .collect();
+                        let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+                        // SAFETY: `fds` holds `n` valid pollfds.
+                        unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+                        let mut gone = Vec::new();
+                        for (i, (l, p)) in live.iter_mut().zip(&fds).enumerate() {
+                            if p.revents == 0 {
+                                continue;
+                            }
+                            match l.recv_blob() {
+                                Some((seq, sum)) => {
+                                    l.send_blob(seq ^ sum, &[]);
+                                    served += 1;
+                                }
+                                None => gone.push(i),
+                            }
+                        }
+                        for i in gone.into_iter().rev() {
+                            live.remove(i);
+                        }
+                    }
+                    served
+                },
+            )
+        }
+    };
+    assert_eq!(served, workers as u64 * per_worker, "requests lost");
+    served as f64 / start.elapsed().as_secs_f64()
+}
+
 // ---- workloads ---------------------------------------------------------------
 
 /// Round-trip latencies in nanoseconds: we send a blob of `size` bytes, the
@@ -796,6 +939,7 @@ fn main() {
     let rtt_warmup = 20_000 / scale;
     let small_count = 2_000_000 / scale;
     let order_count = 200_000 / scale;
+    let pool_requests = 200_000 / scale;
     let default = Options::new().region_size(64 << 20);
     let sleepy = default.clone().spin(Duration::ZERO);
     let big = |size: usize| {
@@ -808,7 +952,7 @@ fn main() {
 
     let mut progress = Progress {
         step: 0,
-        total: 3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 4,
+        total: 3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4,
         started: Instant::now(),
     };
     let mut rows = Vec::new();
@@ -930,6 +1074,22 @@ fn main() {
             lower_is_better: false,
             shm: c_bytes / 1e9,
             socket,
+        });
+    }
+
+    // A pool of workers served by one process waiting on all at once.
+    for workers in [1usize, 2, 4, 8] {
+        let per_worker = pool_requests / workers as u64;
+        progress.show(&format!("worker pool x{workers} shm"));
+        let s_rate = worker_pool(Transport::Shm, &default, workers, per_worker);
+        progress.show(&format!("worker pool x{workers} socket"));
+        let k_rate = worker_pool(Transport::Socket, &default, workers, per_worker);
+        rows.push(Row {
+            workload: format!("worker pool, {workers} workers"),
+            unit: "req/s",
+            lower_is_better: false,
+            shm: s_rate,
+            socket: k_rate,
         });
     }
 

@@ -1,0 +1,145 @@
+//! How long a wait spins before it sleeps, adapted to what spinning buys.
+//!
+//! Spinning answers in well under a microsecond when the peer is running on
+//! another core, and wastes a core when it is not: on a 2-core machine with
+//! more busy processes than cores, a spinning waiter steals the very CPU its
+//! peer needs. So the budget adapts: a wait that ends during the spin doubles
+//! it (up to `Options::spin`), a wait that has to sleep halves it (down to
+//! zero). At zero, one wait in [`PROBE_EVERY`] still spins [`FLOOR`], so the
+//! budget grows back once spinning pays again.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// The shortest spin worth trying: a round trip between two cores here is
+/// about a microsecond.
+const FLOOR: Duration = Duration::from_micros(2);
+
+/// At a zero budget, one wait in this many probes with [`FLOOR`].
+const PROBE_EVERY: u32 = 16;
+
+/// One direction's spin budget (a receiver's, or a blocked sender's).
+#[derive(Debug)]
+pub(crate) struct SpinBudget {
+    max: Duration,
+    current: Cell<Duration>,
+    waits_at_zero: Cell<u32>,
+}
+
+impl SpinBudget {
+    /// A budget that starts at, and never exceeds, `max`.
+    pub(crate) fn new(max: Duration) -> SpinBudget {
+        SpinBudget {
+            max,
+            current: Cell::new(max),
+            waits_at_zero: Cell::new(0),
+        }
+    }
+
+    /// How long the next wait should spin.
+    pub(crate) fn next(&self) -> Duration {
+        let current = self.current.get();
+        if !current.is_zero() || self.max.is_zero() {
+            return current;
+        }
+        let n = self.waits_at_zero.get().wrapping_add(1);
+        self.waits_at_zero.set(n);
+        if n % PROBE_EVERY == 0 {
+            FLOOR.min(self.max)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// The wait ended while spinning: spinning pays.
+    pub(crate) fn paid(&self) {
+        let grown = (self.current.get() * 2).max(FLOOR);
+        self.current.set(grown.min(self.max));
+    }
+
+    /// The wait had to sleep: spinning did not pay.
+    pub(crate) fn wasted(&self) {
+        let halved = self.current.get() / 2;
+        // Below the floor a spin catches nothing: go to zero.
+        self.current.set(if halved < FLOOR {
+            Duration::ZERO
+        } else {
+            halved
+        });
+    }
+
+    /// Spins until `ready` or the budget runs out, and adapts the budget.
+    pub(crate) fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
+        let budget = self.next();
+        if budget.is_zero() {
+            return ready();
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if ready() {
+                    self.paid();
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= budget {
+                let ok = ready();
+                if ok {
+                    self.paid();
+                } else {
+                    self.wasted();
+                }
+                return ok;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_to_zero_and_probes_back() {
+        let b = SpinBudget::new(Duration::from_micros(50));
+        assert_eq!(b.next(), Duration::from_micros(50));
+        for _ in 0..10 {
+            b.wasted();
+        }
+        assert_eq!(b.current.get(), Duration::ZERO);
+        let probes = (0..PROBE_EVERY * 4).filter(|_| !b.next().is_zero()).count();
+        assert_eq!(probes, 4, "one probe in {PROBE_EVERY}");
+        b.paid();
+        assert_eq!(b.next(), FLOOR);
+        for _ in 0..10 {
+            b.paid();
+        }
+        assert_eq!(
+            b.next(),
+            Duration::from_micros(50),
+            "never above the maximum"
+        );
+    }
+
+    #[test]
+    fn zero_maximum_never_spins() {
+        let b = SpinBudget::new(Duration::ZERO);
+        b.paid();
+        assert!((0..100).all(|_| b.next().is_zero()));
+        assert!(!b.spin(|| false));
+        assert!(b.spin(|| true));
+    }
+
+    #[test]
+    fn spin_reports_readiness() {
+        let b = SpinBudget::new(Duration::from_micros(20));
+        let mut calls = 0;
+        assert!(b.spin(|| {
+            calls += 1;
+            calls == 10
+        }));
+        assert!(!b.spin(|| false));
+        assert_eq!(b.current.get(), Duration::from_micros(10));
+    }
+}
