@@ -208,10 +208,9 @@ unsafe impl Allocator for RegionAllocator<'_> {
         if self.channel.deallocate_segment(ptr, word_size, words_used) {
             return;
         }
-        // SAFETY: the channel did not recognise `ptr` as one of its open
-        // region segments, so it came from `self.heap` (a region segment that
-        // was sent is recognised too, and never reaches here); capnp's
-        // arguments are passed through unchanged, meeting its contract.
+        // The channel recognises every pointer into its region (open or
+        // sent), so `ptr` came from `self.heap`.
+        // SAFETY: a heap segment of ours; capnp's arguments passed unchanged.
         unsafe { self.heap.deallocate_segment(ptr, word_size, words_used) }
     }
 }

@@ -53,7 +53,7 @@
 //!
 //! `unsafe_code` is denied crate-wide and allowed only in: `src/sys/` (every
 //! system call), `src/region.rs` (references into mapped memory), and
-//! `src/alloc.rs` (the `unsafe impl` of capnp's `Allocator`).
+//! `src/alloc.rs` (implementing capnp's `Allocator`, an unsafe trait).
 
 #![cfg(target_os = "linux")]
 

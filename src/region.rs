@@ -57,10 +57,10 @@ impl Region {
 
     /// The control block at offset 0.
     pub(crate) fn control(&self) -> &ControlBlock {
-        // SAFETY: the mapping is page aligned and at least CONTROL_BYTES long
-        // (the geometry was validated against its length), ControlBlock is all
-        // atomics (any bytes are a valid value, shared mutation is allowed),
-        // and the reference cannot outlive `self`, which owns the mapping.
+        // The mapping is page aligned and at least CONTROL_BYTES long (the
+        // geometry was validated against its length); the reference cannot
+        // outlive `self`, which owns the mapping.
+        // SAFETY: aligned, in bounds, all atomics (any bytes valid, shared ok).
         unsafe { &*self.map.as_ptr().cast::<ControlBlock>() }
     }
 
@@ -321,10 +321,10 @@ impl InRegion {
         if !self.region.contains(extent) {
             return None;
         }
-        // SAFETY: the extent lies inside the data area, inside our read-only
-        // mapping, which lives as long as `self`; a u8 slice has no invalid
-        // values and no alignment needs. Concurrent writes by the peer are
-        // excluded by the protocol, see above.
+        // The extent lies inside the data area, inside our read-only mapping,
+        // which lives as long as `self`; the protocol excludes concurrent
+        // writes by the peer (see above).
+        // SAFETY: in bounds, alive as long as the borrow; any bytes are valid u8.
         Some(unsafe {
             std::slice::from_raw_parts(self.region.data_ptr(extent.start), extent.len as usize * 8)
         })

@@ -71,10 +71,10 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr..ptr+len` is exactly the range mmap returned, still
-        // mapped (only this drop unmaps it), and every borrow of it is tied to
-        // the lifetime of its owner. munmap cannot fail for such a range; an
-        // error is ignored rather than panicking in drop.
+        // munmap cannot fail for such a range; an error would be ignored
+        // rather than panic in drop.
+        // SAFETY: exactly the range mmap returned, still mapped (only this
+        // drop unmaps it); every borrow of it is tied to its owner's lifetime.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }

@@ -45,9 +45,8 @@ pub(crate) fn claim_inherited(fd: RawFd) -> std::io::Result<OwnedFd> {
     if CLAIMED.swap(true, Ordering::SeqCst) {
         return Err(refuse("the inherited descriptor was claimed already"));
     }
-    // SAFETY: the descriptor is open (checked above). By the convention the
-    // parent followed, it was handed to this process for this purpose and
-    // nothing else here owns it; CLAIMED guarantees this crate makes only
-    // one owner of it.
+    // By the convention the parent followed, the descriptor was handed to
+    // this process for this purpose and nothing else here owns it.
+    // SAFETY: open (checked above); CLAIMED allows only one owner of it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
