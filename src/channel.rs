@@ -2,8 +2,9 @@
 //!
 //! # Waiting, and why no wake is lost
 //!
-//! A receiver with nothing to read spins for `Options::spin`, then sleeps in
-//! `FUTEX_WAIT` on the peer's `published` word. A sender with no room spins,
+//! A receiver with nothing to read spins (an adaptive budget of at most
+//! `Options::spin`, see `spin.rs`), then sleeps in `FUTEX_WAIT` on the peer's
+//! `published` word. A sender with no room spins,
 //! then sleeps on the peer's `released` word. Each sleeper announces itself
 //! with a flag in its own region, and each waker checks that flag:
 //!
