@@ -29,10 +29,12 @@
 //! `Options::wait_slice`. After a slice that brought nothing, the waiter polls
 //! the socket: a peer that died (even by `SIGKILL`) has had its end of the
 //! socket closed by the kernel, which shows as hang-up. A peer that closes
-//! cleanly sets `closed` (after its last publish) and wakes both words at once.
-//! (The close does not change the futex word, so a waiter that checked
-//! `closed` just before it was set and entered `FUTEX_WAIT` just after the
-//! wake sleeps out its slice: a clean close is then seen one slice late.)
+//! cleanly sets `closed` (after its last publish) and wakes every word at
+//! once. Waiters sleep on their counter *and* on the peer's `closed` word
+//! (`futex_waitv`, Linux 5.16), so a close that lands between a waiter's
+//! check and its sleep changes a word it sleeps on and cannot be slept
+//! through. (Without `futex_waitv` the waiter sleeps on the counter alone,
+//! and such a close is seen when the slice ends.)
 //!
 //! The receiver spins on the next descriptor's tag rather than on
 //! `published` (one cache miss less per message); the tag is stored before
@@ -506,7 +508,9 @@ impl Channel {
         if peer.released.0.load(Ordering::SeqCst) == seen
             && peer.closed.0.load(Ordering::SeqCst) == 0
         {
-            futex::futex_wait(&peer.released.0, seen, slice);
+            // On `closed` too: a close that lands between the check above
+            // and the sleep changes that word, so it cannot be slept through.
+            futex::futex_wait_either((&peer.released.0, seen), (&peer.closed.0, 0), slice);
         }
         // Relaxed: a stale `1` seen by the peer costs one spurious wake.
         flag.store(0, Ordering::Relaxed);
@@ -580,8 +584,10 @@ impl Channel {
         let consumed = self.rx.consumed();
         let idle = seen == consumed || seen == consumed.wrapping_sub(1);
         if idle && !ready() && peer.closed.0.load(Ordering::SeqCst) == 0 {
-            // Sleeps only while the counter still holds `seen`.
-            futex::futex_wait(&peer.published.0, seen, slice);
+            // Sleeps only while the counter still holds `seen` and the peer
+            // has not closed (a close between the check and the sleep
+            // changes `closed`, so it cannot be slept through).
+            futex::futex_wait_either((&peer.published.0, seen), (&peer.closed.0, 0), slice);
         }
         // Relaxed: a stale `1` seen by the peer costs one spurious wake.
         flag.store(0, Ordering::Relaxed);
@@ -640,6 +646,11 @@ impl Channel {
 
     pub(crate) fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The peer's `closed` word, for `wait_any` to sleep on as well.
+    pub(crate) fn peer_closed_word(&self) -> &AtomicU32 {
+        &self.incoming.region().control().closed.0
     }
 
     /// The receive side's adaptive spin budget (shared with `wait_any`).
@@ -799,6 +810,7 @@ impl Channel {
         // SeqCst: after every publish (program order), so a peer that sees
         // `closed` also sees them.
         control.closed.0.store(1, Ordering::SeqCst);
+        futex::futex_wake(&control.closed.0);
         futex::futex_wake(&control.published.0);
         futex::futex_wake(&control.released.0);
     }

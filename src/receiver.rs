@@ -191,7 +191,10 @@ impl RxBook {
         let seq = self.consumed.get();
         let entry: &DescriptorEntry = region.descriptor(seq);
         // Acquire: pairs with the sender's Release store of the tag, after
-        // the rest of the entry and the message.
+        // the rest of the entry and the message. It also keeps `published`
+        // within one of `consumed`: the sender stores the counter for an
+        // earlier message before this tag, so it is visible now (a Relaxed
+        // load here could make an honest peer look out of range).
         if entry.seq.load(Ordering::Acquire) != DescriptorEntry::tag(seq) {
             // Not there yet, or the peer wrote it wrongly: `published` decides.
             if self.available(region)? == 0 {

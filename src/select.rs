@@ -12,7 +12,7 @@
 //!   on every socket at once (any kernel; also sees hang-up directly).
 //!
 //! [`WaitMethod::Auto`] takes the futex when the kernel has `futex_waitv`
-//! (checked once per process) and at most 128 channels are given.
+//! (checked once per process) and at most 64 channels are given.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -27,7 +27,7 @@ use crate::sys::{futex, socket};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WaitMethod {
-    /// `Futex` where the kernel has `futex_waitv` and there are at most 128
+    /// `Futex` where the kernel has `futex_waitv` and there are at most 64
     /// channels; `Doorbell` otherwise.
     #[default]
     Auto,
@@ -36,6 +36,9 @@ pub enum WaitMethod {
     /// One `poll` on every socket; peers write a doorbell byte to wake us.
     Doorbell,
 }
+
+/// The most channels one `futex_waitv` covers (two words each).
+const MAX_FUTEX_CHANNELS: usize = futex::FUTEX_WAITV_MAX / 2;
 
 /// Whether this process has `futex_waitv`: 0 unknown, 1 yes, 2 no.
 static HAS_FUTEX_WAITV: AtomicU8 = AtomicU8::new(0);
@@ -143,12 +146,13 @@ fn first_ready(channels: &[&Channel]) -> Option<usize> {
 }
 
 fn resolve(method: WaitMethod, count: usize) -> Result<WaitMethod, Error> {
-    let futex_ok = count <= futex::FUTEX_WAITV_MAX && HAS_FUTEX_WAITV.load(Ordering::Relaxed) != 2;
+    // Two words per channel: its counter and its peer's `closed`.
+    let futex_ok = count <= MAX_FUTEX_CHANNELS && HAS_FUTEX_WAITV.load(Ordering::Relaxed) != 2;
     match method {
         WaitMethod::Auto if futex_ok => Ok(WaitMethod::Futex),
         WaitMethod::Auto | WaitMethod::Doorbell => Ok(WaitMethod::Doorbell),
-        WaitMethod::Futex if count <= futex::FUTEX_WAITV_MAX => Ok(WaitMethod::Futex),
-        WaitMethod::Futex => Err(invalid("futex_waitv takes at most 128 channels")),
+        WaitMethod::Futex if count <= MAX_FUTEX_CHANNELS => Ok(WaitMethod::Futex),
+        WaitMethod::Futex => Err(invalid("WaitMethod::Futex takes at most 64 channels")),
     }
 }
 
@@ -172,10 +176,13 @@ fn prepare<'c>(
 }
 
 fn sleep_on_futexes(channels: &[&Channel], slice: Duration) -> Result<Option<usize>, Error> {
-    let words = match prepare(channels, SLEEPING_ON_FUTEX) {
+    let mut words = match prepare(channels, SLEEPING_ON_FUTEX) {
         Ok(w) => w,
         Err(i) => return Ok(Some(i)),
     };
+    // Each peer's `closed` word too, so a close cannot be slept through
+    // (`prepare` checked every channel was still open).
+    words.extend(channels.iter().map(|c| (c.peer_closed_word(), 0)));
     let slept = futex::futex_waitv(&words, slice);
     channels.iter().for_each(|c| c.finish_sleep());
     match slept {

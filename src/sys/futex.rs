@@ -134,3 +134,30 @@ pub(crate) fn futex_waitv(
         _ => Err(e),
     }
 }
+
+/// Whether this process has `futex_waitv`: 0 unknown, 1 yes, 2 no.
+static HAS_WAITV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sleeps while both words hold their expected values, for at most
+/// `timeout`: with `futex_waitv` where the kernel has it (Linux 5.16), so a
+/// wake on either word ends the sleep; otherwise on the first word alone
+/// (a wake on the second is then seen when the timeout ends). Returns like
+/// [`futex_wait`]: the caller re-checks its condition in every case.
+pub(crate) fn futex_wait_either(
+    first: (&AtomicU32, u32),
+    second: (&AtomicU32, u32),
+    timeout: Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if HAS_WAITV.load(Relaxed) != 2 {
+        match futex_waitv(&[first, second], timeout) {
+            Ok(_) => {
+                HAS_WAITV.store(1, Relaxed);
+                return;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => HAS_WAITV.store(2, Relaxed),
+            Err(_) => {}
+        }
+    }
+    futex_wait(first.0, first.1, timeout);
+}
