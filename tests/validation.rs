@@ -667,6 +667,24 @@ fn stray_bytes_on_the_socket_are_unexpected_socket_data() {
     assert_stays_broken(&conn, ProtocolError::UnexpectedSocketData);
 }
 
+#[test]
+fn doorbell_bytes_on_the_socket_are_drained_not_an_error() {
+    let _w = Watchdog::new(LIMIT);
+    let conn = connected();
+    // 0xDB is the doorbell a peer rings for an end waiting in wait_any's
+    // poll; it wakes, and is read away wherever the socket is polled.
+    conn.peer().send_bytes(&[0xDB; 5], &[]);
+    assert!(matches!(
+        conn.channel.recv_timeout(Duration::from_millis(300)),
+        Err(Error::Timeout)
+    ));
+    conn.mine
+        .write_message(0, 0, 0, &text_segments("after the bells"));
+    conn.mine.publish(1);
+    let got = conn.channel.recv().unwrap();
+    assert_eq!(text_of(&got), "after the bells");
+}
+
 // ---- valid messages by hand ------------------------------------------------
 
 #[test]
