@@ -70,6 +70,10 @@ use crate::sys::{self, futex, socket};
 /// A message being built in a channel's outgoing region; see [`Channel::message`].
 pub type MessageBuilder<'c> = Builder<RegionAllocator<'c>>;
 
+/// How often (in sends) a sender that never waits checks the socket for
+/// hang-up, subject to at most one check per wait slice.
+const SENDS_PER_LIVENESS_CHECK: u32 = 64;
+
 /// One word of zeros: the single segment sent for a builder that was never
 /// given a root (a message whose root is null).
 static EMPTY_SEGMENT: [u8; 8] = [0; 8];
@@ -122,6 +126,8 @@ pub struct Channel {
     spilled: Cell<u64>,
     /// When a non-blocking call last polled the socket for hang-up.
     last_liveness_check: Cell<Option<Instant>>,
+    /// Sends since the counter wrapped (see `SENDS_PER_LIVENESS_CHECK`).
+    sends_since_liveness: Cell<u32>,
     /// How long a receive spins before it sleeps (adaptive).
     rx_spin: SpinBudget,
     /// How long a blocked send spins before it sleeps (adaptive).
@@ -176,6 +182,7 @@ impl HalfOpen {
             peer_gone: Cell::new(false),
             spilled: Cell::new(0),
             last_liveness_check: Cell::new(None),
+            sends_since_liveness: Cell::new(0),
             rx_spin: SpinBudget::new(self.options.spin),
             tx_spin: SpinBudget::new(self.options.spin),
             options: self.options,
@@ -435,6 +442,14 @@ impl Channel {
         self.mark_used();
         self.check_open()?;
         if self.peer_closed() {
+            return Err(Error::Disconnected);
+        }
+        // A sender that never has to wait would not notice a killed peer
+        // until the ring filled: every so many sends, look for hang-up (at
+        // most once per wait slice, so a stream pays nothing measurable).
+        let sends = self.sends_since_liveness.get().wrapping_add(1);
+        self.sends_since_liveness.set(sends);
+        if sends % SENDS_PER_LIVENESS_CHECK == 0 && self.liveness_due() && !self.peer_alive()? {
             return Err(Error::Disconnected);
         }
         self.tx.borrow().check_fits(segments)?;

@@ -33,10 +33,11 @@
 //! Every call blocks the calling thread, never longer than asked:
 //! [`Channel::send`] waits while the peer holds too many messages,
 //! [`Channel::recv`] waits for one, and their `try_` and `_timeout` forms
-//! bound the wait. There are no background threads. A peer that closes, or
-//! dies even by `SIGKILL`, is noticed within one wait slice (100 ms by
-//! default): messages it sent before are still delivered, then
-//! [`Error::Disconnected`].
+//! bound the wait. There are no background threads. A peer that closes is
+//! noticed at once; one that dies, even by `SIGKILL`, within one wait slice
+//! (100 ms by default) by a waiting or polling call, and by a sender that
+//! never waits within 64 sends once a slice has passed. Messages it sent
+//! before are still delivered, then [`Error::Disconnected`].
 //!
 //! # Trust
 //!

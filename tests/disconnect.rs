@@ -164,3 +164,36 @@ fn try_recv_and_try_send_notice_a_killed_peer() {
     let err = ch.try_send(build(&ch, 1, 1, 8)).unwrap_err();
     assert!(matches!(err.error(), Error::Disconnected), "{err:?}");
 }
+
+#[test]
+fn a_sender_that_never_waits_notices_a_killed_peer_before_the_ring_fills() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let options = Options::new()
+        .wait_slice(Duration::from_millis(10))
+        .ring_capacity(1024)
+        .region_size(4 << 20);
+    let (parent, child_end) = Channel::pair_with(&options).unwrap();
+    let (mut parent, mut child_end) = (Some(parent), Some(child_end));
+    let child = fork(|| {
+        drop(parent.take());
+        let _rx = child_end.take().unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    drop(child_end);
+    let tx = parent.unwrap();
+    child.kill();
+    assert_eq!(child.wait(), 128 + libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(20));
+    // Far fewer sends than the ring holds: the sender never has to wait.
+    let sent = (0..512)
+        .take_while(|&n| tx.send(build(&tx, n, 1, 16)).is_ok())
+        .count();
+    assert!(sent < 512, "all 512 sends to a dead peer succeeded");
+    assert!(matches!(
+        tx.send(build(&tx, 0, 1, 16)),
+        Err(Error::Disconnected)
+    ));
+}
