@@ -764,6 +764,11 @@ impl HandPeer {
         self.their_hello
     }
 
+    /// The descriptor the real end sent us for its region.
+    pub fn their_fd(&self) -> BorrowedFd<'_> {
+        self.their_fd.as_fd()
+    }
+
     /// The real end's region, mapped read-only as its descriptor allows.
     pub fn map_their_region(&self) -> Mapping {
         Mapping::map(self.their_fd.as_fd(), self.their_hello.region_size, false)
