@@ -4,7 +4,6 @@
 //! reopened and written: that is why a sealed end refuses one by default.)
 #![allow(unsafe_code)]
 mod common;
-#[allow(dead_code)]
 mod peer;
 
 use std::ffi::CString;
