@@ -749,7 +749,7 @@ impl Channel {
     /// Whether a non-blocking call should poll the socket now: at most once
     /// per wait slice, so `try_recv` in a loop notices a killed peer as fast
     /// as `recv` does, without a system call each time.
-    fn liveness_due(&self) -> bool {
+    pub(crate) fn liveness_due(&self) -> bool {
         let now = Instant::now();
         match self.last_liveness_check.get() {
             Some(t) if now.duration_since(t) < self.options.wait_slice => false,

@@ -98,6 +98,14 @@ pub fn wait_any_with(
     let auto = method == WaitMethod::Auto;
     let mut method = resolve(method, channels.len())?;
     loop {
+        // Once per wait slice per channel, even while other channels keep us
+        // too busy to sleep out a slice: a peer killed meanwhile shows as
+        // hang-up, and its channel is ready (its recv reports Disconnected).
+        for (i, c) in channels.iter().enumerate() {
+            if c.liveness_due() && !c.peer_alive()? {
+                return Ok(i);
+            }
+        }
         if let Some(i) = first_ready(channels) {
             return Ok(i);
         }

@@ -42,6 +42,13 @@ pub(crate) fn claim_inherited(fd: RawFd) -> std::io::Result<OwnedFd> {
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
         return Err(refuse("names no open descriptor"));
     }
+    // Checked before claiming, so a refused descriptor stays open and
+    // untouched (it may be something else of this process's).
+    // SAFETY: `fd` is open (checked above) and only borrowed for the check.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !super::socket::is_unix_stream(borrowed).unwrap_or(false) {
+        return Err(refuse("not a Unix stream socket"));
+    }
     if CLAIMED.swap(true, Ordering::SeqCst) {
         return Err(refuse("the inherited descriptor was claimed already"));
     }
