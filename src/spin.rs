@@ -5,8 +5,10 @@
 //! more busy processes than cores, a spinning waiter steals the very CPU its
 //! peer needs. So the budget adapts: a wait that ends during the spin doubles
 //! it (up to `Options::spin`), a wait that has to sleep halves it (down to
-//! zero). At zero, one wait in [`PROBE_EVERY`] still spins [`FLOOR`], so the
-//! budget grows back once spinning pays again.
+//! zero). At zero, one wait in [`PROBE_EVERY`] still spins the full budget,
+//! and a probe that pays restores it, so the budget comes back once spinning
+//! pays again. While spinning, a waiter past the first [`FLOOR`] yields the
+//! CPU each round, so an overloaded machine loses little to it.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -45,15 +47,23 @@ impl SpinBudget {
         let n = self.waits_at_zero.get().wrapping_add(1);
         self.waits_at_zero.set(n);
         if n % PROBE_EVERY == 0 {
-            FLOOR.min(self.max)
+            // A probe with the full budget: a wait that needs it (say, a
+            // peer that takes 20 us to answer) must be able to win it back.
+            self.max
         } else {
             Duration::ZERO
         }
     }
 
-    /// The wait ended while spinning: spinning pays.
+    /// The wait ended while spinning: spinning pays. (After a successful
+    /// probe from zero, that means the full budget again.)
     pub(crate) fn paid(&self) {
-        let grown = (self.current.get() * 2).max(FLOOR);
+        let current = self.current.get();
+        let grown = if current.is_zero() {
+            self.max
+        } else {
+            (current * 2).max(FLOOR)
+        };
         self.current.set(grown.min(self.max));
     }
 
@@ -69,6 +79,12 @@ impl SpinBudget {
     }
 
     /// Spins until `ready` or the budget runs out, and adapts the budget.
+    ///
+    /// The first [`FLOOR`] is a pure spin (the fast path of a ping-pong
+    /// between two cores). After that each round also offers the CPU to
+    /// another runnable thread (`sched_yield`): with more busy processes
+    /// than cores, the peer that would answer may be waiting for this very
+    /// core; with idle cores the yield returns at once.
     pub(crate) fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
         let budget = self.next();
         if budget.is_zero() {
@@ -83,7 +99,8 @@ impl SpinBudget {
                 }
                 std::hint::spin_loop();
             }
-            if start.elapsed() >= budget {
+            let elapsed = start.elapsed();
+            if elapsed >= budget {
                 let ok = ready();
                 if ok {
                     self.paid();
@@ -91,6 +108,9 @@ impl SpinBudget {
                     self.wasted();
                 }
                 return ok;
+            }
+            if elapsed >= FLOOR {
+                crate::sys::sched_yield();
             }
         }
     }
@@ -108,10 +128,23 @@ mod tests {
             b.wasted();
         }
         assert_eq!(b.current.get(), Duration::ZERO);
-        let probes = (0..PROBE_EVERY * 4).filter(|_| !b.next().is_zero()).count();
-        assert_eq!(probes, 4, "one probe in {PROBE_EVERY}");
+        let probes: Vec<Duration> = (0..PROBE_EVERY * 4)
+            .map(|_| b.next())
+            .filter(|d| !d.is_zero())
+            .collect();
+        assert_eq!(
+            probes,
+            vec![Duration::from_micros(50); 4],
+            "one full probe in {PROBE_EVERY}"
+        );
         b.paid();
-        assert_eq!(b.next(), FLOOR);
+        assert_eq!(
+            b.next(),
+            Duration::from_micros(50),
+            "a paying probe restores the budget"
+        );
+        b.wasted();
+        assert_eq!(b.next(), Duration::from_micros(25));
         for _ in 0..10 {
             b.paid();
         }

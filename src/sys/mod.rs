@@ -79,3 +79,9 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Offers the CPU to another runnable thread, if any. `sched_yield(2)`
+pub(crate) fn sched_yield() {
+    // SAFETY: sched_yield has no preconditions; it cannot fail on Linux.
+    unsafe { libc::sched_yield() };
+}
