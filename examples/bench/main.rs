@@ -647,16 +647,25 @@ fn print_table(rows: &[Row]) {
     println!("{}", "-".repeat(96));
     for r in rows {
         println!(
-            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>11.1}x",
+            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>12}",
             r.workload,
             fmt_figure(r.shm),
             fmt_figure(r.socket),
             r.unit,
             r.ratio(),
-            r.advantage()
+            fmt_advantage(r.advantage())
         );
     }
     println!();
+}
+
+/// "12.3x"; "1000x+" past that (an allocation count near zero, say).
+fn fmt_advantage(v: f64) -> String {
+    if !v.is_finite() || v >= 1000.0 {
+        "1000x+".into()
+    } else {
+        format!("{v:.1}x")
+    }
 }
 
 fn json_string(s: &str) -> String {
