@@ -148,7 +148,10 @@ struct HalfOpen {
 
 impl HalfOpen {
     fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, Error> {
-        let deadline = Instant::now() + options.setup_timeout;
+        // A timeout too large for the clock means no deadline to speak of.
+        let deadline = Instant::now()
+            .checked_add(options.setup_timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         let geometry = geometry_for(options)?;
         let socket = OwnedFd::from(stream);
         let (out, peer_fd) = OutRegion::create(geometry, options.backing)?;
@@ -777,8 +780,10 @@ impl Channel {
     /// Reads the doorbell bytes waiting on the socket. Any other byte is a
     /// protocol error; end of stream means the peer is gone (`Ok(false)`).
     pub(crate) fn drain_doorbells(&self) -> Result<bool, Error> {
-        let mut buf = [0u8; 64];
-        loop {
+        let mut buf = [0u8; 512];
+        // Bounded: a peer that keeps ringing cannot keep us here. What is
+        // left is read at the next check.
+        for _ in 0..16 {
             match socket::recv_nowait(self.socket.as_fd(), &mut buf) {
                 Ok(0) => {
                     self.peer_gone.set(true);
@@ -794,6 +799,7 @@ impl Channel {
                 }
             }
         }
+        Ok(true)
     }
 
     fn check_open(&self) -> Result<(), Error> {
@@ -826,6 +832,17 @@ impl Channel {
         // `closed` also sees them.
         control.closed.0.store(1, Ordering::SeqCst);
         futex::futex_wake(&control.closed.0);
+        // A peer waiting in `wait_any`'s poll hears it at once.
+        let peer_sleep = self
+            .incoming
+            .region()
+            .control()
+            .rx_sleeping
+            .0
+            .load(Ordering::SeqCst);
+        if peer_sleep == SLEEPING_ON_SOCKET {
+            self.ring_doorbell();
+        }
         futex::futex_wake(&control.published.0);
         futex::futex_wake(&control.released.0);
     }

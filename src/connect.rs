@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::options::Options;
+use crate::sys;
 use crate::sys::socket::{self, UnixAddr};
 
 /// Who is at the other end of a connection, as the kernel recorded it when
@@ -106,10 +107,13 @@ impl ListenerOptions {
             }
             Err(e) => return Err(e.into()),
         };
+        // If the file is gone already (removed by someone else), there is
+        // nothing of ours left to clean up: fail without leaving a socket.
         let meta = std::fs::symlink_metadata(path)?;
         Ok(Listener {
             socket,
             path: Some((path.to_path_buf(), (meta.dev(), meta.ino()))),
+            owner_pid: sys::getpid(),
         })
     }
 
@@ -123,7 +127,11 @@ impl ListenerOptions {
     /// [`Error::Io`]: `AddrInUse` when the name is taken.
     pub fn bind_abstract(&self, name: &[u8]) -> Result<Listener, Error> {
         let socket = socket::listen_unix(UnixAddr::Abstract(name), self.mode, self.backlog)?;
-        Ok(Listener { socket, path: None })
+        Ok(Listener {
+            socket,
+            path: None,
+            owner_pid: sys::getpid(),
+        })
     }
 
     /// Removes a stale socket file at `path`, or explains why not.
@@ -144,8 +152,14 @@ impl ListenerOptions {
                  ListenerOptions::replace_stale removes it if nothing listens)",
             ));
         }
-        match socket::connect_unix(UnixAddr::Path(path)) {
+        // A probe connection: a live server sees it come and go (its
+        // `accept` then fails for that one connection, which a server
+        // should shrug off). Non-blocking, so a full backlog reads as live.
+        match socket::connect_unix_nowait(UnixAddr::Path(path)) {
             Ok(_) => Err(hint("another server is listening there")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(hint("another server is listening there"))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)?;
                 Ok(())
@@ -174,6 +188,9 @@ pub struct Listener {
     /// The socket file and its (device, inode), to remove it on drop only
     /// if it is still ours.
     path: Option<(PathBuf, (u64, u64))>,
+    /// The process that bound it: a copy inherited through `fork` (a
+    /// fork-per-connection server) leaves the file alone when it drops.
+    owner_pid: u32,
 }
 
 impl Listener {
@@ -252,8 +269,12 @@ impl fmt::Debug for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        // Remove the file only if it is still the one we bound: a new
-        // server may have replaced it meanwhile.
+        // Remove the file only in the process that bound it (not in a forked
+        // copy), and only if it is still the one we bound: a new server may
+        // have replaced it meanwhile.
+        if sys::getpid() != self.owner_pid {
+            return;
+        }
         if let Some((path, id)) = &self.path {
             if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
                 let _ = std::fs::remove_file(path);

@@ -93,9 +93,11 @@ impl Options {
 
     /// How long a waiting call spins before it sleeps in the kernel. Spinning
     /// answers in well under a microsecond but occupies a core; zero sleeps
-    /// at once (lowest CPU use, a futex wake per message).
+    /// at once (lowest CPU use, a futex wake per message). At most 100 ms.
+    /// The budget adapts below this maximum (see the README).
     pub fn spin(mut self, budget: Duration) -> Options {
-        self.spin = budget;
+        // Capped, so a spin cannot outlast the checks for a dead peer.
+        self.spin = budget.min(Duration::from_millis(100));
         self
     }
 

@@ -15,7 +15,6 @@
 //! (checked once per process) and at most 64 channels are given.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
@@ -39,9 +38,6 @@ pub enum WaitMethod {
 
 /// The most channels one `futex_waitv` covers (two words each).
 const MAX_FUTEX_CHANNELS: usize = futex::FUTEX_WAITV_MAX / 2;
-
-/// Whether this process has `futex_waitv`: 0 unknown, 1 yes, 2 no.
-static HAS_FUTEX_WAITV: AtomicU8 = AtomicU8::new(0);
 
 /// Blocks until one of `channels` is ready to receive, and returns its
 /// index: its `try_recv` will then return a message or the error that ended
@@ -70,7 +66,9 @@ static HAS_FUTEX_WAITV: AtomicU8 = AtomicU8::new(0);
 ///
 /// [`Error::Timeout`] when nothing became ready in time; [`Error::Io`]
 /// (`InvalidInput`) for an empty slice, or when the chosen method is not
-/// available.
+/// available. A failure of one channel (a protocol error, a broken socket)
+/// is not an error of the wait: that channel is reported ready, and its
+/// `try_recv` returns the failure.
 pub fn wait_any(channels: &[&Channel], timeout: Option<Duration>) -> Result<usize, Error> {
     wait_any_with(channels, timeout, WaitMethod::Auto)
 }
@@ -102,23 +100,14 @@ pub fn wait_any_with(
         // too busy to sleep out a slice: a peer killed meanwhile shows as
         // hang-up, and its channel is ready (its recv reports Disconnected).
         for (i, c) in channels.iter().enumerate() {
-            if c.liveness_due() && !c.peer_alive()? {
+            if c.liveness_due() && !alive(c) {
                 return Ok(i);
             }
         }
         if let Some(i) = first_ready(channels) {
             return Ok(i);
         }
-        // Spin, like a single recv, checking every channel; the first
-        // channel's adaptive budget stands for the set.
-        let mut found = None;
-        channels[0].rx_spin().spin(|| {
-            found = first_ready(channels);
-            found.is_some()
-        });
-        if let Some(i) = found {
-            return Ok(i);
-        }
+        // The deadline before spinning, as a single recv does.
         let this_slice = match deadline {
             None => slice,
             Some(d) => {
@@ -129,13 +118,22 @@ pub fn wait_any_with(
                 left.min(slice)
             }
         };
+        // Spin, like a single recv, checking every channel; the first
+        // channel's adaptive budget stands for the set.
+        let mut found = None;
+        channels[0].rx_spin().spin(|| {
+            found = first_ready(channels);
+            found.is_some()
+        });
+        if let Some(i) = found {
+            return Ok(i);
+        }
         let woke = match method {
             WaitMethod::Doorbell => sleep_on_sockets(channels, this_slice)?,
             _ => match sleep_on_futexes(channels, this_slice) {
-                Err(Error::Io(e))
-                    if auto && e.raw_os_error() == Some(crate::sys::errno::ENOSYS) =>
-                {
-                    // No futex_waitv on this kernel: the doorbell from now on.
+                Err(Error::Io(_)) if auto && !futex::waitv_available() => {
+                    // No futex_waitv here (an old kernel, or filtered by
+                    // seccomp): the doorbell from now on.
                     method = WaitMethod::Doorbell;
                     None
                 }
@@ -148,6 +146,14 @@ pub fn wait_any_with(
     }
 }
 
+/// Whether a channel's peer is still there. A channel whose socket check
+/// fails has ended (the failure is recorded on it, and its `try_recv`
+/// returns it), so that counts as gone too: the caller reports it ready
+/// rather than failing the whole wait for one channel's sake.
+fn alive(channel: &Channel) -> bool {
+    channel.peer_alive().unwrap_or(false)
+}
+
 /// The index of the first channel ready to receive.
 fn first_ready(channels: &[&Channel]) -> Option<usize> {
     channels.iter().position(|c| c.recv_ready())
@@ -155,7 +161,7 @@ fn first_ready(channels: &[&Channel]) -> Option<usize> {
 
 fn resolve(method: WaitMethod, count: usize) -> Result<WaitMethod, Error> {
     // Two words per channel: its counter and its peer's `closed`.
-    let futex_ok = count <= MAX_FUTEX_CHANNELS && HAS_FUTEX_WAITV.load(Ordering::Relaxed) != 2;
+    let futex_ok = count <= MAX_FUTEX_CHANNELS && futex::waitv_available();
     match method {
         WaitMethod::Auto if futex_ok => Ok(WaitMethod::Futex),
         WaitMethod::Auto | WaitMethod::Doorbell => Ok(WaitMethod::Doorbell),
@@ -193,27 +199,14 @@ fn sleep_on_futexes(channels: &[&Channel], slice: Duration) -> Result<Option<usi
     words.extend(channels.iter().map(|c| (c.peer_closed_word(), 0)));
     let slept = futex::futex_waitv(&words, slice);
     channels.iter().for_each(|c| c.finish_sleep());
-    match slept {
-        Ok(_) => {}
-        Err(e) => {
-            if e.raw_os_error() == Some(crate::sys::errno::ENOSYS) {
-                HAS_FUTEX_WAITV.store(2, Ordering::Relaxed);
-            }
-            return Err(Error::Io(e));
-        }
-    }
-    HAS_FUTEX_WAITV.store(1, Ordering::Relaxed);
+    futex::note_waitv(&slept);
+    slept?;
     if let Some(i) = first_ready(channels) {
         return Ok(Some(i));
     }
     // A slice with nothing: check for dead peers (a hang-up makes a channel
     // ready: its recv drains and reports Disconnected).
-    for (i, c) in channels.iter().enumerate() {
-        if !c.peer_alive()? {
-            return Ok(Some(i));
-        }
-    }
-    Ok(None)
+    Ok(channels.iter().position(|c| !alive(c)))
 }
 
 fn sleep_on_sockets(channels: &[&Channel], slice: Duration) -> Result<Option<usize>, Error> {
@@ -225,8 +218,8 @@ fn sleep_on_sockets(channels: &[&Channel], slice: Duration) -> Result<Option<usi
     channels.iter().for_each(|c| c.finish_sleep());
     let ready = polled?;
     for (i, (c, r)) in channels.iter().zip(&ready).enumerate() {
-        if r.hung_up || (r.readable && !c.drain_doorbells()?) {
-            c.peer_alive()?;
+        if r.hung_up || (r.readable && !c.drain_doorbells().unwrap_or(false)) {
+            alive(c); // records the hang-up (or the failure) on the channel
             return Ok(Some(i));
         }
     }

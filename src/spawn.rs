@@ -27,9 +27,19 @@ pub const ENV_VAR: &str = "CAPNP_SHM_FD";
 /// The parent's half of a channel to a child not yet spawned; from
 /// [`Channel::for_command`].
 pub struct PendingChild {
-    ours: UnixStream,
+    ours: Option<UnixStream>,
     /// The child's end, kept open here until the child has it.
     theirs: Option<OwnedFd>,
+    /// Disarmed once the child has its end (see `Drop`).
+    inheritance: process::Inheritance,
+}
+
+impl Drop for PendingChild {
+    fn drop(&mut self) {
+        // A later spawn of the same Command must not hand on whatever
+        // descriptor reuses the number.
+        self.inheritance.disarm();
+    }
 }
 
 impl fmt::Debug for PendingChild {
@@ -37,14 +47,16 @@ impl fmt::Debug for PendingChild {
         f.debug_struct("PendingChild")
             .field("ours", &self.ours)
             .field("theirs", &self.theirs)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Channel {
     /// Prepares `command` to receive the other end of a new channel: call
     /// this, then `command.spawn()`, then [`PendingChild::connect`]. The
-    /// child calls [`Channel::from_env`].
+    /// child calls [`Channel::from_env`]. One call per spawn: the command's
+    /// next child gets the end, and no later one does (the variable stays
+    /// set on the `Command`, but names nothing a later child can claim).
     ///
     /// ```no_run
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -63,12 +75,14 @@ impl Channel {
     /// [`Error::Io`] when the socket pair cannot be made.
     pub fn for_command(command: &mut Command) -> Result<PendingChild, Error> {
         let (ours, theirs) = UnixStream::pair()?;
-        let theirs = OwnedFd::from(theirs);
-        process::inherit_in(command, theirs.as_fd());
+        // Above 0-2, so the child's standard streams never land on it.
+        let theirs = process::dup_above_stdio(OwnedFd::from(theirs).as_fd())?;
+        let inheritance = process::inherit_in(command, theirs.as_fd());
         command.env(ENV_VAR, format!("{}:{}", theirs.as_raw_fd(), sys::getpid()));
         Ok(PendingChild {
-            ours,
+            ours: Some(ours),
             theirs: Some(theirs),
+            inheritance,
         })
     }
 
@@ -130,8 +144,13 @@ impl PendingChild {
     ///
     /// As [`connect`](PendingChild::connect).
     pub fn connect_with(mut self, options: &Options) -> Result<Channel, Error> {
+        self.inheritance.disarm();
         drop(self.theirs.take());
-        Channel::from_stream_with(self.ours, options)
+        let ours = self
+            .ours
+            .take()
+            .ok_or_else(|| invalid("connected already"))?;
+        Channel::from_stream_with(ours, options)
     }
 }
 

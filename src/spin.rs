@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// about a microsecond.
 const FLOOR: Duration = Duration::from_micros(2);
 
-/// At a zero budget, one wait in this many probes with [`FLOOR`].
+/// At a zero budget, one wait in this many probes with the full budget.
 const PROBE_EVERY: u32 = 16;
 
 /// One direction's spin budget (a receiver's, or a blocked sender's).
@@ -62,7 +62,7 @@ impl SpinBudget {
         let grown = if current.is_zero() {
             self.max
         } else {
-            (current * 2).max(FLOOR)
+            current.saturating_mul(2).max(FLOOR)
         };
         self.current.set(grown.min(self.max));
     }

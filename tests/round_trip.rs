@@ -85,3 +85,18 @@ fn ends_with_different_ring_capacities_interoperate() {
         sender.join().unwrap();
     }
 }
+
+/// Absurdly large durations in the options are clamped, not a panic.
+#[test]
+fn huge_durations_in_options_do_not_panic() {
+    let _w = Watchdog::new(Duration::from_secs(60));
+    let options = capnp_shm::Options::new()
+        .spin(Duration::MAX)
+        .setup_timeout(Duration::MAX)
+        .wait_slice(Duration::MAX);
+    let (a, b) = Channel::pair_with(&options).unwrap();
+    for n in 0..100 {
+        a.send(build(&a, n, 1, 8)).unwrap();
+        assert_eq!(check(&b.recv().unwrap()), n);
+    }
+}

@@ -258,3 +258,37 @@ fn a_dead_worker_is_noticed_under_load_with_futex_waitv() {
 fn a_dead_worker_is_noticed_under_load_with_doorbells() {
     pool(WaitMethod::Doorbell, Run::UntilVictimDropped);
 }
+
+/// One channel's failure is not the wait's: `wait_any` reports that
+/// channel ready, and its `try_recv` returns the failure.
+#[test]
+fn a_failing_channel_is_reported_ready_not_as_an_error() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let _w = common::Watchdog::new(std::time::Duration::from_secs(30));
+    for method in [
+        capnp_shm::WaitMethod::Futex,
+        capnp_shm::WaitMethod::Doorbell,
+    ] {
+        let (a, _a_peer) = capnp_shm::Channel::pair().unwrap();
+        let (b, b_peer) = capnp_shm::Channel::pair().unwrap();
+        // The peer writes a byte that is not a doorbell.
+        let mut raw =
+            std::os::unix::net::UnixStream::from(b_peer.as_fd().try_clone_to_owned().unwrap());
+        raw.write_all(b"?").unwrap();
+        let opts = Some(std::time::Duration::from_secs(5));
+        // The junk is seen when the socket is next polled: at the latest
+        // after one wait slice.
+        let i = capnp_shm::wait_any_with(&[&a, &b], opts, method).unwrap();
+        assert_eq!(i, 1, "{method:?}");
+        assert!(
+            matches!(
+                b.try_recv(),
+                Err(capnp_shm::Error::Protocol(
+                    capnp_shm::ProtocolError::UnexpectedSocketData
+                ))
+            ),
+            "{method:?}"
+        );
+    }
+}

@@ -470,3 +470,26 @@ fn a_server_sees_who_connects_and_can_refuse_a_stranger() {
     assert_eq!(client_pid, u64::try_from(friend.pid).unwrap());
     expect_success(friend, "the welcome client");
 }
+
+/// A fork-per-connection server: a child that drops its inherited copy of
+/// the listener must not remove the socket file the parent still serves.
+#[test]
+fn a_forked_copy_of_the_listener_leaves_the_file_alone() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let dir = TempDir::new("fork-copy");
+    let path = dir.join("s.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let mut listener = Some(listener);
+    let child = fork(|| {
+        drop(listener.take()); // the child's copy
+        0
+    });
+    assert_eq!(child.wait(), 0);
+    assert!(
+        path.exists(),
+        "the child's drop removed the parent's socket file"
+    );
+    drop(listener.take());
+    assert!(!path.exists(), "the parent's drop removes it");
+}

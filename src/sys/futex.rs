@@ -69,6 +69,18 @@ struct FutexWaitv {
     reserved: u32,
 }
 
+/// `struct __kernel_timespec`: 64-bit seconds and nanoseconds everywhere.
+#[repr(C)]
+struct KernelTimespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+const _: () = {
+    assert!(size_of::<FutexWaitv>() == 24);
+    assert!(size_of::<KernelTimespec>() == 16);
+};
+
 /// `FUTEX2_SIZE_U32`: a 32-bit futex. Without `FUTEX2_PRIVATE`: shared.
 const FUTEX2_SIZE_U32: u32 = 0x02;
 
@@ -97,20 +109,23 @@ pub(crate) fn futex_waitv(
             reserved: 0,
         })
         .collect();
-    // The timeout is absolute, on CLOCK_MONOTONIC.
+    // The timeout is absolute, on CLOCK_MONOTONIC, as the kernel's 64-bit
+    // `struct __kernel_timespec` (also on 32-bit targets).
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `now` is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let nanos = i128::from(now.tv_nsec) + i128::from(timeout.subsec_nanos());
-    let deadline = libc::timespec {
-        tv_sec: now
-            .tv_sec
-            .saturating_add(libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX))
-            .saturating_add(libc::time_t::from(nanos >= 1_000_000_000)),
-        tv_nsec: libc::c_long::try_from(nanos % 1_000_000_000).unwrap_or(0),
+    // (`i64::from` is a no-op on 64-bit targets, a widening on 32-bit ones.)
+    #[allow(clippy::useless_conversion)]
+    let (now_sec, now_nsec) = (i64::from(now.tv_sec), i64::from(now.tv_nsec));
+    let nanos = now_nsec + i64::from(timeout.subsec_nanos());
+    let deadline = KernelTimespec {
+        tv_sec: now_sec
+            .saturating_add(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX))
+            .saturating_add(i64::from(nanos >= 1_000_000_000)),
+        tv_nsec: nanos % 1_000_000_000,
     };
     let count = u32::try_from(waiters.len()).unwrap_or(0);
     // SAFETY: `waiters` holds `count` valid entries whose addresses point to
@@ -121,7 +136,7 @@ pub(crate) fn futex_waitv(
             waiters.as_ptr(),
             count,
             0u32,
-            &deadline as *const libc::timespec,
+            &deadline as *const KernelTimespec,
             libc::CLOCK_MONOTONIC,
         )
     };
@@ -135,28 +150,52 @@ pub(crate) fn futex_waitv(
     }
 }
 
-/// Whether this process has `futex_waitv`: 0 unknown, 1 yes, 2 no.
+/// Whether this process can use `futex_waitv`: 0 unknown, 1 yes, 2 no.
 static HAS_WAITV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// Whether `futex_waitv` may be tried (not known to be unavailable).
+pub(crate) fn waitv_available() -> bool {
+    HAS_WAITV.load(std::sync::atomic::Ordering::Relaxed) != 2
+}
+
+/// Records what a `futex_waitv` call taught: `Ok` means it works; the errors
+/// of a missing or forbidden call (`ENOSYS` on kernels before 5.16; `EPERM`,
+/// `EACCES` from a seccomp filter; `EINVAL` from one that knows no better)
+/// mean never to try again in this process. Returns whether it is available.
+pub(crate) fn note_waitv(result: &std::io::Result<Option<usize>>) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match result {
+        Ok(_) => {
+            HAS_WAITV.store(1, Relaxed);
+            true
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EINVAL)
+            ) =>
+        {
+            HAS_WAITV.store(2, Relaxed);
+            false
+        }
+        Err(_) => waitv_available(),
+    }
+}
+
 /// Sleeps while both words hold their expected values, for at most
-/// `timeout`: with `futex_waitv` where the kernel has it (Linux 5.16), so a
-/// wake on either word ends the sleep; otherwise on the first word alone
-/// (a wake on the second is then seen when the timeout ends). Returns like
-/// [`futex_wait`]: the caller re-checks its condition in every case.
+/// `timeout`: with `futex_waitv` where it is available (Linux 5.16, not
+/// filtered), so a wake on either word ends the sleep; otherwise on the
+/// first word alone (a wake on the second is then seen when the timeout
+/// ends). Returns like [`futex_wait`]: the caller re-checks its condition.
 pub(crate) fn futex_wait_either(
     first: (&AtomicU32, u32),
     second: (&AtomicU32, u32),
     timeout: Duration,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
-    if HAS_WAITV.load(Relaxed) != 2 {
-        match futex_waitv(&[first, second], timeout) {
-            Ok(_) => {
-                HAS_WAITV.store(1, Relaxed);
-                return;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => HAS_WAITV.store(2, Relaxed),
-            Err(_) => {}
+    if waitv_available() {
+        let result = futex_waitv(&[first, second], timeout);
+        if note_waitv(&result) || result.is_ok() {
+            return;
         }
     }
     futex_wait(first.0, first.1, timeout);

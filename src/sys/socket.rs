@@ -211,7 +211,7 @@ fn sockaddr_un(addr: UnixAddr<'_>) -> io::Result<(libc::sockaddr_un, libc::sockl
     // A path needs a terminating NUL; a name may fill the rest.
     let fits = match addr {
         UnixAddr::Path(_) => bytes.len() < room && !bytes.contains(&0) && !bytes.is_empty(),
-        UnixAddr::Abstract(_) => bytes.len() <= room,
+        UnixAddr::Abstract(_) => bytes.len() <= room && !bytes.is_empty(),
     };
     if !fits {
         return Err(io::Error::new(
@@ -269,6 +269,33 @@ pub(crate) fn listen_unix(addr: UnixAddr<'_>, mode: u32, backlog: i32) -> io::Re
 pub(crate) fn connect_unix(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(addr)?;
     let fd = unix_stream_socket()?;
+    retry_eintr(|| {
+        // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
+        cvt(unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        })
+    })?;
+    Ok(fd)
+}
+
+/// Like [`connect_unix`], without blocking: a listener whose backlog is
+/// full fails with `WouldBlock` instead of making us wait.
+pub(crate) fn connect_unix_nowait(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
+    let (sa, len) = sockaddr_un(addr)?;
+    // SAFETY: plain arguments; the result is a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: socket returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     retry_eintr(|| {
         // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
         cvt(unsafe {
