@@ -283,14 +283,36 @@ impl Drop for Listener {
     }
 }
 
+/// Connects without blocking past `setup_timeout`: a listener whose backlog
+/// is full makes a Unix `connect` fail with `EAGAIN` at once (it cannot be
+/// waited for with `poll`), so this retries every millisecond until the
+/// deadline. The socket stays non-blocking; the channel only ever uses it
+/// with `poll` and `MSG_DONTWAIT`.
+fn connect_bounded(addr: UnixAddr<'_>, options: &Options) -> Result<OwnedFd, Error> {
+    let start = std::time::Instant::now();
+    loop {
+        match socket::connect_unix_nowait(addr) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() >= options.setup_timeout {
+                    return Err(Error::Timeout);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Channel {
     /// Connects to a [`Listener`] bound to `path` and sets a channel up.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] when the connection fails (`NotFound`,
-    /// `ConnectionRefused`: nobody listens), and the set-up errors of
-    /// [`Channel::from_stream`].
+    /// `ConnectionRefused`: nobody listens); [`Error::Timeout`] when the
+    /// listener's queue stays full for `setup_timeout`; and the set-up
+    /// errors of [`Channel::from_stream`].
     pub fn connect(path: impl AsRef<Path>) -> Result<Channel, Error> {
         Channel::connect_with(path, &Options::default())
     }
@@ -301,7 +323,7 @@ impl Channel {
     ///
     /// As [`connect`](Channel::connect).
     pub fn connect_with(path: impl AsRef<Path>, options: &Options) -> Result<Channel, Error> {
-        let fd = socket::connect_unix(UnixAddr::Path(path.as_ref()))?;
+        let fd = connect_bounded(UnixAddr::Path(path.as_ref()), options)?;
         Channel::from_stream_with(UnixStream::from(fd), options)
     }
 
@@ -320,7 +342,7 @@ impl Channel {
     ///
     /// As [`connect`](Channel::connect).
     pub fn connect_abstract_with(name: &[u8], options: &Options) -> Result<Channel, Error> {
-        let fd = socket::connect_unix(UnixAddr::Abstract(name))?;
+        let fd = connect_bounded(UnixAddr::Abstract(name), options)?;
         Channel::from_stream_with(UnixStream::from(fd), options)
     }
 

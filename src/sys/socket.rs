@@ -265,25 +265,9 @@ pub(crate) fn listen_unix(addr: UnixAddr<'_>, mode: u32, backlog: i32) -> io::Re
     Ok(fd)
 }
 
-/// A Unix stream socket connected to `addr`. `connect(2)`
-pub(crate) fn connect_unix(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
-    let (sa, len) = sockaddr_un(addr)?;
-    let fd = unix_stream_socket()?;
-    retry_eintr(|| {
-        // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
-        cvt(unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_un).cast(),
-                len,
-            )
-        })
-    })?;
-    Ok(fd)
-}
-
-/// Like [`connect_unix`], without blocking: a listener whose backlog is
-/// full fails with `WouldBlock` instead of making us wait.
+/// A Unix stream socket connected to `addr`, non-blocking, close-on-exec:
+/// a listener whose backlog is full fails with `WouldBlock` instead of
+/// making us wait. `connect(2)`
 pub(crate) fn connect_unix_nowait(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(addr)?;
     // SAFETY: plain arguments; the result is a new descriptor or -1.
