@@ -93,8 +93,10 @@ impl Channel {
     ///
     /// [`Error::Io`]: `NotFound` when the variable is missing, malformed or
     /// names another parent; `InvalidInput` when the descriptor is not open,
-    /// not a Unix stream socket, or was claimed already; then the set-up
-    /// errors of [`Channel::from_stream`].
+    /// not a Unix stream socket, not a socket our parent made (its peer per
+    /// `SO_PEERCRED`), or was claimed already (a refused descriptor is left
+    /// open and untouched); then the set-up errors of
+    /// [`Channel::from_stream`].
     pub fn from_env() -> Result<Channel, Error> {
         Channel::from_env_with(&Options::default())
     }
