@@ -373,39 +373,39 @@ fn a_child_that_never_answers_fails_the_set_up() {
 /// Spawning the same `Command` again after the pending end is gone hands
 /// nothing on: the descriptor number it named may be something else now.
 #[test]
+#[allow(unsafe_code)] // fcntl(F_DUPFD_CLOEXEC) to take a number back
 fn a_reused_command_hands_on_nothing_the_second_time() {
     let _w = Watchdog::new(Duration::from_secs(60));
-    let mut cmd = Command::new("/bin/sh");
-    let pending = Channel::for_command(&mut cmd).unwrap();
-    let value = std::env::var_os(ENV_VAR).map_or_else(
-        || {
-            cmd.get_envs()
-                .find(|(k, _)| *k == ENV_VAR)
-                .and_then(|(_, v)| v)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        },
-        |v| v.to_string_lossy().into_owned(),
-    );
-    let number: i32 = value.split(':').next().unwrap().parse().unwrap();
-    drop(pending); // closes both ends here and disarms the command
-                   // Something else of ours takes the number, close-on-exec as std opens it.
-    let mut files = Vec::new();
-    while files.len() < 64 {
-        let f = std::fs::File::open("/dev/null").unwrap();
-        let at = f.as_raw_fd();
-        files.push(f);
-        if at == number {
-            break;
+    // Other tests of this binary open and close descriptors on other
+    // threads, so the freed number is taken back deliberately (and the
+    // whole step retried if another thread got there first).
+    for _ in 0..20 {
+        let mut cmd = Command::new("/bin/sh");
+        let pending = Channel::for_command(&mut cmd).unwrap();
+        let value = cmd
+            .get_envs()
+            .find(|(k, _)| *k == ENV_VAR)
+            .and_then(|(_, v)| v)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let number: i32 = value.split(':').next().unwrap().parse().unwrap();
+        drop(pending); // closes both ends here and disarms the command
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: duplicates our own open file onto the lowest free number
+        // at or above `number`; the result is a new descriptor or -1.
+        let dup = unsafe { libc::fcntl(devnull.as_raw_fd(), libc::F_DUPFD_CLOEXEC, number) };
+        assert!(dup >= 0);
+        // SAFETY: fcntl returned a new descriptor nobody else owns.
+        let dup = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        if dup.as_raw_fd() != number {
+            continue; // another thread took the number meanwhile
         }
+        let script =
+            format!("if [ -e /proc/self/fd/{number} ]; then echo inherited; else echo clean; fi");
+        let out = cmd.args(["-c", &script]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "clean");
+        return;
     }
-    assert!(
-        files.iter().any(|f| f.as_raw_fd() == number),
-        "number not reused"
-    );
-    let script =
-        format!("if [ -e /proc/self/fd/{number} ]; then echo inherited; else echo clean; fi");
-    let out = cmd.args(["-c", &script]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "clean");
+    panic!("could not take the freed number back in 20 tries");
 }
