@@ -593,47 +593,40 @@ impl Channel {
         if self.rx_spin.spin(ready) {
             return Ok(());
         }
-        let flag = &self.out.region().control().rx_sleeping.0;
-        // SeqCst store then SeqCst load: the sleeper's half of the Dekker pair.
-        flag.store(SLEEPING_ON_FUTEX, Ordering::SeqCst);
-        let seen = peer.published.0.load(Ordering::SeqCst);
-        // Nothing to take: the counter equals what we took, or trails it by
-        // the one message whose tag we saw first (see `RxBook::available`).
-        let consumed = self.rx.consumed();
-        let idle = seen == consumed || seen == consumed.wrapping_sub(1);
-        if idle && !ready() && peer.closed.0.load(Ordering::SeqCst) == 0 {
+        // Announce the sleep and re-check (the sleeper's half of the Dekker
+        // pair); `None` when something turned up meanwhile.
+        if let Some((word, seen)) = self.prepare_sleep(SLEEPING_ON_FUTEX) {
             // Sleeps only while the counter still holds `seen` and the peer
             // has not closed (a close between the check and the sleep
             // changes `closed`, so it cannot be slept through).
-            futex::futex_wait_either((&peer.published.0, seen), (&peer.closed.0, 0), slice);
-        }
-        // Relaxed: a stale `1` seen by the peer costs one spurious wake.
-        flag.store(0, Ordering::Relaxed);
-        if !ready() && peer.published.0.load(Ordering::Relaxed) == seen {
-            // Nothing new: make sure the peer still exists. Its death shows
-            // as hang-up; the caller then drains and reports Disconnected.
-            self.peer_alive()?;
+            futex::futex_wait_either((word, seen), (&peer.closed.0, 0), slice);
+            self.finish_sleep();
+            if !ready() && word.load(Ordering::Relaxed) == seen {
+                // Nothing new: make sure the peer still exists. Its death
+                // shows as hang-up; the caller then drains and reports
+                // Disconnected.
+                self.peer_alive()?;
+            }
         }
         Ok(())
     }
 
-    // ---- waiting on many (called by `wait_any`) -------------------------
+    // ---- sleeping (shared with `wait_any`) ------------------------------
 
     /// Whether `try_recv` would return something other than `Empty` now: a
     /// message, or the end of the channel.
     pub(crate) fn recv_ready(&self) -> bool {
         let region = self.incoming.region();
-        let consumed = self.rx.consumed();
         let published = region.control().published.0.load(Ordering::Acquire);
         self.rx.next_ready(region)
-            || (published != consumed && published != consumed.wrapping_sub(1))
+            || !self.rx.nothing_published(published)
             || self.peer_closed()
             || self.broken.get()
     }
 
     /// Announces that this end goes to sleep in `mode` (a `rx_sleeping`
-    /// value) and re-checks, as `wait_for_message` does: the sleeper's half
-    /// of the Dekker pair. Returns the futex word and the value to sleep on,
+    /// value) and re-checks: the sleeper's half of the Dekker pair, for
+    /// `wait_for_message` and `wait_any`. Returns the futex word and the value to sleep on,
     /// or `None` (flag already cleared) when something is ready after all.
     pub(crate) fn prepare_sleep(&self, mode: u32) -> Option<(&AtomicU32, u32)> {
         let flag = &self.out.region().control().rx_sleeping.0;
@@ -641,9 +634,7 @@ impl Channel {
         flag.store(mode, Ordering::SeqCst);
         let word = &self.incoming.region().control().published.0;
         let seen = word.load(Ordering::SeqCst);
-        let consumed = self.rx.consumed();
-        let idle = seen == consumed || seen == consumed.wrapping_sub(1);
-        if idle && !self.recv_ready() {
+        if self.rx.nothing_published(seen) && !self.recv_ready() {
             Some((word, seen))
         } else {
             flag.store(AWAKE, Ordering::Relaxed);

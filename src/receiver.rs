@@ -173,6 +173,13 @@ impl RxBook {
         self.consumed.get()
     }
 
+    /// Whether a `published` value means nothing to take: equal to what we
+    /// took, or trailing it by the one message whose tag we saw first.
+    pub(crate) fn nothing_published(&self, published: u32) -> bool {
+        let ahead = published.wrapping_sub(self.consumed.get());
+        ahead == 0 || ahead == u32::MAX
+    }
+
     /// Whether the next message's descriptor looks complete: the cheap check
     /// to spin on. `take` validates what it finds.
     pub(crate) fn next_ready(&self, peer: &Region) -> bool {
