@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use capnp::primitive_list;
-use capnp_shm::{Channel, Error};
+use capnp_shm::{Channel, Error, RecvError};
 
 /// Batches the producer sends.
 const BATCHES: u64 = 100_000;
@@ -110,8 +110,8 @@ fn transformer(input: &Channel, output: &Channel) -> Result<(), Error> {
     loop {
         let message = match input.recv() {
             Ok(m) => m,
-            Err(Error::Disconnected) => break,
-            Err(e) => return Err(e),
+            Err(RecvError::Disconnected) => break,
+            Err(e) => return Err(e.into()),
         };
         let list: primitive_list::Reader<'_, u64> =
             message.get_root().map_err(|_| Error::Disconnected)?;
@@ -139,8 +139,8 @@ fn consumer(input: &Channel) -> Result<bool, Error> {
     loop {
         let message = match input.recv() {
             Ok(m) => m,
-            Err(Error::Disconnected) => break,
-            Err(e) => return Err(e),
+            Err(RecvError::Disconnected) => break,
+            Err(e) => return Err(e.into()),
         };
         let list: primitive_list::Reader<'_, u64> =
             message.get_root().map_err(|_| Error::Disconnected)?;

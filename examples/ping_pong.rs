@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use capnp_shm::{Channel, Error};
+use capnp_shm::{Channel, Error, RecvError};
 
 const ROUND_TRIPS: u32 = 100_000;
 
@@ -27,8 +27,8 @@ fn serve(channel: &Channel) -> Result<(), Error> {
                     request.get_root().map_err(|_| Error::Disconnected)?;
                 numbers.iter().sum::<u64>()
             }
-            Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(RecvError::Disconnected) => return Ok(()),
+            Err(e) => return Err(e.into()),
         }; // the request is dropped here: the parent may reuse its space
         let mut reply = channel.message();
         reply
@@ -72,7 +72,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for k in 0..8 {
             numbers.set(k, u64::from(i) + u64::from(k));
         }
-        channel.send(request)?;
+        // A send error holds the unsent builder, which borrows the
+        // channel; `into_error` drops it, for `?` into a Box<dyn Error>.
+        channel.send(request).map_err(|e| e.into_error())?;
         let reply = channel.recv()?;
         let sum = reply
             .get_root::<capnp::primitive_list::Reader<'_, u64>>()?

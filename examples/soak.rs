@@ -32,7 +32,7 @@
 
 use std::time::{Duration, Instant};
 
-use capnp_shm::{Channel, Error, Options, Received};
+use capnp_shm::{Channel, Options, Received, RecvError, RecvTimeoutError};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -467,7 +467,7 @@ fn receiver(channel: &Channel, config: &Config, started: Instant) -> Result<Summ
         let message = loop {
             match channel.recv_timeout(STARVED_AFTER) {
                 Ok(m) => break m,
-                Err(Error::Timeout) => {
+                Err(RecvTimeoutError::Timeout) => {
                     summary.starved += 1;
                     if !held.is_empty() {
                         let i = rng.index(held.len());
@@ -523,7 +523,7 @@ fn receiver(channel: &Channel, config: &Config, started: Instant) -> Result<Summ
     summary.elapsed = started.elapsed();
     // The child sent everything and closes: nothing more may come.
     match channel.recv() {
-        Err(Error::Disconnected) => {}
+        Err(RecvError::Disconnected) => {}
         Ok(m) => {
             let list: capnp::data_list::Reader<'_> = m.get_root().map_err(|e| e.to_string())?;
             return Err(format!("a message after the last: {} items", list.len()));

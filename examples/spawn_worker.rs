@@ -16,7 +16,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use capnp_shm::{Channel, Error};
+use capnp_shm::{Channel, Error, RecvError};
 
 /// The ranges asked for, with the number of primes in each where it is
 /// well known (π(10ⁿ)).
@@ -67,8 +67,8 @@ fn worker() -> Result<(), Error> {
                 }
                 (range.get(0), range.get(1))
             }
-            Err(Error::Disconnected) => break,
-            Err(e) => return Err(e),
+            Err(RecvError::Disconnected) => break,
+            Err(e) => return Err(e.into()),
         }; // the request is released here
         let (count, largest) = (lo..hi)
             .filter(|&n| is_prime(n))

@@ -25,7 +25,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use capnp::primitive_list;
-use capnp_shm::{wait_any, Channel, Error};
+use capnp_shm::{wait_any, Channel, Error, RecvError};
 
 /// How long each pool size is measured.
 const MEASURE: Duration = Duration::from_millis(1500);
@@ -96,8 +96,8 @@ fn serve(channel: &Channel) -> Result<(), Error> {
                     request.get_root().map_err(|_| Error::Disconnected)?;
                 (list.get(0), list.get(1))
             }
-            Err(Error::Disconnected) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(RecvError::Disconnected) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
         let mut reply = channel.message();
         reply
@@ -112,7 +112,7 @@ fn ask(channel: &Channel, seed: u64) -> Result<(), Error> {
     let mut list = request.initn_root::<primitive_list::Builder<'_, u64>>(2);
     list.set(0, seed);
     list.set(1, ROUNDS);
-    channel.send(request)
+    Ok(channel.send(request)?)
 }
 
 /// Runs a pool of `n` workers for [`MEASURE`]; returns the requests

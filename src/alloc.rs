@@ -1,5 +1,5 @@
-//! Space in the outgoing data area: the free list (pure bookkeeping) and the
-//! capnp [`Allocator`](capnp::message::Allocator) that builds messages in place.
+//! The capnp [`Allocator`](capnp::message::Allocator) that builds messages
+//! in place, in the sending side's data area.
 
 #![allow(unsafe_code)]
 
@@ -8,166 +8,27 @@ use std::ptr::NonNull;
 
 use capnp::message::{Allocator, HeapAllocator};
 
-use crate::channel::Channel;
-use crate::region::Extent;
-
-/// The free words of a data area, as extents sorted by start, never empty,
-/// never overlapping and never touching (neighbours are merged on free).
-///
-/// Allocation is first fit from the lowest address. In a steady stream the
-/// same low, cache-warm words are reused message after message; a message the
-/// peer holds for an hour is just an extent the search steps over, so it never
-/// blocks the rest of the area (no head-of-line blocking).
-///
-/// Invariant: every word in a free extent is zero. Callers zero what they
-/// free (`OutRegion::zero`) unless it was never written.
-#[derive(Debug)]
-pub(crate) struct FreeList {
-    extents: Vec<Extent>,
-    free_words: u64,
-}
-
-impl FreeList {
-    /// A free list over a data area of `words` words, all free.
-    pub(crate) fn new(words: u32) -> FreeList {
-        let mut extents = Vec::with_capacity(64);
-        if words > 0 {
-            extents.push(Extent {
-                start: 0,
-                len: words,
-            });
-        }
-        FreeList {
-            extents,
-            free_words: u64::from(words),
-        }
-    }
-
-    /// Total free words.
-    #[cfg(test)]
-    pub(crate) fn free_words(&self) -> u64 {
-        self.free_words
-    }
-
-    /// The longest free extent's length.
-    pub(crate) fn largest(&self) -> u32 {
-        self.extents.iter().map(|e| e.len).max().unwrap_or(0)
-    }
-
-    /// Takes `want` words from the lowest extent that has them; failing that,
-    /// as much as the largest extent has, if that is at least `min`. Returns
-    /// `None` when no extent has `min` words. `min` must be at least 1.
-    pub(crate) fn allocate(&mut self, min: u32, want: u32) -> Option<Extent> {
-        debug_assert!(min >= 1 && min <= want.max(min));
-        let want = want.max(min);
-        let index = match self.extents.iter().position(|e| e.len >= want) {
-            Some(i) => i,
-            None => {
-                let (i, e) = self.extents.iter().enumerate().max_by_key(|(_, e)| e.len)?;
-                if e.len < min {
-                    return None;
-                }
-                i
-            }
-        };
-        let e = &mut self.extents[index];
-        let len = e.len.min(want);
-        let taken = Extent {
-            start: e.start,
-            len,
-        };
-        e.start += len;
-        e.len -= len;
-        if e.len == 0 {
-            self.extents.remove(index);
-        }
-        self.free_words -= u64::from(len);
-        Some(taken)
-    }
-
-    /// Takes exactly `extent` out of the free list. Returns `false` (and
-    /// changes nothing) unless every word of it is free.
-    pub(crate) fn take(&mut self, extent: Extent) -> bool {
-        if extent.len == 0 {
-            return true;
-        }
-        // The last free extent starting at or before `extent`.
-        let i = self.extents.partition_point(|e| e.start <= extent.start);
-        let Some(i) = i.checked_sub(1) else {
-            return false;
-        };
-        let e = self.extents[i];
-        if e.end() < extent.end() {
-            return false;
-        }
-        let before = Extent {
-            start: e.start,
-            len: extent.start - e.start,
-        };
-        let after = Extent {
-            start: extent.end(),
-            len: e.end() - extent.end(),
-        };
-        match (before.len > 0, after.len > 0) {
-            (true, true) => {
-                self.extents[i] = before;
-                self.extents.insert(i + 1, after);
-            }
-            (true, false) => self.extents[i] = before,
-            (false, true) => self.extents[i] = after,
-            (false, false) => {
-                self.extents.remove(i);
-            }
-        }
-        self.free_words -= u64::from(extent.len);
-        true
-    }
-
-    /// Returns `extent` to the free list, merging it with its neighbours.
-    /// The extent must not overlap a free one (checked in debug builds).
-    pub(crate) fn free(&mut self, extent: Extent) {
-        if extent.len == 0 {
-            return;
-        }
-        // First free extent that starts after `extent`.
-        let i = self.extents.partition_point(|e| e.start < extent.start);
-        debug_assert!(i == self.extents.len() || extent.end() <= self.extents[i].start);
-        debug_assert!(i == 0 || self.extents[i - 1].end() <= extent.start);
-        let merges_prev = i > 0 && self.extents[i - 1].end() == extent.start;
-        let merges_next = i < self.extents.len() && extent.end() == self.extents[i].start;
-        match (merges_prev, merges_next) {
-            (true, true) => {
-                let next = self.extents.remove(i);
-                self.extents[i - 1].len += extent.len + next.len;
-            }
-            (true, false) => self.extents[i - 1].len += extent.len,
-            (false, true) => {
-                self.extents[i].start = extent.start;
-                self.extents[i].len += extent.len;
-            }
-            (false, false) => self.extents.insert(i, extent),
-        }
-        self.free_words += u64::from(extent.len);
-    }
-}
+use crate::send::SendSide;
 
 /// The capnp allocator of one message being built in a channel's outgoing
-/// region. Get one through [`Channel::message`].
+/// region. Get one through [`Sender::message`](crate::Sender::message).
 ///
 /// Segments come from the channel's data area: zeroed, 8-byte aligned,
 /// growing (each new segment at least as large as all before it together). When
 /// the area is momentarily full the segment comes from the heap instead and
 /// `send` copies it in; allocation itself never fails, blocks or panics.
-pub struct RegionAllocator<'c> {
-    channel: &'c Channel,
+pub struct RegionAllocator<'s> {
+    side: &'s SendSide,
     next_words: u32,
     heap: HeapAllocator,
 }
 
-impl<'c> RegionAllocator<'c> {
-    pub(crate) fn new(channel: &'c Channel, first_segment_words: u32) -> RegionAllocator<'c> {
+impl<'s> RegionAllocator<'s> {
+    /// An allocator over `side`. In a process that does not own the end,
+    /// every segment comes from the heap (the region is the owner's).
+    pub(crate) fn new(side: &'s SendSide, first_segment_words: u32) -> RegionAllocator<'s> {
         RegionAllocator {
-            channel,
+            side,
             next_words: first_segment_words,
             heap: HeapAllocator::new(),
         }
@@ -188,16 +49,17 @@ impl fmt::Debug for RegionAllocator<'_> {
 //   area, and the free list holds only zeroed words (see `FreeList`); heap
 //   segments come from capnp's own `HeapAllocator`, which meets the contract.
 // - The memory stays valid and unaliased until `deallocate_segment`: region
-//   extents are recorded as open by the channel and handed to nobody else
-//   until this allocator gives them back, or until `send` moves them to an
-//   in-flight message (the builder is then consumed, so capnp never touches
-//   them again); the mapping outlives every allocator, which borrows the
-//   channel.
+//   extents are recorded as open in the sending side's books and handed to
+//   nobody else until this allocator gives them back, or until `send` moves
+//   them to an in-flight message (the builder is then consumed, so capnp
+//   never touches them again); the mapping outlives every allocator, which
+//   borrows the sending side. Only the process that owns the end gets
+//   region extents (`SendSide::allocate_segment` checks).
 unsafe impl Allocator for RegionAllocator<'_> {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let min = minimum_size.max(1);
         let want = self.next_words.max(min);
-        if let Some((ptr, words)) = self.channel.allocate_segment(min, want) {
+        if let Some((ptr, words)) = self.side.allocate_segment(min, want) {
             self.next_words = self.next_words.saturating_add(words);
             return (ptr, words);
         }
@@ -205,132 +67,12 @@ unsafe impl Allocator for RegionAllocator<'_> {
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, word_size: u32, words_used: u32) {
-        if self.channel.deallocate_segment(ptr, word_size, words_used) {
+        if self.side.deallocate_segment(ptr, words_used) {
             return;
         }
-        // The channel recognises every pointer into its region (open or
+        // The side recognises every pointer into its region (open or
         // sent), so `ptr` came from `self.heap`.
         // SAFETY: a heap segment of ours; capnp's arguments passed unchanged.
         unsafe { self.heap.deallocate_segment(ptr, word_size, words_used) }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ext(start: u32, len: u32) -> Extent {
-        Extent { start, len }
-    }
-
-    #[test]
-    fn first_fit_from_the_bottom() {
-        let mut f = FreeList::new(100);
-        assert_eq!(f.allocate(1, 10), Some(ext(0, 10)));
-        assert_eq!(f.allocate(1, 10), Some(ext(10, 10)));
-        f.free(ext(0, 10));
-        assert_eq!(f.allocate(1, 5), Some(ext(0, 5)), "reuses the lowest words");
-        assert_eq!(f.free_words(), 85);
-    }
-
-    #[test]
-    fn falls_back_to_the_largest_extent_above_min() {
-        let mut f = FreeList::new(100);
-        let a = f.allocate(1, 30).unwrap();
-        let _b = f.allocate(1, 10).unwrap();
-        f.free(a); // free: [0,30) and [40,100)
-        assert_eq!(f.allocate(1, 80), Some(ext(40, 60)));
-        assert_eq!(f.allocate(31, 40), None);
-        assert_eq!(f.allocate(20, 40), Some(ext(0, 30)));
-        assert_eq!(f.free_words(), 0);
-        assert_eq!(f.allocate(1, 1), None);
-    }
-
-    #[test]
-    fn free_merges_both_neighbours() {
-        let mut f = FreeList::new(30);
-        let a = f.allocate(10, 10).unwrap();
-        let b = f.allocate(10, 10).unwrap();
-        let c = f.allocate(10, 10).unwrap();
-        f.free(a);
-        f.free(c);
-        assert_eq!(f.extents.len(), 2);
-        f.free(b);
-        assert_eq!(f.extents, vec![ext(0, 30)]);
-        assert_eq!(f.largest(), 30);
-    }
-
-    #[test]
-    fn take_removes_exactly_the_range() {
-        let mut f = FreeList::new(100);
-        assert!(f.take(ext(10, 20)));
-        assert_eq!(f.extents, vec![ext(0, 10), ext(30, 70)]);
-        assert!(!f.take(ext(25, 10)), "partly taken already");
-        assert!(!f.take(ext(95, 10)), "past the end");
-        assert!(f.take(ext(0, 10)));
-        assert!(f.take(ext(90, 10)));
-        assert_eq!(f.extents, vec![ext(30, 60)]);
-        assert_eq!(f.free_words(), 60);
-        f.free(ext(10, 20));
-        f.free(ext(0, 10));
-        f.free(ext(90, 10));
-        assert_eq!(f.extents, vec![ext(0, 100)]);
-    }
-
-    #[test]
-    fn held_extent_does_not_block_the_rest() {
-        // One extent held forever; everything else cycles through the area.
-        let mut f = FreeList::new(64);
-        let held = f.allocate(4, 4).unwrap();
-        for _ in 0..1000 {
-            let a = f.allocate(8, 8).unwrap();
-            let b = f.allocate(8, 8).unwrap();
-            assert!(a.start >= held.end() && b.start >= held.end());
-            f.free(b);
-            f.free(a);
-        }
-        assert_eq!(f.free_words(), 60);
-        assert_eq!(f.extents, vec![ext(4, 60)]);
-    }
-
-    /// Random allocate/free against a word-by-word model.
-    #[test]
-    fn matches_a_bitmap_model() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move |n: u32| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            u32::try_from(seed % u64::from(n)).unwrap()
-        };
-        let words = 512;
-        let mut f = FreeList::new(words);
-        let mut used = vec![false; words as usize];
-        let mut live: Vec<Extent> = Vec::new();
-        for _ in 0..20_000 {
-            if live.is_empty() || rand(3) > 0 {
-                let min = 1 + rand(16);
-                let want = min + rand(32);
-                if let Some(e) = f.allocate(min, want) {
-                    assert!(e.len >= min && e.len <= want);
-                    for w in e.start..e.end() {
-                        assert!(!used[w as usize], "allocated a used word");
-                        used[w as usize] = true;
-                    }
-                    live.push(e);
-                } else {
-                    assert!(f.largest() < min);
-                }
-            } else {
-                let e = live.swap_remove(rand(u32::try_from(live.len()).unwrap()) as usize);
-                for w in e.start..e.end() {
-                    used[w as usize] = false;
-                }
-                f.free(e);
-            }
-            let free = used.iter().filter(|u| !**u).count() as u64;
-            assert_eq!(f.free_words(), free);
-            assert!(f.extents.windows(2).all(|p| p[0].end() < p[1].start));
-        }
     }
 }

@@ -8,7 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::channel::Channel;
-use crate::error::Error;
+use crate::deadline::Deadline;
+use crate::error::SetupError;
 use crate::options::Options;
 use crate::sys;
 use crate::sys::socket::{self, UnixAddr};
@@ -27,7 +28,7 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    pub(crate) fn of(sock: BorrowedFd<'_>) -> Result<Credentials, Error> {
+    pub(crate) fn of(sock: BorrowedFd<'_>) -> std::io::Result<Credentials> {
         let (pid, uid, gid) = socket::peer_credentials(sock)?;
         Ok(Credentials { pid, uid, gid })
     }
@@ -36,7 +37,7 @@ impl Credentials {
 /// How a [`Listener`] is made.
 ///
 /// ```no_run
-/// # fn main() -> Result<(), capnp_shm::Error> {
+/// # fn main() -> std::io::Result<()> {
 /// let listener = capnp_shm::ListenerOptions::new()
 ///     .mode(0o660)
 ///     .replace_stale(true)
@@ -94,10 +95,10 @@ impl ListenerOptions {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`]: `AddrInUse` when a file is in the way (a live server,
-    /// or a stale socket without [`replace_stale`](Self::replace_stale)),
-    /// and what `bind` reports otherwise.
-    pub fn bind(&self, path: impl AsRef<Path>) -> Result<Listener, Error> {
+    /// `AddrInUse` when a file is in the way (a live server, or a stale
+    /// socket without [`replace_stale`](Self::replace_stale)), with the
+    /// reason in the message; what `bind` reports otherwise.
+    pub fn bind(&self, path: impl AsRef<Path>) -> std::io::Result<Listener> {
         let path = path.as_ref();
         let socket = match socket::listen_unix(UnixAddr::Path(path), self.mode, self.backlog) {
             Ok(s) => s,
@@ -105,7 +106,7 @@ impl ListenerOptions {
                 self.clear_stale(path, e)?;
                 socket::listen_unix(UnixAddr::Path(path), self.mode, self.backlog)?
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         // If the file is gone already (removed by someone else), there is
         // nothing of ours left to clean up: fail without leaving a socket.
@@ -124,8 +125,8 @@ impl ListenerOptions {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`]: `AddrInUse` when the name is taken.
-    pub fn bind_abstract(&self, name: &[u8]) -> Result<Listener, Error> {
+    /// `AddrInUse` when the name is taken.
+    pub fn bind_abstract(&self, name: &[u8]) -> std::io::Result<Listener> {
         let socket = socket::listen_unix(UnixAddr::Abstract(name), self.mode, self.backlog)?;
         Ok(Listener {
             socket,
@@ -135,13 +136,13 @@ impl ListenerOptions {
     }
 
     /// Removes a stale socket file at `path`, or explains why not.
-    fn clear_stale(&self, path: &Path, in_use: std::io::Error) -> Result<(), Error> {
+    fn clear_stale(&self, path: &Path, in_use: std::io::Error) -> std::io::Result<()> {
         let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
         let hint = |what: &str| {
-            Error::Io(std::io::Error::new(
+            std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
                 format!("{}: {what}", path.display()),
-            ))
+            )
         };
         if !is_socket {
             return Err(hint("exists and is not a socket"));
@@ -164,7 +165,7 @@ impl ListenerOptions {
                 std::fs::remove_file(path)?;
                 Ok(())
             }
-            Err(_) => Err(Error::Io(in_use)),
+            Err(_) => Err(in_use),
         }
     }
 }
@@ -172,7 +173,7 @@ impl ListenerOptions {
 /// A listening socket that turns each connection into a [`Channel`].
 ///
 /// ```no_run
-/// # fn main() -> Result<(), capnp_shm::Error> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use capnp_shm::{Channel, Listener};
 ///
 /// // Server
@@ -200,7 +201,7 @@ impl Listener {
     /// # Errors
     ///
     /// As [`ListenerOptions::bind`].
-    pub fn bind(path: impl AsRef<Path>) -> Result<Listener, Error> {
+    pub fn bind(path: impl AsRef<Path>) -> std::io::Result<Listener> {
         ListenerOptions::new().bind(path)
     }
 
@@ -210,7 +211,7 @@ impl Listener {
     /// # Errors
     ///
     /// As [`ListenerOptions::bind_abstract`].
-    pub fn bind_abstract(name: &[u8]) -> Result<Listener, Error> {
+    pub fn bind_abstract(name: &[u8]) -> std::io::Result<Listener> {
         ListenerOptions::new().bind_abstract(name)
     }
 
@@ -218,8 +219,9 @@ impl Listener {
     ///
     /// # Errors
     ///
-    /// As [`Channel::from_stream`], and `accept` failures.
-    pub fn accept(&self) -> Result<Channel, Error> {
+    /// As [`Channel::from_stream`], and `accept` failures
+    /// ([`SetupError::Io`]).
+    pub fn accept(&self) -> Result<Channel, SetupError> {
         self.accept_with(&Options::default())
     }
 
@@ -228,7 +230,7 @@ impl Listener {
     /// # Errors
     ///
     /// As [`accept`](Self::accept).
-    pub fn accept_with(&self, options: &Options) -> Result<Channel, Error> {
+    pub fn accept_with(&self, options: &Options) -> Result<Channel, SetupError> {
         let (stream, _) = self.accept_stream()?;
         Channel::from_stream_with(stream, options)
     }
@@ -239,8 +241,8 @@ impl Listener {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] when `accept` fails.
-    pub fn accept_stream(&self) -> Result<(UnixStream, Credentials), Error> {
+    /// When `accept` fails.
+    pub fn accept_stream(&self) -> std::io::Result<(UnixStream, Credentials)> {
         let fd = socket::accept(self.socket.as_fd())?;
         let credentials = Credentials::of(fd.as_fd())?;
         Ok((UnixStream::from(fd), credentials))
@@ -288,16 +290,14 @@ impl Drop for Listener {
 /// waited for with `poll`), so this retries every millisecond until the
 /// deadline. The socket stays non-blocking; the channel only ever uses it
 /// with `poll` and `MSG_DONTWAIT`.
-fn connect_bounded(addr: UnixAddr<'_>, options: &Options) -> Result<OwnedFd, Error> {
-    let start = std::time::Instant::now();
+fn connect_bounded(addr: UnixAddr<'_>, options: &Options) -> Result<OwnedFd, SetupError> {
+    let deadline = Deadline::after(options.setup_timeout);
     loop {
         match socket::connect_unix_nowait(addr) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= options.setup_timeout {
-                    return Err(Error::Timeout);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                let left = deadline.remaining().ok_or(SetupError::Timeout)?;
+                std::thread::sleep(left.min(std::time::Duration::from_millis(1)));
             }
             Err(e) => return Err(e.into()),
         }
@@ -309,11 +309,11 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] when the connection fails (`NotFound`,
-    /// `ConnectionRefused`: nobody listens); [`Error::Timeout`] when the
+    /// [`SetupError::Io`] when the connection fails (`NotFound`,
+    /// `ConnectionRefused`: nobody listens); [`SetupError::Timeout`] when the
     /// listener's queue stays full for `setup_timeout`; and the set-up
     /// errors of [`Channel::from_stream`].
-    pub fn connect(path: impl AsRef<Path>) -> Result<Channel, Error> {
+    pub fn connect(path: impl AsRef<Path>) -> Result<Channel, SetupError> {
         Channel::connect_with(path, &Options::default())
     }
 
@@ -322,7 +322,7 @@ impl Channel {
     /// # Errors
     ///
     /// As [`connect`](Channel::connect).
-    pub fn connect_with(path: impl AsRef<Path>, options: &Options) -> Result<Channel, Error> {
+    pub fn connect_with(path: impl AsRef<Path>, options: &Options) -> Result<Channel, SetupError> {
         let fd = connect_bounded(UnixAddr::Path(path.as_ref()), options)?;
         Channel::from_stream_with(UnixStream::from(fd), options)
     }
@@ -332,7 +332,7 @@ impl Channel {
     /// # Errors
     ///
     /// As [`connect`](Channel::connect).
-    pub fn connect_abstract(name: &[u8]) -> Result<Channel, Error> {
+    pub fn connect_abstract(name: &[u8]) -> Result<Channel, SetupError> {
         Channel::connect_abstract_with(name, &Options::default())
     }
 
@@ -341,7 +341,7 @@ impl Channel {
     /// # Errors
     ///
     /// As [`connect`](Channel::connect).
-    pub fn connect_abstract_with(name: &[u8], options: &Options) -> Result<Channel, Error> {
+    pub fn connect_abstract_with(name: &[u8], options: &Options) -> Result<Channel, SetupError> {
         let fd = connect_bounded(UnixAddr::Abstract(name), options)?;
         Channel::from_stream_with(UnixStream::from(fd), options)
     }
@@ -352,8 +352,8 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the kernel cannot tell.
-    pub fn peer_credentials(&self) -> Result<Credentials, Error> {
+    /// If the kernel cannot tell.
+    pub fn peer_credentials(&self) -> std::io::Result<Credentials> {
         Credentials::of(self.as_fd())
     }
 }

@@ -1,78 +1,503 @@
-//! Errors: one small enum for what went wrong, and a wrapper that hands an
-//! unsent message back.
+//! Errors, one type per operation (crossbeam's shape), and the union
+//! [`Error`] for code that does several kinds of operation.
+//!
+//! - Set-up ([`Channel::pair`](crate::Channel::pair), `from_stream`,
+//!   `connect`, `accept`, `from_env`): [`SetupError`].
+//! - Receiving: [`RecvError`], [`TryRecvError`], [`RecvTimeoutError`].
+//! - Sending: [`SendError`], [`TrySendError`], [`SendTimeoutError`]; each
+//!   hands the unsent message back.
+//! - What ends an end for good: the peer going away (`Disconnected`), or a
+//!   [`Failure`]: the peer broke the protocol, the OS refused, or the end is
+//!   used from a process that does not own it. Once an end has seen one,
+//!   every later call returns it again.
 
 use std::fmt;
 use std::io;
 
-/// What went wrong with a channel operation.
-///
-/// Match on the variant to decide what to do: [`Error::Empty`], [`Error::Full`]
-/// and [`Error::Timeout`] are momentary (try again later);
-/// [`Error::TooLarge`] concerns one message (the channel still works);
-/// [`Error::Disconnected`], [`Error::Protocol`] and [`Error::Io`] end the
-/// channel, and every later operation returns the same kind of error.
+/// Why an end stopped working, other than the peer going away. Every later
+/// call on the end returns the same failure.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum Error {
-    /// `try_recv`: no message is waiting right now.
-    Empty,
-    /// `try_send`: no room for the message right now; the peer has not yet
-    /// released enough earlier messages.
-    Full,
-    /// A `*_timeout` operation, or the set-up, ran out of time.
-    Timeout,
-    /// The peer closed its end or its process died; every message it
-    /// published before that has been delivered.
-    Disconnected,
-    /// The message cannot fit this end's outgoing region: more words than
-    /// its data area ([`TooLargeKind::Words`]), more than 512 segments
-    /// ([`TooLargeKind::Segments`]), or a segment larger than the largest
-    /// free space while nothing is in flight, so no release can make room
-    /// ([`TooLargeKind::Segment`]: space held by other live builders counts
-    /// against it). Nothing was sent; the channel still works.
-    TooLarge {
-        /// Words (or segments, for [`TooLargeKind::Segments`]) the message needs.
-        needed: u64,
-        /// The limit it exceeds.
-        limit: u64,
-        /// Which limit.
-        kind: TooLargeKind,
-    },
-    /// The peer broke the protocol (bad handshake, out-of-range counter or
-    /// segment, bad release). The channel is closed.
+pub enum Failure {
+    /// The peer broke the protocol (an out-of-range counter or segment, a
+    /// bad release, stray bytes on the socket). This end is closed.
     Protocol(ProtocolError),
-    /// The operating system refused an operation (set-up, socket, mapping).
+    /// The operating system refused an operation this end needed (a futex
+    /// refused by a seccomp filter, a broken socket). This end is closed.
     Io(io::Error),
+    /// The end is used from a process that does not own it: an end belongs
+    /// to the first process that uses it, and a copy inherited through
+    /// `fork` can only be dropped (which touches nothing shared).
+    NotOwner(NotOwner),
 }
 
-/// Which limit a [`Error::TooLarge`] message exceeds.
+/// The end belongs to another process; see [`Failure::NotOwner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotOwner {
+    /// The process that owns the end.
+    pub owner: u32,
+    /// The process that tried to use it.
+    pub caller: u32,
+}
+
+impl Failure {
+    /// A copy to return again later: the os error code (and kind and text)
+    /// of an io error survives.
+    pub(crate) fn replay(&self) -> Failure {
+        match self {
+            Failure::Protocol(p) => Failure::Protocol(*p),
+            Failure::NotOwner(n) => Failure::NotOwner(*n),
+            Failure::Io(e) => Failure::Io(replay_io(e)),
+        }
+    }
+}
+
+/// A copy of an io error: the same os error code where it has one, else
+/// the same kind and text.
+pub(crate) fn replay_io(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Protocol(p) => write!(f, "peer broke the protocol: {p}"),
+            Failure::Io(e) => write!(f, "i/o error: {e}"),
+            Failure::NotOwner(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl fmt::Display for NotOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "channel end owned by process {}, used from process {} (an end inherited \
+             through fork can only be dropped)",
+            self.owner, self.caller
+        )
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Failure::Protocol(p) => Some(p),
+            Failure::Io(e) => Some(e),
+            Failure::NotOwner(n) => Some(n),
+        }
+    }
+}
+
+impl std::error::Error for NotOwner {}
+
+/// A message that can never fit this end's outgoing region: nothing was
+/// sent, and the channel still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    /// Words (or segments, for [`TooLargeKind::Segments`]) the message needs.
+    pub needed: u64,
+    /// The limit it exceeds.
+    pub limit: u64,
+    /// Which limit.
+    pub kind: TooLargeKind,
+}
+
+/// Which limit a [`TooLarge`] message exceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TooLargeKind {
     /// Total words against the data area of the outgoing region.
     Words,
-    /// One segment against the largest contiguous space the data area can offer.
+    /// One segment against the largest contiguous space the data area can
+    /// offer while nothing is in flight (space held by other live builders
+    /// counts against it), so no release can make room.
     Segment,
-    /// Segment count against the protocol's maximum.
+    /// Segment count against the protocol's maximum (512).
     Segments,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (needed, limit) = (self.needed, self.limit);
+        match self.kind {
+            TooLargeKind::Words => write!(
+                f,
+                "message too large: {needed} words, the region holds {limit}"
+            ),
+            TooLargeKind::Segment => write!(
+                f,
+                "message segment too large: {needed} words, at most {limit} fit"
+            ),
+            TooLargeKind::Segments => write!(
+                f,
+                "message has too many segments: {needed}, at most {limit}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+// ---- receiving --------------------------------------------------------------
+
+/// Why [`recv`](crate::Receiver::recv) returned no message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The peer closed its end or its process died, and every message it
+    /// sent before has been received.
+    Disconnected,
+    /// This end failed; see [`Failure`].
+    Failed(Failure),
+}
+
+/// Why [`try_recv`](crate::Receiver::try_recv) returned no message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TryRecvError {
+    /// No message is waiting right now.
+    Empty,
+    /// As [`RecvError::Disconnected`].
+    Disconnected,
+    /// This end failed; see [`Failure`].
+    Failed(Failure),
+}
+
+/// Why [`recv_timeout`](crate::Receiver::recv_timeout) returned no message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RecvTimeoutError {
+    /// No message came in time.
+    Timeout,
+    /// As [`RecvError::Disconnected`].
+    Disconnected,
+    /// This end failed; see [`Failure`].
+    Failed(Failure),
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvError::Disconnected => f.write_str(DISCONNECTED),
+            RecvError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for TryRecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryRecvError::Empty => f.write_str("no message waiting"),
+            TryRecvError::Disconnected => f.write_str(DISCONNECTED),
+            TryRecvError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for RecvTimeoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvTimeoutError::Timeout => f.write_str("timed out waiting for a message"),
+            RecvTimeoutError::Disconnected => f.write_str(DISCONNECTED),
+            RecvTimeoutError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+const DISCONNECTED: &str = "peer disconnected";
+
+macro_rules! source_is_failure {
+    ($($t:ident),*) => {$(
+        impl std::error::Error for $t {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                match self {
+                    $t::Failed(e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+source_is_failure!(RecvError, TryRecvError, RecvTimeoutError);
+
+// ---- sending ----------------------------------------------------------------
+
+/// Why [`send`](crate::Sender::send) did not send; the message comes back.
+///
+/// The message borrows its channel, so this error is not `'static`: to
+/// pass it up with `?` as a `Box<dyn Error>`, drop the message first with
+/// [`into_error`](SendError::into_error).
+#[non_exhaustive]
+pub enum SendError<M> {
+    /// The peer closed its end or died.
+    Disconnected(M),
+    /// The message can never fit; the channel still works.
+    TooLarge(M, TooLarge),
+    /// This end failed; see [`Failure`].
+    Failed(M, Failure),
+}
+
+/// Why [`try_send`](crate::Sender::try_send) did not send; the message
+/// comes back.
+#[non_exhaustive]
+pub enum TrySendError<M> {
+    /// No room now: the peer has not yet released enough earlier messages.
+    Full(M),
+    /// The peer closed its end or died.
+    Disconnected(M),
+    /// The message can never fit; the channel still works.
+    TooLarge(M, TooLarge),
+    /// This end failed; see [`Failure`].
+    Failed(M, Failure),
+}
+
+/// Why [`send_timeout`](crate::Sender::send_timeout) did not send; the
+/// message comes back.
+#[non_exhaustive]
+pub enum SendTimeoutError<M> {
+    /// No room came in time.
+    Timeout(M),
+    /// The peer closed its end or died.
+    Disconnected(M),
+    /// The message can never fit; the channel still works.
+    TooLarge(M, TooLarge),
+    /// This end failed; see [`Failure`].
+    Failed(M, Failure),
+}
+
+/// The shared methods of the three send errors.
+macro_rules! send_error {
+    ($t:ident { $($momentary:ident => $text:literal)? }) => {
+        impl<M> $t<M> {
+            /// The unsent message.
+            pub fn into_inner(self) -> M {
+                match self {
+                    $($t::$momentary(m) => m,)?
+                    $t::Disconnected(m) | $t::TooLarge(m, _) | $t::Failed(m, _) => m,
+                }
+            }
+
+            /// The cause without the message, as a `'static` [`Error`].
+            pub fn into_error(self) -> Error {
+                match self {
+                    $($t::$momentary(_) => Error::$momentary,)?
+                    $t::Disconnected(_) => Error::Disconnected,
+                    $t::TooLarge(_, t) => Error::TooLarge(t),
+                    $t::Failed(_, f) => Error::from(f),
+                }
+            }
+
+            /// Whether the end is finished: every later send fails too.
+            pub fn is_fatal(&self) -> bool {
+                matches!(self, $t::Disconnected(_) | $t::Failed(..))
+            }
+        }
+
+        impl<M> fmt::Debug for $t<M> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $($t::$momentary(_) => f.write_str(concat!(stringify!($momentary), "(..)")),)?
+                    $t::Disconnected(_) => f.write_str("Disconnected(..)"),
+                    $t::TooLarge(_, t) => f.debug_tuple("TooLarge").field(&"..").field(t).finish(),
+                    $t::Failed(_, e) => f.debug_tuple("Failed").field(&"..").field(e).finish(),
+                }
+            }
+        }
+
+        impl<M> fmt::Display for $t<M> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $($t::$momentary(_) => f.write_str($text),)?
+                    $t::Disconnected(_) => f.write_str(DISCONNECTED),
+                    $t::TooLarge(_, t) => t.fmt(f),
+                    $t::Failed(_, e) => e.fmt(f),
+                }
+            }
+        }
+
+        impl<M> std::error::Error for $t<M> {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                match self {
+                    $t::TooLarge(_, t) => Some(t),
+                    $t::Failed(_, e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+
+        impl<M> From<$t<M>> for Error {
+            fn from(e: $t<M>) -> Error {
+                e.into_error()
+            }
+        }
+    };
+}
+send_error!(SendError {});
+send_error!(TrySendError { Full => "channel full: the peer has not released enough messages" });
+send_error!(SendTimeoutError { Timeout => "timed out waiting for room to send" });
+
+// ---- set-up -----------------------------------------------------------------
+
+/// Why setting up a channel failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The peer did not complete the handshake within
+    /// [`Options::setup_timeout`](crate::Options::setup_timeout) (or a
+    /// listener's queue stayed full that long).
+    Timeout,
+    /// The peer's hello, descriptor or region is unacceptable.
+    Protocol(ProtocolError),
+    /// The options ask for something the format does not allow.
+    InvalidOptions(InvalidOptions),
+    /// [`Channel::from_env`](crate::Channel::from_env) found no channel
+    /// handed to this process.
+    NotInherited(NotInherited),
+    /// The operating system refused (socket, memfd, mapping, connect).
+    Io(io::Error),
+}
+
+/// An option value the format does not allow; see [`SetupError::InvalidOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidOptions {
+    /// `region_size` is outside what a region may be.
+    RegionSize {
+        /// The size asked for, in bytes.
+        requested: usize,
+        /// The smallest region with the asked ring capacity.
+        min: u64,
+        /// The largest region the format allows.
+        max: u64,
+    },
+}
+
+/// Why [`Channel::from_env`](crate::Channel::from_env) found no channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotInherited {
+    /// `CAPNP_SHM_FD` is not set.
+    NotSet,
+    /// `CAPNP_SHM_FD` is not `<fd>:<parent pid>`.
+    Malformed,
+    /// The variable names another parent (a grandchild inherited it).
+    OtherParent,
+    /// The descriptor is not open, or is a standard stream.
+    NotOpen,
+    /// The descriptor is not a Unix stream socket.
+    NotAUnixStream,
+    /// The socket's peer is not our parent process.
+    NotFromParent,
+    /// This process has claimed its inherited descriptor already.
+    ClaimedAlready,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetupError::Timeout => f.write_str("timed out setting up the channel"),
+            SetupError::Protocol(p) => write!(f, "peer broke the protocol: {p}"),
+            SetupError::InvalidOptions(o) => write!(f, "invalid options: {o}"),
+            SetupError::NotInherited(n) => write!(f, "CAPNP_SHM_FD: {n}"),
+            SetupError::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+impl fmt::Display for InvalidOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidOptions::RegionSize {
+                requested,
+                min,
+                max,
+            } => write!(f, "region size {requested} is outside {min}..={max} bytes"),
+        }
+    }
+}
+
+impl fmt::Display for NotInherited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NotInherited::NotSet => "not set",
+            NotInherited::Malformed => "malformed (expected <fd>:<parent pid>)",
+            NotInherited::OtherParent => "set by another process than our parent",
+            NotInherited::NotOpen => "names no open descriptor (or a standard stream)",
+            NotInherited::NotAUnixStream => "not a Unix stream socket",
+            NotInherited::NotFromParent => "not a socket our parent made",
+            NotInherited::ClaimedAlready => "the inherited descriptor was claimed already",
+        })
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SetupError::Protocol(p) => Some(p),
+            SetupError::InvalidOptions(o) => Some(o),
+            SetupError::NotInherited(n) => Some(n),
+            SetupError::Io(e) => Some(e),
+            SetupError::Timeout => None,
+        }
+    }
+}
+
+impl std::error::Error for InvalidOptions {}
+impl std::error::Error for NotInherited {}
+
+impl From<io::Error> for SetupError {
+    fn from(e: io::Error) -> SetupError {
+        SetupError::Io(e)
+    }
+}
+
+impl From<ProtocolError> for SetupError {
+    fn from(p: ProtocolError) -> SetupError {
+        SetupError::Protocol(p)
+    }
+}
+
+// ---- the union ----------------------------------------------------------------
+
+/// Any error of this crate, for code that sets up, sends and receives in
+/// one function and passes errors on with `?`. Every per-operation error
+/// converts into it (a send error drops its message).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// See [`TryRecvError::Empty`].
+    Empty,
+    /// See [`TrySendError::Full`].
+    Full,
+    /// A `*_timeout` operation, or the set-up, ran out of time.
+    Timeout,
+    /// The peer closed its end or died.
+    Disconnected,
+    /// See [`TooLarge`].
+    TooLarge(TooLarge),
+    /// See [`Failure::Protocol`] and [`SetupError::Protocol`].
+    Protocol(ProtocolError),
+    /// See [`Failure::Io`] and [`SetupError::Io`].
+    Io(io::Error),
+    /// See [`Failure::NotOwner`].
+    NotOwner(NotOwner),
+    /// See [`SetupError::InvalidOptions`].
+    InvalidOptions(InvalidOptions),
+    /// See [`SetupError::NotInherited`].
+    NotInherited(NotInherited),
 }
 
 impl Error {
     /// Whether the error ends the channel (every later call fails too).
     pub fn is_fatal(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            Error::Disconnected | Error::Protocol(_) | Error::Io(_)
+            Error::Empty | Error::Full | Error::Timeout | Error::TooLarge(_)
         )
-    }
-
-    /// A copy of a fatal error to store on the channel and return again.
-    pub(crate) fn replay(&self) -> Error {
-        match self {
-            Error::Protocol(p) => Error::Protocol(*p),
-            Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
-            _ => Error::Disconnected,
-        }
     }
 }
 
@@ -82,31 +507,13 @@ impl fmt::Display for Error {
             Error::Empty => f.write_str("no message waiting"),
             Error::Full => f.write_str("channel full: the peer has not released enough messages"),
             Error::Timeout => f.write_str("timed out"),
-            Error::Disconnected => f.write_str("peer disconnected"),
-            Error::TooLarge {
-                needed,
-                limit,
-                kind: TooLargeKind::Words,
-            } => write!(
-                f,
-                "message too large: {needed} words, the region holds {limit}"
-            ),
-            Error::TooLarge {
-                needed,
-                limit,
-                kind: TooLargeKind::Segment,
-            } => write!(
-                f,
-                "message segment too large: {needed} words, at most {limit} fit"
-            ),
-            Error::TooLarge { needed, limit, .. } => {
-                write!(
-                    f,
-                    "message has too many segments: {needed}, at most {limit}"
-                )
-            }
+            Error::Disconnected => f.write_str(DISCONNECTED),
+            Error::TooLarge(t) => t.fmt(f),
             Error::Protocol(p) => write!(f, "peer broke the protocol: {p}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
+            Error::NotOwner(n) => n.fmt(f),
+            Error::InvalidOptions(o) => write!(f, "invalid options: {o}"),
+            Error::NotInherited(n) => write!(f, "CAPNP_SHM_FD: {n}"),
         }
     }
 }
@@ -114,9 +521,64 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io(e) => Some(e),
+            Error::TooLarge(t) => Some(t),
             Error::Protocol(p) => Some(p),
+            Error::Io(e) => Some(e),
+            Error::NotOwner(n) => Some(n),
+            Error::InvalidOptions(o) => Some(o),
+            Error::NotInherited(n) => Some(n),
             _ => None,
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f {
+            Failure::Protocol(p) => Error::Protocol(p),
+            Failure::Io(e) => Error::Io(e),
+            Failure::NotOwner(n) => Error::NotOwner(n),
+        }
+    }
+}
+
+impl From<SetupError> for Error {
+    fn from(e: SetupError) -> Error {
+        match e {
+            SetupError::Timeout => Error::Timeout,
+            SetupError::Protocol(p) => Error::Protocol(p),
+            SetupError::InvalidOptions(o) => Error::InvalidOptions(o),
+            SetupError::NotInherited(n) => Error::NotInherited(n),
+            SetupError::Io(e) => Error::Io(e),
+        }
+    }
+}
+
+impl From<RecvError> for Error {
+    fn from(e: RecvError) -> Error {
+        match e {
+            RecvError::Disconnected => Error::Disconnected,
+            RecvError::Failed(f) => f.into(),
+        }
+    }
+}
+
+impl From<TryRecvError> for Error {
+    fn from(e: TryRecvError) -> Error {
+        match e {
+            TryRecvError::Empty => Error::Empty,
+            TryRecvError::Disconnected => Error::Disconnected,
+            TryRecvError::Failed(f) => f.into(),
+        }
+    }
+}
+
+impl From<RecvTimeoutError> for Error {
+    fn from(e: RecvTimeoutError) -> Error {
+        match e {
+            RecvTimeoutError::Timeout => Error::Timeout,
+            RecvTimeoutError::Disconnected => Error::Disconnected,
+            RecvTimeoutError::Failed(f) => f.into(),
         }
     }
 }
@@ -127,11 +589,45 @@ impl From<io::Error> for Error {
     }
 }
 
-impl From<ProtocolError> for Error {
-    fn from(p: ProtocolError) -> Error {
-        Error::Protocol(p)
+// ---- inside the crate ---------------------------------------------------------
+
+/// Why a send or receive stopped, before the public wrapper names it for
+/// its operation: `Expired` is "empty" or "full" for a `try_` call and
+/// "timed out" for a `_timeout` call (a call without deadline never
+/// expires; it loops instead).
+#[derive(Debug)]
+pub(crate) enum Halt {
+    Expired,
+    Disconnected,
+    Failed(Failure),
+}
+
+impl From<Failure> for Halt {
+    fn from(f: Failure) -> Halt {
+        Halt::Failed(f)
     }
 }
+
+/// Why a send stopped: a [`Halt`], or a message that can never fit.
+#[derive(Debug)]
+pub(crate) enum SendHalt {
+    Halt(Halt),
+    TooLarge(TooLarge),
+}
+
+impl From<Halt> for SendHalt {
+    fn from(h: Halt) -> SendHalt {
+        SendHalt::Halt(h)
+    }
+}
+
+impl From<Failure> for SendHalt {
+    fn from(f: Failure) -> SendHalt {
+        SendHalt::Halt(Halt::Failed(f))
+    }
+}
+
+// ---- the peer's mistakes ------------------------------------------------------
 
 /// How the peer broke the protocol. Each variant names one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,12 +778,10 @@ impl fmt::Display for ProtocolError {
                 write!(f, "descriptor sequence {found}, expected {expected}")
             }
             BadSegmentCount { count } => write!(f, "bad segment count {count}"),
-            SegmentOutOfBounds { offset, len } => {
-                write!(
-                    f,
-                    "segment at word {offset} of {len} words lies outside the data area"
-                )
-            }
+            SegmentOutOfBounds { offset, len } => write!(
+                f,
+                "segment at word {offset} of {len} words lies outside the data area"
+            ),
             SegmentsExceedArea { words, data_words } => write!(
                 f,
                 "segments total {words} words, more than the {data_words}-word data area"
@@ -298,75 +792,73 @@ impl fmt::Display for ProtocolError {
             ReleasedOutOfRange { seen, released } => {
                 write!(f, "release counter {released} out of range (seen {seen})")
             }
-            BadRelease { slot, seq } => {
-                write!(
-                    f,
-                    "release of message {seq} (slot {slot}) that is not in flight"
-                )
-            }
+            BadRelease { slot, seq } => write!(
+                f,
+                "release of message {seq} (slot {slot}) that is not in flight"
+            ),
         }
     }
 }
 
 impl std::error::Error for ProtocolError {}
 
-/// A failed send: why, and the message, handed back unsent.
-///
-/// The builder is returned so that a [`Error::Full`] or [`Error::Timeout`]
-/// can be retried without rebuilding.
-pub struct SendError<M> {
-    error: Error,
-    message: M,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<M> SendError<M> {
-    pub(crate) fn new(error: Error, message: M) -> SendError<M> {
-        SendError { error, message }
+    #[test]
+    fn replay_keeps_the_os_error_code() {
+        let e = io::Error::from_raw_os_error(libc_eperm());
+        let again = Failure::Io(e).replay();
+        match again {
+            Failure::Io(e) => assert_eq!(e.raw_os_error(), Some(libc_eperm())),
+            other => panic!("{other:?}"),
+        }
+        let custom = Failure::Io(io::Error::new(io::ErrorKind::InvalidData, "odd"));
+        match custom.replay() {
+            Failure::Io(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                assert_eq!(e.to_string(), "odd");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
-    /// Why the send failed.
-    pub fn error(&self) -> &Error {
-        &self.error
+    fn libc_eperm() -> i32 {
+        1
     }
 
-    /// The unsent message.
-    pub fn into_message(self) -> M {
-        self.message
-    }
-
-    /// Splits into the cause and the unsent message.
-    pub fn into_parts(self) -> (Error, M) {
-        (self.error, self.message)
-    }
-
-    /// Drops the message and keeps the cause.
-    pub fn into_error(self) -> Error {
-        self.error
-    }
-}
-
-impl<M> fmt::Debug for SendError<M> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SendError")
-            .field("error", &self.error)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<M> fmt::Display for SendError<M> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "send failed: {}", self.error)
-    }
-}
-
-impl<M> std::error::Error for SendError<M> {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
-    }
-}
-
-impl<M> From<SendError<M>> for Error {
-    fn from(e: SendError<M>) -> Error {
-        e.error
+    #[test]
+    fn send_errors_hand_the_message_back_and_convert() {
+        let e = TrySendError::Full(7);
+        assert!(!e.is_fatal());
+        assert_eq!(
+            e.to_string(),
+            "channel full: the peer has not released enough messages"
+        );
+        assert!(matches!(e.into_error(), Error::Full));
+        let e = SendError::TooLarge(
+            8,
+            TooLarge {
+                needed: 10,
+                limit: 5,
+                kind: TooLargeKind::Words,
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "message too large: 10 words, the region holds 5"
+        );
+        assert_eq!(e.into_inner(), 8);
+        let e = SendTimeoutError::Failed(
+            9,
+            Failure::NotOwner(NotOwner {
+                owner: 1,
+                caller: 2,
+            }),
+        );
+        assert!(e.is_fatal());
+        assert!(format!("{e:?}").starts_with("Failed"));
+        assert!(matches!(Error::from(e), Error::NotOwner(_)));
     }
 }

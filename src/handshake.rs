@@ -18,11 +18,11 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use crate::error::{Error, ProtocolError};
+use crate::deadline::Deadline;
+use crate::error::{ProtocolError, SetupError};
 use crate::layout::{Geometry, FLAG_SEALED, MAGIC, VERSION};
-use crate::region::InRegion;
+use crate::region::PeerRegion;
 use crate::sys::{file, socket};
 
 /// Bytes in a hello.
@@ -82,8 +82,8 @@ pub(crate) fn send_hello(
     sock: BorrowedFd<'_>,
     hello: &Hello,
     region_fd: BorrowedFd<'_>,
-    deadline: Instant,
-) -> Result<(), Error> {
+    deadline: Deadline,
+) -> Result<(), SetupError> {
     let bytes = hello.encode();
     let mut sent = 0;
     while sent < bytes.len() {
@@ -95,8 +95,8 @@ pub(crate) fn send_hello(
         match r {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, true, deadline)?,
-            Err(e) if is_disconnect(&e) => return Err(Error::Disconnected),
-            Err(e) => return Err(Error::Io(e)),
+            Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
+            Err(e) => return Err(SetupError::Io(e)),
         }
     }
     Ok(())
@@ -106,8 +106,8 @@ pub(crate) fn send_hello(
 /// Every descriptor that arrives is owned at once, so a rejected one closes.
 pub(crate) fn recv_hello(
     sock: BorrowedFd<'_>,
-    deadline: Instant,
-) -> Result<(Hello, OwnedFd), Error> {
+    deadline: Deadline,
+) -> Result<(Hello, OwnedFd), SetupError> {
     let mut buf = [0u8; HELLO_LEN];
     let mut filled = 0;
     let mut fds = Vec::new();
@@ -122,7 +122,7 @@ pub(crate) fn recv_hello(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, false, deadline)?,
             Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
-            Err(e) => return Err(Error::Io(e)),
+            Err(e) => return Err(SetupError::Io(e)),
         }
     }
     if truncated {
@@ -144,7 +144,7 @@ pub(crate) fn map_peer_region(
     hello: &Hello,
     fd: &OwnedFd,
     accept_unsealed: bool,
-) -> Result<InRegion, Error> {
+) -> Result<PeerRegion, SetupError> {
     // fstat first, for the most specific error. (On a regular file of a
     // FUSE mount that the peer serves, fstat could block past the set-up
     // deadline: a known limit, listed in the README.)
@@ -168,8 +168,8 @@ pub(crate) fn map_peer_region(
     } else if !accept_unsealed {
         return Err(ProtocolError::UnsealedRegion.into());
     }
-    let region = InRegion::map(fd, hello.geometry)?;
-    let header = &region.region().control().header.0;
+    let region = PeerRegion::map(fd, hello.geometry)?;
+    let header = region.header();
     let flags = if hello.sealed { FLAG_SEALED } else { 0 };
     if header.magic.load(Ordering::Relaxed) != MAGIC
         || header.version.load(Ordering::Relaxed) != VERSION
@@ -182,14 +182,13 @@ pub(crate) fn map_peer_region(
     Ok(region)
 }
 
-fn wait(sock: BorrowedFd<'_>, for_write: bool, deadline: Instant) -> Result<(), Error> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(Error::Timeout);
-    }
-    let ready = socket::poll(sock, for_write, left)?;
-    if !ready.readable && !ready.writable && !ready.hung_up && Instant::now() >= deadline {
-        return Err(Error::Timeout);
+/// Waits for the socket to become readable (or writable), at most until
+/// `deadline`.
+fn wait(sock: BorrowedFd<'_>, for_write: bool, deadline: Deadline) -> Result<(), SetupError> {
+    let left = deadline.remaining().ok_or(SetupError::Timeout)?;
+    let ready = socket::poll_one(sock, for_write, left)?;
+    if !ready.readable && !ready.writable && !ready.hung_up && deadline.has_passed() {
+        return Err(SetupError::Timeout);
     }
     Ok(())
 }

@@ -15,6 +15,12 @@
 //! what the peer wrote is data to validate, never a value to trust. Changing
 //! anything here changes the wire format: bump [`VERSION`].
 //!
+//! The structs are generic over the type of their 32-bit words, `W`: in the
+//! crate always `AtomicU32` (the default, and the only type whose layout
+//! the const asserts below pin down); the model checker (`model.rs`)
+//! instantiates them with loom's atomics. What each field means, and who
+//! writes it, is the same for every `W`.
+//!
 //! Units: offsets and lengths inside the data area are in 8-byte *words*, so a
 //! misaligned segment cannot be expressed at all.
 
@@ -26,8 +32,9 @@ use crate::error::ProtocolError;
 /// little-endian `u64`.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 
-/// The format version. Any change to this file changes it.
-pub(crate) const VERSION: u32 = 2;
+/// The format version. Any change to this file changes it. (3: the
+/// control block's `owner` line.)
+pub(crate) const VERSION: u32 = 3;
 
 /// Bytes reserved for the control block at the start of a region.
 pub(crate) const CONTROL_BYTES: u64 = 1024;
@@ -55,6 +62,9 @@ pub(crate) const MIN_DATA: u64 = 4096;
 /// Bytes in a capnp word.
 pub(crate) const WORD: u64 = 8;
 
+/// [`WORD`] as a `usize`, for lengths of memory.
+pub(crate) const WORD_BYTES: usize = 8;
+
 /// Flag in [`Header::flags`] and in the hello: the region is a sealed memfd.
 pub(crate) const FLAG_SEALED: u32 = 1;
 
@@ -78,7 +88,7 @@ pub(crate) struct Line<T>(pub(crate) T);
 /// Written once by the owner before the hello is sent; the peer checks it
 /// against the hello.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Header {
     pub(crate) magic: AtomicU64,
     pub(crate) version: AtomicU32,
@@ -91,84 +101,64 @@ pub(crate) struct Header {
 /// The control block at offset 0 of every region.
 #[repr(C)]
 #[derive(Debug)]
-pub(crate) struct ControlBlock {
+pub(crate) struct ControlBlock<W = AtomicU32> {
     pub(crate) header: Line<Header>,
     /// Messages the owner has published (wrapping). A futex word: the peer's
     /// receiver sleeps on it.
-    pub(crate) published: Line<AtomicU32>,
+    pub(crate) published: Line<W>,
     /// Peer messages the owner has taken from the peer's descriptor ring.
-    pub(crate) consumed: Line<AtomicU32>,
+    pub(crate) consumed: Line<W>,
     /// Entries the owner has appended to its release ring (wrapping). A futex
     /// word: the peer's blocked sender sleeps on it.
-    pub(crate) released: Line<AtomicU32>,
+    pub(crate) released: Line<W>,
     /// How the owner waits for the peer's messages: [`AWAKE`],
     /// [`SLEEPING_ON_FUTEX`] (on the peer's `published`, alone or with other
     /// channels through `futex_waitv`), or [`SLEEPING_ON_SOCKET`] (in `poll`
     /// on the socket: the peer must also write a [`DOORBELL`] byte).
-    pub(crate) rx_sleeping: Line<AtomicU32>,
+    pub(crate) rx_sleeping: Line<W>,
     /// Non-zero while the owner sleeps (or is about to) on the peer's `released`.
-    pub(crate) tx_sleeping: Line<AtomicU32>,
+    pub(crate) tx_sleeping: Line<W>,
     /// Non-zero once the owner has closed its end. Set after its last publish.
-    pub(crate) closed: Line<AtomicU32>,
+    pub(crate) closed: Line<W>,
+    /// The id of the process that owns this end (0: nobody yet), claimed by
+    /// compare-and-swap on first use. Only the processes that share this
+    /// end's mapping after a `fork` read it; the peer never does.
+    pub(crate) owner: Line<W>,
 }
 
 /// One message in the descriptor ring: 16 bytes, four to a cache line, so a
 /// stream of small messages costs the receiver one descriptor miss per four
-/// messages (and the sender one ownership transfer per four).
-///
-/// A one-segment message (the common case) is described inline by
-/// `(offset, len)`. With more segments, `(offset, len)` locate an out-of-line
-/// table in the data area: `len == seg_count` words, each `offset | length << 32`.
+/// messages (and the sender one ownership transfer per four). How the
+/// fields encode a message is `ring.rs`'s business (`Descriptor`).
 #[repr(C)]
 #[derive(Debug)]
-pub(crate) struct DescriptorEntry {
-    /// The message's sequence number plus one (wrapping), stored last with
-    /// Release: the entry for message `n` is complete once this reads
-    /// `n + 1`. (Plus one, so that a fresh, zeroed ring holds no message 0.)
-    /// The receiver polls this tag rather than `published`, which saves it a
-    /// dependent cache miss per message; `published` stays the futex word.
-    pub(crate) seq: AtomicU32,
+pub(crate) struct DescriptorEntry<W = AtomicU32> {
+    /// The message's sequence number plus one (wrapping), stored last: the
+    /// entry of message `n` is complete once this reads `n + 1`.
+    pub(crate) tag: W,
     /// `slot | seg_count << 16`: the sender's private token for the message
     /// (echoed back on release; below 2^16 as rings are at most 2^16) and the
     /// number of segments, 1..=MAX_SEGMENTS.
-    pub(crate) slot_count: AtomicU32,
+    pub(crate) slot_count: W,
     /// Word offset in the data area of the segment, or of the table.
-    pub(crate) offset: AtomicU32,
+    pub(crate) offset: W,
     /// Length in words of the segment, or of the table.
-    pub(crate) len: AtomicU32,
-}
-
-impl DescriptorEntry {
-    /// Packs a slot and a segment count into `slot_count`.
-    pub(crate) fn pack(slot: u32, count: u32) -> u32 {
-        debug_assert!(slot < MAX_RING && count <= MAX_SEGMENTS);
-        (slot & 0xffff) | (count << 16)
-    }
-
-    /// The tag in `seq` that marks the entry of message `seq` as complete.
-    pub(crate) fn tag(seq: u32) -> u32 {
-        seq.wrapping_add(1)
-    }
-
-    /// Splits `slot_count` into the slot and the segment count.
-    pub(crate) fn unpack(slot_count: u32) -> (u32, u32) {
-        (slot_count & 0xffff, slot_count >> 16)
-    }
+    pub(crate) len: W,
 }
 
 /// One released message in the release ring: which peer message the owner
 /// has dropped.
 #[repr(C)]
 #[derive(Debug)]
-pub(crate) struct ReleaseEntry {
-    pub(crate) slot: AtomicU32,
-    pub(crate) seq: AtomicU32,
+pub(crate) struct ReleaseEntry<W = AtomicU32> {
+    pub(crate) slot: W,
+    pub(crate) seq: W,
 }
 
 const _: () = {
     assert!(size_of::<Line<AtomicU32>>() == 128);
     assert!(size_of::<Header>() == 32);
-    assert!(size_of::<ControlBlock>() == 7 * 128);
+    assert!(size_of::<ControlBlock>() == 8 * 128);
     assert!(size_of::<ControlBlock>() as u64 <= CONTROL_BYTES);
     assert!(std::mem::offset_of!(ControlBlock, published) == 128);
     assert!(std::mem::offset_of!(ControlBlock, consumed) == 256);
@@ -176,6 +166,7 @@ const _: () = {
     assert!(std::mem::offset_of!(ControlBlock, rx_sleeping) == 512);
     assert!(std::mem::offset_of!(ControlBlock, tx_sleeping) == 640);
     assert!(std::mem::offset_of!(ControlBlock, closed) == 768);
+    assert!(std::mem::offset_of!(ControlBlock, owner) == 896);
     assert!(size_of::<DescriptorEntry>() == 16);
     assert!(std::mem::offset_of!(DescriptorEntry, offset) == 8);
     assert!(MAX_RING <= 1 << 16 && MAX_SEGMENTS < 1 << 16);
@@ -233,10 +224,14 @@ impl Geometry {
         end.next_multiple_of(DATA_ALIGN)
     }
 
-    /// Size of the data area in words. Fits in `u32` for a valid geometry.
+    /// Size of the data area in words, for a validated geometry (whose
+    /// data area is at most [`MAX_REGION`] bytes, 2^31 words).
     pub(crate) fn data_words(self) -> u32 {
         let words = self.region_size.saturating_sub(self.data_offset()) / WORD;
-        u32::try_from(words).unwrap_or(u32::MAX)
+        debug_assert!(words <= MAX_REGION / WORD, "geometry not validated");
+        // MAX_REGION / WORD = 2^31 fits; an unvalidated geometry is a bug,
+        // and zero words make every extent out of bounds.
+        u32::try_from(words).unwrap_or(0)
     }
 
     /// The ring index of sequence number `seq`.

@@ -10,13 +10,13 @@
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use capnp_shm::Channel;
+//! use capnp_shm::{Channel, RecvError};
 //!
 //! let (client, server) = Channel::pair()?;
 //!
 //! let mut request = client.message();
 //! request.set_root(capnp::text::Reader::from("ping"))?;
-//! client.send(request)?;
+//! client.send(request).map_err(|e| e.into_error())?;
 //!
 //! let received = server.recv()?; // no copy: the bytes stay in client's region
 //! let text: capnp::text::Reader<'_> = received.get_root()?;
@@ -24,20 +24,34 @@
 //! drop(received); // client may now reuse the space
 //!
 //! drop(client);
-//! assert!(matches!(server.recv(), Err(capnp_shm::Error::Disconnected)));
+//! assert!(matches!(server.recv(), Err(RecvError::Disconnected)));
 //! # Ok(()) }
 //! ```
 //!
-//! # Blocking, and the other end
+//! (A send error hands the unsent builder back, and the builder borrows its
+//! channel; `into_error` drops it, for `?` into a `Box<dyn Error>`.)
+//!
+//! # Blocking, threads, and the other end
 //!
 //! Every call blocks the calling thread, never longer than asked:
 //! [`Channel::send`] waits while the peer holds too many messages,
 //! [`Channel::recv`] waits for one, and their `try_` and `_timeout` forms
-//! bound the wait. There are no background threads. A peer that closes is
-//! noticed at once; one that dies, even by `SIGKILL`, within one wait slice
-//! (100 ms by default) by a waiting or polling call, and by a sender that
-//! never waits within 64 sends once a slice has passed. Messages it sent
-//! before are still delivered, then [`Error::Disconnected`].
+//! bound the wait. There are no background threads. A [`Channel`] is used
+//! by one thread at a time; [`Channel::split`] gives a [`Sender`] and a
+//! [`Receiver`] for two threads. A peer that closes is noticed at once; one
+//! that dies, even by `SIGKILL`, within one wait slice (100 ms by default)
+//! by a waiting or polling call, and by a sender that never waits within 64
+//! sends once a slice has passed. Messages it sent before are still
+//! delivered, then `Disconnected`.
+//!
+//! # Errors
+//!
+//! Each operation has its own error type ([`RecvError`], [`TryRecvError`],
+//! [`SendError`], [`TrySendError`], [`SetupError`], ...), shaped like
+//! crossbeam's: a failed send hands the message back
+//! (`Err(TrySendError::Full(message))`). What ends an end for good is the
+//! peer going away (`Disconnected`) or a [`Failure`]; once seen, every later
+//! call returns it again. [`Error`] is the union of them all, for `?`.
 //!
 //! # Trust
 //!
@@ -45,42 +59,88 @@
 //! read-only and the memfd is sealed against new writable mappings), never
 //! shrink a region under us, and never make us read outside its region: every
 //! counter, offset and length it publishes is checked, and a violation ends
-//! the channel with [`Error::Protocol`]. Reading in place does assume the peer
-//! leaves a message alone between sending it and our release, as this crate
-//! does; for a peer not trusted with that, [`Options::copy_received`] copies
-//! each message into private memory first.
+//! the channel with [`Failure::Protocol`]. Reading in place does assume the
+//! peer leaves a message alone between sending it and our release, as this
+//! crate does; for a peer not trusted with that, [`Options::copy_received`]
+//! copies each message into private memory first.
+//!
+//! # Fork
+//!
+//! An end belongs to the first process that uses it. A copy inherited
+//! through `fork` fails every operation with [`Failure::NotOwner`], and
+//! dropping it (or a received message or builder of it) touches nothing
+//! shared.
+//!
+//! # How the code is laid out
+//!
+//! ```text
+//! channel    Channel, Sender, Receiver: thin facades over
+//!   send       the sending side: books of messages in flight, publish, send loop
+//!   alloc        the capnp Allocator over the sending side (free list: free)
+//!   recv       the receiving side: take, receive loop, release
+//!   message      Received, reading in place over the receiving side
+//!   link       what both sides share: socket, regions, owner claim, failure
+//! ring       descriptor ring and release ring: both halves of each, encodings
+//! wait       the Waiter: spin (spin), announce, sleep, liveness; deadline
+//! wake       the sleep/wake handshake, both halves, and why no wake is lost
+//! word       the Word trait the rings and waits run on (AtomicU32 + futex)
+//! region     typed views of our region (stores) and the peer's (loads only)
+//! layout     the frozen shared format        handshake  hellos and checks
+//! select     wait_any                        connect, spawn  topologies
+//! error      the error types                 options    Options
+//! sys/       every libc call                 fault      broken variants (tests)
+//! ```
+//!
+//! `model.rs` (tests only) runs the rings, the waits and the sides under
+//! loom, exhaustively.
 //!
 //! # Where `unsafe` lives
 //!
 //! `unsafe_code` is denied crate-wide and allowed only in: `src/sys/` (every
-//! system call), `src/region.rs` (references into mapped memory), and
-//! `src/alloc.rs` (implementing capnp's `Allocator`, an unsafe trait).
+//! system call), `src/region.rs` (references into mapped memory, and the
+//! data-area writes behind `unsafe fn`s), `src/send.rs` (the calls of those
+//! writes, each justified by the sending side's books), and `src/alloc.rs`
+//! (implementing capnp's `Allocator`, an unsafe trait).
 
 #![cfg(target_os = "linux")]
 
 mod alloc;
 mod channel;
 mod connect;
+mod deadline;
 mod error;
+mod fault;
+mod free;
 mod handshake;
 mod layout;
+mod link;
 mod message;
+#[cfg(test)]
+mod model;
 mod options;
-mod receiver;
+mod recv;
 mod region;
+mod ring;
 mod select;
-mod sender;
+mod send;
 mod spawn;
 mod spin;
 mod sys;
+mod wait;
+mod wake;
+mod word;
 
 pub use alloc::RegionAllocator;
-pub use channel::{Channel, MessageBuilder};
+pub use channel::{Channel, MessageBuilder, Receiver, Sender};
 pub use connect::{Credentials, Listener, ListenerOptions};
-pub use error::{Error, ProtocolError, SendError, TooLargeKind};
+pub use error::{
+    Error, Failure, InvalidOptions, NotInherited, NotOwner, ProtocolError, RecvError,
+    RecvTimeoutError, SendError, SendTimeoutError, SetupError, TooLarge, TooLargeKind,
+    TryRecvError, TrySendError,
+};
 pub use message::{Received, Segments};
 pub use options::{Backing, Options};
-pub use select::{wait_any, wait_any_with, WaitMethod};
+pub use select::{wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the
@@ -90,7 +150,8 @@ pub use spawn::{PendingChild, ENV_VAR};
 #[doc(hidden)]
 pub mod fuzzing {
     use crate::handshake::{Hello, HELLO_LEN};
-    use crate::receiver::SegmentTable;
+    use crate::region::Extent;
+    use crate::ring::SegmentTable;
 
     /// Parses a hello; `Ok((region_size, ring_capacity, sealed))` or the
     /// protocol error's text. Shorter input is padded with zeros.
@@ -114,7 +175,8 @@ pub mod fuzzing {
         data_words: u32,
         area: &[u64],
     ) -> Result<Vec<(u32, u32)>, String> {
-        let table = SegmentTable::read(count, [[offset, len]], data_words, |w| {
+        let first = Extent { start: offset, len };
+        let table = SegmentTable::read(count, first, data_words, |w| {
             (w < data_words).then(|| area.get(w as usize).copied().unwrap_or(0))
         })
         .map_err(|e| e.to_string())?;

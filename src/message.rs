@@ -7,22 +7,24 @@ use capnp::message::{Reader, ReaderSegments};
 use capnp::traits::FromPointerReader;
 use capnp::Word;
 
-use crate::channel::Channel;
-use crate::receiver::SegmentTable;
+use crate::recv::RecvSide;
+use crate::ring::{SegmentTable, Taken};
 
 /// A received message, read in place.
 ///
 /// Its segments stay in the peer's shared region (or, with
 /// [`Options::copy_received`](crate::Options::copy_received), in a private
 /// copy) until it drops; dropping it tells the peer the space may be reused.
-/// It borrows the channel, so the mapping outlives it.
+/// It borrows the receiving end, so the mapping outlives it. A `Received`
+/// inherited through `fork` and dropped in the child touches nothing
+/// shared: only the process that owns the end releases.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let (a, b) = capnp_shm::Channel::pair()?;
 /// let mut message = a.message();
 /// message.set_root(capnp::text::Reader::from("hi"))?;
-/// a.send(message)?;
+/// a.send(message).map_err(|e| e.into_error())?;
 /// let received = b.recv()?;
 /// let text: capnp::text::Reader<'_> = received.get_root()?;
 /// assert_eq!(text.to_str()?, "hi");
@@ -33,12 +35,17 @@ pub struct Received<'c> {
 }
 
 impl<'c> Received<'c> {
-    pub(crate) fn new(
-        segments: Segments<'c>,
-        options: capnp::message::ReaderOptions,
-    ) -> Received<'c> {
+    /// The message `taken` from `side`'s peer: read in place, or copied
+    /// (and released at once) when the options say so.
+    pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Received<'c> {
+        let options = side.link().options();
+        let segments = if options.copy_received {
+            Segments::copied(side, &taken)
+        } else {
+            Segments::in_place(side, &taken)
+        };
         Received {
-            reader: Reader::new(segments, options),
+            reader: Reader::new(segments, options.reader_options),
         }
     }
 
@@ -91,7 +98,7 @@ impl fmt::Debug for Received<'_> {
 /// The segments of a [`Received`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
 pub struct Segments<'c> {
-    channel: &'c Channel,
+    side: &'c RecvSide,
     body: Body<'c>,
     /// `(slot, seq)` to release on drop; `None` once released.
     release: Option<(u32, u32)>,
@@ -109,40 +116,29 @@ enum Body<'c> {
 }
 
 impl<'c> Segments<'c> {
-    pub(crate) fn in_place(
-        channel: &'c Channel,
-        table: &SegmentTable,
-        slot: u32,
-        seq: u32,
-    ) -> Segments<'c> {
-        let incoming = channel.incoming();
+    fn in_place(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
+        let peer = side.link().peer();
+        let table = &taken.table;
         // The table was validated against the data area, so every lookup
         // succeeds; an empty slice would only make capnp report an error.
-        let slice = |i| {
-            table
-                .get(i)
-                .and_then(|e| incoming.segment(e))
-                .unwrap_or(&[])
-        };
+        let slice = |i| table.get(i).and_then(|e| peer.segment(e)).unwrap_or(&[]);
         Segments {
-            channel,
+            side,
             body: Body::InPlace {
                 first: slice(0),
                 more: (1..table.len()).map(slice).collect(),
             },
-            release: Some((slot, seq)),
+            release: Some((taken.slot, taken.seq)),
         }
     }
 
-    /// Copies the segments of `table` out of the peer's region; the message
+    /// Copies the segments of `taken` out of the peer's region; the message
     /// is released at once (the copy no longer needs the shared words).
-    pub(crate) fn copied(
-        channel: &'c Channel,
-        table: &SegmentTable,
-        slot: u32,
-        seq: u32,
-    ) -> Segments<'c> {
-        let total = usize::try_from(table.words()).unwrap_or(usize::MAX);
+    fn copied(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
+        let table: &SegmentTable = &taken.table;
+        let peer = side.link().peer();
+        // At most the peer's data area (validated), which fits in memory.
+        let total = usize::try_from(table.words()).unwrap_or(0);
         let mut words = Word::allocate_zeroed_vec(total);
         let mut ends = Vec::with_capacity(table.len() as usize);
         let bytes = Word::words_to_bytes_mut(&mut words);
@@ -153,16 +149,16 @@ impl<'c> Segments<'c> {
             if let Some(e) = table.get(i) {
                 let len = e.len as usize * 8;
                 if let Some(dst) = bytes.get_mut(at..at + len) {
-                    if channel.incoming().copy_segment(e, dst) {
+                    if peer.copy_segment(e, dst) {
                         at += len;
                     }
                 }
             }
             ends.push(at);
         }
-        channel.release(slot, seq);
+        side.release(taken.slot, taken.seq);
         Segments {
-            channel,
+            side,
             body: Body::Copied { words, ends },
             release: None,
         }
@@ -196,7 +192,7 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         if let Some((slot, seq)) = self.release.take() {
-            self.channel.release(slot, seq);
+            self.side.release(slot, seq);
         }
     }
 }

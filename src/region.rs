@@ -1,26 +1,33 @@
-//! Mapped regions: creating this end's outgoing region, and typed,
-//! bounds-checked views of both regions.
+//! Regions: this end's outgoing region (created here, mapped read-write)
+//! and the peer's (mapped read-only), as typed views.
 //!
 //! This file turns raw mapped addresses into references. Every view is
-//! checked against the region's validated [`Geometry`], and every shared field
-//! is an atomic, so a reference stays sound whatever the other process does to
-//! the bytes. The data area is the one exception: message payloads are plain
-//! bytes (capnp reads them), see [`InRegion::segment`].
+//! checked against the region's validated [`Geometry`], and every shared
+//! field is a [`Word`], so a reference stays sound whatever the other
+//! process does to the bytes. Who may write is in the type:
+//! [`OwnRegion`] hands out [`Mine`] words (loads and stores) and writes its
+//! data area behind `unsafe fn`s whose callers own the words they touch;
+//! [`PeerRegion`] hands out [`Theirs`] words (`Relaxed` loads only) and
+//! reads its data area, so a store into the peer's mapping does not
+//! compile. The data area is the one place with plain bytes: message
+//! payloads, which capnp reads (see [`PeerRegion::segment`]).
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::layout::{
     ControlBlock, DescriptorEntry, Geometry, ReleaseEntry, FLAG_SEALED, MAGIC, VERSION, WORD,
+    WORD_BYTES,
 };
 use crate::options::Backing;
 use crate::sys::errno as libc_errno;
 use crate::sys::file;
 use crate::sys::mapping::Mapping;
+use crate::word::{Mine, Theirs, Word};
 
 /// A run of words in a data area: `start..start + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,89 +37,148 @@ pub(crate) struct Extent {
 }
 
 impl Extent {
+    /// One past the last word. Extents of a free list or a validated table
+    /// lie inside a data area of at most 2^31 words, so this cannot overflow.
     pub(crate) fn end(self) -> u32 {
-        self.start + self.len
+        debug_assert!(self.start.checked_add(self.len).is_some());
+        self.start.wrapping_add(self.len)
     }
 }
 
-/// A mapped region and its validated geometry: the views both ends share.
-#[derive(Debug)]
-pub(crate) struct Region {
-    map: Mapping,
-    geometry: Geometry,
+/// The words of one descriptor ring entry, as views of one kind.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DescriptorWords<V> {
+    pub(crate) tag: V,
+    pub(crate) slot_count: V,
+    pub(crate) offset: V,
+    pub(crate) len: V,
 }
 
-impl Region {
-    /// Wraps a mapping of a region with a geometry already validated against
-    /// the mapping's length.
-    fn new(map: Mapping, geometry: Geometry) -> Region {
+/// The words of one release ring entry, as views of one kind.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReleaseWords<V> {
+    pub(crate) slot: V,
+    pub(crate) seq: V,
+}
+
+/// What keeps a region's memory where its pointers say: held only for its
+/// `Drop` (the unmap, or the last reference to the model's memory).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Memory {
+    /// A shared mapping of the region's file (the crate).
+    Mapped(Mapping),
+    /// Heap memory built by the model checker.
+    #[cfg(test)]
+    Model(std::sync::Arc<dyn std::any::Any + Send + Sync>),
+}
+
+/// Where the parts of one region lie, and the memory that holds them.
+///
+/// Invariant: every pointer points into `memory`, which does not move or
+/// unmap while `self` lives: `control` to one `ControlBlock<W>`,
+/// `descriptors` and `releases` to `geometry.ring_capacity` entries each,
+/// `data` to `geometry.data_words()` words, 8-byte aligned. All of it but
+/// the data area is `W` words and plain integers, valid for any bits.
+#[derive(Debug)]
+struct Parts<W> {
+    control: NonNull<ControlBlock<W>>,
+    descriptors: NonNull<DescriptorEntry<W>>,
+    releases: NonNull<ReleaseEntry<W>>,
+    data: NonNull<u8>,
+    geometry: Geometry,
+    /// Held for its `Drop` (the unmap), after every use of the pointers.
+    _memory: Memory,
+}
+
+// SAFETY: the pointers refer to `memory`, which moves with the value (a
+// mapping's address and a heap allocation's do not change when their owner
+// moves). Through a shared reference, the shared fields are reached only as
+// `W: Sync` atomics; the data area only through the `unsafe fn`s of
+// `OwnRegion` (whose callers own the words) and by reading `PeerRegion`
+// bytes that this process never writes.
+unsafe impl<W: Send + Sync> Send for Parts<W> {}
+// SAFETY: as for `Send`.
+unsafe impl<W: Send + Sync> Sync for Parts<W> {}
+
+impl Parts<AtomicU32> {
+    /// The parts of a region mapped at `map`, for a geometry validated
+    /// against the mapping's length.
+    fn mapped(map: Mapping, geometry: Geometry) -> Parts<AtomicU32> {
         debug_assert_eq!(Ok(geometry), geometry.validate());
         debug_assert_eq!(u64::try_from(map.len()).ok(), Some(geometry.region_size));
-        Region { map, geometry }
+        let at = |offset: u64| {
+            let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+            assert!(offset < map.len(), "geometry larger than its mapping");
+            // SAFETY: `offset < len`: inside the mapping.
+            let ptr = unsafe { map.as_ptr().add(offset) };
+            NonNull::new(ptr).unwrap_or(NonNull::dangling())
+        };
+        // Offsets from a validated geometry: the control block at 0, the
+        // rings after it, the data area (page aligned) last, all inside.
+        Parts {
+            control: at(0).cast(),
+            descriptors: at(geometry.descriptors_offset()).cast(),
+            releases: at(geometry.releases_offset()).cast(),
+            data: at(geometry.data_offset()),
+            geometry,
+            _memory: Memory::Mapped(map),
+        }
+    }
+}
+
+impl<W: Word> Parts<W> {
+    fn control(&self) -> &ControlBlock<W> {
+        // SAFETY: see the invariant on `Parts`: a live, aligned control
+        // block of atomics (any bits valid, shared access allowed), borrowed
+        // no longer than `self`, which keeps the memory.
+        unsafe { self.control.as_ref() }
     }
 
-    pub(crate) fn geometry(&self) -> Geometry {
-        self.geometry
+    fn descriptor(&self, seq: u32) -> &DescriptorEntry<W> {
+        let index = self.geometry.ring_index(seq) as usize;
+        // SAFETY: `index < ring_capacity` (ring_index masks with capacity - 1),
+        // so the entry lies inside the descriptor ring.
+        let entry = unsafe { self.descriptors.add(index) };
+        // SAFETY: a live, aligned entry of atomics; see `control`.
+        unsafe { entry.as_ref() }
     }
 
-    /// The control block at offset 0.
-    pub(crate) fn control(&self) -> &ControlBlock {
-        // The mapping is page aligned and at least CONTROL_BYTES long (the
-        // geometry was validated against its length); the reference cannot
-        // outlive `self`, which owns the mapping.
-        // SAFETY: aligned, in bounds, all atomics (any bytes valid, shared ok).
-        unsafe { &*self.map.as_ptr().cast::<ControlBlock>() }
-    }
-
-    /// The descriptor ring entry for sequence number `seq`.
-    pub(crate) fn descriptor(&self, seq: u32) -> &DescriptorEntry {
-        let index = u64::from(self.geometry.ring_index(seq));
-        let offset =
-            self.geometry.descriptors_offset() + index * size_of::<DescriptorEntry>() as u64;
-        debug_assert!(
-            offset + size_of::<DescriptorEntry>() as u64 <= self.geometry.releases_offset()
-        );
-        let ptr = self.at(offset).cast::<DescriptorEntry>();
-        // SAFETY: index < ring_capacity, so the entry lies inside the
-        // descriptor ring, inside the mapping; the offset is a multiple of 64
-        // from a page-aligned base; the entry is all atomics (see `control`).
-        unsafe { &*ptr }
-    }
-
-    /// The release ring entry for release number `n`.
-    pub(crate) fn release_entry(&self, n: u32) -> &ReleaseEntry {
-        let index = u64::from(self.geometry.ring_index(n));
-        let offset = self.geometry.releases_offset() + index * size_of::<ReleaseEntry>() as u64;
-        debug_assert!(offset + size_of::<ReleaseEntry>() as u64 <= self.geometry.data_offset());
-        let ptr = self.at(offset).cast::<ReleaseEntry>();
-        // SAFETY: index < ring_capacity, so the entry lies inside the release
-        // ring, inside the mapping, 8-byte aligned; it is all atomics.
-        unsafe { &*ptr }
-    }
-
-    /// The address `offset` bytes into the mapping; clamped to one past its
-    /// end, which no caller reaches (their offsets come from the validated
-    /// geometry).
-    fn at(&self, offset: u64) -> *mut u8 {
-        let offset = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(self.map.len());
-        // SAFETY: `offset <= len`, so the result is inside the mapping or one
-        // past its end.
-        unsafe { self.map.as_ptr().add(offset) }
+    fn release_entry(&self, n: u32) -> &ReleaseEntry<W> {
+        let index = self.geometry.ring_index(n) as usize;
+        // SAFETY: `index < ring_capacity`, so the entry lies inside the
+        // release ring.
+        let entry = unsafe { self.releases.add(index) };
+        // SAFETY: a live, aligned entry of atomics; see `control`.
+        unsafe { entry.as_ref() }
     }
 
     /// Whether `extent` lies inside the data area.
-    pub(crate) fn contains(&self, extent: Extent) -> bool {
+    fn contains(&self, extent: Extent) -> bool {
         u64::from(extent.start) + u64::from(extent.len) <= u64::from(self.geometry.data_words())
     }
 
-    /// The address of word `offset` of the data area. `offset` must be at most
-    /// the data area's length (checked in debug builds).
+    /// The address of word `offset` of the data area, for an `offset` at
+    /// most the area's length.
     fn data_ptr(&self, offset: u32) -> *mut u8 {
-        debug_assert!(offset <= self.geometry.data_words());
-        self.at(self.geometry.data_offset() + u64::from(offset) * WORD)
+        assert!(
+            offset <= self.geometry.data_words(),
+            "outside the data area"
+        );
+        // SAFETY: at most one past the end of the data area (asserted).
+        unsafe { self.data.as_ptr().add(offset as usize * WORD_BYTES) }
     }
+}
+
+/// Makes the accessors of the control block's counters, returning `$view`.
+macro_rules! counters {
+    ($view:ident: $($name:ident),*) => {$(
+        #[doc = concat!("The control block's `", stringify!($name), "` word.")]
+        #[inline]
+        pub(crate) fn $name(&self) -> $view<'_, W> {
+            $view::new(&self.parts.control().$name.0)
+        }
+    )*};
 }
 
 /// Whether a failure of the memfd path means memfd regions are not to be had
@@ -128,22 +194,20 @@ fn memfd_unavailable(e: &io::Error) -> bool {
     )
 }
 
-/// This end's outgoing region, mapped read-write. Only this process writes it.
+/// This end's outgoing region. Only this end's owner process writes it.
 #[derive(Debug)]
-pub(crate) struct OutRegion {
-    region: Region,
+pub(crate) struct OwnRegion<W = AtomicU32> {
+    parts: Parts<W>,
     sealed: bool,
 }
 
-impl OutRegion {
+impl OwnRegion<AtomicU32> {
     /// Creates the outgoing region: the file, its size, a read-write mapping,
     /// then the seals (after the mapping, so we keep writing while nobody else
     /// ever can), and finally the header. Returns the region and a read-only
-    /// descriptor for the peer.
-    pub(crate) fn create(geometry: Geometry, backing: Backing) -> io::Result<(OutRegion, OwnedFd)> {
-        let geometry = geometry
-            .validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    /// descriptor for the peer. `geometry` is validated.
+    pub(crate) fn create(geometry: Geometry, backing: Backing) -> io::Result<(OwnRegion, OwnedFd)> {
+        debug_assert_eq!(Ok(geometry), geometry.validate());
         let (region, peer_fd) = match backing {
             Backing::Memfd => Self::create_memfd(geometry)?,
             Backing::ShmFile => Self::create_shm_file(geometry)?,
@@ -160,13 +224,11 @@ impl OutRegion {
                 Err(e) => return Err(e),
             },
         };
-        let header = &region.region.control().header.0;
+        let header = &region.parts.control().header.0;
         header.magic.store(MAGIC, Ordering::Relaxed);
         header.version.store(VERSION, Ordering::Relaxed);
-        header.flags.store(
-            if region.sealed { FLAG_SEALED } else { 0 },
-            Ordering::Relaxed,
-        );
+        let flags = if region.sealed { FLAG_SEALED } else { 0 };
+        header.flags.store(flags, Ordering::Relaxed);
         header
             .region_size
             .store(geometry.region_size, Ordering::Relaxed);
@@ -178,10 +240,10 @@ impl OutRegion {
         Ok((region, peer_fd))
     }
 
-    fn create_memfd(geometry: Geometry) -> io::Result<(OutRegion, OwnedFd)> {
+    fn create_memfd(geometry: Geometry) -> io::Result<(OwnRegion, OwnedFd)> {
         let fd = file::memfd_create(c"capnp-shm")?;
         file::ftruncate(fd.as_fd(), geometry.region_size)?;
-        let map = Mapping::map(fd.as_fd(), Self::len(geometry)?, true)?;
+        let map = Mapping::map(fd.as_fd(), region_len(geometry)?, true)?;
         file::add_seals(fd.as_fd(), file::REGION_SEALS)?;
         // A read-only description for the peer where /proc allows one. The
         // seals are what protect the region (a peer could reopen its
@@ -191,119 +253,180 @@ impl OutRegion {
         let peer_fd = file::reopen_read_only(fd.as_fd()).unwrap_or(fd);
         // Our descriptor (if not sent) closes here; the mapping keeps the
         // file alive.
+        let parts = Parts::mapped(map, geometry);
         Ok((
-            OutRegion {
-                region: Region::new(map, geometry),
+            OwnRegion {
+                parts,
                 sealed: true,
             },
             peer_fd,
         ))
     }
 
-    fn create_shm_file(geometry: Geometry) -> io::Result<(OutRegion, OwnedFd)> {
+    fn create_shm_file(geometry: Geometry) -> io::Result<(OwnRegion, OwnedFd)> {
         let (rw, ro) = file::create_shm_file(geometry.region_size)?;
-        let map = Mapping::map(rw.as_fd(), Self::len(geometry)?, true)?;
+        let map = Mapping::map(rw.as_fd(), region_len(geometry)?, true)?;
+        let parts = Parts::mapped(map, geometry);
         Ok((
-            OutRegion {
-                region: Region::new(map, geometry),
+            OwnRegion {
+                parts,
                 sealed: false,
             },
             ro,
         ))
     }
+}
 
-    fn len(geometry: Geometry) -> io::Result<usize> {
-        usize::try_from(geometry.region_size)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    }
+fn region_len(geometry: Geometry) -> io::Result<usize> {
+    usize::try_from(geometry.region_size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+impl<W: Word> OwnRegion<W> {
+    counters!(Mine: published, consumed, released, rx_sleeping, tx_sleeping, closed, owner);
 
     /// Whether the region is a sealed memfd.
     pub(crate) fn is_sealed(&self) -> bool {
         self.sealed
     }
 
-    pub(crate) fn region(&self) -> &Region {
-        &self.region
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.parts.geometry
+    }
+
+    /// The descriptor ring entry for sequence number `seq`.
+    pub(crate) fn descriptor(&self, seq: u32) -> DescriptorWords<Mine<'_, W>> {
+        let e = self.parts.descriptor(seq);
+        DescriptorWords {
+            tag: Mine::new(&e.tag),
+            slot_count: Mine::new(&e.slot_count),
+            offset: Mine::new(&e.offset),
+            len: Mine::new(&e.len),
+        }
+    }
+
+    /// The release ring entry for release number `n`.
+    pub(crate) fn release_entry(&self, n: u32) -> ReleaseWords<Mine<'_, W>> {
+        let e = self.parts.release_entry(n);
+        ReleaseWords {
+            slot: Mine::new(&e.slot),
+            seq: Mine::new(&e.seq),
+        }
     }
 
     /// The word offset of `ptr` in the data area, when `ptr` is a word-aligned
     /// address inside it.
     pub(crate) fn offset_of(&self, ptr: *const u8) -> Option<u32> {
-        let base = self.region.data_ptr(0) as usize;
+        let base = self.parts.data.as_ptr() as usize;
         let byte = u64::try_from((ptr as usize).checked_sub(base)?).ok()?;
         let word = u32::try_from(byte / WORD).ok()?;
-        (byte % WORD == 0 && word < self.region.geometry.data_words()).then_some(word)
+        (byte % WORD == 0 && word < self.parts.geometry.data_words()).then_some(word)
     }
 
     /// The address of the first word of `extent`, for handing to capnp.
+    /// `extent` lies inside the data area (checked).
     pub(crate) fn extent_ptr(&self, extent: Extent) -> NonNull<u8> {
-        debug_assert!(self.region.contains(extent));
-        debug_assert!(self.region.map.is_writable());
-        NonNull::new(self.region.data_ptr(extent.start)).unwrap_or(NonNull::dangling())
+        assert!(self.parts.contains(extent), "extent outside the data area");
+        NonNull::new(self.parts.data_ptr(extent.start)).unwrap_or(NonNull::dangling())
     }
 
-    /// Zeroes the words of `extent`.
+    /// Zeroes the words of `extent`, which must lie inside the data area
+    /// (checked).
     ///
-    /// The caller guarantees no reference into `extent` is alive: the words
-    /// are free, or owned by a message the peer has released.
-    pub(crate) fn zero(&self, extent: Extent) {
-        assert!(
-            self.region.contains(extent),
-            "zeroing outside the data area"
-        );
-        // SAFETY: the extent lies inside our writable mapping (asserted), no
-        // reference into it exists (caller's guarantee), and bytes have no
-        // invalid values.
-        unsafe {
-            std::ptr::write_bytes(
-                self.region.data_ptr(extent.start),
-                0,
-                extent.len as usize * 8,
-            )
-        };
+    /// # Safety
+    ///
+    /// - No reference into `extent` is alive, and nobody else writes it
+    ///   meanwhile: its words are free, or belong to a message the peer has
+    ///   released, in this end's books.
+    /// - This process owns the end (a forked copy must not write words its
+    ///   parent uses).
+    pub(crate) unsafe fn zero(&self, extent: Extent) {
+        assert!(self.parts.contains(extent), "zeroing outside the data area");
+        let dst = self.parts.data_ptr(extent.start);
+        // SAFETY: the extent lies inside our writable data area (asserted);
+        // no reference into it exists and nobody writes it meanwhile (the
+        // caller's duties); bytes have no invalid values.
+        unsafe { std::ptr::write_bytes(dst, 0, extent.len as usize * WORD_BYTES) };
     }
 
-    /// Copies `bytes` (a whole number of words) to the start of `extent`.
+    /// Copies `bytes` (at most `extent.len` words, checked) to the start of
+    /// `extent`, which must lie inside the data area (checked).
     ///
-    /// The caller guarantees `extent` is free (no reference into it) and at
-    /// least as long as `bytes`.
-    pub(crate) fn write(&self, extent: Extent, bytes: &[u8]) {
+    /// # Safety
+    ///
+    /// As for [`zero`](Self::zero): the caller owns the words of `extent`.
+    pub(crate) unsafe fn write(&self, extent: Extent, bytes: &[u8]) {
         assert!(
-            self.region.contains(extent) && bytes.len() <= extent.len as usize * 8,
+            self.parts.contains(extent) && bytes.len() <= extent.len as usize * WORD_BYTES,
             "write outside its extent"
         );
-        // SAFETY: the destination lies inside our writable mapping and inside
-        // `extent` (asserted); `bytes` is private memory, so they cannot overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.region.data_ptr(extent.start),
-                bytes.len(),
-            )
-        };
+        let dst = self.parts.data_ptr(extent.start);
+        // SAFETY: the destination lies inside our data area and inside
+        // `extent` (asserted), which the caller owns; `bytes` is private
+        // memory or another region's, never this extent, so they cannot
+        // overlap.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    }
+
+    /// Bytes in the data area.
+    pub(crate) fn data_bytes(&self) -> u64 {
+        u64::from(self.parts.geometry.data_words()) * WORD
     }
 }
 
 /// The peer's region, mapped read-only. The peer writes it; we only read.
 #[derive(Debug)]
-pub(crate) struct InRegion {
-    region: Region,
+pub(crate) struct PeerRegion<W = AtomicU32> {
+    parts: Parts<W>,
 }
 
-impl InRegion {
+impl PeerRegion<AtomicU32> {
     /// Maps the peer's region read-only. The caller has validated the file
     /// (regular, size equal to `geometry.region_size`) and the geometry.
-    pub(crate) fn map(fd: &OwnedFd, geometry: Geometry) -> io::Result<InRegion> {
-        let len = usize::try_from(geometry.region_size)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let map = Mapping::map(fd.as_fd(), len, false)?;
-        Ok(InRegion {
-            region: Region::new(map, geometry),
+    pub(crate) fn map(fd: &OwnedFd, geometry: Geometry) -> io::Result<PeerRegion> {
+        let map = Mapping::map(fd.as_fd(), region_len(geometry)?, false)?;
+        Ok(PeerRegion {
+            parts: Parts::mapped(map, geometry),
         })
     }
 
-    pub(crate) fn region(&self) -> &Region {
-        &self.region
+    /// The header, as the peer wrote it, for the handshake's checks.
+    pub(crate) fn header(&self) -> &crate::layout::Header {
+        &self.parts.control().header.0
+    }
+
+    /// The address range of the mapping.
+    pub(crate) fn address_range(&self) -> std::ops::Range<usize> {
+        let base = self.parts.control.as_ptr() as usize;
+        let len = usize::try_from(self.parts.geometry.region_size).unwrap_or(0);
+        base..base + len
+    }
+}
+
+impl<W: Word> PeerRegion<W> {
+    counters!(Theirs: published, consumed, released, rx_sleeping, tx_sleeping, closed);
+
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.parts.geometry
+    }
+
+    /// The peer's descriptor ring entry for sequence number `seq`.
+    pub(crate) fn descriptor(&self, seq: u32) -> DescriptorWords<Theirs<'_, W>> {
+        let e = self.parts.descriptor(seq);
+        DescriptorWords {
+            tag: Theirs::new(&e.tag),
+            slot_count: Theirs::new(&e.slot_count),
+            offset: Theirs::new(&e.offset),
+            len: Theirs::new(&e.len),
+        }
+    }
+
+    /// The peer's release ring entry for release number `n`.
+    pub(crate) fn release_entry(&self, n: u32) -> ReleaseWords<Theirs<'_, W>> {
+        let e = self.parts.release_entry(n);
+        ReleaseWords {
+            slot: Theirs::new(&e.slot),
+            seq: Theirs::new(&e.seq),
+        }
     }
 
     /// The bytes of a segment in place, or `None` when it lies outside the
@@ -314,53 +437,116 @@ impl InRegion {
     /// slice lives only as long as the received message that holds it. A peer
     /// that breaks this rule is outside what zero-copy reading can defend
     /// against: capnp reads some words twice (check, then use), so bytes
-    /// changing underneath can make it read wrong values or crash the reader.
-    /// `Options::copy_received` (see [`copy_segment`](Self::copy_segment))
-    /// exists for peers not trusted with this.
+    /// changing underneath can make it read wrong values. `Options::copy_received`
+    /// (see [`copy_segment`](Self::copy_segment)) exists for peers not
+    /// trusted with this.
     pub(crate) fn segment(&self, extent: Extent) -> Option<&[u8]> {
-        if !self.region.contains(extent) {
+        if !self.parts.contains(extent) {
             return None;
         }
-        // The extent lies inside the data area, inside our read-only mapping,
-        // which lives as long as `self`; the protocol excludes concurrent
-        // writes by the peer (see above).
-        // SAFETY: in bounds, alive as long as the borrow; any bytes are valid u8.
-        Some(unsafe {
-            std::slice::from_raw_parts(self.region.data_ptr(extent.start), extent.len as usize * 8)
-        })
+        let ptr = self.parts.data_ptr(extent.start);
+        // SAFETY: the extent lies inside the data area, inside memory that
+        // lives as long as `self`; any bytes are valid u8; this process never
+        // writes the peer's region, and the protocol excludes writes by the
+        // peer while the message is ours (see above).
+        Some(unsafe { std::slice::from_raw_parts(ptr, extent.len as usize * WORD_BYTES) })
     }
 
     /// Copies a segment into `dst` (exactly `extent.len` words long) with
-    /// volatile word reads: the peer may be rewriting the words meanwhile,
-    /// and the copy then holds some mix of old and new words, never anything
-    /// worse. Returns `false` when the extent lies outside the data area.
+    /// `Relaxed` atomic loads, word by word: the peer may be rewriting the
+    /// words meanwhile, and the copy then holds some mix of old and new
+    /// words, never anything worse. Returns `false` when the extent lies
+    /// outside the data area or `dst` has the wrong length.
     pub(crate) fn copy_segment(&self, extent: Extent, dst: &mut [u8]) -> bool {
-        if !self.region.contains(extent) || dst.len() != extent.len as usize * 8 {
+        if !self.parts.contains(extent) || dst.len() != extent.len as usize * WORD_BYTES {
             return false;
         }
-        let src = self.region.data_ptr(extent.start).cast::<u64>();
-        for (i, out) in dst.chunks_exact_mut(8).enumerate() {
-            // SAFETY: `i < extent.len`, so the word lies inside the extent,
-            // inside the mapping.
-            let at = unsafe { src.add(i) };
-            // SAFETY: an aligned u64 inside our mapping; a volatile read is
-            // valid whatever the peer is writing there.
-            let word = unsafe { at.read_volatile() };
-            out.copy_from_slice(&word.to_ne_bytes());
+        for (i, out) in (extent.start..extent.end()).zip(dst.chunks_exact_mut(WORD_BYTES)) {
+            out.copy_from_slice(&self.load_word(i).to_ne_bytes());
         }
         true
     }
 
-    /// Reads word `offset` of the data area (for out-of-line segment tables).
+    /// Reads word `offset` of the data area (for out-of-line segment
+    /// tables), or `None` outside it.
     pub(crate) fn read_word(&self, offset: u32) -> Option<u64> {
-        if !self.region.contains(Extent {
+        let inside = self.parts.contains(Extent {
             start: offset,
             len: 1,
-        }) {
-            return None;
+        });
+        inside.then(|| self.load_word(offset))
+    }
+
+    /// A `Relaxed` atomic load of word `offset` of the data area, which
+    /// lies inside it.
+    fn load_word(&self, offset: u32) -> u64 {
+        debug_assert!(offset < self.parts.geometry.data_words());
+        let ptr = self.parts.data_ptr(offset).cast::<u64>();
+        // SAFETY: an 8-byte aligned word inside the data area (page-aligned
+        // base, word offsets), valid as long as `self`; all accesses to the
+        // peer's words from this process are atomic loads or the reads of a
+        // received message, and a Relaxed 8-byte atomic load is allowed on
+        // read-only memory.
+        let word = unsafe { AtomicU64::from_ptr(ptr) };
+        word.load(Ordering::Relaxed)
+    }
+}
+
+/// Regions in heap memory, for the model checker: the same views over
+/// words of any [`Word`] type.
+#[cfg(test)]
+pub(crate) mod model {
+    use super::*;
+    use std::cell::UnsafeCell;
+    use std::sync::Arc;
+
+    /// The memory of one model region.
+    pub(crate) struct Memory<W> {
+        pub(crate) control: Box<ControlBlock<W>>,
+        pub(crate) descriptors: Box<[DescriptorEntry<W>]>,
+        pub(crate) releases: Box<[ReleaseEntry<W>]>,
+        pub(crate) data: Box<[UnsafeCell<u64>]>,
+    }
+
+    // SAFETY: the words are `W: Sync`; the data area is written only by its
+    // owner end under the same rules as a mapped data area (see `Parts`).
+    unsafe impl<W: Send + Sync> Sync for Memory<W> {}
+    // SAFETY: owned heap memory.
+    unsafe impl<W: Send> Send for Memory<W> {}
+
+    fn parts<W: Word>(memory: &Arc<Memory<W>>, geometry: Geometry) -> Parts<W> {
+        let capacity = geometry.ring_capacity as usize;
+        assert!(memory.descriptors.len() == capacity && memory.releases.len() == capacity);
+        assert!(memory.data.len() == geometry.data_words() as usize);
+        let keep: Arc<dyn std::any::Any + Send + Sync> = memory.clone();
+        Parts {
+            control: NonNull::from(&*memory.control),
+            descriptors: NonNull::new(memory.descriptors.as_ptr().cast_mut())
+                .expect("a boxed slice is not null"),
+            releases: NonNull::new(memory.releases.as_ptr().cast_mut())
+                .expect("a boxed slice is not null"),
+            // UnsafeCell<u64> is transparent: the slice's cells, as bytes,
+            // writable through the shared reference.
+            data: NonNull::new(UnsafeCell::raw_get(memory.data.as_ptr()).cast::<u8>())
+                .expect("a boxed slice is not null"),
+            geometry,
+            _memory: super::Memory::Model(keep),
         }
-        // SAFETY: the word lies inside the mapping and is 8-byte aligned; a
-        // volatile read of a u64 is valid whatever the peer is writing there.
-        Some(unsafe { std::ptr::read_volatile(self.region.data_ptr(offset).cast::<u64>()) })
+    }
+
+    /// The owner's view and the peer's view of one model region.
+    pub(crate) fn views<W: Word>(
+        memory: &Arc<Memory<W>>,
+        geometry: Geometry,
+    ) -> (OwnRegion<W>, PeerRegion<W>) {
+        (
+            OwnRegion {
+                parts: parts(memory, geometry),
+                sealed: true,
+            },
+            PeerRegion {
+                parts: parts(memory, geometry),
+            },
+        )
     }
 }

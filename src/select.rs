@@ -1,33 +1,39 @@
 //! Waiting on many channels at once: `wait_any`.
 //!
 //! A parent serving N workers needs to block until any of its channels has
-//! a message (or ends), without spinning on each. Each channel's receiver
-//! side announces its sleep (`rx_sleeping`) and re-checks, exactly as a
-//! single `recv` does (see the Dekker notes in `channel.rs`); then:
+//! a message (or ends), without spinning on each. Each receiver announces
+//! its sleep and re-checks exactly as a single `recv` does (the same
+//! [`Waiter::prepare`](crate::wait::Waiter::prepare)); then:
 //!
 //! - [`WaitMethod::Futex`]: one `futex_waitv` (Linux 5.16) sleeps on every
-//!   peer's `published` word at once;
+//!   peer's `published` word and every peer's `closed` word at once;
 //! - [`WaitMethod::Doorbell`]: the flag says "sleeping on the socket", so a
 //!   peer that publishes also writes one doorbell byte, and one `poll` sleeps
 //!   on every socket at once (any kernel; also sees hang-up directly).
 //!
 //! [`WaitMethod::Auto`] takes the futex when the kernel has `futex_waitv`
-//! (checked once per process) and at most 64 channels are given.
+//! and at most 64 receivers are given.
 
-use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::fmt;
+use std::io;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 
-use crate::channel::Channel;
-use crate::error::Error;
+use crate::channel::Receiver;
+use crate::deadline::Deadline;
 use crate::layout::{SLEEPING_ON_FUTEX, SLEEPING_ON_SOCKET};
+use crate::recv::RecvSide;
 use crate::sys::{futex, socket};
+use crate::wait::Condition;
+use crate::wake::withdraw;
+use crate::word::{Word, WAIT_MANY_MAX};
 
 /// How [`wait_any_with`] sleeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WaitMethod {
     /// `Futex` where the kernel has `futex_waitv` and there are at most 64
-    /// channels; `Doorbell` otherwise.
+    /// receivers; `Doorbell` otherwise.
     #[default]
     Auto,
     /// One `futex_waitv` on every peer's counter (Linux 5.16+).
@@ -36,16 +42,73 @@ pub enum WaitMethod {
     Doorbell,
 }
 
-/// The most channels one `futex_waitv` covers (two words each).
-const MAX_FUTEX_CHANNELS: usize = futex::FUTEX_WAITV_MAX / 2;
+/// The most receivers one `futex_waitv` covers (two words each).
+const MAX_FUTEX_RECEIVERS: usize = WAIT_MANY_MAX / 2;
 
-/// Blocks until one of `channels` is ready to receive, and returns its
+/// Why [`wait_any`] returned no index.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WaitAnyError {
+    /// Nothing became ready in time.
+    Timeout,
+    /// The slice of receivers was empty.
+    NoReceivers,
+    /// [`WaitMethod::Futex`] with more receivers than one `futex_waitv`
+    /// covers.
+    TooManyForFutex {
+        /// How many were given.
+        given: usize,
+        /// The most the futex method takes.
+        max: usize,
+    },
+    /// [`WaitMethod::Futex`] where this kernel cannot use `futex_waitv`, or
+    /// `poll` failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for WaitAnyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitAnyError::Timeout => f.write_str("timed out waiting for any channel"),
+            WaitAnyError::NoReceivers => f.write_str("wait_any needs at least one receiver"),
+            WaitAnyError::TooManyForFutex { given, max } => write!(
+                f,
+                "WaitMethod::Futex takes at most {max} receivers, {given} given"
+            ),
+            WaitAnyError::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WaitAnyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WaitAnyError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<WaitAnyError> for crate::Error {
+    fn from(e: WaitAnyError) -> crate::Error {
+        match e {
+            WaitAnyError::Timeout => crate::Error::Timeout,
+            WaitAnyError::Io(e) => crate::Error::Io(e),
+            other => crate::Error::Io(io::Error::new(io::ErrorKind::InvalidInput, other)),
+        }
+    }
+}
+
+/// Blocks until one of `receivers` is ready to receive, and returns its
 /// index: its `try_recv` will then return a message or the error that ended
-/// it (such as [`Error::Disconnected`]), not [`Error::Empty`]. With several
-/// ready, the first in the slice wins; rotate the slice for fairness.
+/// it (such as `Disconnected`), not `Empty`. With several ready, the first
+/// in the slice wins; rotate the slice for fairness. Takes [`Channel`]s and
+/// [`Receiver`]s alike.
 ///
 /// `timeout: None` waits as long as it takes. A killed peer is noticed
-/// within one wait slice, like `recv` (its channel becomes ready).
+/// within one wait slice, like `recv` (its receiver becomes ready).
+///
+/// [`Channel`]: crate::Channel
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -56,7 +119,7 @@ const MAX_FUTEX_CHANNELS: usize = futex::FUTEX_WAITV_MAX / 2;
 /// let (b, b_peer) = Channel::pair()?;
 /// let mut m = b_peer.message();
 /// m.set_root(capnp::text::Reader::from("from b"))?;
-/// b_peer.send(m)?;
+/// b_peer.send(m).map_err(|e| e.into_error())?;
 /// assert_eq!(wait_any(&[&a, &b], Some(Duration::from_secs(5)))?, 1);
 /// let got = b.try_recv()?;
 /// # drop((got, a_peer)); Ok(()) }
@@ -64,13 +127,15 @@ const MAX_FUTEX_CHANNELS: usize = futex::FUTEX_WAITV_MAX / 2;
 ///
 /// # Errors
 ///
-/// [`Error::Timeout`] when nothing became ready in time; [`Error::Io`]
-/// (`InvalidInput`) for an empty slice, or when the chosen method is not
-/// available. A failure of one channel (a protocol error, a broken socket)
-/// is not an error of the wait: that channel is reported ready, and its
-/// `try_recv` returns the failure.
-pub fn wait_any(channels: &[&Channel], timeout: Option<Duration>) -> Result<usize, Error> {
-    wait_any_with(channels, timeout, WaitMethod::Auto)
+/// [`WaitAnyError::Timeout`] when nothing became ready in time;
+/// [`WaitAnyError::NoReceivers`] for an empty slice. A failure of one
+/// receiver (a protocol error, a broken socket) is not an error of the
+/// wait: that receiver is reported ready, and its `try_recv` returns it.
+pub fn wait_any<R: AsRef<Receiver>>(
+    receivers: &[R],
+    timeout: Option<Duration>,
+) -> Result<usize, WaitAnyError> {
+    wait_any_with(receivers, timeout, WaitMethod::Auto)
 }
 
 /// [`wait_any`] with a chosen [`WaitMethod`] (to force the doorbell path,
@@ -78,66 +143,60 @@ pub fn wait_any(channels: &[&Channel], timeout: Option<Duration>) -> Result<usiz
 ///
 /// # Errors
 ///
-/// As [`wait_any`].
-pub fn wait_any_with(
-    channels: &[&Channel],
+/// As [`wait_any`]; [`WaitAnyError::TooManyForFutex`] and
+/// [`WaitAnyError::Io`] when the chosen method is not available.
+pub fn wait_any_with<R: AsRef<Receiver>>(
+    receivers: &[R],
     timeout: Option<Duration>,
     method: WaitMethod,
-) -> Result<usize, Error> {
-    if channels.is_empty() {
-        return Err(invalid("wait_any needs at least one channel"));
+) -> Result<usize, WaitAnyError> {
+    let sides = Sides(receivers);
+    if receivers.is_empty() {
+        return Err(WaitAnyError::NoReceivers);
     }
-    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-    let slice = channels
+    let deadline = Deadline::within(timeout);
+    let slice = sides
         .iter()
-        .map(|c| c.options().wait_slice)
+        .map(|s| s.waiter().slice())
         .min()
         .unwrap_or(Duration::from_millis(100));
     let auto = method == WaitMethod::Auto;
-    let mut method = resolve(method, channels.len())?;
+    let mut method = resolve(method, receivers.len())?;
     loop {
-        // Once per wait slice per channel, even while other channels keep us
-        // too busy to sleep out a slice: a peer killed meanwhile shows as
-        // hang-up, and its channel is ready (its recv reports Disconnected).
-        for (i, c) in channels.iter().enumerate() {
-            if c.liveness_due() && !alive(c) {
+        // Once per wait slice per receiver, even while others keep us too
+        // busy to sleep out a slice: a peer killed meanwhile shows as
+        // hang-up, and its receiver is ready (its recv reports it).
+        for (i, s) in sides.iter().enumerate() {
+            let link = s.link();
+            if s.waiter().poll_peer_if_due(link).is_err() || link.peer_closed() {
                 return Ok(i);
             }
         }
-        if let Some(i) = first_ready(channels) {
+        if let Some(i) = sides.first_ready() {
             return Ok(i);
         }
         // The deadline before spinning, as a single recv does.
-        let this_slice = match deadline {
-            None => slice,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout);
-                }
-                left.min(slice)
-            }
-        };
-        // Spin, like a single recv, checking every channel; the first
-        // channel's adaptive budget stands for the set.
+        let this_slice = deadline.slice(slice).ok_or(WaitAnyError::Timeout)?;
+        // Spin, like a single recv, checking every receiver; the first
+        // receiver's adaptive budget stands for the set.
         let mut found = None;
-        channels[0].rx_spin().spin(|| {
-            found = first_ready(channels);
+        sides.first().waiter().spin(|| {
+            found = sides.first_ready();
             found.is_some()
         });
         if let Some(i) = found {
             return Ok(i);
         }
         let woke = match method {
-            WaitMethod::Doorbell => sleep_on_sockets(channels, this_slice)?,
-            _ => match sleep_on_futexes(channels, this_slice) {
-                Err(Error::Io(_)) if auto && !futex::waitv_available() => {
+            WaitMethod::Doorbell => sides.sleep_on_sockets(this_slice)?,
+            _ => match sides.sleep_on_futexes(this_slice) {
+                Err(e) if auto && e.kind() == io::ErrorKind::Unsupported => {
                     // No futex_waitv here (an old kernel, or filtered by
                     // seccomp): the doorbell from now on.
                     method = WaitMethod::Doorbell;
                     None
                 }
-                other => other?,
+                other => other.map_err(WaitAnyError::Io)?,
             },
         };
         if let Some(i) = woke {
@@ -146,89 +205,112 @@ pub fn wait_any_with(
     }
 }
 
-/// Whether a channel's peer is still there. A channel whose socket check
-/// fails has ended (the failure is recorded on it, and its `try_recv`
-/// returns it), so that counts as gone too: the caller reports it ready
-/// rather than failing the whole wait for one channel's sake.
-fn alive(channel: &Channel) -> bool {
-    channel.peer_alive().unwrap_or(false)
-}
-
-/// The index of the first channel ready to receive.
-fn first_ready(channels: &[&Channel]) -> Option<usize> {
-    channels.iter().position(|c| c.recv_ready())
-}
-
-fn resolve(method: WaitMethod, count: usize) -> Result<WaitMethod, Error> {
-    // Two words per channel: its counter and its peer's `closed`.
-    let futex_ok = count <= MAX_FUTEX_CHANNELS && futex::waitv_available();
+fn resolve(method: WaitMethod, count: usize) -> Result<WaitMethod, WaitAnyError> {
+    let fits = count <= MAX_FUTEX_RECEIVERS;
     match method {
-        WaitMethod::Auto if futex_ok => Ok(WaitMethod::Futex),
+        WaitMethod::Auto if fits && futex::waitv_available() => Ok(WaitMethod::Futex),
         WaitMethod::Auto | WaitMethod::Doorbell => Ok(WaitMethod::Doorbell),
-        WaitMethod::Futex if count <= MAX_FUTEX_CHANNELS => Ok(WaitMethod::Futex),
-        WaitMethod::Futex => Err(invalid("WaitMethod::Futex takes at most 64 channels")),
+        WaitMethod::Futex if fits => Ok(WaitMethod::Futex),
+        WaitMethod::Futex => Err(WaitAnyError::TooManyForFutex {
+            given: count,
+            max: MAX_FUTEX_RECEIVERS,
+        }),
     }
 }
 
-/// Announces the sleep on every channel; `Err(i)` if channel `i` turned out
-/// ready (all flags are then cleared). Returns the futex words and values.
-fn prepare<'c>(
-    channels: &[&'c Channel],
-    mode: u32,
-) -> Result<Vec<(&'c std::sync::atomic::AtomicU32, u32)>, usize> {
-    let mut words = Vec::with_capacity(channels.len());
-    for (i, c) in channels.iter().enumerate() {
-        match c.prepare_sleep(mode) {
-            Some(w) => words.push(w),
-            None => {
-                channels[..i].iter().for_each(|c| c.finish_sleep());
-                return Err(i);
+/// The receiving sides of the receivers given.
+struct Sides<'a, R>(&'a [R]);
+
+/// A word that stands for "no word" in the unused tail of a futex array.
+static UNUSED: AtomicU32 = AtomicU32::new(0);
+
+impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
+    fn iter(&self) -> impl Iterator<Item = &'a RecvSide> + 'a {
+        self.0.iter().map(|r| r.as_ref().side())
+    }
+
+    fn first(&self) -> &'a RecvSide {
+        self.0[0].as_ref().side()
+    }
+
+    /// The index of the first receiver ready to receive.
+    fn first_ready(&self) -> Option<usize> {
+        self.iter().position(RecvSide::ready)
+    }
+
+    /// Announces the sleep on every receiver; `Err(i)` if receiver `i`
+    /// turned out ready (every announcement is then withdrawn). Calls
+    /// `seen(i, value)` for each announced receiver.
+    fn prepare(&self, mode: u32, mut seen: impl FnMut(usize, u32)) -> Result<(), usize> {
+        for (i, s) in self.iter().enumerate() {
+            match s.waiter().prepare(s.link(), &s.condition(), mode) {
+                Some(value) => seen(i, value),
+                None => {
+                    self.iter()
+                        .take(i)
+                        .for_each(|s| withdraw(s.condition().flag()));
+                    return Err(i);
+                }
             }
         }
+        Ok(())
     }
-    Ok(words)
-}
 
-fn sleep_on_futexes(channels: &[&Channel], slice: Duration) -> Result<Option<usize>, Error> {
-    let mut words = match prepare(channels, SLEEPING_ON_FUTEX) {
-        Ok(w) => w,
-        Err(i) => return Ok(Some(i)),
-    };
-    // Each peer's `closed` word too, so a close cannot be slept through
-    // (`prepare` checked every channel was still open).
-    words.extend(channels.iter().map(|c| (c.peer_closed_word(), 0)));
-    let slept = futex::futex_waitv(&words, slice);
-    channels.iter().for_each(|c| c.finish_sleep());
-    futex::note_waitv(&slept);
-    slept?;
-    if let Some(i) = first_ready(channels) {
-        return Ok(Some(i));
+    fn finish(&self) {
+        self.iter().for_each(|s| withdraw(s.condition().flag()));
     }
-    // A slice with nothing: check for dead peers (a hang-up makes a channel
-    // ready: its recv drains and reports Disconnected).
-    Ok(channels.iter().position(|c| !alive(c)))
-}
 
-fn sleep_on_sockets(channels: &[&Channel], slice: Duration) -> Result<Option<usize>, Error> {
-    if let Err(i) = prepare(channels, SLEEPING_ON_SOCKET) {
-        return Ok(Some(i));
+    /// After a slice with nothing: the first receiver whose peer is gone
+    /// or whose socket check failed (its recv then reports it).
+    fn first_gone(&self) -> Option<usize> {
+        self.iter().position(|s| {
+            let link = s.link();
+            link.poll_peer().is_err() || link.peer_closed()
+        })
     }
-    let fds: Vec<_> = channels.iter().map(|c| c.as_fd()).collect();
-    let polled = socket::poll_many(&fds, slice);
-    channels.iter().for_each(|c| c.finish_sleep());
-    let ready = polled?;
-    for (i, (c, r)) in channels.iter().zip(&ready).enumerate() {
-        if r.hung_up || (r.readable && !c.drain_doorbells().unwrap_or(false)) {
-            alive(c); // records the hang-up (or the failure) on the channel
+
+    fn sleep_on_futexes(&self, slice: Duration) -> io::Result<Option<usize>> {
+        let count = self.0.len();
+        debug_assert!(count <= MAX_FUTEX_RECEIVERS);
+        // Each receiver's counter, then each peer's `closed` (so a close
+        // cannot be slept through): no allocation.
+        let mut words: [(&AtomicU32, u32); WAIT_MANY_MAX] = [(&UNUSED, 0); WAIT_MANY_MAX];
+        let prepared = self.prepare(SLEEPING_ON_FUTEX, |i, value| {
+            let s = self.0[i].as_ref().side();
+            words[i] = (s.link().peer().published().futex(), value);
+            words[count + i] = (s.link().peer_closed_word(), 0);
+        });
+        if let Err(i) = prepared {
             return Ok(Some(i));
         }
+        let slept = AtomicU32::wait_many(&words[..2 * count], slice);
+        self.finish();
+        slept?;
+        Ok(self.first_ready().or_else(|| self.first_gone()))
     }
-    Ok(first_ready(channels))
-}
 
-fn invalid(what: &str) -> Error {
-    Error::Io(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        what.to_string(),
-    ))
+    fn sleep_on_sockets(&self, slice: Duration) -> Result<Option<usize>, WaitAnyError> {
+        if let Err(i) = self.prepare(SLEEPING_ON_SOCKET, |_, _| {}) {
+            return Ok(Some(i));
+        }
+        let mut fds: Vec<_> = self
+            .iter()
+            .map(|s| socket::PollFd::new(s.link().socket(), false))
+            .collect();
+        let polled = socket::poll(&mut fds, slice);
+        self.finish();
+        polled.map_err(WaitAnyError::Io)?;
+        for (i, (s, fd)) in self.iter().zip(&fds).enumerate() {
+            let ready = fd.ready();
+            let link = s.link();
+            if ready.hung_up {
+                link.note_peer_gone();
+                return Ok(Some(i));
+            }
+            if ready.readable && (link.drain_doorbells().is_err() || link.peer_closed()) {
+                return Ok(Some(i));
+            }
+        }
+        Ok(self.first_ready())
+    }
 }

@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 
 use crate::channel::Channel;
-use crate::error::Error;
+use crate::error::{NotInherited, SetupError};
 use crate::options::Options;
 use crate::sys::{self, file, process};
 
@@ -27,19 +27,11 @@ pub const ENV_VAR: &str = "CAPNP_SHM_FD";
 /// The parent's half of a channel to a child not yet spawned; from
 /// [`Channel::for_command`].
 pub struct PendingChild {
-    ours: Option<UnixStream>,
+    ours: UnixStream,
     /// The child's end, kept open here until the child has it.
-    theirs: Option<OwnedFd>,
-    /// Disarmed once the child has its end (see `Drop`).
+    theirs: OwnedFd,
+    /// Disarmed (dropped) once the child has its end, or with this value.
     inheritance: process::Inheritance,
-}
-
-impl Drop for PendingChild {
-    fn drop(&mut self) {
-        // A later spawn of the same Command must not hand on whatever
-        // descriptor reuses the number.
-        self.inheritance.disarm();
-    }
 }
 
 impl fmt::Debug for PendingChild {
@@ -72,16 +64,16 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] when the socket pair cannot be made.
-    pub fn for_command(command: &mut Command) -> Result<PendingChild, Error> {
+    /// When the socket pair cannot be made.
+    pub fn for_command(command: &mut Command) -> std::io::Result<PendingChild> {
         let (ours, theirs) = UnixStream::pair()?;
         // Above 0-2, so the child's standard streams never land on it.
         let theirs = process::dup_above_stdio(OwnedFd::from(theirs).as_fd())?;
         let inheritance = process::inherit_in(command, theirs.as_fd());
         command.env(ENV_VAR, format!("{}:{}", theirs.as_raw_fd(), sys::getpid()));
         Ok(PendingChild {
-            ours: Some(ours),
-            theirs: Some(theirs),
+            ours,
+            theirs,
             inheritance,
         })
     }
@@ -91,13 +83,13 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`]: `NotFound` when the variable is missing, malformed or
-    /// names another parent; `InvalidInput` when the descriptor is not open,
-    /// not a Unix stream socket, not a socket our parent made (its peer per
+    /// [`SetupError::NotInherited`] when the variable is missing, malformed
+    /// or names another parent, or the descriptor is not open, not a Unix
+    /// stream socket, not a socket our parent made (its peer per
     /// `SO_PEERCRED`), or was claimed already (a refused descriptor is left
     /// open and untouched); then the set-up errors of
     /// [`Channel::from_stream`].
-    pub fn from_env() -> Result<Channel, Error> {
+    pub fn from_env() -> Result<Channel, SetupError> {
         Channel::from_env_with(&Options::default())
     }
 
@@ -106,22 +98,24 @@ impl Channel {
     /// # Errors
     ///
     /// As [`from_env`](Channel::from_env).
-    pub fn from_env_with(options: &Options) -> Result<Channel, Error> {
-        let not_found = |why: &str| {
-            Error::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{ENV_VAR}: {why}"),
-            ))
-        };
-        let value = std::env::var(ENV_VAR).map_err(|_| not_found("not set"))?;
+    pub fn from_env_with(options: &Options) -> Result<Channel, SetupError> {
+        let refuse = |why| SetupError::NotInherited(why);
+        let value = std::env::var(ENV_VAR).map_err(|_| refuse(NotInherited::NotSet))?;
         let (fd, parent) = value
             .split_once(':')
             .and_then(|(fd, pid)| Some((fd.parse::<i32>().ok()?, pid.parse::<u32>().ok()?)))
-            .ok_or_else(|| not_found("malformed"))?;
+            .ok_or(refuse(NotInherited::Malformed))?;
         if parent != sys::parent_pid() {
-            return Err(not_found("set by another process than our parent"));
+            return Err(refuse(NotInherited::OtherParent));
         }
-        let fd = process::claim_inherited(fd).map_err(|e| invalid(&e.to_string()))?;
+        let fd = process::claim_inherited(fd).map_err(|r| {
+            refuse(match r {
+                process::Refusal::NotOpen => NotInherited::NotOpen,
+                process::Refusal::NotUnixStream => NotInherited::NotAUnixStream,
+                process::Refusal::NotFromParent => NotInherited::NotFromParent,
+                process::Refusal::ClaimedAlready => NotInherited::ClaimedAlready,
+            })
+        })?;
         file::set_cloexec(fd.as_fd(), true)?;
         Channel::from_stream_with(UnixStream::from(fd), options)
     }
@@ -134,9 +128,9 @@ impl PendingChild {
     /// # Errors
     ///
     /// As [`Channel::from_stream`]: a child that never calls `from_env`
-    /// makes this fail with [`Error::Timeout`]; one that exits, with
-    /// [`Error::Protocol`] (handshake truncated).
-    pub fn connect(self) -> Result<Channel, Error> {
+    /// makes this fail with [`SetupError::Timeout`]; one that exits, with
+    /// [`SetupError::Protocol`] (handshake truncated).
+    pub fn connect(self) -> Result<Channel, SetupError> {
         self.connect_with(&Options::default())
     }
 
@@ -145,20 +139,14 @@ impl PendingChild {
     /// # Errors
     ///
     /// As [`connect`](PendingChild::connect).
-    pub fn connect_with(mut self, options: &Options) -> Result<Channel, Error> {
-        self.inheritance.disarm();
-        drop(self.theirs.take());
-        let ours = self
-            .ours
-            .take()
-            .ok_or_else(|| invalid("connected already"))?;
+    pub fn connect_with(self, options: &Options) -> Result<Channel, SetupError> {
+        let PendingChild {
+            ours,
+            theirs,
+            inheritance,
+        } = self;
+        drop(inheritance);
+        drop(theirs);
         Channel::from_stream_with(ours, options)
     }
-}
-
-fn invalid(why: &str) -> Error {
-    Error::Io(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("{ENV_VAR}: {why}"),
-    ))
 }

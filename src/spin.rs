@@ -38,8 +38,9 @@ impl SpinBudget {
         }
     }
 
-    /// How long the next wait should spin.
-    pub(crate) fn next(&self) -> Duration {
+    /// Takes the spin budget for a new wait (counting it towards the next
+    /// probe while the budget is zero).
+    pub(crate) fn take_budget(&self) -> Duration {
         let current = self.current.get();
         if !current.is_zero() || self.max.is_zero() {
             return current;
@@ -86,7 +87,7 @@ impl SpinBudget {
     /// than cores, the peer that would answer may be waiting for this very
     /// core; with idle cores the yield returns at once.
     pub(crate) fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
-        let budget = self.next();
+        let budget = self.take_budget();
         if budget.is_zero() {
             return ready();
         }
@@ -123,13 +124,13 @@ mod tests {
     #[test]
     fn halves_to_zero_and_probes_back() {
         let b = SpinBudget::new(Duration::from_micros(50));
-        assert_eq!(b.next(), Duration::from_micros(50));
+        assert_eq!(b.take_budget(), Duration::from_micros(50));
         for _ in 0..10 {
             b.wasted();
         }
         assert_eq!(b.current.get(), Duration::ZERO);
         let probes: Vec<Duration> = (0..PROBE_EVERY * 4)
-            .map(|_| b.next())
+            .map(|_| b.take_budget())
             .filter(|d| !d.is_zero())
             .collect();
         assert_eq!(
@@ -139,17 +140,17 @@ mod tests {
         );
         b.paid();
         assert_eq!(
-            b.next(),
+            b.take_budget(),
             Duration::from_micros(50),
             "a paying probe restores the budget"
         );
         b.wasted();
-        assert_eq!(b.next(), Duration::from_micros(25));
+        assert_eq!(b.take_budget(), Duration::from_micros(25));
         for _ in 0..10 {
             b.paid();
         }
         assert_eq!(
-            b.next(),
+            b.take_budget(),
             Duration::from_micros(50),
             "never above the maximum"
         );
@@ -159,7 +160,7 @@ mod tests {
     fn zero_maximum_never_spins() {
         let b = SpinBudget::new(Duration::ZERO);
         b.paid();
-        assert!((0..100).all(|_| b.next().is_zero()));
+        assert!((0..100).all(|_| b.take_budget().is_zero()));
         assert!(!b.spin(|| false));
         assert!(b.spin(|| true));
     }

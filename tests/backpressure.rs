@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options};
+use capnp_shm::{Channel, Options, SendTimeoutError, TryRecvError, TrySendError};
 use common::{build, check, Watchdog};
 
 #[test]
@@ -19,14 +19,14 @@ fn try_send_reports_full_and_returns_the_message() {
         tx.try_send(build(&tx, n, 1, 10)).unwrap();
     }
     let held: Vec<_> = (0..4).map(|_| rx.recv().unwrap()).collect();
-    let err = tx.try_send(build(&tx, 4, 1, 10)).unwrap_err();
-    assert!(matches!(err.error(), Error::Full), "{err:?}");
-    let message = err.into_message();
-    let err = tx
-        .send_timeout(message, Duration::from_millis(20))
-        .unwrap_err();
-    assert!(matches!(err.error(), Error::Timeout), "{err:?}");
-    let message = err.into_message();
+    let message = match tx.try_send(build(&tx, 4, 1, 10)) {
+        Err(TrySendError::Full(message)) => message,
+        other => panic!("expected Full, got {other:?}"),
+    };
+    let message = match tx.send_timeout(message, Duration::from_millis(20)) {
+        Err(SendTimeoutError::Timeout(message)) => message,
+        other => panic!("expected Timeout, got {other:?}"),
+    };
     drop(held);
     // The same builder, handed back twice, goes through once there is room.
     tx.try_send(message).unwrap();
@@ -58,7 +58,7 @@ fn send_blocks_until_the_receiver_drops_messages() {
     }
     // The ring is full once the receiver holds all eight.
     let message = match tx.try_send(build(&tx, 8, 1, 100)) {
-        Err(e) if matches!(e.error(), Error::Full) => e.into_message(),
+        Err(TrySendError::Full(message)) => message,
         Err(e) => panic!("{e:?}"),
         Ok(()) => panic!("a ninth message fit in a ring of eight"),
     };
@@ -84,7 +84,7 @@ fn data_area_backpressure_with_large_messages() {
         for n in 0..300u64 {
             let m = match rx.try_recv() {
                 Ok(m) => m,
-                Err(Error::Empty) => {
+                Err(TryRecvError::Empty) => {
                     held.clear();
                     rx.recv().unwrap()
                 }

@@ -1,7 +1,7 @@
 //! Crash suite: a forked peer killed by `SIGKILL` at a random point, over and
 //! over. However the kill lands (mid-stream, mid-echo, while it holds our
 //! messages, before it even ran), the parent — blocked in or looping over
-//! `recv`/`send` — gets [`Error::Disconnected`], every message it received
+//! `recv`/`send` — gets `Disconnected`, every message it received
 //! before is still intact, and nothing is left behind: descriptors and file
 //! mappings return to where they were, and no `/dev/shm` file remains.
 //!
@@ -203,8 +203,12 @@ impl Killer {
 }
 
 /// Expects `Disconnected`; anything else fails the iteration.
-fn expect_disconnected<T: std::fmt::Debug>(what: &str, result: Result<T, Error>, tag: &str) {
-    match result {
+fn expect_disconnected<T: std::fmt::Debug, E: Into<Error>>(
+    what: &str,
+    result: Result<T, E>,
+    tag: &str,
+) {
+    match result.map_err(Into::into) {
         Err(Error::Disconnected) => {}
         other => panic!("{tag}: {what} after the kill gave {other:?}, not Disconnected"),
     }

@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options};
+use capnp_shm::{
+    Channel, Options, RecvError, RecvTimeoutError, SendError, TryRecvError, TrySendError,
+};
 use common::{build, check, fork, Watchdog};
 
 #[test]
@@ -19,11 +21,11 @@ fn pending_messages_are_delivered_then_disconnected() {
     for n in 0..10 {
         assert_eq!(check(&rx.recv().unwrap()), n);
     }
-    assert!(matches!(rx.recv(), Err(Error::Disconnected)));
-    assert!(matches!(rx.try_recv(), Err(Error::Disconnected)));
+    assert!(matches!(rx.recv(), Err(RecvError::Disconnected)));
+    assert!(matches!(rx.try_recv(), Err(TryRecvError::Disconnected)));
     assert!(matches!(
         rx.recv_timeout(Duration::from_secs(5)),
-        Err(Error::Disconnected)
+        Err(RecvTimeoutError::Disconnected)
     ));
 }
 
@@ -35,10 +37,10 @@ fn sending_to_a_closed_peer_fails() {
     rx.try_recv().unwrap_err(); // use the end, so its drop is announced at once
     drop(rx);
     let err = tx.send(build(&tx, 0, 1, 10)).unwrap_err();
-    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert!(matches!(err, SendError::Disconnected(_)), "{err:?}");
     assert!(err.is_fatal());
     let err = tx.try_send(build(&tx, 0, 1, 10)).unwrap_err();
-    assert!(matches!(err.error(), Error::Disconnected));
+    assert!(matches!(err, TrySendError::Disconnected(_)));
 }
 
 #[test]
@@ -50,7 +52,7 @@ fn a_sleeping_receiver_wakes_when_the_peer_drops() {
     let options = Options::new().wait_slice(Duration::from_secs(600));
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     let receiver = std::thread::spawn(move || match rx.recv() {
-        Err(Error::Disconnected) => true,
+        Err(RecvError::Disconnected) => true,
         other => panic!("{other:?}"),
     });
     std::thread::sleep(Duration::from_millis(50));
@@ -66,7 +68,7 @@ fn an_unused_end_dropped_is_seen_as_hang_up() {
     let options = Options::new().wait_slice(Duration::from_millis(10));
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     drop(tx);
-    assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+    assert!(matches!(rx.recv(), Err(RecvError::Disconnected)));
 }
 
 #[test]
@@ -94,10 +96,10 @@ fn a_killed_peer_is_noticed_while_waiting_in_recv() {
             child.wait()
         });
         // Blocks in recv (spin, then futex slices) until the kill is seen.
-        assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+        assert!(matches!(rx.recv(), Err(RecvError::Disconnected)));
         assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
         let err = rx.send(build(&rx, 0, 1, 8)).unwrap_err();
-        assert!(matches!(err, Error::Disconnected), "{err:?}");
+        assert!(matches!(err, SendError::Disconnected(_)), "{err:?}");
     }
 }
 
@@ -127,7 +129,7 @@ fn a_killed_peer_is_noticed_by_a_blocked_sender() {
         child.wait()
     });
     let err = tx.send(build(&tx, 2, 1, 8)).unwrap_err();
-    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert!(matches!(err, SendError::Disconnected(_)), "{err:?}");
     assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
 }
 
@@ -156,13 +158,13 @@ fn try_recv_and_try_send_notice_a_killed_peer() {
     // Polling without blocking: Empty until a liveness check falls due.
     let got = loop {
         match ch.try_recv() {
-            Err(Error::Empty) => std::thread::sleep(Duration::from_millis(1)),
+            Err(TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
             other => break other,
         }
     };
-    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    assert!(matches!(got, Err(TryRecvError::Disconnected)), "{got:?}");
     let err = ch.try_send(build(&ch, 1, 1, 8)).unwrap_err();
-    assert!(matches!(err.error(), Error::Disconnected), "{err:?}");
+    assert!(matches!(err, TrySendError::Disconnected(_)), "{err:?}");
 }
 
 #[test]
@@ -194,6 +196,6 @@ fn a_sender_that_never_waits_notices_a_killed_peer_before_the_ring_fills() {
     assert!(sent < 512, "all 512 sends to a dead peer succeeded");
     assert!(matches!(
         tx.send(build(&tx, 0, 1, 16)),
-        Err(Error::Disconnected)
+        Err(SendError::Disconnected(_))
     ));
 }

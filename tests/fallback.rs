@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Backing, Channel, Error, Options, ProtocolError};
+use capnp_shm::{Backing, Channel, Options, ProtocolError, RecvError, SetupError};
 use common::{build, check, fork, shm_files, Watchdog};
 
 #[test]
@@ -21,7 +21,7 @@ fn round_trip_across_fork_over_dev_shm_files() {
         loop {
             let n = match c.recv() {
                 Ok(m) => check(&m),
-                Err(Error::Disconnected) => return 0,
+                Err(RecvError::Disconnected) => return 0,
                 Err(_) => return 1,
             };
             if c.send(build(&c, n + 1, 2, 100)).is_err() {
@@ -54,12 +54,12 @@ fn a_sealed_end_refuses_an_unsealed_peer_unless_it_opts_in() {
     });
     let err = Channel::from_stream_with(b, &Options::new().backing(Backing::Memfd)).unwrap_err();
     assert!(
-        matches!(err, Error::Protocol(ProtocolError::UnsealedRegion)),
+        matches!(err, SetupError::Protocol(ProtocolError::UnsealedRegion)),
         "{err:?}"
     );
     // The unsealed end accepted our sealed region, then sees us gone.
     let other = unsealed.join().unwrap().unwrap();
-    assert!(matches!(other.recv(), Err(Error::Disconnected)));
+    assert!(matches!(other.recv(), Err(RecvError::Disconnected)));
 
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let unsealed = std::thread::spawn(move || {

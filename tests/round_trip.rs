@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error};
+use capnp_shm::{Channel, RecvError, RecvTimeoutError, TryRecvError};
 use common::{build, check, fork, Watchdog};
 
 #[test]
@@ -21,10 +21,10 @@ fn round_trip_in_one_process() {
         b.send(build(&b, n + 1, 1, 16)).unwrap();
         assert_eq!(check(&a.recv().unwrap()), n + 1);
     }
-    assert!(matches!(a.try_recv(), Err(Error::Empty)));
+    assert!(matches!(a.try_recv(), Err(TryRecvError::Empty)));
     assert!(matches!(
         b.recv_timeout(Duration::from_millis(10)),
-        Err(Error::Timeout)
+        Err(RecvTimeoutError::Timeout)
     ));
 }
 
@@ -41,7 +41,7 @@ fn round_trip_across_fork() {
         loop {
             let n = match child_end.recv() {
                 Ok(m) => check(&m),
-                Err(Error::Disconnected) => return 0,
+                Err(RecvError::Disconnected) => return 0,
                 Err(_) => return 1,
             };
             if child_end.send(build(&child_end, n + 1, 2, 100)).is_err() {

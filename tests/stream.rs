@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options};
+use capnp_shm::{Channel, Options, RecvError};
 use common::{build, check, fork, Watchdog};
 
 const MESSAGES: u64 = 100_000;
@@ -56,7 +56,7 @@ fn every_message_arrives_once_in_order_and_intact() {
             multi_segment += 1;
         }
     }
-    assert!(matches!(rx.recv(), Err(Error::Disconnected)));
+    assert!(matches!(rx.recv(), Err(RecvError::Disconnected)));
     assert_eq!(child.wait(), 0);
     assert!(
         multi_segment > MESSAGES / 10,

@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options, TooLargeKind};
+use capnp_shm::{Channel, Options, SendError, TooLarge, TooLargeKind, TryRecvError, TrySendError};
 use common::{build, check, Watchdog};
 
 #[test]
@@ -15,23 +15,26 @@ fn too_large_message_is_refused_and_the_channel_goes_on() {
 
     let big = build(&tx, 0, 1, capacity + 1000);
     match tx.send(big) {
-        Err(Error::TooLarge {
-            needed,
-            limit,
-            kind: TooLargeKind::Words,
-        }) => {
+        Err(SendError::TooLarge(
+            _,
+            TooLarge {
+                needed,
+                limit,
+                kind: TooLargeKind::Words,
+            },
+        )) => {
             assert!(needed > limit);
             assert_eq!(limit * 8, capacity as u64);
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
     let err = tx.try_send(build(&tx, 0, 1, capacity * 2)).unwrap_err();
-    assert!(matches!(err.error(), Error::TooLarge { .. }));
+    assert!(matches!(err, TrySendError::TooLarge(..)));
     assert!(err.to_string().contains("too large"), "{err}");
-    assert!(!err.error().is_fatal());
+    assert!(!err.is_fatal());
 
     // Nothing was sent, and the channel still works both ways.
-    assert!(matches!(rx.try_recv(), Err(Error::Empty)));
+    assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
     for n in 1..100 {
         tx.send(build(&tx, n, 2, 1000)).unwrap();
         assert_eq!(check(&rx.recv().unwrap()), n);
@@ -54,10 +57,13 @@ fn space_held_by_an_unsent_builder_is_reported_not_waited_for() {
     assert!(
         matches!(
             err,
-            Error::TooLarge {
-                kind: TooLargeKind::Segment,
-                ..
-            }
+            SendError::TooLarge(
+                _,
+                TooLarge {
+                    kind: TooLargeKind::Segment,
+                    ..
+                }
+            )
         ),
         "{err:?}"
     );

@@ -15,7 +15,7 @@ mod common;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error};
+use capnp_shm::{Channel, RecvError, SendError};
 use common::{build, check, fork, Watchdog};
 
 /// Added to a message number by the side that echoes it.
@@ -74,11 +74,11 @@ fn converse(channel: Channel, is_parent: bool, closer: Closer) {
             assert_eq!(check(&channel.recv().expect("last words")), 5000 + n);
         }
         match channel.recv() {
-            Err(Error::Disconnected) => {}
+            Err(RecvError::Disconnected) => {}
             other => panic!("expected Disconnected after the last words, got {other:?}"),
         }
         match channel.send(build(&channel, 0, 1, 8)) {
-            Err(Error::Disconnected) => {}
+            Err(SendError::Disconnected(_)) => {}
             other => panic!("sent to a closed peer: {other:?}"),
         }
     }

@@ -14,7 +14,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use capnp_shm::{wait_any_with, Channel, Error, WaitMethod};
+use capnp_shm::{wait_any_with, Channel, SendError, TryRecvError, WaitMethod};
 use common::{build, check, fork, Child, Watchdog};
 
 /// Workers in the pool.
@@ -137,7 +137,7 @@ fn pool(method: WaitMethod, run: Run) {
         let request = active[ready].1.try_recv().map(|request| check(&request));
         let id = match request {
             Ok(id) => id,
-            Err(Error::Disconnected) => {
+            Err(TryRecvError::Disconnected) => {
                 if w == VICTIM {
                     assert!(victim.is_none(), "the victim left before the kill");
                     others_active_when_victim_dropped =
@@ -173,7 +173,7 @@ fn pool(method: WaitMethod, run: Run) {
                 }
             }
             // Only the victim may vanish between its request and our answer.
-            Err(Error::Disconnected) if w == VICTIM && victim.is_none() => {}
+            Err(SendError::Disconnected(_)) if w == VICTIM && victim.is_none() => {}
             Err(e) => panic!("answering worker {w}: {e:?}"),
         }
         if w == VICTIM && answers + 1 == KILL_AFTER && victim.is_some() {
@@ -284,8 +284,8 @@ fn a_failing_channel_is_reported_ready_not_as_an_error() {
         assert!(
             matches!(
                 b.try_recv(),
-                Err(capnp_shm::Error::Protocol(
-                    capnp_shm::ProtocolError::UnexpectedSocketData
+                Err(capnp_shm::TryRecvError::Failed(
+                    capnp_shm::Failure::Protocol(capnp_shm::ProtocolError::UnexpectedSocketData)
                 ))
             ),
             "{method:?}"

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options, ENV_VAR};
+use capnp_shm::{Channel, NotInherited, Options, RecvError, SetupError, ENV_VAR};
 use common::{build, check, Watchdog};
 
 /// Selects what `child_entry` does in a re-executed test binary.
@@ -23,7 +23,7 @@ const ROLE_VAR: &str = "CAPNP_SHM_TEST_ROLE";
 /// For the `plain` role: socket link targets (`socket:[inode]`, comma
 /// separated) the child must not have open.
 const FORBIDDEN_VAR: &str = "CAPNP_SHM_TEST_FORBIDDEN";
-/// For the `refuse` role: the `io::ErrorKind` (Debug form) `from_env` must give.
+/// For the `refuse` role: the `NotInherited` reason (Debug form) `from_env` must give.
 const EXPECT_VAR: &str = "CAPNP_SHM_TEST_EXPECT";
 /// Added to a message number by the side that echoes it.
 const ECHO: u64 = 1_000_000;
@@ -93,11 +93,11 @@ fn is_cloexec(fd: i32) -> bool {
     flags & 0o2_000_000 != 0 // O_CLOEXEC
 }
 
-/// The kind of an `Error::Io`, or a panic.
-fn io_kind(result: Result<Channel, Error>) -> std::io::ErrorKind {
+/// Why `from_env` found no channel, or a panic.
+fn refusal(result: Result<Channel, SetupError>) -> NotInherited {
     match result {
-        Err(Error::Io(e)) => e.kind(),
-        other => panic!("expected Error::Io, got {other:?}"),
+        Err(SetupError::NotInherited(why)) => why,
+        other => panic!("expected SetupError::NotInherited, got {other:?}"),
     }
 }
 
@@ -114,8 +114,8 @@ fn child_entry() {
         "plain" => plain(),
         "refuse" => {
             let expected = std::env::var(EXPECT_VAR).expect("expectation");
-            let kind = io_kind(Channel::from_env());
-            assert_eq!(format!("{kind:?}"), expected);
+            let why = refusal(Channel::from_env());
+            assert_eq!(format!("{why:?}"), expected);
         }
         "spawn-grandchild" => spawn_grandchild(),
         "grandchild" => grandchild(),
@@ -137,7 +137,7 @@ fn echo() {
     loop {
         let n = match channel.recv() {
             Ok(message) => check(&message),
-            Err(Error::Disconnected) => return,
+            Err(RecvError::Disconnected) => return,
             Err(e) => panic!("echo child: {e:?}"),
         };
         channel.send(build(&channel, n + ECHO, 2, 64)).unwrap();
@@ -157,7 +157,7 @@ fn plain() {
         );
     }
     assert!(std::env::var_os(ENV_VAR).is_none());
-    assert_eq!(io_kind(Channel::from_env()), std::io::ErrorKind::NotFound);
+    assert_eq!(refusal(Channel::from_env()), NotInherited::NotSet);
 }
 
 /// Spawns a grandchild *before* claiming its own end (so the descriptor is
@@ -174,7 +174,7 @@ fn spawn_grandchild() {
     channel
         .send(build(&channel, u64::from(held), 1, 8))
         .unwrap();
-    assert!(matches!(channel.recv(), Err(Error::Disconnected)));
+    assert!(matches!(channel.recv(), Err(RecvError::Disconnected)));
 }
 
 /// Inherited the variable (naming our grandparent) and, here, the open
@@ -190,7 +190,7 @@ fn grandchild() {
         println!("grandchild: fd open");
     }
     let before = open(fd);
-    assert_eq!(io_kind(Channel::from_env()), std::io::ErrorKind::NotFound);
+    assert_eq!(refusal(Channel::from_env()), NotInherited::OtherParent);
     assert_eq!(open(fd), before, "the refusal touched the descriptor");
 }
 
@@ -292,10 +292,10 @@ fn from_env_without_the_variable_is_not_found() {
     let _w = Watchdog::new(Duration::from_secs(60));
     // Here, in a process nobody spawned for a channel...
     assert!(std::env::var_os(ENV_VAR).is_none());
-    assert_eq!(io_kind(Channel::from_env()), std::io::ErrorKind::NotFound);
+    assert_eq!(refusal(Channel::from_env()), NotInherited::NotSet);
     // ...and in a spawned child with the variable removed.
     let mut command = child_command("refuse");
-    command.env_remove(ENV_VAR).env(EXPECT_VAR, "NotFound");
+    command.env_remove(ENV_VAR).env(EXPECT_VAR, "NotSet");
     finish(command.spawn().unwrap(), "child without the variable");
 }
 
@@ -305,11 +305,11 @@ fn from_env_refuses_a_variable_it_cannot_use() {
     let _w = Watchdog::new(Duration::from_secs(120));
     let us = std::process::id();
     let cases = [
-        ("garbage".to_string(), "NotFound"),
-        ("5".to_string(), "NotFound"),
-        (format!("5:{}", us.wrapping_add(1)), "NotFound"), // another "parent"
-        (format!("0:{us}"), "InvalidInput"),               // a standard stream
-        (format!("900:{us}"), "InvalidInput"),             // no such descriptor
+        ("garbage".to_string(), "Malformed"),
+        ("5".to_string(), "Malformed"),
+        (format!("5:{}", us.wrapping_add(1)), "OtherParent"), // another "parent"
+        (format!("0:{us}"), "NotOpen"),                       // a standard stream
+        (format!("900:{us}"), "NotOpen"),                     // no such descriptor
     ];
     for (value, expected) in cases {
         let mut command = child_command("refuse");
@@ -352,8 +352,8 @@ fn a_child_that_never_answers_fails_the_set_up() {
     let child = command.spawn().unwrap();
     let options = Options::new().setup_timeout(Duration::from_secs(600));
     match pending.connect_with(&options) {
-        Err(Error::Timeout) | Ok(_) => panic!("set-up with an exited child did not fail"),
-        Err(e) => assert!(e.is_fatal(), "{e:?}"),
+        Err(SetupError::Timeout) | Ok(_) => panic!("set-up with an exited child did not fail"),
+        Err(e) => assert!(matches!(e, SetupError::Protocol(_)), "{e:?}"),
     }
     finish(child, "exiting child");
 
@@ -365,7 +365,7 @@ fn a_child_that_never_answers_fails_the_set_up() {
     let options = Options::new().setup_timeout(Duration::from_millis(300));
     assert!(matches!(
         pending.connect_with(&options),
-        Err(Error::Timeout)
+        Err(SetupError::Timeout)
     ));
     finish(child, "silent child"); // closing its stdin lets it exit
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Listener, ListenerOptions, Options};
+use capnp_shm::{Channel, Listener, ListenerOptions, Options, RecvError, SetupError};
 use common::{build, check, fork, Child, Watchdog};
 
 /// Added to a message number by the side that echoes it.
@@ -79,10 +79,9 @@ fn wait_signal(stream: &mut UnixStream) {
     stream.read_exact(&mut byte).expect("wait for signal");
 }
 
-fn is_addr_in_use(result: Result<Listener, Error>) -> bool {
+fn is_addr_in_use(result: std::io::Result<Listener>) -> bool {
     match result {
-        Err(Error::Io(e)) => e.kind() == std::io::ErrorKind::AddrInUse,
-        Err(e) => panic!("expected AddrInUse, got {e:?}"),
+        Err(e) => e.kind() == std::io::ErrorKind::AddrInUse,
         Ok(l) => panic!("expected AddrInUse, got a listener {l:?}"),
     }
 }
@@ -143,7 +142,7 @@ fn server_conversation(channel: &Channel, count: u64) -> u64 {
         .send(build(channel, u64::from(std::process::id()), 1, 8))
         .expect("send pid");
     match channel.recv() {
-        Err(Error::Disconnected) => {}
+        Err(RecvError::Disconnected) => {}
         other => panic!("expected the client to hang up, got {other:?}"),
     }
     client_pid
@@ -257,7 +256,7 @@ fn serves_a_client(listener: &Listener) {
     assert_eq!(check(&channel.recv().unwrap()), 7);
     channel.send(build(&channel, 7 + ECHO, 1, 32)).unwrap();
     expect_success(client, "client");
-    assert!(matches!(channel.recv(), Err(Error::Disconnected)));
+    assert!(matches!(channel.recv(), Err(RecvError::Disconnected)));
 }
 
 #[test]
@@ -333,7 +332,7 @@ fn a_live_servers_file_is_never_replaced() {
             match listener.accept() {
                 Ok(channel) => break channel,
                 Err(e) => {
-                    assert!(e.is_fatal(), "{e:?}");
+                    assert!(!matches!(e, SetupError::Timeout), "{e:?}");
                     failed_setups += 1;
                     assert!(failed_setups < 10, "too many failed set-ups");
                 }
@@ -343,7 +342,7 @@ fn a_live_servers_file_is_never_replaced() {
             .send(build(&channel, u64::from(std::process::id()), 1, 8))
             .unwrap();
         channel.send(build(&channel, failed_setups, 1, 8)).unwrap();
-        assert!(matches!(channel.recv(), Err(Error::Disconnected)));
+        assert!(matches!(channel.recv(), Err(RecvError::Disconnected)));
         0
     });
     wait_signal(&mut ready_rx);
@@ -396,7 +395,7 @@ fn abstract_names_connect_unrelated_processes_and_are_freed_on_drop() {
     assert_eq!(listener.path(), None);
     // One name, one listener.
     match Listener::bind_abstract(&name) {
-        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse),
         other => panic!("a second listener on the same name: {other:?}"),
     }
 
@@ -416,7 +415,7 @@ fn abstract_names_connect_unrelated_processes_and_are_freed_on_drop() {
     // The name is free again once the listener is gone.
     drop(listener);
     match Channel::connect_abstract(&name) {
-        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
+        Err(SetupError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
         other => panic!("connected to a dropped listener: {other:?}"),
     }
     drop(Listener::bind_abstract(&name).expect("the name is free again"));
@@ -440,9 +439,9 @@ fn a_server_sees_who_connects_and_can_refuse_a_stranger() {
             eprintln!("stranger: set up a channel with a server that refused it");
             1
         }
-        Err(Error::Timeout) => 2,
+        Err(SetupError::Timeout) => 2,
         Err(e) => {
-            assert!(e.is_fatal(), "{e:?}");
+            assert!(matches!(e, SetupError::Protocol(_)), "{e:?}");
             0
         }
     });

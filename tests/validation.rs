@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use capnp::message::{AllocationStrategy, HeapAllocator, ReaderOptions};
 use capnp::Word;
-use capnp_shm::{Error, MessageBuilder, Options, ProtocolError, Received};
+use capnp_shm::{
+    Error, Failure, MessageBuilder, Options, ProtocolError, Received, RecvTimeoutError, SetupError,
+    TrySendError,
+};
 use common::Watchdog;
 use peer::{counter, header, Connected, Descriptor, Geometry, HandPeer, Hello, Region};
 
@@ -35,9 +38,10 @@ fn options() -> Options {
 
 // ---- checking errors -------------------------------------------------------
 
-/// The protocol error inside `error`, failing the test on any other error.
-fn protocol(error: Error) -> ProtocolError {
-    match error {
+/// The protocol error inside `error` (of any operation), failing the test
+/// on any other error.
+fn protocol(error: impl Into<Error>) -> ProtocolError {
+    match error.into() {
         Error::Protocol(p) => p,
         other => panic!("expected a protocol error, got {other:?}"),
     }
@@ -45,7 +49,7 @@ fn protocol(error: Error) -> ProtocolError {
 
 /// The protocol error in `result`, failing the test on success or any other
 /// error.
-fn protocol_error<T: Debug>(result: Result<T, Error>) -> ProtocolError {
+fn protocol_error<T: Debug, E: Into<Error> + Debug>(result: Result<T, E>) -> ProtocolError {
     protocol(result.expect_err("expected a protocol error, got success"))
 }
 
@@ -146,7 +150,7 @@ fn setup_error(options: &Options, hello: &Hello, fds: &[BorrowedFd<'_>]) -> Erro
     peer.send_hello(hello, fds);
     let error = peer.setup_result().expect_err("set-up accepted a bad peer");
     peer.assert_hung_up();
-    error
+    error.into()
 }
 
 /// [`setup_error`] with default options, for a protocol error.
@@ -183,7 +187,7 @@ fn wrong_magic_is_bad_magic() {
 fn wrong_version_is_bad_version() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
-    for version in [0, 1, 3, u32::MAX] {
+    for version in [0, 1, 2, 4, u32::MAX] {
         let hello = Hello {
             version,
             ..valid_hello()
@@ -408,7 +412,7 @@ fn control_block_disagreeing_with_the_hello_is_control_block_mismatch() {
             r.map()
                 .store_u64(header::MAGIC, u64::from_le_bytes(*b"CAPNPSHX"));
         }),
-        ("version", |r| r.map().store_u32(header::VERSION, 3)),
+        ("version", |r| r.map().store_u32(header::VERSION, 4)),
         ("flags", |r| r.map().store_u32(header::FLAGS, 0)),
         ("region size", |r| {
             r.map().store_u64(header::REGION_SIZE, 128 << 10);
@@ -470,7 +474,7 @@ fn peer_that_never_answers_is_a_timeout() {
             peer.send_bytes(&hello[..sent], &[]);
         }
         match peer.setup_result() {
-            Err(Error::Timeout) => {}
+            Err(SetupError::Timeout) => {}
             other => panic!("expected a timeout after {sent} bytes, got {other:?}"),
         }
         peer.assert_hung_up();
@@ -676,7 +680,7 @@ fn doorbell_bytes_on_the_socket_are_drained_not_an_error() {
     conn.peer().send_bytes(&[0xDB; 5], &[]);
     assert!(matches!(
         conn.channel.recv_timeout(Duration::from_millis(300)),
-        Err(Error::Timeout)
+        Err(RecvTimeoutError::Timeout)
     ));
     conn.mine
         .write_message(0, 0, 0, &text_segments("after the bells"));
@@ -814,9 +818,8 @@ fn assert_send_breaks(conn: &Connected, expected: ProtocolError) {
         .try_send(message)
         .expect_err("a bad release went unnoticed");
     assert!(
-        matches!(failed.error(), Error::Protocol(p) if *p == expected),
-        "expected {expected:?}, got {:?}",
-        failed.error()
+        matches!(&failed, TrySendError::Failed(_, Failure::Protocol(p)) if *p == expected),
+        "expected {expected:?}, got {failed:?}"
     );
     drop(failed);
     assert_stays_broken(conn, expected);

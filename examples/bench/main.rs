@@ -388,8 +388,8 @@ fn worker_pool(transport: Transport, options: &Options, workers: usize, per_work
                                     c.send(reply).expect("reply");
                                     served += 1;
                                 }
-                                Err(capnp_shm::Error::Empty) => {}
-                                Err(capnp_shm::Error::Disconnected) => gone.push(i),
+                                Err(capnp_shm::TryRecvError::Empty) => {}
+                                Err(capnp_shm::TryRecvError::Disconnected) => gone.push(i),
                                 Err(e) => panic!("serve: {e}"),
                             }
                         }

@@ -5,7 +5,8 @@
 //! futex on the file and offset, so a waiter on the peer's read-only mapping is
 //! woken by a wake on the owner's writable mapping of the same page.
 
-use std::sync::atomic::AtomicU32;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::time::Duration;
 
 /// Sleeps while `*word == expected`, for at most `timeout`.
@@ -14,7 +15,12 @@ use std::time::Duration;
 /// atomically with going to sleep, so a change just before the call is never
 /// missed), on timeout, on a signal, or spuriously: the caller re-checks its
 /// condition in every case. `word` may live in a read-only mapping.
-pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
+///
+/// # Errors
+///
+/// When the kernel refuses the call (`ENOSYS`, or `EPERM` from a seccomp
+/// filter): the caller cannot sleep and must not silently spin instead.
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
     // c_long is 32 bits on 32-bit targets; nanoseconds always fit.
     #[allow(clippy::unnecessary_fallible_conversions)]
     let ts = libc::timespec {
@@ -36,10 +42,16 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> 
             0u32,
         )
     };
-    // 0: woken (or spurious). -1: EAGAIN (value differed), ETIMEDOUT, EINTR.
-    // The caller re-checks its condition and its deadline in every case, so
-    // the only information worth returning is "we may have been woken".
-    r == 0
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // The value differed, the time ran out, or a signal came: the
+        // caller re-checks its condition and its deadline in every case.
+        Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Wakes every waiter on `word`. Returns how many were woken.
@@ -90,45 +102,43 @@ pub(crate) const FUTEX_WAITV_MAX: usize = 128;
 /// Sleeps until any of `words` is woken (or no longer holds its expected
 /// value), for at most `timeout`. `futex_waitv(2)`, Linux 5.16.
 ///
-/// Returns `Ok(Some(i))` when futex `i` was woken, `Ok(None)` on timeout,
-/// value mismatch, or signal (the caller re-checks everything anyway), and
-/// `Err` when the call is not available (`ENOSYS`) or refused.
-pub(crate) fn futex_waitv(
-    words: &[(&AtomicU32, u32)],
-    timeout: Duration,
-) -> std::io::Result<Option<usize>> {
-    if words.is_empty() || words.len() > FUTEX_WAITV_MAX {
-        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+/// Returns `Ok` when woken, on timeout, value mismatch, or signal (the
+/// caller re-checks everything anyway). Builds the kernel's array on the
+/// stack: no allocation.
+///
+/// # Errors
+///
+/// `Unsupported` when this process cannot use `futex_waitv` (`ENOSYS` on
+/// kernels before 5.16; `EPERM`, `EACCES` or `EINVAL` from a seccomp
+/// filter; remembered, so later calls fail at once); `InvalidInput` for no
+/// words or more than [`FUTEX_WAITV_MAX`]; other refusals as they come.
+pub(crate) fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result<()> {
+    if HAS_WAITV.load(Ordering::Relaxed) == NO {
+        return Err(io::Error::from(io::ErrorKind::Unsupported));
     }
-    let waiters: Vec<FutexWaitv> = words
-        .iter()
-        .map(|(word, expected)| FutexWaitv {
+    if words.is_empty() || words.len() > FUTEX_WAITV_MAX {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut waiters = [const {
+        FutexWaitv {
+            val: 0,
+            uaddr: 0,
+            flags: 0,
+            reserved: 0,
+        }
+    }; FUTEX_WAITV_MAX];
+    for (w, (word, expected)) in waiters.iter_mut().zip(words) {
+        *w = FutexWaitv {
             val: u64::from(*expected),
             uaddr: word.as_ptr() as u64,
             flags: FUTEX2_SIZE_U32,
             reserved: 0,
-        })
-        .collect();
-    // The timeout is absolute, on CLOCK_MONOTONIC, as the kernel's 64-bit
-    // `struct __kernel_timespec` (also on 32-bit targets).
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    // (`i64::from` is a no-op on 64-bit targets, a widening on 32-bit ones.)
-    #[allow(clippy::useless_conversion)]
-    let (now_sec, now_nsec) = (i64::from(now.tv_sec), i64::from(now.tv_nsec));
-    let nanos = now_nsec + i64::from(timeout.subsec_nanos());
-    let deadline = KernelTimespec {
-        tv_sec: now_sec
-            .saturating_add(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX))
-            .saturating_add(i64::from(nanos >= 1_000_000_000)),
-        tv_nsec: nanos % 1_000_000_000,
-    };
-    let count = u32::try_from(waiters.len()).unwrap_or(0);
-    // SAFETY: `waiters` holds `count` valid entries whose addresses point to
+        };
+    }
+    let deadline = monotonic_after(timeout);
+    // At most FUTEX_WAITV_MAX (128), checked above.
+    let count = u32::try_from(words.len()).unwrap_or(0);
+    // SAFETY: the first `count` entries of `waiters` are valid and point to
     // live, aligned u32 words (borrowed for the call); `deadline` is valid.
     let r = unsafe {
         libc::syscall(
@@ -141,62 +151,52 @@ pub(crate) fn futex_waitv(
         )
     };
     if r >= 0 {
-        return Ok(usize::try_from(r).ok());
+        HAS_WAITV.store(YES, Ordering::Relaxed);
+        return Ok(());
     }
-    let e = std::io::Error::last_os_error();
+    let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR) => Ok(None),
+        Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR) => Ok(()),
+        Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EINVAL) => {
+            HAS_WAITV.store(NO, Ordering::Relaxed);
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("futex_waitv unavailable: {e}"),
+            ))
+        }
         _ => Err(e),
     }
 }
 
-/// Whether this process can use `futex_waitv`: 0 unknown, 1 yes, 2 no.
-static HAS_WAITV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// `timeout` from now on `CLOCK_MONOTONIC`, as the kernel's 64-bit
+/// `struct __kernel_timespec` (also on 32-bit targets). Saturates.
+fn monotonic_after(timeout: Duration) -> KernelTimespec {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always
+    // exists, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    // (`i64::from` is a no-op on 64-bit targets, a widening on 32-bit ones.)
+    #[allow(clippy::useless_conversion)]
+    let (now_sec, now_nsec) = (i64::from(now.tv_sec), i64::from(now.tv_nsec));
+    let nanos = now_nsec + i64::from(timeout.subsec_nanos());
+    KernelTimespec {
+        tv_sec: now_sec
+            .saturating_add(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX))
+            .saturating_add(i64::from(nanos >= 1_000_000_000)),
+        tv_nsec: nanos % 1_000_000_000,
+    }
+}
+
+/// Whether this process can use `futex_waitv`: [`UNKNOWN`], [`YES`], [`NO`].
+static HAS_WAITV: AtomicU8 = AtomicU8::new(UNKNOWN);
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
 
 /// Whether `futex_waitv` may be tried (not known to be unavailable).
 pub(crate) fn waitv_available() -> bool {
-    HAS_WAITV.load(std::sync::atomic::Ordering::Relaxed) != 2
-}
-
-/// Records what a `futex_waitv` call taught: `Ok` means it works; the errors
-/// of a missing or forbidden call (`ENOSYS` on kernels before 5.16; `EPERM`,
-/// `EACCES` from a seccomp filter; `EINVAL` from one that knows no better)
-/// mean never to try again in this process. Returns whether it is available.
-pub(crate) fn note_waitv(result: &std::io::Result<Option<usize>>) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match result {
-        Ok(_) => {
-            HAS_WAITV.store(1, Relaxed);
-            true
-        }
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EINVAL)
-            ) =>
-        {
-            HAS_WAITV.store(2, Relaxed);
-            false
-        }
-        Err(_) => waitv_available(),
-    }
-}
-
-/// Sleeps while both words hold their expected values, for at most
-/// `timeout`: with `futex_waitv` where it is available (Linux 5.16, not
-/// filtered), so a wake on either word ends the sleep; otherwise on the
-/// first word alone (a wake on the second is then seen when the timeout
-/// ends). Returns like [`futex_wait`]: the caller re-checks its condition.
-pub(crate) fn futex_wait_either(
-    first: (&AtomicU32, u32),
-    second: (&AtomicU32, u32),
-    timeout: Duration,
-) {
-    if waitv_available() {
-        let result = futex_waitv(&[first, second], timeout);
-        if note_waitv(&result) || result.is_ok() {
-            return;
-        }
-    }
-    futex_wait(first.0, first.1, timeout);
+    HAS_WAITV.load(Ordering::Relaxed) != NO
 }

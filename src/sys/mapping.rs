@@ -13,13 +13,17 @@ use std::ptr::NonNull;
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
-    writable: bool,
 }
 
 // SAFETY: a Mapping is a plain address range owned by this value; moving it to
-// another thread moves the ownership. Access to the bytes goes through `Region`,
-// whose owner (`Channel`) is itself `Send` and not `Sync`.
+// another thread moves the ownership, and unmapping happens once, in `Drop`.
 unsafe impl Send for Mapping {}
+
+// SAFETY: a shared `&Mapping` hands out only the address and the length; it
+// never reads or writes the bytes itself. What may be done with the address
+// from several threads is the business of the views built on it
+// (`region.rs`: atomics, and data-area access behind `unsafe fn`s).
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, shared, readable, and writable
@@ -50,7 +54,7 @@ impl Mapping {
         }
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Mapping { ptr, len, writable })
+        Ok(Mapping { ptr, len })
     }
 
     /// The first byte of the mapping (page aligned).
@@ -61,11 +65,6 @@ impl Mapping {
     /// The length of the mapping in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Whether the mapping was made writable.
-    pub(crate) fn is_writable(&self) -> bool {
-        self.writable
     }
 }
 

@@ -1,6 +1,7 @@
 //! Unix stream sockets: descriptors over `SCM_RIGHTS`, and `poll`.
 
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -160,32 +161,64 @@ pub(crate) struct Ready {
     pub(crate) hung_up: bool,
 }
 
-/// Waits up to `timeout` for `sock` to become readable (and writable, when
-/// asked) or hung up. A zero timeout only checks. `poll(2)`
-pub(crate) fn poll(sock: BorrowedFd<'_>, want_write: bool, timeout: Duration) -> io::Result<Ready> {
-    let mut events = libc::POLLIN | libc::POLLRDHUP;
-    if want_write {
-        events |= libc::POLLOUT;
+/// One descriptor for [`poll`], and what it showed.
+#[repr(transparent)]
+pub(crate) struct PollFd<'fd>(libc::pollfd, PhantomData<BorrowedFd<'fd>>);
+
+impl<'fd> PollFd<'fd> {
+    /// Watch `fd` for reading and hang-up, and for writing when asked.
+    pub(crate) fn new(fd: BorrowedFd<'fd>, want_write: bool) -> PollFd<'fd> {
+        let mut events = libc::POLLIN | libc::POLLRDHUP;
+        if want_write {
+            events |= libc::POLLOUT;
+        }
+        PollFd(
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events,
+                revents: 0,
+            },
+            PhantomData,
+        )
     }
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events,
-        revents: 0,
-    };
+
+    /// What the last [`poll`] saw on the descriptor.
+    pub(crate) fn ready(&self) -> Ready {
+        let r = self.0.revents;
+        Ready {
+            readable: r & libc::POLLIN != 0,
+            writable: r & libc::POLLOUT != 0,
+            hung_up: r & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        }
+    }
+}
+
+/// Waits up to `timeout` for any of `fds` to become ready (as each asks) or
+/// hung up; returns how many are. A zero timeout only checks. `poll(2)`
+pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Duration) -> io::Result<usize> {
     // Round up so a sub-millisecond timeout still waits instead of spinning.
-    let ms = timeout.as_micros().div_ceil(1000);
-    let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    let n = libc::nfds_t::try_from(fds.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // EINTR is retried with the same timeout: callers loop on their own deadline.
-    retry_eintr(|| {
-        // SAFETY: `pfd` is one valid pollfd.
-        cvt(unsafe { libc::poll(&mut pfd, 1, ms) })
+    let ready = retry_eintr(|| {
+        // SAFETY: `fds` holds `n` pollfds (PollFd is a transparent wrapper)
+        // of descriptors borrowed for as long as `fds` lives; poll writes
+        // only their `revents`.
+        cvt(unsafe { libc::poll(fds.as_mut_ptr().cast::<libc::pollfd>(), n, ms) })
     })?;
-    let r = pfd.revents;
-    Ok(Ready {
-        readable: r & libc::POLLIN != 0,
-        writable: r & libc::POLLOUT != 0,
-        hung_up: r & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0,
-    })
+    Ok(ready.unsigned_abs() as usize)
+}
+
+/// [`poll`] for one socket.
+pub(crate) fn poll_one(
+    sock: BorrowedFd<'_>,
+    want_write: bool,
+    timeout: Duration,
+) -> io::Result<Ready> {
+    let mut fds = [PollFd::new(sock, want_write)];
+    poll(&mut fds, timeout)?;
+    Ok(fds[0].ready())
 }
 
 /// Where a Unix socket lives: a path in the file system, or a name in the
@@ -364,33 +397,4 @@ pub(crate) fn recv_nowait(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<us
             )
         })
     })
-}
-
-/// Waits up to `timeout` for any of `socks` to become readable or hung up;
-/// returns which are. `poll(2)`
-pub(crate) fn poll_many(socks: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<Ready>> {
-    let mut pfds: Vec<libc::pollfd> = socks
-        .iter()
-        .map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        })
-        .collect();
-    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-    let n = libc::nfds_t::try_from(pfds.len())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    retry_eintr(|| {
-        // SAFETY: `pfds` holds `n` valid pollfds.
-        cvt(unsafe { libc::poll(pfds.as_mut_ptr(), n, ms) })
-    })?;
-    Ok(pfds
-        .iter()
-        .map(|p| Ready {
-            readable: p.revents & libc::POLLIN != 0,
-            writable: false,
-            hung_up: p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL)
-                != 0,
-        })
-        .collect())
 }

@@ -27,14 +27,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use capnp_shm::{Channel, Error, Options};
+use capnp_shm::{Channel, Options, SetupError};
 
 // ---- the wire format -------------------------------------------------------
 
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Hello and header flag: the region is a sealed memfd.
 pub const FLAG_SEALED: u32 = 1;
 /// Bytes in a hello.
@@ -81,6 +81,9 @@ pub mod counter {
     pub const TX_SLEEPING: u64 = 640;
     /// The owner has closed its end.
     pub const CLOSED: u64 = 768;
+    /// The pid of the process that owns the end (0: nobody yet); only the
+    /// owner's own copies read it.
+    pub const OWNER: u64 = 896;
 }
 
 /// The seals a sealed region must carry, exactly.
@@ -726,7 +729,7 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct HandPeer {
     socket: Option<UnixStream>,
-    real_end: Option<JoinHandle<Result<Channel, Error>>>,
+    real_end: Option<JoinHandle<Result<Channel, SetupError>>>,
     their_hello: Hello,
     their_fd: OwnedFd,
 }
@@ -795,7 +798,7 @@ impl HandPeer {
     }
 
     /// Waits for the real end's set-up and returns its outcome.
-    pub fn setup_result(&mut self) -> Result<Channel, Error> {
+    pub fn setup_result(&mut self) -> Result<Channel, SetupError> {
         self.real_end
             .take()
             .expect("set-up result already taken")

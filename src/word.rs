@@ -1,0 +1,167 @@
+//! The memory the protocol runs on: 32-bit words shared between two
+//! processes, fences, and the futex.
+//!
+//! The rings (`ring.rs`) and the waiter (`wait.rs`) are written against the
+//! [`Word`] trait rather than `AtomicU32` directly, so that the model
+//! checker (`model.rs`, a test) runs them unchanged over loom's atomics and
+//! a modelled futex. In the crate `Word` is `AtomicU32` in a shared mapping
+//! with `futex(2)`: every method inlines to the atomic or the system call.
+//!
+//! Who may write a word is part of its type: [`Mine`] is a word of this
+//! end's own region (loads and stores), [`Theirs`] a word of the peer's
+//! region, which this process maps read-only and may only load, `Relaxed`.
+//! (Rust allows atomic accesses to read-only memory only as `Relaxed`
+//! loads; where an ordering is needed, a fence stands next to the load.)
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::sys::futex;
+
+/// A 32-bit word of shared memory, as the protocol uses it.
+pub(crate) trait Word: Send + Sync + 'static {
+    /// An atomic load.
+    fn load(&self, order: Ordering) -> u32;
+    /// An atomic store.
+    fn store(&self, value: u32, order: Ordering);
+    /// Compare-and-swap (`AcqRel` on success, `Acquire` on failure): the
+    /// value found, `Ok` when it was `current` and is now `new`.
+    fn compare_exchange(&self, current: u32, new: u32) -> Result<u32, u32>;
+    /// A memory fence.
+    fn fence(order: Ordering);
+    /// Sleeps while `*self == expected`, for at most `timeout`, or until
+    /// woken. Returns also on a signal or spuriously: the caller re-checks.
+    /// The word may lie in a read-only mapping.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses to sleep (a seccomp filter, say).
+    fn wait(&self, expected: u32, timeout: Duration) -> io::Result<()>;
+    /// Sleeps while every word holds its expected value, for at most
+    /// `timeout`, or until any is woken (`futex_waitv`). At most
+    /// [`WAIT_MANY_MAX`] words.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` when the kernel cannot wait on several words (the
+    /// caller then waits on one); anything else when it refuses to sleep.
+    fn wait_many(words: &[(&Self, u32)], timeout: Duration) -> io::Result<()>;
+    /// Wakes every process sleeping on the word.
+    fn wake(&self);
+}
+
+/// The most words one [`Word::wait_many`] takes.
+pub(crate) const WAIT_MANY_MAX: usize = futex::FUTEX_WAITV_MAX;
+
+impl Word for AtomicU32 {
+    #[inline]
+    fn load(&self, order: Ordering) -> u32 {
+        AtomicU32::load(self, order)
+    }
+
+    #[inline]
+    fn store(&self, value: u32, order: Ordering) {
+        AtomicU32::store(self, value, order);
+    }
+
+    #[inline]
+    fn compare_exchange(&self, current: u32, new: u32) -> Result<u32, u32> {
+        AtomicU32::compare_exchange(self, current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+
+    #[inline]
+    fn fence(order: Ordering) {
+        std::sync::atomic::fence(order);
+    }
+
+    fn wait(&self, expected: u32, timeout: Duration) -> io::Result<()> {
+        futex::futex_wait(self, expected, timeout)
+    }
+
+    fn wait_many(words: &[(&Self, u32)], timeout: Duration) -> io::Result<()> {
+        futex::futex_waitv(words, timeout)
+    }
+
+    fn wake(&self) {
+        futex::futex_wake(self);
+    }
+}
+
+/// A word of this end's own region: this process stores it, the peer
+/// loads it.
+pub(crate) struct Mine<'a, W>(&'a W);
+
+/// A word of the peer's region, mapped read-only here: loads only, and
+/// only `Relaxed` ones.
+pub(crate) struct Theirs<'a, W>(&'a W);
+
+impl<'a, W: Word> Mine<'a, W> {
+    /// The view of a word of our own region.
+    pub(crate) fn new(word: &'a W) -> Mine<'a, W> {
+        Mine(word)
+    }
+
+    #[inline]
+    pub(crate) fn load(&self, order: Ordering) -> u32 {
+        self.0.load(order)
+    }
+
+    #[inline]
+    pub(crate) fn store(&self, value: u32, order: Ordering) {
+        self.0.store(value, order);
+    }
+
+    pub(crate) fn compare_exchange(&self, current: u32, new: u32) -> Result<u32, u32> {
+        self.0.compare_exchange(current, new)
+    }
+
+    /// Wakes whoever sleeps on the word (the peer, through its mapping).
+    pub(crate) fn wake(&self) {
+        self.0.wake();
+    }
+}
+
+impl<'a, W: Word> Theirs<'a, W> {
+    /// The view of a word of the peer's region.
+    pub(crate) fn new(word: &'a W) -> Theirs<'a, W> {
+        Theirs(word)
+    }
+
+    /// A `Relaxed` load: what the peer wrote, to validate before use.
+    #[inline]
+    pub(crate) fn load(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The word itself, to sleep on (the futex only reads it).
+    pub(crate) fn futex(&self) -> &'a W {
+        self.0
+    }
+}
+
+impl<W> Clone for Mine<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Mine<'_, W> {}
+impl<W> Clone for Theirs<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Theirs<'_, W> {}
+
+impl<W: Word> fmt::Debug for Mine<'_, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Mine({})", self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl<W: Word> fmt::Debug for Theirs<'_, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Theirs({})", self.load())
+    }
+}
