@@ -526,6 +526,18 @@ impl Receiver {
     }
 }
 
+impl AsRef<Sender> for Channel {
+    fn as_ref(&self) -> &Sender {
+        &self.tx
+    }
+}
+
+impl AsRef<Sender> for Sender {
+    fn as_ref(&self) -> &Sender {
+        self
+    }
+}
+
 impl AsRef<Receiver> for Channel {
     fn as_ref(&self) -> &Receiver {
         &self.rx

@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use capnp_shm::{Channel, MessageBuilder};
+use capnp_shm::{MessageBuilder, Sender};
 
 /// Aborts the whole test process if it is still alive after `limit`, so a
 /// hang becomes a failure instead of a stuck CI run. Disarmed on drop.
@@ -138,8 +138,13 @@ pub fn pattern(n: u64, i: u32, len: usize) -> Vec<u8> {
 
 /// Builds message `n`: a list of `items` data blobs of `len` bytes each,
 /// the first 8 bytes of item 0 holding `n`.
-pub fn build(channel: &Channel, n: u64, items: u32, len: usize) -> MessageBuilder<'_> {
-    let mut message = channel.message();
+pub fn build<S: AsRef<Sender> + ?Sized>(
+    sender: &S,
+    n: u64,
+    items: u32,
+    len: usize,
+) -> MessageBuilder<'_> {
+    let mut message = sender.as_ref().message();
     fill(&mut message, n, items, len);
     message
 }
