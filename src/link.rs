@@ -19,7 +19,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::{Failure, NotOwner, ProtocolError};
@@ -36,10 +36,8 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     own: OwnRegion<W>,
     peer: PeerRegion<W>,
     owner: Owner,
-    /// Set once `failure` holds the error that ended this end; the hot
-    /// paths test this flag only.
-    failed: AtomicBool,
-    failure: Mutex<Option<Failure>>,
+    /// The failure that ended this end, once there is one (the first wins).
+    failure: OnceLock<Failure>,
     /// The peer has closed its end or its process is gone (sticky: what the
     /// peer writes afterwards changes nothing).
     peer_closed: AtomicBool,
@@ -95,8 +93,7 @@ impl<W: Word> Link<W> {
             owner: Owner {
                 verified_at: AtomicU64::new(NEVER),
             },
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            failure: OnceLock::new(),
             peer_closed: AtomicBool::new(false),
             options,
         }
@@ -130,25 +127,16 @@ impl<W: Word> Link<W> {
         self.owner
             .claim(self.own.owner())
             .map_err(Failure::NotOwner)?;
-        if self.failed.load(Ordering::Relaxed) {
-            return Err(self.replay());
+        match self.failure.get() {
+            Some(f) => Err(f.replay()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether this process owns the end: only then may a drop write shared
     /// memory (a release, zeroed words, the close).
     pub(crate) fn owned_here(&self) -> bool {
         self.owner.holds(self.own.owner())
-    }
-
-    fn replay(&self) -> Failure {
-        let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        match &*failure {
-            Some(f) => f.replay(),
-            // `failed` is set only after `failure` (under the lock).
-            None => Failure::Io(std::io::Error::other("channel failed")),
-        }
     }
 
     /// Ends the channel with `failure`: later calls return it again, and
@@ -159,13 +147,7 @@ impl<W: Word> Link<W> {
         if let Failure::NotOwner(_) = failure {
             return failure;
         }
-        {
-            let mut stored = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-            if stored.is_none() {
-                *stored = Some(failure.replay());
-                self.failed.store(true, Ordering::Relaxed);
-            }
-        }
+        let _ = self.failure.set(failure.replay());
         if self.owned_here() {
             self.close();
         }
@@ -299,7 +281,7 @@ impl<W: Word> fmt::Debug for Link<W> {
             .field("sealed", &self.own.is_sealed())
             .field("geometry", &self.own.geometry())
             .field("peer_geometry", &self.peer.geometry())
-            .field("failed", &self.failed.load(Ordering::Relaxed))
+            .field("failed", &self.failure.get().is_some())
             .field("peer_closed", &self.peer_closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }

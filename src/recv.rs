@@ -1,6 +1,7 @@
 //! The receiving side of one end: taking the peer's messages, the receive
 //! loop, and releasing what was read.
 
+use std::cell::RefCell;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
@@ -13,34 +14,48 @@ use crate::wake;
 use crate::word::{Mine, Theirs, Word};
 
 /// The receiving side of one end.
+///
+/// Its state changes only through the `Cell`s of its ring halves and its
+/// waiter, always through shared references (a received message releases
+/// itself through one). It sits in one `RefCell`, borrowed shared, so that
+/// misuse across threads names one type.
 #[derive(Debug)]
 pub(crate) struct RecvSide<W: Word = AtomicU32> {
     link: Arc<Link<W>>,
+    state: RefCell<RecvState>,
+}
+
+/// The receiving side's halves of both rings, and its waiter.
+#[derive(Debug)]
+pub(crate) struct RecvState {
     descriptors: DescriptorConsumer,
     releases: ReleaseProducer,
     waiter: Waiter,
 }
 
 /// What a waiting receiver waits for: the peer's next message.
-pub(crate) struct MessageReady<'a, W: Word>(&'a RecvSide<W>);
+struct MessageReady<'a, W: Word> {
+    link: &'a Link<W>,
+    descriptors: &'a DescriptorConsumer,
+}
 
 impl<W: Word> Condition<W> for MessageReady<'_, W> {
     fn flag(&self) -> Mine<'_, W> {
-        self.0.link.own().rx_sleeping()
+        self.link.own().rx_sleeping()
     }
 
     fn counter(&self) -> Theirs<'_, W> {
-        self.0.link.peer().published()
+        self.link.peer().published()
     }
 
     fn idle(&self, seen: u32) -> bool {
-        self.0.descriptors.nothing_published(seen)
+        self.descriptors.nothing_published(seen)
     }
 
     /// The next descriptor's tag: it is stored before `published` and sits
     /// on the line the receiver reads next anyway.
     fn ready(&self) -> bool {
-        self.0.descriptors.next_ready(self.0.link.peer())
+        self.descriptors.next_ready(self.link.peer())
     }
 }
 
@@ -52,9 +67,11 @@ impl<W: Word> RecvSide<W> {
         let waiter = Waiter::new(options.spin, options.wait_slice);
         RecvSide {
             link,
-            descriptors: DescriptorConsumer::new(start),
-            releases: ReleaseProducer::new(start),
-            waiter,
+            state: RefCell::new(RecvState {
+                descriptors: DescriptorConsumer::new(start),
+                releases: ReleaseProducer::new(start),
+                waiter,
+            }),
         }
     }
 
@@ -62,18 +79,20 @@ impl<W: Word> RecvSide<W> {
         &self.link
     }
 
-    pub(crate) fn waiter(&self) -> &Waiter {
-        &self.waiter
-    }
-
-    /// The condition this side sleeps on, for `wait_any`.
-    pub(crate) fn condition(&self) -> MessageReady<'_, W> {
-        MessageReady(self)
+    /// Runs `f` with this side's waiter and the condition it sleeps on
+    /// (for `wait_any`).
+    pub(crate) fn with_waiter<R>(&self, f: impl FnOnce(&Waiter, &dyn Condition<W>) -> R) -> R {
+        let state = self.state.borrow();
+        let cond = MessageReady {
+            link: &self.link,
+            descriptors: &state.descriptors,
+        };
+        f(&state.waiter, &cond)
     }
 
     /// Messages taken from the peer so far (wrapping).
     pub(crate) fn received(&self) -> u32 {
-        self.descriptors.consumed()
+        self.state.borrow().descriptors.consumed()
     }
 
     /// Takes the next message the peer published, waiting until `deadline`.
@@ -85,39 +104,46 @@ impl<W: Word> RecvSide<W> {
     /// `Expired` when nothing came in time, and the other [`Halt`]s.
     pub(crate) fn recv(&self, deadline: Deadline) -> Result<Taken, Halt> {
         let link = &*self.link;
+        let state = self.state.borrow();
+        let take = || -> Result<Option<Taken>, Failure> {
+            link.enter()?;
+            state
+                .descriptors
+                .take(link.peer(), link.own())
+                .map_err(|p| link.fail(Failure::Protocol(p)))
+        };
+        let cond = MessageReady {
+            link,
+            descriptors: &state.descriptors,
+        };
         loop {
-            if let Some(taken) = self.take()? {
+            if let Some(taken) = take()? {
                 return Ok(taken);
             }
             if link.peer_closed() {
                 // Everything published before `closed` is visible now.
-                return self.take()?.ok_or(Halt::Disconnected);
+                return take()?.ok_or(Halt::Disconnected);
             }
             if let Deadline::Now = deadline {
-                self.waiter.poll_peer_if_due(link)?;
+                state.waiter.poll_peer_if_due(link)?;
                 if link.peer_closed() {
                     continue; // gone: drain what it sent, then Disconnected
                 }
                 return Err(Halt::Expired);
             }
-            self.waiter.wait(link, &MessageReady(self), deadline)?;
+            state.waiter.wait(link, &cond, deadline)?;
         }
-    }
-
-    /// Takes the next message, if the peer has published one.
-    fn take(&self) -> Result<Option<Taken>, Failure> {
-        let link = &*self.link;
-        link.enter()?;
-        self.descriptors
-            .take(link.peer(), link.own())
-            .map_err(|p| link.fail(Failure::Protocol(p)))
     }
 
     /// Whether a non-waiting receive would return something other than
     /// "empty" now: a message, or the end of the channel.
     pub(crate) fn ready(&self) -> bool {
         let link = &*self.link;
-        let cond = MessageReady(self);
+        let state = self.state.borrow();
+        let cond = MessageReady {
+            link,
+            descriptors: &state.descriptors,
+        };
         cond.ready()
             || !cond.idle(cond.counter().load())
             || link.peer_closed()
@@ -133,9 +159,10 @@ impl<W: Word> RecvSide<W> {
             return;
         }
         let own = link.own();
-        self.releases.release(own, slot, seq);
+        let state = self.state.borrow();
+        state.releases.release(own, slot, seq);
         wake::wake_peer(
-            || self.releases.store_count(own),
+            || state.releases.store_count(own),
             own.released(),
             link.peer().tx_sleeping(),
         );

@@ -24,7 +24,6 @@ use crate::deadline::Deadline;
 use crate::layout::{SLEEPING_ON_FUTEX, SLEEPING_ON_SOCKET};
 use crate::recv::RecvSide;
 use crate::sys::{futex, socket};
-use crate::wait::Condition;
 use crate::wake::withdraw;
 use crate::word::{Word, WAIT_MANY_MAX};
 
@@ -157,7 +156,7 @@ pub fn wait_any_with<R: AsRef<Receiver>>(
     let deadline = Deadline::within(timeout);
     let slice = sides
         .iter()
-        .map(|s| s.waiter().slice())
+        .map(|s| s.with_waiter(|w, _| w.slice()))
         .min()
         .unwrap_or(Duration::from_millis(100));
     let auto = method == WaitMethod::Auto;
@@ -168,7 +167,7 @@ pub fn wait_any_with<R: AsRef<Receiver>>(
         // hang-up, and its receiver is ready (its recv reports it).
         for (i, s) in sides.iter().enumerate() {
             let link = s.link();
-            if s.waiter().poll_peer_if_due(link).is_err() || link.peer_closed() {
+            if s.with_waiter(|w, _| w.poll_peer_if_due(link)).is_err() || link.peer_closed() {
                 return Ok(i);
             }
         }
@@ -180,9 +179,11 @@ pub fn wait_any_with<R: AsRef<Receiver>>(
         // Spin, like a single recv, checking every receiver; the first
         // receiver's adaptive budget stands for the set.
         let mut found = None;
-        sides.first().waiter().spin(|| {
-            found = sides.first_ready();
-            found.is_some()
+        sides.first().with_waiter(|w, _| {
+            w.spin(|| {
+                found = sides.first_ready();
+                found.is_some()
+            })
         });
         if let Some(i) = found {
             return Ok(i);
@@ -243,12 +244,12 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
     /// `seen(i, value)` for each announced receiver.
     fn prepare(&self, mode: u32, mut seen: impl FnMut(usize, u32)) -> Result<(), usize> {
         for (i, s) in self.iter().enumerate() {
-            match s.waiter().prepare(s.link(), &s.condition(), mode) {
+            match s.with_waiter(|w, c| w.prepare(s.link(), c, mode)) {
                 Some(value) => seen(i, value),
                 None => {
                     self.iter()
                         .take(i)
-                        .for_each(|s| withdraw(s.condition().flag()));
+                        .for_each(|s| withdraw(s.link().own().rx_sleeping()));
                     return Err(i);
                 }
             }
@@ -257,7 +258,8 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
     }
 
     fn finish(&self) {
-        self.iter().for_each(|s| withdraw(s.condition().flag()));
+        self.iter()
+            .for_each(|s| withdraw(s.link().own().rx_sleeping()));
     }
 
     /// After a slice with nothing: the first receiver whose peer is gone

@@ -27,7 +27,7 @@
 
 #![allow(unsafe_code)]
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
@@ -91,16 +91,11 @@ struct Books {
     in_flight: u32,
     /// Scratch for `try_publish`, kept to reuse its allocation.
     plan: Vec<Placement>,
+    /// The words of each segment of the message being sent, as
+    /// `check_fits` counted them (reused, like `plan`).
+    sizes: Vec<u32>,
     descriptors: DescriptorProducer,
     releases: ReleaseConsumer,
-}
-
-/// The words of `segment`, a whole number of words (capnp's segments are).
-fn words_of(segment: &[u8]) -> u32 {
-    debug_assert_eq!(segment.len() as u64 % WORD, 0);
-    // Checked to fit the data area (at most 2^31 words) by `check_fits`
-    // before any segment reaches the books.
-    u32::try_from(segment.len() as u64 / WORD).unwrap_or(u32::MAX)
 }
 
 impl Books {
@@ -123,6 +118,7 @@ impl Books {
             free_slots: (0..cap).rev().collect(),
             in_flight: 0,
             plan: Vec::with_capacity(1),
+            sizes: Vec::with_capacity(1),
             descriptors: DescriptorProducer::new(start),
             releases: ReleaseConsumer::new(start),
         }
@@ -225,8 +221,9 @@ impl Books {
     }
 
     /// Checks what no amount of waiting can fix: too many segments, or more
-    /// words than the data area holds. Returns the number of segments.
-    fn check_fits(&self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
+    /// words than the data area holds. Returns the number of segments, and
+    /// records each one's words in `sizes` for `try_publish`.
+    fn check_fits(&mut self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
         let too_many = TooLarge {
             needed: segments.len() as u64,
             limit: u64::from(MAX_SEGMENTS),
@@ -242,14 +239,22 @@ impl Books {
         } else {
             0
         };
+        // capnp's segments are whole words.
         let words: u64 = segments.iter().map(|s| s.len() as u64 / WORD).sum::<u64>() + table;
         let limit = u64::from(self.geometry.data_words());
+        let too_large = TooLarge {
+            needed: words,
+            limit,
+            kind: TooLargeKind::Words,
+        };
         if words > limit {
-            return Err(TooLarge {
-                needed: words,
-                limit,
-                kind: TooLargeKind::Words,
-            });
+            return Err(too_large);
+        }
+        // Each segment has fewer words than the data area, so each fits u32.
+        self.sizes.clear();
+        for s in segments {
+            let words = u32::try_from(s.len() as u64 / WORD).map_err(|_| too_large)?;
+            self.sizes.push(words);
         }
         Ok(n)
     }
@@ -281,9 +286,10 @@ impl Books {
     /// Publishes a message if a slot and space for its copied segments (and
     /// out-of-line table) are free now; otherwise changes nothing and returns
     /// `false`. `segments` passed [`check_fits`](Self::check_fits), which
-    /// counted `count` of them, and is not empty.
+    /// counted `count` of them (and their words, in `sizes`), and is not empty.
     fn try_publish<W: Word>(&mut self, own: &OwnRegion<W>, segments: &[&[u8]], count: u32) -> bool {
         debug_assert!(!segments.is_empty() && segments.len() == count as usize);
+        debug_assert_eq!(self.sizes.len(), segments.len());
         let Some(&slot) = self.free_slots.last() else {
             return false;
         };
@@ -292,8 +298,7 @@ impl Books {
         // so still zero): a copy may need that space.
         let mut plan = std::mem::take(&mut self.plan);
         plan.clear();
-        for s in segments {
-            let words = words_of(s);
+        for (s, &words) in segments.iter().zip(&self.sizes) {
             if let Some(open) = self.find_open(own, s) {
                 self.free.free(tail(open, words));
                 plan.push(Placement::InRegion { open, used: words });
@@ -304,9 +309,9 @@ impl Books {
             }
         }
         let mut complete = true;
-        for (p, s) in plan.iter_mut().zip(segments) {
+        for (p, &words) in plan.iter_mut().zip(&self.sizes) {
             if let Placement::Copied { to } = p {
-                let words = words_of(s).max(1);
+                let words = words.max(1);
                 match self.free.allocate(words, words) {
                     Some(e) => *to = e,
                     None => {
@@ -416,35 +421,48 @@ fn tail(open: Extent, used: u32) -> Extent {
 }
 
 /// The sending side of one end.
+///
+/// All its mutable state sits in one `RefCell`, which is also what makes a
+/// sender `!Sync`: misuse across threads names that one type.
 #[derive(Debug)]
 pub(crate) struct SendSide<W: Word = AtomicU32> {
     link: Arc<Link<W>>,
-    books: RefCell<Books>,
-    waiter: Waiter,
-    /// Sends since the counter wrapped (see `SENDS_PER_LIVENESS_CHECK`).
-    sends: Cell<u32>,
-    /// Segments the allocator had to take from the heap (region full).
-    spilled: Cell<u64>,
+    state: RefCell<SendState>,
 }
 
-/// What a blocked sender waits for: a release from the peer.
-struct SpaceFreed<'a, W: Word>(&'a SendSide<W>, u32);
+/// What the sending side changes as it goes.
+#[derive(Debug)]
+pub(crate) struct SendState {
+    books: Books,
+    waiter: Waiter,
+    /// Sends since the counter wrapped (see `SENDS_PER_LIVENESS_CHECK`).
+    sends: u32,
+    /// Segments the allocator had to take from the heap (region full).
+    spilled: u64,
+}
+
+/// What a blocked sender waits for: the peer's `released` counter moving
+/// past `seen`.
+struct SpaceFreed<'a, W: Word> {
+    link: &'a Link<W>,
+    seen: u32,
+}
 
 impl<W: Word> Condition<W> for SpaceFreed<'_, W> {
     fn flag(&self) -> Mine<'_, W> {
-        self.0.link.own().tx_sleeping()
+        self.link.own().tx_sleeping()
     }
 
     fn counter(&self) -> Theirs<'_, W> {
-        self.0.link.peer().released()
+        self.link.peer().released()
     }
 
     fn idle(&self, seen: u32) -> bool {
-        seen == self.1
+        seen == self.seen
     }
 
     fn ready(&self) -> bool {
-        self.0.link.peer().released().load() != self.1
+        self.link.peer().released().load() != self.seen
     }
 }
 
@@ -457,11 +475,13 @@ impl<W: Word> SendSide<W> {
         let options = link.options();
         let waiter = Waiter::new(options.spin, options.wait_slice);
         SendSide {
-            books: RefCell::new(Books::new(geometry, peer_capacity, start)),
+            state: RefCell::new(SendState {
+                books: Books::new(geometry, peer_capacity, start),
+                waiter,
+                sends: 0,
+                spilled: 0,
+            }),
             link,
-            waiter,
-            sends: Cell::new(0),
-            spilled: Cell::new(0),
         }
     }
 
@@ -471,12 +491,12 @@ impl<W: Word> SendSide<W> {
 
     /// Segments built on the heap because the region was full.
     pub(crate) fn spilled(&self) -> u64 {
-        self.spilled.get()
+        self.state.try_borrow().map_or(0, |s| s.spilled)
     }
 
     /// Messages sent and not yet released by the peer.
     pub(crate) fn in_flight(&self) -> Option<u32> {
-        self.books.try_borrow().ok().map(|b| b.in_flight())
+        self.state.try_borrow().ok().map(|s| s.books.in_flight())
     }
 
     // ---- the allocator's backend -------------------------------------------
@@ -495,18 +515,18 @@ impl<W: Word> SendSide<W> {
             return None;
         }
         let link = &self.link;
-        let extent = {
-            let mut books = self.books.try_borrow_mut().ok()?;
-            books
-                .allocate(link.own(), link.peer(), min, want)
-                .map_err(|p| drop(link.fail(Failure::Protocol(p))))
-                .ok()
-                .flatten()
-        };
+        // Not borrowed elsewhere: no send runs while capnp builds.
+        let mut state = self.state.try_borrow_mut().ok()?;
+        let extent = state
+            .books
+            .allocate(link.own(), link.peer(), min, want)
+            .map_err(|p| drop(link.fail(Failure::Protocol(p))))
+            .ok()
+            .flatten();
         match extent {
             Some(e) => Some((link.own().extent_ptr(e), e.len)),
             None => {
-                self.spilled.set(self.spilled.get() + 1);
+                state.spilled += 1;
                 None
             }
         }
@@ -525,8 +545,8 @@ impl<W: Word> SendSide<W> {
             return true;
         }
         // A segment that was sent is no longer open; `deallocate` leaves it.
-        if let Ok(mut books) = self.books.try_borrow_mut() {
-            books.deallocate(own, start, words_used);
+        if let Ok(mut state) = self.state.try_borrow_mut() {
+            state.books.deallocate(own, start, words_used);
         }
         true
     }
@@ -546,44 +566,37 @@ impl<W: Word> SendSide<W> {
         if link.peer_closed() {
             return Err(Halt::Disconnected.into());
         }
+        // Held for the whole send: nothing else of this side runs meanwhile
+        // (the builder is not touched until `send` returns).
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
         // A sender that never has to wait would not notice a killed peer
         // until the ring filled: every so many sends, look for hang-up (at
         // most once per wait slice, so a stream pays nothing measurable).
-        let sends = self.sends.get().wrapping_add(1);
-        self.sends.set(sends);
-        if sends % SENDS_PER_LIVENESS_CHECK == 0 {
-            self.waiter.poll_peer_if_due(link)?;
+        state.sends = state.sends.wrapping_add(1);
+        if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
+            state.waiter.poll_peer_if_due(link)?;
             if link.peer_closed() {
                 return Err(Halt::Disconnected.into());
             }
         }
-        let count = self
-            .books
-            .borrow()
-            .check_fits(segments)
-            .map_err(SendHalt::TooLarge)?;
-        loop {
-            let seen = {
-                let mut books = self.books.borrow_mut();
-                if books.try_publish(link.own(), segments, count) {
-                    break;
-                }
-                let reclaimed = books
-                    .reclaim(link.own(), link.peer())
-                    .map_err(|p| link.fail(Failure::Protocol(p)))?;
-                if reclaimed > 0 {
-                    continue;
-                }
-                if books.in_flight() == 0 {
-                    // Nothing will ever be released: no wait can help.
-                    return Err(SendHalt::TooLarge(books.cannot_place(link.own(), segments)));
-                }
-                books.releases.reclaimed()
-            };
-            self.wait_for_release(seen, deadline)?;
+        let books = &mut state.books;
+        let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
+        while !books.try_publish(link.own(), segments, count) {
+            let reclaimed = books
+                .reclaim(link.own(), link.peer())
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+            if reclaimed > 0 {
+                continue;
+            }
+            if books.in_flight() == 0 {
+                // Nothing will ever be released: no wait can help.
+                return Err(SendHalt::TooLarge(books.cannot_place(link.own(), segments)));
+            }
+            let seen = books.releases.reclaimed();
+            wait_for_release(link, &state.waiter, seen, deadline)?;
         }
         // The message counts from here on; wake the peer if it sleeps.
-        let books = self.books.borrow();
         let own = link.own();
         let how = wake::wake_peer(
             || books.descriptors.store_count(own),
@@ -595,22 +608,26 @@ impl<W: Word> SendSide<W> {
         }
         Ok(())
     }
+}
 
-    /// Waits until the peer releases something past `seen` (or the
-    /// deadline passes, or the peer goes away).
-    fn wait_for_release(&self, seen: u32, deadline: Deadline) -> Result<(), Halt> {
-        let link = &*self.link;
-        if let Deadline::Now = deadline {
-            self.waiter.poll_peer_if_due(link)?;
-        } else {
-            self.waiter.wait(link, &SpaceFreed(self, seen), deadline)?;
-        }
-        if self.link.peer().released().load() == seen && link.peer_closed() {
-            return Err(Halt::Disconnected);
-        }
-        match deadline {
-            Deadline::Now => Err(Halt::Expired),
-            _ => Ok(()),
-        }
+/// Waits until the peer releases something past `seen` (or the deadline
+/// passes, or the peer goes away).
+fn wait_for_release<W: Word>(
+    link: &Link<W>,
+    waiter: &Waiter,
+    seen: u32,
+    deadline: Deadline,
+) -> Result<(), Halt> {
+    if let Deadline::Now = deadline {
+        waiter.poll_peer_if_due(link)?;
+    } else {
+        waiter.wait(link, &SpaceFreed { link, seen }, deadline)?;
+    }
+    if link.peer().released().load() == seen && link.peer_closed() {
+        return Err(Halt::Disconnected);
+    }
+    match deadline {
+        Deadline::Now => Err(Halt::Expired),
+        _ => Ok(()),
     }
 }

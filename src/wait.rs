@@ -93,7 +93,7 @@ impl Waiter {
     pub(crate) fn wait<W: Word>(
         &self,
         link: &Link<W>,
-        cond: &impl Condition<W>,
+        cond: &(impl Condition<W> + ?Sized),
         deadline: Deadline,
     ) -> Result<(), Halt> {
         // Before spinning too, so a peer that keeps changing the counter
@@ -128,7 +128,7 @@ impl Waiter {
     pub(crate) fn prepare<W: Word>(
         &self,
         link: &Link<W>,
-        cond: &impl Condition<W>,
+        cond: &(impl Condition<W> + ?Sized),
         mode: u32,
     ) -> Option<u32> {
         if fault::active(Fault::NoRecheck) {
