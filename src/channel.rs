@@ -349,9 +349,8 @@ impl Sender {
     /// capnp's builder API and pass it to [`send`](Sender::send); dropping
     /// it unsent gives its space back.
     pub fn message(&self) -> MessageBuilder<'_> {
-        // Claims the end for this process on first use. In a process that
-        // does not own it, the builder lives on the heap and `send` fails.
-        let _ = self.side.may_build();
+        // The first segment claims the end for this process (or, in a
+        // process that does not own it, comes from the heap; `send` fails).
         let words = self.side.link().options().first_segment_words;
         Builder::new(RegionAllocator::new(&self.side, words))
     }

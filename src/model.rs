@@ -349,7 +349,7 @@ fn close_while_sender_waits() {
 fn close_while_receiver_waits() {
     let (a, b) = pair(1);
     let closer = loom::thread::spawn(move || {
-        assert!(a.tx.may_build(), "claims the end");
+        assert!(a.tx.claim(), "claims the end");
         drop(a);
     });
     assert_eq!(recv(&b, 0), None);

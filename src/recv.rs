@@ -112,10 +112,6 @@ impl<W: Word> RecvSide<W> {
                 .take(link.peer(), link.own())
                 .map_err(|p| link.fail(Failure::Protocol(p)))
         };
-        let cond = MessageReady {
-            link,
-            descriptors: &state.descriptors,
-        };
         loop {
             if let Some(taken) = take()? {
                 return Ok(taken);
@@ -131,6 +127,10 @@ impl<W: Word> RecvSide<W> {
                 }
                 return Err(Halt::Expired);
             }
+            let cond = MessageReady {
+                link,
+                descriptors: &state.descriptors,
+            };
             state.waiter.wait(link, &cond, deadline)?;
         }
     }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::free::FreeList;
-use crate::layout::{Geometry, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD};
+use crate::layout::{Geometry, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD, WORD_BYTES};
 use crate::link::Link;
 use crate::region::{Extent, OwnRegion, PeerRegion};
 use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer};
@@ -91,9 +91,6 @@ struct Books {
     in_flight: u32,
     /// Scratch for `try_publish`, kept to reuse its allocation.
     plan: Vec<Placement>,
-    /// The words of each segment of the message being sent, as
-    /// `check_fits` counted them (reused, like `plan`).
-    sizes: Vec<u32>,
     descriptors: DescriptorProducer,
     releases: ReleaseConsumer,
 }
@@ -118,7 +115,6 @@ impl Books {
             free_slots: (0..cap).rev().collect(),
             in_flight: 0,
             plan: Vec::with_capacity(1),
-            sizes: Vec::with_capacity(1),
             descriptors: DescriptorProducer::new(start),
             releases: ReleaseConsumer::new(start),
         }
@@ -221,9 +217,8 @@ impl Books {
     }
 
     /// Checks what no amount of waiting can fix: too many segments, or more
-    /// words than the data area holds. Returns the number of segments, and
-    /// records each one's words in `sizes` for `try_publish`.
-    fn check_fits(&mut self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
+    /// words than the data area holds. Returns the number of segments.
+    fn check_fits(&self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
         let too_many = TooLarge {
             needed: segments.len() as u64,
             limit: u64::from(MAX_SEGMENTS),
@@ -242,19 +237,12 @@ impl Books {
         // capnp's segments are whole words.
         let words: u64 = segments.iter().map(|s| s.len() as u64 / WORD).sum::<u64>() + table;
         let limit = u64::from(self.geometry.data_words());
-        let too_large = TooLarge {
-            needed: words,
-            limit,
-            kind: TooLargeKind::Words,
-        };
         if words > limit {
-            return Err(too_large);
-        }
-        // Each segment has fewer words than the data area, so each fits u32.
-        self.sizes.clear();
-        for s in segments {
-            let words = u32::try_from(s.len() as u64 / WORD).map_err(|_| too_large)?;
-            self.sizes.push(words);
+            return Err(TooLarge {
+                needed: words,
+                limit,
+                kind: TooLargeKind::Words,
+            });
         }
         Ok(n)
     }
@@ -286,10 +274,9 @@ impl Books {
     /// Publishes a message if a slot and space for its copied segments (and
     /// out-of-line table) are free now; otherwise changes nothing and returns
     /// `false`. `segments` passed [`check_fits`](Self::check_fits), which
-    /// counted `count` of them (and their words, in `sizes`), and is not empty.
+    /// counted `count` of them, and is not empty.
     fn try_publish<W: Word>(&mut self, own: &OwnRegion<W>, segments: &[&[u8]], count: u32) -> bool {
         debug_assert!(!segments.is_empty() && segments.len() == count as usize);
-        debug_assert_eq!(self.sizes.len(), segments.len());
         let Some(&slot) = self.free_slots.last() else {
             return false;
         };
@@ -298,7 +285,8 @@ impl Books {
         // so still zero): a copy may need that space.
         let mut plan = std::mem::take(&mut self.plan);
         plan.clear();
-        for (s, &words) in segments.iter().zip(&self.sizes) {
+        for s in segments {
+            let words = words_of(s);
             if let Some(open) = self.find_open(own, s) {
                 self.free.free(tail(open, words));
                 plan.push(Placement::InRegion { open, used: words });
@@ -309,9 +297,9 @@ impl Books {
             }
         }
         let mut complete = true;
-        for (p, &words) in plan.iter_mut().zip(&self.sizes) {
+        for (p, s) in plan.iter_mut().zip(segments) {
             if let Placement::Copied { to } = p {
-                let words = words.max(1);
+                let words = words_of(s).max(1);
                 match self.free.allocate(words, words) {
                     Some(e) => *to = e,
                     None => {
@@ -411,6 +399,17 @@ impl Books {
     }
 }
 
+/// The words of `segment`, a segment of a message that passed
+/// [`Books::check_fits`]: at most the data area's words, which fit a `u32`.
+fn words_of(segment: &[u8]) -> u32 {
+    let words = segment.len() / WORD_BYTES;
+    debug_assert!(u32::try_from(words).is_ok(), "check_fits let it through");
+    // Cannot truncate: checked against the data area (see above).
+    #[allow(clippy::cast_possible_truncation)]
+    let words = words as u32;
+    words
+}
+
 /// The words of open extent `open` after its first `used`.
 fn tail(open: Extent, used: u32) -> Extent {
     debug_assert!(used <= open.len);
@@ -501,10 +500,10 @@ impl<W: Word> SendSide<W> {
 
     // ---- the allocator's backend -------------------------------------------
 
-    /// Claims the end for this process, for a builder: `false` when this
-    /// process may not build in the region (its builders then use the heap,
-    /// and their send fails).
-    pub(crate) fn may_build(&self) -> bool {
+    /// Claims the end for this process: `false` when another process owns
+    /// it.
+    #[cfg(test)]
+    pub(crate) fn claim(&self) -> bool {
         self.link.enter().is_ok()
     }
 
