@@ -128,7 +128,7 @@ impl HalfOpen {
     fn finish(self) -> Result<Channel, SetupError> {
         let (hello, fd) = handshake::recv_hello(self.socket.as_fd(), self.deadline)?;
         let accept_unsealed = self.options.allow_unsealed_peer || !self.own.is_sealed();
-        let peer = handshake::map_peer_region(&hello, &fd, accept_unsealed)?;
+        let peer = handshake::map_peer_region(&hello, &fd, accept_unsealed, self.own.file_id())?;
         // `fd` closes here; the mapping keeps the peer's file alive.
         let link = Arc::new(Link::new(self.socket, self.own, peer, self.options));
         Ok(Channel {

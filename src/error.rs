@@ -679,6 +679,17 @@ pub enum ProtocolError {
     UnsealedRegion,
     /// The mapped control block disagrees with the hello.
     ControlBlockMismatch,
+    /// The peer's region is this end's own (the peer sent back our own
+    /// hello and descriptor: a loopback).
+    OwnRegion,
+    /// The peer's descriptor cannot be mapped read-only here (a file opened
+    /// write-only, a hugetlb file without huge pages, ...): the peer chose
+    /// a file this end cannot read. (`ENOMEM` may also mean this process is
+    /// out of address space.)
+    UnmappableRegion {
+        /// The error number `mmap` gave.
+        os_error: i32,
+    },
     /// Bytes arrived on the socket after the handshake.
     UnexpectedSocketData,
     /// The peer's `published` counter went backwards or past the ring capacity.
@@ -764,6 +775,12 @@ impl fmt::Display for ProtocolError {
                 f.write_str("peer region is unsealed and unsealed regions are not accepted")
             }
             ControlBlockMismatch => f.write_str("region control block disagrees with the hello"),
+            OwnRegion => f.write_str("the peer's region is this end's own region (a loopback)"),
+            UnmappableRegion { os_error } => write!(
+                f,
+                "the peer's region file cannot be mapped read-only: {}",
+                std::io::Error::from_raw_os_error(os_error)
+            ),
             UnexpectedSocketData => {
                 f.write_str("unexpected bytes on the socket after the handshake")
             }

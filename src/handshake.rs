@@ -138,12 +138,14 @@ pub(crate) fn recv_hello(
 }
 
 /// Checks the peer's descriptor against its hello and maps it read-only:
-/// a regular file of exactly the announced size, sealed as announced (or
-/// unsealed and accepted), whose control block repeats the hello.
+/// a regular file of exactly the announced size, not our own region
+/// (`own_file`), sealed as announced (or unsealed and accepted), mappable,
+/// whose control block repeats the hello.
 pub(crate) fn map_peer_region(
     hello: &Hello,
     fd: &OwnedFd,
     accept_unsealed: bool,
+    own_file: (u64, u64),
 ) -> Result<PeerRegion, SetupError> {
     // fstat first, for the most specific error. (On a regular file of a
     // FUSE mount that the peer serves, fstat could block past the set-up
@@ -159,6 +161,9 @@ pub(crate) fn map_peer_region(
         }
         .into());
     }
+    if kind.id == own_file {
+        return Err(ProtocolError::OwnRegion.into());
+    }
     if hello.sealed {
         let found = file::get_seals(fd.as_fd()).unwrap_or(0);
         // The exec seal may come on top: it does not affect reads or writes.
@@ -168,7 +173,11 @@ pub(crate) fn map_peer_region(
     } else if !accept_unsealed {
         return Err(ProtocolError::UnsealedRegion.into());
     }
-    let region = PeerRegion::map(fd, hello.geometry)?;
+    let region = PeerRegion::map(fd, hello.geometry).map_err(|e| match e.raw_os_error() {
+        // The peer chose the file: one we cannot map is its mistake.
+        Some(os_error) => SetupError::Protocol(ProtocolError::UnmappableRegion { os_error }),
+        None => SetupError::Io(e),
+    })?;
     let header = region.header();
     let flags = if hello.sealed { FLAG_SEALED } else { 0 };
     if header.magic.load(Ordering::Relaxed) != MAGIC

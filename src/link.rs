@@ -41,6 +41,10 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// The peer has closed its end or its process is gone (sticky: what the
     /// peer writes afterwards changes nothing).
     peer_closed: AtomicBool,
+    /// The peer's `published` counter as first seen after its close: the
+    /// messages delivered after the close end there, whatever it publishes
+    /// later. [`UNKNOWN`] before a close, and after a hang-up without one.
+    closed_at: AtomicU64,
     options: Options,
 }
 
@@ -53,6 +57,9 @@ struct Owner {
 }
 
 const NEVER: u64 = u64::MAX;
+
+/// `closed_at` holds no count.
+const UNKNOWN: u64 = u64::MAX;
 
 impl Owner {
     /// Claims the end for this process, or checks the claim: `Ok` when it
@@ -95,6 +102,7 @@ impl<W: Word> Link<W> {
             },
             failure: OnceLock::new(),
             peer_closed: AtomicBool::new(false),
+            closed_at: AtomicU64::new(UNKNOWN),
             options,
         }
     }
@@ -155,19 +163,40 @@ impl<W: Word> Link<W> {
     }
 
     /// Whether the peer has closed its end or its process is gone. Sticky:
-    /// once seen, it stays so.
+    /// once seen, it stays so, whatever the peer writes afterwards.
     pub(crate) fn peer_closed(&self) -> bool {
-        if self.peer_closed.load(Ordering::Relaxed) {
+        if self.has_seen_close() {
             return true;
         }
         if self.peer.closed().load() == 0 {
             return false;
         }
         // Acquire: pairs with the peer's Release store of `closed` after its
-        // last publish, so the caller's next take sees that publish.
+        // last publish, so that publish and its counter are visible now.
         W::fence(Ordering::Acquire);
+        let published = self.peer.published().load();
+        // Only the first observer records the count (both sides may look).
+        let _ = self.closed_at.compare_exchange(
+            UNKNOWN,
+            u64::from(published),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         self.peer_closed.store(true, Ordering::Relaxed);
         true
+    }
+
+    /// Whether this end has already seen the peer closed or gone (no load
+    /// of the peer's region).
+    #[inline]
+    pub(crate) fn has_seen_close(&self) -> bool {
+        self.peer_closed.load(Ordering::Relaxed)
+    }
+
+    /// The peer's message count at its close, when it closed (rather than
+    /// died): messages after it are not delivered.
+    pub(crate) fn closed_at(&self) -> Option<u32> {
+        u32::try_from(self.closed_at.load(Ordering::Relaxed)).ok()
     }
 
     /// The peer's `closed` word, for sleepers to wait on as well.

@@ -113,12 +113,14 @@ impl<W: Word> RecvSide<W> {
                 .map_err(|p| link.fail(Failure::Protocol(p)))
         };
         loop {
+            if link.has_seen_close() {
+                return self.drain(&state, take);
+            }
             if let Some(taken) = take()? {
                 return Ok(taken);
             }
             if link.peer_closed() {
-                // Everything published before `closed` is visible now.
-                return take()?.ok_or(Halt::Disconnected);
+                return self.drain(&state, take);
             }
             if let Deadline::Now = deadline {
                 state.waiter.poll_peer_if_due(link)?;
@@ -133,6 +135,25 @@ impl<W: Word> RecvSide<W> {
             };
             state.waiter.wait(link, &cond, deadline)?;
         }
+    }
+
+    /// After the peer closed or died: the next of the messages it published
+    /// before, or `Disconnected`. Everything published before `closed` is
+    /// visible by now; after a clean close, nothing published past the count
+    /// seen with it is delivered (a peer that reopens and publishes more
+    /// stays disconnected).
+    fn drain(
+        &self,
+        state: &RecvState,
+        take: impl FnOnce() -> Result<Option<Taken>, Failure>,
+    ) -> Result<Taken, Halt> {
+        if let Some(last) = self.link.closed_at() {
+            let left = last.wrapping_sub(state.descriptors.consumed());
+            if left == 0 || left > self.link.peer().geometry().ring_capacity {
+                return Err(Halt::Disconnected);
+            }
+        }
+        take()?.ok_or(Halt::Disconnected)
     }
 
     /// Whether a non-waiting receive would return something other than

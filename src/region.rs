@@ -199,6 +199,8 @@ fn memfd_unavailable(e: &io::Error) -> bool {
 pub(crate) struct OwnRegion<W = AtomicU32> {
     parts: Parts<W>,
     sealed: bool,
+    /// The file's (device, inode), to recognise it if a peer sends it back.
+    file_id: (u64, u64),
 }
 
 impl OwnRegion<AtomicU32> {
@@ -254,10 +256,12 @@ impl OwnRegion<AtomicU32> {
         // Our descriptor (if not sent) closes here; the mapping keeps the
         // file alive.
         let parts = Parts::mapped(map, geometry);
+        let file_id = file::fstat(peer_fd.as_fd())?.id;
         Ok((
             OwnRegion {
                 parts,
                 sealed: true,
+                file_id,
             },
             peer_fd,
         ))
@@ -267,10 +271,12 @@ impl OwnRegion<AtomicU32> {
         let (rw, ro) = file::create_shm_file(geometry.region_size)?;
         let map = Mapping::map(rw.as_fd(), region_len(geometry)?, true)?;
         let parts = Parts::mapped(map, geometry);
+        let file_id = file::fstat(ro.as_fd())?.id;
         Ok((
             OwnRegion {
                 parts,
                 sealed: false,
+                file_id,
             },
             ro,
         ))
@@ -287,6 +293,11 @@ impl<W: Word> OwnRegion<W> {
     /// Whether the region is a sealed memfd.
     pub(crate) fn is_sealed(&self) -> bool {
         self.sealed
+    }
+
+    /// The region file's (device, inode).
+    pub(crate) fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 
     pub(crate) fn geometry(&self) -> Geometry {
@@ -382,6 +393,10 @@ pub(crate) struct PeerRegion<W = AtomicU32> {
 impl PeerRegion<AtomicU32> {
     /// Maps the peer's region read-only. The caller has validated the file
     /// (regular, size equal to `geometry.region_size`) and the geometry.
+    ///
+    /// # Errors
+    ///
+    /// What `mmap` reports: for a file the peer chose, the peer's mistake.
     pub(crate) fn map(fd: &OwnedFd, geometry: Geometry) -> io::Result<PeerRegion> {
         let map = Mapping::map(fd.as_fd(), region_len(geometry)?, false)?;
         Ok(PeerRegion {
@@ -543,6 +558,7 @@ pub(crate) mod model {
             OwnRegion {
                 parts: parts(memory, geometry),
                 sealed: true,
+                file_id: (0, 0),
             },
             PeerRegion {
                 parts: parts(memory, geometry),

@@ -254,6 +254,16 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> OwnedFd {
     owned(cvt(ro).expect("open /proc/self/fd"))
 }
 
+/// A second open file description of the file behind `fd`, opened with
+/// `flags` (say `O_WRONLY`) through `/proc/self/fd`.
+pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> OwnedFd {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .expect("no NUL in a path made of digits");
+    // SAFETY: `path` is NUL-terminated; without O_CREAT no mode is read.
+    let new = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    owned(cvt(new).expect("open /proc/self/fd"))
+}
+
 /// A pipe: `(read end, write end)`. `pipe2(2)`
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [-1; 2];
