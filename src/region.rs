@@ -194,6 +194,14 @@ fn memfd_unavailable(e: &io::Error) -> bool {
     )
 }
 
+/// Read-only zero pages mapped after the peer's region: 1 MiB, the furthest
+/// a struct can reach from a start inside the region (a data section and a
+/// pointer section of at most 2^16 - 1 words each). capnp reads a struct
+/// pointer's sizes more than once; if a peer rewrites them in between, the
+/// slices capnp makes may run past the checked segment, and past the
+/// region's end they find these zeros instead of whatever mapping follows.
+pub(crate) const GUARD_BYTES: usize = 1 << 20;
+
 /// This end's outgoing region. Only this end's owner process writes it.
 #[derive(Debug)]
 pub(crate) struct OwnRegion<W = AtomicU32> {
@@ -398,7 +406,7 @@ impl PeerRegion<AtomicU32> {
     ///
     /// What `mmap` reports: for a file the peer chose, the peer's mistake.
     pub(crate) fn map(fd: &OwnedFd, geometry: Geometry) -> io::Result<PeerRegion> {
-        let map = Mapping::map(fd.as_fd(), region_len(geometry)?, false)?;
+        let map = Mapping::map_with_guard(fd.as_fd(), region_len(geometry)?, GUARD_BYTES)?;
         Ok(PeerRegion {
             parts: Parts::mapped(map, geometry),
         })

@@ -157,3 +157,73 @@ fn a_hugetlb_region_without_huge_pages_is_the_peers_fault() {
         );
     }
 }
+
+#[path = "../examples/bench/bench_capnp.rs"]
+#[allow(clippy::all, dead_code, missing_docs, unused)]
+mod bench_capnp;
+
+/// A struct pointer to the next word: kind 0, offset 0, `data` words of
+/// data and `pointers` pointers.
+fn struct_pointer(data: u16, pointers: u16) -> u64 {
+    (u64::from(data) << 32) | (u64::from(pointers) << 48)
+}
+
+/// A peer rewrites the root pointer of a message it sent, between the
+/// sizes capnp reads, while we read the message in place over and over.
+/// The message lies at the very end of the peer's region, so an inflated
+/// size reaches past it: every byte capnp hands out must lie in the peer's
+/// mapping or in the zero guard after it, never in our own memory, and
+/// nothing may fault.
+#[test]
+fn racing_rewrites_of_a_struct_pointer_read_zeros_never_our_memory() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(120));
+    let reader_options = capnp::message::ReaderOptions {
+        traversal_limit_in_words: None,
+        nesting_limit: 64,
+    };
+    let conn = Connected::new(&options().reader_options(reader_options), GEOMETRY);
+    let last = GEOMETRY.data_words() - 2;
+    let pointer_at = GEOMETRY.data_offset() + u64::from(last) * 8;
+    conn.mine.write_data(last, &struct_pointer(1, 0).to_le_bytes());
+    conn.mine.write_data(last + 1, &42u64.to_le_bytes());
+    conn.mine.write_descriptor(0, &peer::Descriptor::inline(0, 0, &[(last, 2)]));
+    conn.mine.publish(1);
+    let received = conn.channel.recv().unwrap();
+    let range = conn.channel.incoming_range();
+    let guard_end = range.end + (1 << 20);
+
+    // The racer flips the root pointer between an honest and a huge size,
+    // through its own copy of the shared mapping.
+    let racer = common::fork(|| {
+        common::die_with_parent();
+        loop {
+            conn.mine.map().store_u64(pointer_at, struct_pointer(0xffff, 0xffff));
+            conn.mine.map().store_u64(pointer_at, struct_pointer(1, 0));
+        }
+    });
+    let (mut reads, mut inflated, mut refused) = (0u64, 0u64, 0u64);
+    while reads < 200_000 {
+        reads += 1;
+        let Ok(root) = received.get_root::<bench_capnp::blob::Reader<'_>>() else {
+            refused += 1;
+            continue;
+        };
+        let data = capnp::raw::get_struct_data_section(root);
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        assert!(
+            start >= range.start && end <= guard_end,
+            "a slice {start:#x}..{end:#x} outside the peer's region and guard {:#x}..{guard_end:#x}",
+            range.start
+        );
+        if end > range.end {
+            inflated += 1;
+            // Past the region's end: the guard's zeros.
+            let past = &data[range.end - start..];
+            assert!(past.iter().all(|&b| b == 0), "the guard was not zeros");
+        }
+    }
+    racer.kill();
+    racer.wait();
+    eprintln!("{reads} reads: {inflated} inflated past the region into the guard, {refused} refused by capnp");
+}

@@ -184,3 +184,11 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// In a forked child: have the kernel kill this process when its parent
+/// dies, so a child that loops until killed never outlives a test that
+/// crashed. `prctl(2)`, `PR_SET_PDEATHSIG`
+pub fn die_with_parent() {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory is passed.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
