@@ -475,7 +475,7 @@ impl Receiver {
     pub fn recv(&self) -> Result<Received<'_>, RecvError> {
         loop {
             return match self.side.recv(Deadline::Never) {
-                Ok(taken) => Ok(Received::new(&self.side, taken)),
+                Ok(taken) => Received::new(&self.side, taken).map_err(RecvError::Failed),
                 // Without a deadline a receive never expires; wait again.
                 Err(Halt::Expired) => continue,
                 Err(Halt::Failed(f)) => Err(RecvError::Failed(f)),
@@ -492,7 +492,7 @@ impl Receiver {
     /// [`recv`](Receiver::recv).
     pub fn try_recv(&self) -> Result<Received<'_>, TryRecvError> {
         match self.side.recv(Deadline::Now) {
-            Ok(taken) => Ok(Received::new(&self.side, taken)),
+            Ok(taken) => Received::new(&self.side, taken).map_err(TryRecvError::Failed),
             Err(Halt::Expired) => Err(TryRecvError::Empty),
             Err(Halt::Failed(f)) => Err(TryRecvError::Failed(f)),
             Err(Halt::Disconnected) => Err(TryRecvError::Disconnected),
@@ -507,7 +507,7 @@ impl Receiver {
     /// of [`recv`](Receiver::recv).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Received<'_>, RecvTimeoutError> {
         match self.side.recv(Deadline::after(timeout)) {
-            Ok(taken) => Ok(Received::new(&self.side, taken)),
+            Ok(taken) => Received::new(&self.side, taken).map_err(RecvTimeoutError::Failed),
             Err(Halt::Expired) => Err(RecvTimeoutError::Timeout),
             Err(Halt::Failed(f)) => Err(RecvTimeoutError::Failed(f)),
             Err(Halt::Disconnected) => Err(RecvTimeoutError::Disconnected),

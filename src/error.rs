@@ -726,6 +726,16 @@ pub enum ProtocolError {
         /// Words in the data area.
         data_words: u32,
     },
+    /// In copy mode, a message larger than the reader's traversal limit
+    /// (`Options::reader_options`): it could not be read, and copying it
+    /// would cost what the limit is there to prevent. It is released
+    /// uncopied.
+    ExceedsReadLimit {
+        /// Words in the message.
+        words: u64,
+        /// The traversal limit, in words.
+        limit: u64,
+    },
     /// The peer's `consumed` counter went backwards or past what was sent.
     ConsumedOutOfRange {
         /// The counter the peer published.
@@ -802,6 +812,13 @@ impl fmt::Display for ProtocolError {
             SegmentsExceedArea { words, data_words } => write!(
                 f,
                 "segments total {words} words, more than the {data_words}-word data area"
+            ),
+            ExceedsReadLimit { words, limit } => write!(
+                f,
+                "a message of {} bytes to copy, over the reader's traversal limit of {} bytes \
+                 (raise the receiver's Options::reader_options)",
+                words.saturating_mul(8),
+                limit.saturating_mul(8)
             ),
             ConsumedOutOfRange { consumed } => {
                 write!(f, "consumed counter {consumed} out of range")

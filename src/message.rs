@@ -3,10 +3,11 @@
 
 use std::fmt;
 
-use capnp::message::{Reader, ReaderSegments};
+use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 use capnp::traits::FromPointerReader;
 use capnp::Word;
 
+use crate::error::{Failure, ProtocolError};
 use crate::recv::RecvSide;
 use crate::ring::{SegmentTable, Taken};
 
@@ -37,16 +38,22 @@ pub struct Received<'c> {
 impl<'c> Received<'c> {
     /// The message `taken` from `side`'s peer: read in place, or copied
     /// (and released at once) when the options say so.
-    pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Received<'c> {
+    ///
+    /// # Errors
+    ///
+    /// In copy mode, a message over the reader's traversal limit, or one
+    /// whose copy cannot be allocated: the message is released uncopied and
+    /// the end fails.
+    pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Result<Received<'c>, Failure> {
         let options = side.link().options();
         let segments = if options.copy_received {
-            Segments::copied(side, &taken)
+            Segments::copied(side, &taken, options.reader_options)?
         } else {
             Segments::in_place(side, &taken)
         };
-        Received {
+        Ok(Received {
             reader: Reader::new(segments, options.reader_options),
-        }
+        })
     }
 
     /// Gets the root of the message as the given type.
@@ -134,12 +141,41 @@ impl<'c> Segments<'c> {
 
     /// Copies the segments of `taken` out of the peer's region; the message
     /// is released at once (the copy no longer needs the shared words).
-    fn copied(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
+    /// What the copy may cost is bounded before anything is allocated: no
+    /// more than the reader may read, allocated fallibly.
+    fn copied(
+        side: &'c RecvSide,
+        taken: &Taken,
+        limits: ReaderOptions,
+    ) -> Result<Segments<'c>, Failure> {
         let table: &SegmentTable = &taken.table;
         let peer = side.link().peer();
-        // At most the peer's data area (validated), which fits in memory.
-        let total = usize::try_from(table.words()).unwrap_or(0);
-        let mut words = Word::allocate_zeroed_vec(total);
+        let refuse = |failure: Failure| {
+            side.release(taken.slot, taken.seq);
+            side.link().fail(failure)
+        };
+        let total = table.words();
+        if let Some(limit) = limits.traversal_limit_in_words {
+            let limit = limit as u64;
+            if total > limit {
+                return Err(refuse(Failure::Protocol(ProtocolError::ExceedsReadLimit {
+                    words: total,
+                    limit,
+                })));
+            }
+        }
+        // At most the peer's data area (validated), mapped here, so it
+        // fits usize.
+        let total = usize::try_from(total).unwrap_or(usize::MAX);
+        let mut words: Vec<Word> = Vec::new();
+        if let Err(e) = words.try_reserve_exact(total) {
+            let why = format!("copying a received message of {total} words: {e}");
+            return Err(refuse(Failure::Io(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                why,
+            ))));
+        }
+        words.resize(total, capnp::word(0, 0, 0, 0, 0, 0, 0, 0));
         let mut ends = Vec::with_capacity(table.len() as usize);
         let bytes = Word::words_to_bytes_mut(&mut words);
         let mut at = 0;
@@ -157,11 +193,11 @@ impl<'c> Segments<'c> {
             ends.push(at);
         }
         side.release(taken.slot, taken.seq);
-        Segments {
+        Ok(Segments {
             side,
             body: Body::Copied { words, ends },
             release: None,
-        }
+        })
     }
 }
 

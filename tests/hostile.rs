@@ -8,7 +8,7 @@ mod peer;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use capnp_shm::{Options, ProtocolError, RecvError, SendError, SetupError, TryRecvError};
+use capnp_shm::{Failure, Options, ProtocolError, RecvError, SendError, SetupError, TryRecvError};
 use common::Watchdog;
 use peer::{counter, Connected, Geometry, HandPeer, Region};
 
@@ -42,7 +42,8 @@ fn text_of(received: &capnp_shm::Received<'_>) -> String {
 fn a_close_is_sticky_whatever_the_peer_writes_afterwards() {
     let _w = Watchdog::new(LIMIT);
     let conn = Connected::new(&options(), GEOMETRY);
-    conn.mine.write_message(0, 0, 0, &text_segments("before the close"));
+    conn.mine
+        .write_message(0, 0, 0, &text_segments("before the close"));
     conn.mine.publish(1);
     conn.mine.set_counter(counter::CLOSED, 1);
     // Published before the close: delivered.
@@ -51,12 +52,18 @@ fn a_close_is_sticky_whatever_the_peer_writes_afterwards() {
 
     // The peer reopens and publishes again.
     conn.mine.set_counter(counter::CLOSED, 0);
-    conn.mine.write_message(1, 1, 16, &text_segments("after the close"));
+    conn.mine
+        .write_message(1, 1, 16, &text_segments("after the close"));
     conn.mine.publish(2);
     assert!(matches!(conn.channel.recv(), Err(RecvError::Disconnected)));
-    assert!(matches!(conn.channel.try_recv(), Err(TryRecvError::Disconnected)));
+    assert!(matches!(
+        conn.channel.try_recv(),
+        Err(TryRecvError::Disconnected)
+    ));
     let mut message = conn.channel.message();
-    message.set_root(capnp::text::Reader::from("to a closed peer")).unwrap();
+    message
+        .set_root(capnp::text::Reader::from("to a closed peer"))
+        .unwrap();
     assert!(matches!(
         conn.channel.send(message),
         Err(SendError::Disconnected(_))
@@ -81,9 +88,13 @@ fn a_close_seen_by_a_send_is_sticky_for_receives_too() {
         Err(SendError::Disconnected(_))
     ));
     conn.mine.set_counter(counter::CLOSED, 0);
-    conn.mine.write_message(0, 0, 0, &text_segments("after the close"));
+    conn.mine
+        .write_message(0, 0, 0, &text_segments("after the close"));
     conn.mine.publish(1);
-    assert!(matches!(conn.channel.try_recv(), Err(TryRecvError::Disconnected)));
+    assert!(matches!(
+        conn.channel.try_recv(),
+        Err(TryRecvError::Disconnected)
+    ));
 }
 
 /// The set-up error when the hand peer answers with `hello` and `fd`.
@@ -152,14 +163,17 @@ fn a_hugetlb_region_without_huge_pages_is_the_peers_fault() {
         );
     } else {
         assert!(
-            matches!(error, SetupError::Protocol(ProtocolError::ControlBlockMismatch)),
+            matches!(
+                error,
+                SetupError::Protocol(ProtocolError::ControlBlockMismatch)
+            ),
             "{error:?}"
         );
     }
 }
 
 #[path = "../examples/bench/bench_capnp.rs"]
-#[allow(clippy::all, dead_code, missing_docs, unused)]
+#[allow(clippy::all, dead_code, missing_docs, missing_debug_implementations, unused)]
 mod bench_capnp;
 
 /// A struct pointer to the next word: kind 0, offset 0, `data` words of
@@ -185,9 +199,11 @@ fn racing_rewrites_of_a_struct_pointer_read_zeros_never_our_memory() {
     let conn = Connected::new(&options().reader_options(reader_options), GEOMETRY);
     let last = GEOMETRY.data_words() - 2;
     let pointer_at = GEOMETRY.data_offset() + u64::from(last) * 8;
-    conn.mine.write_data(last, &struct_pointer(1, 0).to_le_bytes());
+    conn.mine
+        .write_data(last, &struct_pointer(1, 0).to_le_bytes());
     conn.mine.write_data(last + 1, &42u64.to_le_bytes());
-    conn.mine.write_descriptor(0, &peer::Descriptor::inline(0, 0, &[(last, 2)]));
+    conn.mine
+        .write_descriptor(0, &peer::Descriptor::inline(0, 0, &[(last, 2)]));
     conn.mine.publish(1);
     let received = conn.channel.recv().unwrap();
     let range = conn.channel.incoming_range();
@@ -198,7 +214,9 @@ fn racing_rewrites_of_a_struct_pointer_read_zeros_never_our_memory() {
     let racer = common::fork(|| {
         common::die_with_parent();
         loop {
-            conn.mine.map().store_u64(pointer_at, struct_pointer(0xffff, 0xffff));
+            conn.mine
+                .map()
+                .store_u64(pointer_at, struct_pointer(0xffff, 0xffff));
             conn.mine.map().store_u64(pointer_at, struct_pointer(1, 0));
         }
     });
@@ -226,4 +244,85 @@ fn racing_rewrites_of_a_struct_pointer_read_zeros_never_our_memory() {
     racer.kill();
     racer.wait();
     eprintln!("{reads} reads: {inflated} inflated past the region into the guard, {refused} refused by capnp");
+}
+
+/// A sealed, sparse 512 MiB region and one descriptor whose single segment
+/// spans its whole data area: in copy mode, the message is refused before
+/// anything is copied, because it exceeds what the reader may read.
+#[test]
+fn copy_mode_refuses_a_message_over_the_read_limit_before_copying() {
+    let _w = Watchdog::new(LIMIT);
+    let huge = Geometry::new(512 << 20, 4);
+    let conn = Connected::new(&options().copy_received(true), huge);
+    conn.mine.write_descriptor(
+        0,
+        &peer::Descriptor::inline(0, 0, &[(0, huge.data_words())]),
+    );
+    conn.mine.publish(1);
+    let expected = |e: &TryRecvError| {
+        matches!(
+            e,
+            TryRecvError::Failed(Failure::Protocol(ProtocolError::ExceedsReadLimit { words, limit }))
+                if *words == u64::from(huge.data_words()) && *limit == 8 << 20
+        )
+    };
+    let e = conn.channel.try_recv().unwrap_err();
+    assert!(expected(&e), "{e:?}");
+    let e = conn.channel.try_recv().unwrap_err();
+    assert!(expected(&e), "not sticky: {e:?}");
+    // Released uncopied, and the close announced.
+    assert_eq!(conn.their_counter(counter::RELEASED), 1);
+    assert_eq!(conn.their_counter(counter::CLOSED), 1);
+}
+
+/// The same message with no read limit, in a process whose address space
+/// cannot hold a copy: a specific error, not an abort.
+#[test]
+fn copy_mode_reports_a_copy_it_cannot_allocate() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    let child = common::fork(|| {
+        let unlimited = capnp::message::ReaderOptions {
+            traversal_limit_in_words: None,
+            nesting_limit: 64,
+        };
+        let huge = Geometry::new(512 << 20, 4);
+        let conn = Connected::new(
+            &options().copy_received(true).reader_options(unlimited),
+            huge,
+        );
+        conn.mine.write_descriptor(
+            0,
+            &peer::Descriptor::inline(0, 0, &[(0, huge.data_words())]),
+        );
+        conn.mine.publish(1);
+        // Room for 128 MiB more than now: not for a 512 MiB copy.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap();
+        let limit = libc::rlimit {
+            rlim_cur: (vm_kb << 10) + (128 << 20),
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        common::set_address_space_limit(&limit);
+        let code = match conn.channel.try_recv() {
+            Err(TryRecvError::Failed(Failure::Io(e)))
+                if e.kind() == std::io::ErrorKind::OutOfMemory =>
+            {
+                0
+            }
+            other => {
+                eprintln!(
+                    "expected an out-of-memory failure, got {:?}",
+                    other.map(|_| ())
+                );
+                1
+            }
+        };
+        code
+    });
+    assert_eq!(child.wait(), 0, "the child aborted or got another error");
 }

@@ -114,8 +114,8 @@ impl Mapping {
             unsafe { libc::munmap(base, reserved) };
             return Err(e);
         }
-        let ptr =
-            NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = NonNull::new(base.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Mapping { ptr, len, reserved })
     }
 

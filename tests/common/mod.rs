@@ -192,3 +192,10 @@ pub fn die_with_parent() {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory is passed.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
 }
+
+/// Limits this process's address space. `setrlimit(2)`, `RLIMIT_AS`
+pub fn set_address_space_limit(limit: &libc::rlimit) {
+    // SAFETY: `limit` is a valid rlimit for the call.
+    let r = unsafe { libc::setrlimit(libc::RLIMIT_AS, limit) };
+    assert_eq!(r, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
