@@ -25,6 +25,7 @@ use crate::options::Options;
 use crate::recv::RecvSide;
 use crate::region::OwnRegion;
 use crate::send::SendSide;
+use crate::stats::{RecvStats, SendStats, Stats};
 use crate::sys::process;
 
 /// A message being built in a channel's outgoing region; see
@@ -338,6 +339,17 @@ impl Channel {
         self.tx.spilled_segments()
     }
 
+    /// What this end has sent and received, and what each side holds: the
+    /// counters of [`Sender::stats`] and [`Receiver::stats`]. A send that
+    /// waits, or times out, while `send.held_by_peer` is at
+    /// `send.held_limit` is waiting for the peer to drop messages.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            send: self.tx.stats(),
+            recv: self.rx.stats(),
+        }
+    }
+
     /// See [`Receiver::incoming_range`].
     pub fn incoming_range(&self) -> std::ops::Range<usize> {
         self.rx.incoming_range()
@@ -459,7 +471,28 @@ impl Sender {
     /// How many segments were built on the heap because the region was full
     /// at the time, and copied in at send. Zero in a well-sized channel.
     pub fn spilled_segments(&self) -> u64 {
-        self.side.spilled()
+        self.side.stats().spilled_segments
+    }
+
+    /// What this half has sent, and what the peer holds of it: a send that
+    /// waits while `held_by_peer` is at `held_limit` waits for the peer to
+    /// drop messages; one that waits with room left in the ring waits for
+    /// region space (`free_bytes`).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = capnp_shm::Channel::pair()?;
+    /// let mut m = a.message();
+    /// m.set_root(capnp::text::Reader::from("held"))?;
+    /// a.send(m).map_err(|e| e.into_error())?;
+    /// let held = b.recv()?;
+    /// let stats = a.sender().stats();
+    /// assert_eq!((stats.messages, stats.held_by_peer), (1, 1));
+    /// drop(held);
+    /// # Ok(()) }
+    /// ```
+    pub fn stats(&self) -> SendStats {
+        self.side.stats()
     }
 }
 
@@ -515,9 +548,16 @@ impl Receiver {
     }
 
     /// The address range of the peer's region as mapped here. Received
-    /// segments read in place lie inside it.
+    /// segments read in place lie inside it. (It is followed by 1 MiB of
+    /// read-only zero pages; see the README's trust model.)
     pub fn incoming_range(&self) -> std::ops::Range<usize> {
         self.side.link().peer().address_range()
+    }
+
+    /// What this half has received, and how many received messages it
+    /// still holds.
+    pub fn stats(&self) -> RecvStats {
+        self.side.stats()
     }
 
     pub(crate) fn side(&self) -> &RecvSide {
@@ -577,8 +617,7 @@ impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel")
             .field("link", self.tx.side.link())
-            .field("in_flight", &self.tx.side.in_flight())
-            .field("received", &self.rx.side.received())
+            .field("stats", &self.stats())
             .finish()
     }
 }
@@ -587,7 +626,7 @@ impl fmt::Debug for Sender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
             .field("link", self.side.link())
-            .field("in_flight", &self.side.in_flight())
+            .field("stats", &self.side.stats())
             .finish()
     }
 }
@@ -596,7 +635,7 @@ impl fmt::Debug for Receiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Receiver")
             .field("link", self.side.link())
-            .field("received", &self.side.received())
+            .field("stats", &self.side.stats())
             .finish()
     }
 }

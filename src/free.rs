@@ -36,7 +36,6 @@ impl FreeList {
     }
 
     /// Total free words.
-    #[cfg(test)]
     pub(crate) fn free_words(&self) -> u64 {
         self.free_words
     }

@@ -125,6 +125,7 @@ mod select;
 mod send;
 mod spawn;
 mod spin;
+mod stats;
 mod sys;
 mod wait;
 mod wake;
@@ -142,6 +143,7 @@ pub use message::{Received, Segments};
 pub use options::{Backing, Options};
 pub use select::{wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
+pub use stats::{RecvStats, SendStats, Stats};
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the
 /// validators that read what a peer wrote, without processes or memory maps.

@@ -20,6 +20,11 @@ pub enum Backing {
 /// Settings for one end of a channel. Each end chooses its own: the region
 /// size and ring capacity describe the region this end *sends* through.
 ///
+/// Messages a receiver holds (has not dropped yet) occupy the *sender's*
+/// region and ring: the sender waits once the receiver holds as many as the
+/// smaller of the two [`ring_capacity`](Options::ring_capacity)s, or once
+/// they fill its [`region_size`](Options::region_size).
+///
 /// ```
 /// use std::time::Duration;
 /// let options = capnp_shm::Options::new()
@@ -78,6 +83,15 @@ impl Options {
 
     /// How many messages may be in flight (sent and not yet released by the
     /// peer), rounded up to a power of two, at most 65 536.
+    ///
+    /// The limit in force is the *smaller* of the two ends' capacities: a
+    /// receiver that keeps more received messages than that (not dropped)
+    /// makes the sender wait, until it drops one. To hold many messages,
+    /// raise this on **both** ends. [`SendStats::held_by_peer`] and
+    /// [`SendStats::held_limit`](crate::SendStats::held_limit) show it
+    /// (`Sender::stats`).
+    ///
+    /// [`SendStats::held_by_peer`]: crate::SendStats::held_by_peer
     pub fn ring_capacity(mut self, messages: u32) -> Options {
         self.ring_capacity = messages;
         self

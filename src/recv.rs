@@ -1,14 +1,16 @@
 //! The receiving side of one end: taking the peer's messages, the receive
 //! loop, and releasing what was read.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt};
+use crate::layout::{AWAKE, WORD};
 use crate::link::Link;
 use crate::ring::{DescriptorConsumer, ReleaseProducer, Taken};
+use crate::stats::RecvStats;
 use crate::wait::{Condition, Waiter};
 use crate::wake;
 use crate::word::{Mine, Theirs, Word};
@@ -31,6 +33,12 @@ pub(crate) struct RecvState {
     descriptors: DescriptorConsumer,
     releases: ReleaseProducer,
     waiter: Waiter,
+    /// Messages and bytes taken, messages taken and not yet released, and
+    /// wakes sent to a sender waiting for room.
+    messages: Cell<u64>,
+    bytes: Cell<u64>,
+    held: Cell<u32>,
+    wakes: Cell<u64>,
 }
 
 /// What a waiting receiver waits for: the peer's next message.
@@ -71,6 +79,10 @@ impl<W: Word> RecvSide<W> {
                 descriptors: DescriptorConsumer::new(start),
                 releases: ReleaseProducer::new(start),
                 waiter,
+                messages: Cell::new(0),
+                bytes: Cell::new(0),
+                held: Cell::new(0),
+                wakes: Cell::new(0),
             }),
         }
     }
@@ -90,9 +102,16 @@ impl<W: Word> RecvSide<W> {
         f(&state.waiter, &cond)
     }
 
-    /// Messages taken from the peer so far (wrapping).
-    pub(crate) fn received(&self) -> u32 {
-        self.state.borrow().descriptors.consumed()
+    /// The side's counters.
+    pub(crate) fn stats(&self) -> RecvStats {
+        let state = self.state.borrow();
+        RecvStats {
+            messages: state.messages.get(),
+            bytes: state.bytes.get(),
+            sleeps: state.waiter.sleeps(),
+            wakes: state.wakes.get(),
+            held: state.held.get(),
+        }
     }
 
     /// Takes the next message the peer published, waiting until `deadline`.
@@ -107,10 +126,16 @@ impl<W: Word> RecvSide<W> {
         let state = self.state.borrow();
         let take = || -> Result<Option<Taken>, Failure> {
             link.enter()?;
-            state
+            let taken = state
                 .descriptors
                 .take(link.peer(), link.own())
-                .map_err(|p| link.fail(Failure::Protocol(p)))
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+            if let Some(t) = &taken {
+                state.messages.set(state.messages.get() + 1);
+                state.bytes.set(state.bytes.get() + t.table.words() * WORD);
+                state.held.set(state.held.get() + 1);
+            }
+            Ok(taken)
         };
         loop {
             if link.has_seen_close() {
@@ -182,10 +207,12 @@ impl<W: Word> RecvSide<W> {
         let own = link.own();
         let state = self.state.borrow();
         state.releases.release(own, slot, seq);
-        wake::wake_peer(
+        let how = wake::wake_peer(
             || state.releases.store_count(own),
             own.released(),
             link.peer().tx_sleeping(),
         );
+        state.held.set(state.held.get().saturating_sub(1));
+        state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }
 }

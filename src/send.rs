@@ -35,10 +35,11 @@ use std::sync::Arc;
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::free::FreeList;
-use crate::layout::{Geometry, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD, WORD_BYTES};
+use crate::layout::{Geometry, AWAKE, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD, WORD_BYTES};
 use crate::link::Link;
 use crate::region::{Extent, OwnRegion, PeerRegion};
 use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer};
+use crate::stats::SendStats;
 use crate::wait::{Condition, Waiter};
 use crate::wake;
 use crate::word::{Mine, Theirs, Word};
@@ -89,6 +90,8 @@ struct Books {
     /// Messages sent and not yet released: `max_in_flight` minus the free
     /// slots.
     in_flight: u32,
+    /// Words the messages in flight occupy.
+    in_flight_words: u64,
     /// Scratch for `try_publish`, kept to reuse its allocation.
     plan: Vec<Placement>,
     descriptors: DescriptorProducer,
@@ -114,6 +117,7 @@ impl Books {
             // Popped from the back: slot 0 first.
             free_slots: (0..cap).rev().collect(),
             in_flight: 0,
+            in_flight_words: 0,
             plan: Vec::with_capacity(1),
             descriptors: DescriptorProducer::new(start),
             releases: ReleaseConsumer::new(start),
@@ -194,6 +198,7 @@ impl Books {
         let published = self.descriptors.published();
         let (slots, free, free_slots) = (&mut self.slots, &mut self.free, &mut self.free_slots);
         let count = &mut self.in_flight;
+        let words = &mut self.in_flight_words;
         self.releases
             .reclaim(peer, published, in_flight, |Release { slot, seq }| {
                 let bad = ProtocolError::BadRelease { slot, seq };
@@ -202,6 +207,7 @@ impl Books {
                     return Err(bad);
                 }
                 for e in s.extents.drain(..) {
+                    *words -= u64::from(e.len);
                     // SAFETY: the extent belonged to message `seq`, in flight
                     // in this slot, which the peer has released (validated:
                     // consumed, and this slot holds it): the peer no longer
@@ -383,6 +389,7 @@ impl Books {
         }
         self.plan = plan;
         let s = &mut self.slots[index];
+        self.in_flight_words += extents.iter().map(|e| u64::from(e.len)).sum::<u64>();
         s.extents = extents;
         s.seq = seq;
         s.in_flight = true;
@@ -438,6 +445,10 @@ pub(crate) struct SendState {
     sends: u32,
     /// Segments the allocator had to take from the heap (region full).
     spilled: u64,
+    /// Messages and bytes sent, and wakes sent to a sleeping receiver.
+    messages: u64,
+    bytes: u64,
+    wakes: u64,
 }
 
 /// What a blocked sender waits for: the peer's `released` counter moving
@@ -479,6 +490,9 @@ impl<W: Word> SendSide<W> {
                 waiter,
                 sends: 0,
                 spilled: 0,
+                messages: 0,
+                bytes: 0,
+                wakes: 0,
             }),
             link,
         }
@@ -488,14 +502,31 @@ impl<W: Word> SendSide<W> {
         &self.link
     }
 
-    /// Segments built on the heap because the region was full.
-    pub(crate) fn spilled(&self) -> u64 {
-        self.state.try_borrow().map_or(0, |s| s.spilled)
-    }
-
-    /// Messages sent and not yet released by the peer.
-    pub(crate) fn in_flight(&self) -> Option<u32> {
-        self.state.try_borrow().ok().map(|s| s.books.in_flight())
+    /// The side's counters.
+    pub(crate) fn stats(&self) -> SendStats {
+        let Ok(mut state) = self.state.try_borrow_mut() else {
+            return SendStats::default();
+        };
+        // Read the releases that came since the last send, so that what the
+        // peer holds is current (only the owner may reclaim).
+        let link = &self.link;
+        if link.owned_here() && link.enter().is_ok() {
+            if let Err(p) = state.books.reclaim(link.own(), link.peer()) {
+                link.fail(Failure::Protocol(p));
+            }
+        }
+        let books = &state.books;
+        SendStats {
+            messages: state.messages,
+            bytes: state.bytes,
+            spilled_segments: state.spilled,
+            sleeps: state.waiter.sleeps(),
+            wakes: state.wakes,
+            held_by_peer: books.in_flight(),
+            held_by_peer_bytes: books.in_flight_words * WORD,
+            held_limit: books.max_in_flight,
+            free_bytes: books.free.free_words() * WORD,
+        }
     }
 
     // ---- the allocator's backend -------------------------------------------
@@ -605,6 +636,9 @@ impl<W: Word> SendSide<W> {
         if how == SLEEPING_ON_SOCKET {
             link.ring_doorbell();
         }
+        state.messages += 1;
+        state.bytes += segments.iter().map(|s| s.len() as u64).sum::<u64>();
+        state.wakes += u64::from(how != AWAKE);
         Ok(())
     }
 }

@@ -62,6 +62,8 @@ pub(crate) struct Waiter {
     spin: SpinBudget,
     slice: Duration,
     last_poll: Cell<Option<Instant>>,
+    /// Waits that slept in the kernel.
+    sleeps: Cell<u64>,
 }
 
 impl Waiter {
@@ -70,7 +72,13 @@ impl Waiter {
             spin: SpinBudget::new(spin),
             slice,
             last_poll: Cell::new(None),
+            sleeps: Cell::new(0),
         }
+    }
+
+    /// Waits that slept in the kernel so far.
+    pub(crate) fn sleeps(&self) -> u64 {
+        self.sleeps.get()
     }
 
     /// The longest single sleep.
@@ -109,6 +117,7 @@ impl Waiter {
         if flag_early {
             withdraw(cond.flag());
         }
+        self.sleeps.set(self.sleeps.get() + 1);
         let slept = sleep(cond.counter().futex(), seen, link.peer_closed_word(), slice);
         if !flag_early {
             withdraw(cond.flag());

@@ -1,0 +1,58 @@
+//! Counters of what an end has done and what it holds: plain numbers the
+//! sides keep as they go, cheap enough to keep on always.
+
+/// The sending half's counters; see [`Sender::stats`](crate::Sender::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SendStats {
+    /// Messages sent.
+    pub messages: u64,
+    /// Bytes of those messages (their segments, as capnp wrote them).
+    pub bytes: u64,
+    /// Segments built on the heap because the region was full at the time,
+    /// and copied in at send.
+    pub spilled_segments: u64,
+    /// Sends that had to sleep in the kernel, waiting for the peer to
+    /// release something.
+    pub sleeps: u64,
+    /// Wake-ups sent to a peer that slept waiting for a message.
+    pub wakes: u64,
+    /// Messages the peer holds: sent and not yet released (read as of the
+    /// last send or allocation).
+    pub held_by_peer: u32,
+    /// Bytes of the region those messages occupy.
+    pub held_by_peer_bytes: u64,
+    /// The most messages the peer may hold before a send waits: the smaller
+    /// of the two ends' ring capacities.
+    pub held_limit: u32,
+    /// Free bytes in the outgoing region's data area.
+    pub free_bytes: u64,
+}
+
+/// The receiving half's counters; see
+/// [`Receiver::stats`](crate::Receiver::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecvStats {
+    /// Messages received.
+    pub messages: u64,
+    /// Bytes of those messages.
+    pub bytes: u64,
+    /// Receives that had to sleep in the kernel, waiting for a message.
+    pub sleeps: u64,
+    /// Wake-ups sent to a peer that slept waiting for room.
+    pub wakes: u64,
+    /// Received messages not yet dropped (each pins its space in the peer's
+    /// region: beyond the peer's `held_limit`, its sends wait).
+    pub held: u32,
+}
+
+/// Both halves' counters; see [`Channel::stats`](crate::Channel::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// What this end sent.
+    pub send: SendStats,
+    /// What this end received.
+    pub recv: RecvStats,
+}
