@@ -17,7 +17,7 @@ use crate::error::{
     Error, Halt, InvalidOptions, RecvError, RecvTimeoutError, SendError, SendHalt,
     SendTimeoutError, SetupError, TryRecvError, TrySendError,
 };
-use crate::handshake::{self, Hello};
+use crate::handshake::{self, Hello, SetupDeadline};
 use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
 use crate::link::Link;
 use crate::message::Received;
@@ -103,12 +103,12 @@ struct HalfOpen {
     socket: OwnedFd,
     own: OwnRegion,
     options: Options,
-    deadline: Deadline,
+    deadline: SetupDeadline,
 }
 
 impl HalfOpen {
     fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, SetupError> {
-        let deadline = Deadline::after(options.setup_timeout);
+        let deadline = SetupDeadline::after(options.setup_timeout);
         let geometry = geometry_for(options)?;
         process::watch_forks()?;
         let socket = OwnedFd::from(stream);
@@ -196,6 +196,7 @@ impl Channel {
     /// # Errors
     ///
     /// [`SetupError::Timeout`] when the peer stays silent,
+    /// [`SetupError::Disconnected`] when it goes away first,
     /// [`SetupError::Protocol`] when its hello or region is unacceptable,
     /// [`SetupError::Io`] when the OS refuses.
     pub fn from_stream(stream: UnixStream) -> Result<Channel, SetupError> {

@@ -8,8 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::channel::Channel;
-use crate::deadline::Deadline;
 use crate::error::SetupError;
+use crate::handshake::SetupDeadline;
 use crate::options::Options;
 use crate::sys;
 use crate::sys::socket::{self, UnixAddr};
@@ -147,21 +147,22 @@ impl ListenerOptions {
         if !is_socket {
             return Err(hint("exists and is not a socket"));
         }
-        if !self.replace_stale {
-            return Err(hint(
-                "a socket file is in the way (left by a crashed server? \
-                 ListenerOptions::replace_stale removes it if nothing listens)",
-            ));
-        }
-        // A probe connection: a live server sees it come and go (its
-        // `accept` then fails for that one connection, which a server
-        // should shrug off). Non-blocking, so a full backlog reads as live.
+        // A probe connection tells a live server from a stale file: a live
+        // server sees it come and go (one connection that never says
+        // hello). Non-blocking, so a full backlog reads as live.
         match socket::connect_unix_nowait(UnixAddr::Path(path)) {
             Ok(_) => Err(hint("another server is listening there")),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                Err(hint("another server is listening there"))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(hint(
+                "another server is listening there (its queue is full)",
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if !self.replace_stale {
+                    return Err(hint(
+                        "a stale socket file is in the way (nothing listens on it: left by a \
+                         server that exited without removing it); \
+                         ListenerOptions::replace_stale removes it",
+                    ));
+                }
                 std::fs::remove_file(path)?;
                 Ok(())
             }
@@ -291,15 +292,23 @@ impl Drop for Listener {
 /// deadline. The socket stays non-blocking; the channel only ever uses it
 /// with `poll` and `MSG_DONTWAIT`.
 fn connect_bounded(addr: UnixAddr<'_>, options: &Options) -> Result<OwnedFd, SetupError> {
-    let deadline = Deadline::after(options.setup_timeout);
+    let deadline = SetupDeadline::after(options.setup_timeout);
     loop {
         match socket::connect_unix_nowait(addr) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let left = deadline.remaining().ok_or(SetupError::Timeout)?;
+                let left = deadline.remaining()?;
                 std::thread::sleep(left.min(std::time::Duration::from_millis(1)));
             }
-            Err(e) => return Err(e.into()),
+            Err(error) => {
+                let to = match addr {
+                    UnixAddr::Path(p) => p.display().to_string(),
+                    UnixAddr::Abstract(name) => {
+                        format!("abstract name {:?}", String::from_utf8_lossy(name))
+                    }
+                };
+                return Err(SetupError::Connect { to, error });
+            }
         }
     }
 }
@@ -309,7 +318,7 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// [`SetupError::Io`] when the connection fails (`NotFound`,
+    /// [`SetupError::Connect`] when the connection fails (`NotFound`,
     /// `ConnectionRefused`: nobody listens); [`SetupError::Timeout`] when the
     /// listener's queue stays full for `setup_timeout`; and the set-up
     /// errors of [`Channel::from_stream`].

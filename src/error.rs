@@ -126,11 +126,17 @@ impl fmt::Display for TooLarge {
         match self.kind {
             TooLargeKind::Words => write!(
                 f,
-                "message too large: {needed} words, the region holds {limit}"
+                "message too large: {} bytes, the region's data area holds {} \
+                 (raise Options::region_size)",
+                needed.saturating_mul(8),
+                limit.saturating_mul(8)
             ),
             TooLargeKind::Segment => write!(
                 f,
-                "message segment too large: {needed} words, at most {limit} fit"
+                "message segment too large: {} bytes, at most {} fit while other \
+                 builders hold the rest",
+                needed.saturating_mul(8),
+                limit.saturating_mul(8)
             ),
             TooLargeKind::Segments => write!(
                 f,
@@ -349,7 +355,21 @@ pub enum SetupError {
     /// The peer did not complete the handshake within
     /// [`Options::setup_timeout`](crate::Options::setup_timeout) (or a
     /// listener's queue stayed full that long).
-    Timeout,
+    Timeout {
+        /// How long the set-up waited.
+        after: std::time::Duration,
+    },
+    /// The peer closed the connection (or its process died) before sending
+    /// anything: a peer that went away, not one that broke the protocol.
+    Disconnected,
+    /// Connecting to a listener failed (`NotFound`, `ConnectionRefused`:
+    /// nobody listens there).
+    Connect {
+        /// The socket path or abstract name tried.
+        to: String,
+        /// Why.
+        error: io::Error,
+    },
     /// The peer's hello, descriptor or region is unacceptable.
     Protocol(ProtocolError),
     /// The options ask for something the format does not allow.
@@ -399,7 +419,14 @@ pub enum NotInherited {
 impl fmt::Display for SetupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SetupError::Timeout => f.write_str("timed out setting up the channel"),
+            SetupError::Timeout { after } => write!(
+                f,
+                "timed out setting up the channel after {after:?} (Options::setup_timeout)"
+            ),
+            SetupError::Disconnected => {
+                f.write_str("the peer went away before the handshake (closed or died)")
+            }
+            SetupError::Connect { to, error } => write!(f, "connecting to {to}: {error}"),
             SetupError::Protocol(p) => write!(f, "peer broke the protocol: {p}"),
             SetupError::InvalidOptions(o) => write!(f, "invalid options: {o}"),
             SetupError::NotInherited(n) => write!(f, "CAPNP_SHM_FD: {n}"),
@@ -440,8 +467,8 @@ impl std::error::Error for SetupError {
             SetupError::Protocol(p) => Some(p),
             SetupError::InvalidOptions(o) => Some(o),
             SetupError::NotInherited(n) => Some(n),
-            SetupError::Io(e) => Some(e),
-            SetupError::Timeout => None,
+            SetupError::Io(e) | SetupError::Connect { error: e, .. } => Some(e),
+            SetupError::Timeout { .. } | SetupError::Disconnected => None,
         }
     }
 }
@@ -545,7 +572,9 @@ impl From<Failure> for Error {
 impl From<SetupError> for Error {
     fn from(e: SetupError) -> Error {
         match e {
-            SetupError::Timeout => Error::Timeout,
+            SetupError::Timeout { .. } => Error::Timeout,
+            SetupError::Disconnected => Error::Disconnected,
+            SetupError::Connect { error, .. } => Error::Io(error),
             SetupError::Protocol(p) => Error::Protocol(p),
             SetupError::InvalidOptions(o) => Error::InvalidOptions(o),
             SetupError::NotInherited(n) => Error::NotInherited(n),
@@ -649,7 +678,8 @@ pub enum ProtocolError {
     },
     /// The hello had unknown flag bits or reserved bytes set.
     BadHelloFlags,
-    /// The connection closed or sent a short hello before the handshake ended.
+    /// The connection closed after part of a hello, before the handshake
+    /// ended. (Closed before any byte: [`SetupError::Disconnected`].)
     HandshakeTruncated,
     /// The hello came without a descriptor.
     MissingDescriptor,
@@ -881,7 +911,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "message too large: 10 words, the region holds 5"
+            "message too large: 80 bytes, the region's data area holds 40 (raise Options::region_size)"
         );
         assert_eq!(e.into_inner(), 8);
         let e = SendTimeoutError::Failed(

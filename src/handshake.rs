@@ -18,6 +18,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::deadline::Deadline;
 use crate::error::{ProtocolError, SetupError};
@@ -76,13 +77,41 @@ impl Hello {
     }
 }
 
+/// The deadline of a set-up, and the timeout it came from (for the error).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SetupDeadline {
+    at: Deadline,
+    timeout: Duration,
+}
+
+impl SetupDeadline {
+    /// `timeout` from now.
+    pub(crate) fn after(timeout: Duration) -> SetupDeadline {
+        SetupDeadline {
+            at: Deadline::after(timeout),
+            timeout,
+        }
+    }
+
+    /// What is left, or the timeout error once nothing is.
+    pub(crate) fn remaining(self) -> Result<Duration, SetupError> {
+        self.at.remaining().ok_or(self.expired())
+    }
+
+    fn expired(self) -> SetupError {
+        SetupError::Timeout {
+            after: self.timeout,
+        }
+    }
+}
+
 /// Sends our hello with `region_fd` attached, waiting for buffer space at most
 /// until `deadline`.
 pub(crate) fn send_hello(
     sock: BorrowedFd<'_>,
     hello: &Hello,
     region_fd: BorrowedFd<'_>,
-    deadline: Deadline,
+    deadline: SetupDeadline,
 ) -> Result<(), SetupError> {
     let bytes = hello.encode();
     let mut sent = 0;
@@ -95,7 +124,7 @@ pub(crate) fn send_hello(
         match r {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, true, deadline)?,
-            Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
+            Err(e) if is_disconnect(&e) => return Err(SetupError::Disconnected),
             Err(e) => return Err(SetupError::Io(e)),
         }
     }
@@ -106,7 +135,7 @@ pub(crate) fn send_hello(
 /// Every descriptor that arrives is owned at once, so a rejected one closes.
 pub(crate) fn recv_hello(
     sock: BorrowedFd<'_>,
-    deadline: Deadline,
+    deadline: SetupDeadline,
 ) -> Result<(Hello, OwnedFd), SetupError> {
     let mut buf = [0u8; HELLO_LEN];
     let mut filled = 0;
@@ -114,14 +143,14 @@ pub(crate) fn recv_hello(
     let mut truncated = false;
     while filled < HELLO_LEN {
         match socket::recv_with_fds(sock, &mut buf[filled..]) {
-            Ok(r) if r.len == 0 => return Err(ProtocolError::HandshakeTruncated.into()),
+            Ok(r) if r.len == 0 => return Err(went_away(filled)),
             Ok(r) => {
                 filled += r.len;
                 fds.extend(r.fds);
                 truncated |= r.control_truncated;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, false, deadline)?,
-            Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
+            Err(e) if is_disconnect(&e) => return Err(went_away(filled)),
             Err(e) => return Err(SetupError::Io(e)),
         }
     }
@@ -191,13 +220,23 @@ pub(crate) fn map_peer_region(
     Ok(region)
 }
 
+/// The error for a connection that ended after `received` bytes of the
+/// peer's hello: none, the peer went away; some, it broke off its hello.
+fn went_away(received: usize) -> SetupError {
+    if received == 0 {
+        SetupError::Disconnected
+    } else {
+        ProtocolError::HandshakeTruncated.into()
+    }
+}
+
 /// Waits for the socket to become readable (or writable), at most until
 /// `deadline`.
-fn wait(sock: BorrowedFd<'_>, for_write: bool, deadline: Deadline) -> Result<(), SetupError> {
-    let left = deadline.remaining().ok_or(SetupError::Timeout)?;
+fn wait(sock: BorrowedFd<'_>, for_write: bool, deadline: SetupDeadline) -> Result<(), SetupError> {
+    let left = deadline.remaining()?;
     let ready = socket::poll_one(sock, for_write, left)?;
-    if !ready.readable && !ready.writable && !ready.hung_up && deadline.has_passed() {
-        return Err(SetupError::Timeout);
+    if !ready.readable && !ready.writable && !ready.hung_up && deadline.at.has_passed() {
+        return Err(deadline.expired());
     }
     Ok(())
 }

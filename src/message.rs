@@ -46,13 +46,14 @@ impl<'c> Received<'c> {
     /// the end fails.
     pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Result<Received<'c>, Failure> {
         let options = side.link().options();
+        let limits = options.reader_options_for(taken.table.words());
         let segments = if options.copy_received {
-            Segments::copied(side, &taken, options.reader_options)?
+            Segments::copied(side, &taken, limits)?
         } else {
             Segments::in_place(side, &taken)
         };
         Ok(Received {
-            reader: Reader::new(segments, options.reader_options),
+            reader: Reader::new(segments, limits),
         })
     }
 
@@ -63,7 +64,22 @@ impl<'c> Received<'c> {
     /// Whatever capnp reports for a malformed message or an exceeded
     /// traversal or nesting limit.
     pub fn get_root<'a, T: FromPointerReader<'a>>(&'a self) -> capnp::Result<T> {
-        self.reader.get_root()
+        self.reader.get_root().map_err(|e| self.explain(e))
+    }
+
+    /// Adds to capnp's "read limit exceeded" which limit it was and how to
+    /// raise it.
+    fn explain(&self, mut e: capnp::Error) -> capnp::Error {
+        if e.kind == capnp::ErrorKind::ReadLimitExceeded {
+            e.extra = format!(
+                "{}{}the message is {} bytes; the receiving end's \
+                 Options::reader_options traversal limit bounds what may be read",
+                e.extra,
+                if e.extra.is_empty() { "" } else { "; " },
+                self.len_bytes()
+            );
+        }
+        e
     }
 
     /// The capnp reader, for everything else a reader does.

@@ -41,7 +41,10 @@ pub struct Options {
     pub(crate) spin: Duration,
     pub(crate) wait_slice: Duration,
     pub(crate) setup_timeout: Duration,
-    pub(crate) reader_options: capnp::message::ReaderOptions,
+    /// The reader limits asked for; `None`: capnp's defaults, with the
+    /// traversal limit raised to each message's own size (see
+    /// [`reader_options_for`](Options::reader_options_for)).
+    pub(crate) reader_options: Option<capnp::message::ReaderOptions>,
     pub(crate) copy_received: bool,
     pub(crate) backing: Backing,
     pub(crate) allow_unsealed_peer: bool,
@@ -56,7 +59,7 @@ impl Default for Options {
             spin: Duration::from_micros(50),
             wait_slice: Duration::from_millis(100),
             setup_timeout: Duration::from_secs(5),
-            reader_options: capnp::message::ReaderOptions::new(),
+            reader_options: None,
             copy_received: false,
             backing: Backing::Auto,
             allow_unsealed_peer: false,
@@ -125,16 +128,42 @@ impl Options {
     }
 
     /// How long the set-up waits for the peer's hello before failing with
-    /// [`Error::Timeout`](crate::Error::Timeout).
+    /// [`SetupError::Timeout`](crate::SetupError::Timeout).
     pub fn setup_timeout(mut self, timeout: Duration) -> Options {
         self.setup_timeout = timeout;
         self
     }
 
-    /// Limits applied when reading received messages (traversal and nesting).
+    /// Limits applied when reading received messages (traversal and
+    /// nesting), exactly as given.
+    ///
+    /// Without this call, each message gets capnp's defaults (nesting 64,
+    /// traversal 8 Mi words = 64 MiB), and in zero-copy mode the traversal
+    /// limit is raised to the message's own size: any message can be read
+    /// through once, whatever its size, and none can make its reader visit
+    /// more than the larger of the two (capnp's amplification defence). In
+    /// [copy mode](Options::copy_received), for untrusted peers, the
+    /// default stays 64 MiB: it also bounds what one message may cost to
+    /// copy.
     pub fn reader_options(mut self, options: capnp::message::ReaderOptions) -> Options {
-        self.reader_options = options;
+        self.reader_options = Some(options);
         self
+    }
+
+    /// The reader limits for a message of `words` words.
+    pub(crate) fn reader_options_for(&self, words: u64) -> capnp::message::ReaderOptions {
+        match self.reader_options {
+            Some(asked) => asked,
+            None if self.copy_received => capnp::message::ReaderOptions::new(),
+            None => {
+                let mut limits = capnp::message::ReaderOptions::new();
+                let words = usize::try_from(words).unwrap_or(usize::MAX);
+                limits.traversal_limit_in_words = limits
+                    .traversal_limit_in_words
+                    .map(|default| default.max(words));
+                limits
+            }
+        }
     }
 
     /// Copy each received message into private memory before reading it, and

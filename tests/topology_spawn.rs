@@ -352,8 +352,10 @@ fn a_child_that_never_answers_fails_the_set_up() {
     let child = command.spawn().unwrap();
     let options = Options::new().setup_timeout(Duration::from_secs(600));
     match pending.connect_with(&options) {
-        Err(SetupError::Timeout) | Ok(_) => panic!("set-up with an exited child did not fail"),
-        Err(e) => assert!(matches!(e, SetupError::Protocol(_)), "{e:?}"),
+        Err(SetupError::Timeout { .. }) | Ok(_) => {
+            panic!("set-up with an exited child did not fail")
+        }
+        Err(e) => assert!(matches!(e, SetupError::Disconnected), "{e:?}"),
     }
     finish(child, "exiting child");
 
@@ -365,7 +367,7 @@ fn a_child_that_never_answers_fails_the_set_up() {
     let options = Options::new().setup_timeout(Duration::from_millis(300));
     assert!(matches!(
         pending.connect_with(&options),
-        Err(SetupError::Timeout)
+        Err(SetupError::Timeout { .. })
     ));
     finish(child, "silent child"); // closing its stdin lets it exit
 }
