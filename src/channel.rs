@@ -311,6 +311,16 @@ impl Channel {
         self.rx.recv_timeout(timeout)
     }
 
+    /// See [`Receiver::iter`].
+    pub fn iter(&self) -> Iter<'_> {
+        self.rx.iter()
+    }
+
+    /// See [`Receiver::try_iter`].
+    pub fn try_iter(&self) -> TryIter<'_> {
+        self.rx.try_iter()
+    }
+
     /// Sends `request` and waits for the peer's next message: the "ask, then
     /// wait for the answer" step of a request/response loop. Meant for a
     /// strict one-to-one exchange; with several requests in flight, pair
@@ -548,6 +558,41 @@ impl Receiver {
         }
     }
 
+    /// An iterator that receives messages, waiting for each, until the
+    /// peer has closed (or died) and every message it sent has come:
+    /// `for m in receiver.iter() { let m = m?; ... }`. A failure is the
+    /// last item.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = capnp_shm::Channel::pair()?;
+    /// for n in 0..3u64 {
+    ///     let mut m = a.message();
+    ///     m.set_root::<capnp::primitive_list::Owned<u64>>(&[n][..])?;
+    ///     a.send(m).map_err(|e| e.into_error())?;
+    /// }
+    /// drop(a);
+    /// let mut sum = 0;
+    /// for m in b.receiver().iter() {
+    ///     sum += m?.get_root::<capnp::primitive_list::Reader<'_, u64>>()?.get(0);
+    /// }
+    /// assert_eq!(sum, 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            receiver: Some(self),
+        }
+    }
+
+    /// An iterator over the messages waiting now: it ends when none is
+    /// (or the peer is gone); a failure is the last item.
+    pub fn try_iter(&self) -> TryIter<'_> {
+        TryIter {
+            receiver: Some(self),
+        }
+    }
+
     /// The address range of the peer's region as mapped here. Received
     /// segments read in place lie inside it. (It is followed by 1 MiB of
     /// read-only zero pages; see the README's trust model.)
@@ -563,6 +608,63 @@ impl Receiver {
 
     pub(crate) fn side(&self) -> &RecvSide {
         &self.side
+    }
+}
+
+/// Receives messages until the peer is gone; see [`Receiver::iter`].
+#[derive(Debug)]
+pub struct Iter<'r> {
+    receiver: Option<&'r Receiver>,
+}
+
+impl<'r> Iterator for Iter<'r> {
+    type Item = Result<Received<'r>, crate::Failure>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.receiver?.recv() {
+            Ok(m) => Some(Ok(m)),
+            Err(RecvError::Disconnected) => {
+                self.receiver = None;
+                None
+            }
+            Err(RecvError::Failed(f)) => {
+                self.receiver = None;
+                Some(Err(f))
+            }
+        }
+    }
+}
+
+/// The messages waiting now; see [`Receiver::try_iter`].
+#[derive(Debug)]
+pub struct TryIter<'r> {
+    receiver: Option<&'r Receiver>,
+}
+
+impl<'r> Iterator for TryIter<'r> {
+    type Item = Result<Received<'r>, crate::Failure>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.receiver?.try_recv() {
+            Ok(m) => Some(Ok(m)),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                self.receiver = None;
+                None
+            }
+            Err(TryRecvError::Failed(f)) => {
+                self.receiver = None;
+                Some(Err(f))
+            }
+        }
+    }
+}
+
+impl<'r> IntoIterator for &'r Receiver {
+    type Item = Result<Received<'r>, crate::Failure>;
+    type IntoIter = Iter<'r>;
+
+    fn into_iter(self) -> Iter<'r> {
+        self.iter()
     }
 }
 

@@ -133,13 +133,14 @@ mod word;
 
 pub use alloc::RegionAllocator;
 pub use channel::{Channel, MessageBuilder, Receiver, Sender};
+pub use channel::{Iter, TryIter};
 pub use connect::{Credentials, Listener, ListenerOptions};
 pub use error::{
     Error, Failure, InvalidOptions, NotInherited, NotOwner, ProtocolError, RecvError,
     RecvTimeoutError, SendError, SendTimeoutError, SetupError, TooLarge, TooLargeKind,
     TryRecvError, TrySendError,
 };
-pub use message::{Received, Segments};
+pub use message::{Detached, Received, Segments};
 pub use options::{Backing, Options};
 pub use select::{wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};

@@ -33,6 +33,8 @@ use crate::ring::{SegmentTable, Taken};
 /// ```
 pub struct Received<'c> {
     reader: Reader<Segments<'c>>,
+    /// The limits the reader was made with (for copies of it).
+    options: ReaderOptions,
 }
 
 impl<'c> Received<'c> {
@@ -54,6 +56,7 @@ impl<'c> Received<'c> {
         };
         Ok(Received {
             reader: Reader::new(segments, limits),
+            options: limits,
         })
     }
 
@@ -107,6 +110,62 @@ impl<'c> Received<'c> {
     /// Total size of the message in bytes.
     pub fn len_bytes(&self) -> usize {
         self.segments().map(<[u8]>::len).sum()
+    }
+
+    /// A private copy of the message that owns its memory: `Send`,
+    /// `'static`, independent of the channel (the original can be dropped,
+    /// releasing the shared space). One copy of the message's bytes; the
+    /// copy keeps this message's reader limits.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = capnp_shm::Channel::pair()?;
+    /// let mut m = a.message();
+    /// m.set_root(capnp::text::Reader::from("keep me"))?;
+    /// a.send(m).map_err(|e| e.into_error())?;
+    /// let kept = b.recv()?.detach(); // the received message drops here
+    /// let text = std::thread::spawn(move || {
+    ///     kept.get_root::<capnp::text::Reader<'_>>().map(|t| t.to_string())
+    /// })
+    /// .join()
+    /// .unwrap()?;
+    /// assert_eq!(text, "keep me");
+    /// # Ok(()) }
+    /// ```
+    pub fn detach(&self) -> Reader<Detached> {
+        let total = self.segments().map(|s| s.len() / 8).sum();
+        let mut words = Word::allocate_zeroed_vec(total);
+        let mut ends = Vec::with_capacity(self.reader.get_segments().len());
+        let bytes = Word::words_to_bytes_mut(&mut words);
+        let mut at = 0;
+        for s in self.segments() {
+            bytes[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+            ends.push(at);
+        }
+        Reader::new(Detached { words, ends }, self.options)
+    }
+}
+
+/// The segments of a [detached](Received::detach) message: a private copy
+/// that owns its memory.
+#[derive(Debug, Clone)]
+pub struct Detached {
+    words: Vec<Word>,
+    /// Where each segment ends, in bytes.
+    ends: Vec<usize>,
+}
+
+impl ReaderSegments for Detached {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        let i = idx as usize;
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Word::words_to_bytes(&self.words).get(start..end)
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
     }
 }
 
