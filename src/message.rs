@@ -125,10 +125,11 @@ impl<'c> Received<'c> {
     /// a.send(m).map_err(|e| e.into_error())?;
     /// let kept = b.recv()?.detach(); // the received message drops here
     /// let text = std::thread::spawn(move || {
-    ///     kept.get_root::<capnp::text::Reader<'_>>().map(|t| t.to_string())
+    ///     let text = kept.get_root::<capnp::text::Reader<'_>>().expect("a text root");
+    ///     text.to_string().expect("utf-8")
     /// })
     /// .join()
-    /// .unwrap()?;
+    /// .unwrap();
     /// assert_eq!(text, "keep me");
     /// # Ok(()) }
     /// ```
