@@ -17,7 +17,7 @@ use crate::error::{
     Error, Halt, InvalidOptions, RecvError, RecvTimeoutError, SendError, SendHalt,
     SendTimeoutError, SetupError, TryRecvError, TrySendError,
 };
-use crate::handshake::{self, Hello, SetupDeadline};
+use crate::handshake::{self, Hello, HelloReader, SetupDeadline};
 use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
 use crate::link::Link;
 use crate::message::Received;
@@ -98,16 +98,21 @@ pub struct Receiver {
     side: RecvSide,
 }
 
-/// A channel end that has sent its hello and waits for the peer's.
-struct HalfOpen {
+/// A channel end that has sent its hello and waits for the peer's: set-up
+/// in two steps, so that a listener can keep many at once.
+#[derive(Debug)]
+pub(crate) struct HalfOpen {
     socket: OwnedFd,
     own: OwnRegion,
     options: Options,
     deadline: SetupDeadline,
+    hello: HelloReader,
 }
 
 impl HalfOpen {
-    fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, SetupError> {
+    /// Creates this end's region and sends the hello (a fresh socket has
+    /// room for it; otherwise this waits, within the set-up deadline).
+    pub(crate) fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, SetupError> {
         let deadline = SetupDeadline::after(options.setup_timeout);
         let geometry = geometry_for(options)?;
         process::watch_forks()?;
@@ -123,11 +128,12 @@ impl HalfOpen {
             own,
             options: options.clone(),
             deadline,
+            hello: HelloReader::new(),
         })
     }
 
-    fn finish(self) -> Result<Channel, SetupError> {
-        let (hello, fd) = handshake::recv_hello(self.socket.as_fd(), self.deadline)?;
+    /// The channel, from the peer's complete hello and descriptor.
+    pub(crate) fn complete(self, hello: Hello, fd: OwnedFd) -> Result<Channel, SetupError> {
         let accept_unsealed = self.options.allow_unsealed_peer || !self.own.is_sealed();
         let peer = handshake::map_peer_region(&hello, &fd, accept_unsealed, self.own.file_id())?;
         // `fd` closes here; the mapping keeps the peer's file alive.
@@ -140,6 +146,13 @@ impl HalfOpen {
                 side: RecvSide::new(link, 0),
             },
         })
+    }
+
+    /// Waits for the peer's hello, at most until the set-up deadline.
+    fn finish(mut self) -> Result<Channel, SetupError> {
+        let (hello, fd) =
+            handshake::recv_hello_with(self.socket.as_fd(), &mut self.hello, self.deadline)?;
+        self.complete(hello, fd)
     }
 }
 

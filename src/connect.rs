@@ -7,11 +7,17 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use crate::channel::Channel;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::channel::{Channel, HalfOpen};
+use crate::deadline::Deadline;
 use crate::error::SetupError;
-use crate::handshake::SetupDeadline;
+use crate::handshake::{HelloReader, SetupDeadline};
 use crate::options::Options;
 use crate::sys;
+use crate::sys::epoll::Epoll;
 use crate::sys::socket::{self, UnixAddr};
 
 /// Who is at the other end of a connection, as the kernel recorded it when
@@ -111,11 +117,7 @@ impl ListenerOptions {
         // If the file is gone already (removed by someone else), there is
         // nothing of ours left to clean up: fail without leaving a socket.
         let meta = std::fs::symlink_metadata(path)?;
-        Ok(Listener {
-            socket,
-            path: Some((path.to_path_buf(), (meta.dev(), meta.ino()))),
-            owner_pid: sys::getpid(),
-        })
+        Listener::new(socket, Some((path.to_path_buf(), (meta.dev(), meta.ino()))))
     }
 
     /// Listens on `name` in the Linux abstract socket namespace: no file,
@@ -128,11 +130,7 @@ impl ListenerOptions {
     /// `AddrInUse` when the name is taken.
     pub fn bind_abstract(&self, name: &[u8]) -> std::io::Result<Listener> {
         let socket = socket::listen_unix(UnixAddr::Abstract(name), self.mode, self.backlog)?;
-        Ok(Listener {
-            socket,
-            path: None,
-            owner_pid: sys::getpid(),
-        })
+        Listener::new(socket, None)
     }
 
     /// Removes a stale socket file at `path`, or explains why not.
@@ -173,13 +171,32 @@ impl ListenerOptions {
 
 /// A listening socket that turns each connection into a [`Channel`].
 ///
+/// A listener serves every connecting client at once: it accepts each
+/// connection as soon as it comes, reads the client's hello as it arrives,
+/// and only then sets up its own end, so a client that is slow or never
+/// says hello holds up nobody (it costs a descriptor until its
+/// `setup_timeout` ends). A client whose set-up fails is dropped and
+/// counted ([`client_failures`](Listener::client_failures)); it is never an
+/// error of the listener.
+///
+/// For an event loop, the listener's descriptor ([`AsFd`]) becomes readable
+/// when [`try_accept`](Listener::try_accept) may have something: poll it,
+/// then call `try_accept` until it says [`AcceptError::WouldBlock`].
+///
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use capnp_shm::{Channel, Listener};
 ///
-/// // Server
+/// // Server: serve clients one after another; a silent one stalls nobody.
 /// let listener = Listener::bind("/tmp/example.sock")?;
-/// let channel = listener.accept()?;
+/// loop {
+///     let channel = listener.accept()?; // fails only if the listener does
+///     std::thread::spawn(move || {
+///         // ... serve `channel` ...
+///         # drop(channel);
+///     });
+/// #   break;
+/// }
 ///
 /// // Client, in another process
 /// let channel = Channel::connect("/tmp/example.sock")?;
@@ -193,9 +210,92 @@ pub struct Listener {
     /// The process that bound it: a copy inherited through `fork` (a
     /// fork-per-connection server) leaves the file alone when it drops.
     owner_pid: u32,
+    /// Watches the listening socket and every client whose hello is due.
+    epoll: Epoll,
+    clients: Mutex<Clients>,
+}
+
+/// Connections accepted whose hello has not fully arrived, and what became
+/// of those that failed.
+#[derive(Debug, Default)]
+struct Clients {
+    greeting: Vec<Greeting>,
+    failures: VecDeque<SetupError>,
+    failed: u64,
+}
+
+/// One accepted connection, its hello arriving.
+#[derive(Debug)]
+struct Greeting {
+    socket: OwnedFd,
+    hello: HelloReader,
+    deadline: SetupDeadline,
+}
+
+/// The most connections a listener keeps waiting for their hello; more stay
+/// in the kernel's queue until one finishes or gives up.
+const MAX_GREETING: usize = 256;
+
+/// The most recent client failures kept for
+/// [`client_failures`](Listener::client_failures).
+const MAX_FAILURES: usize = 32;
+
+/// Why [`Listener::accept_timeout`] or [`Listener::try_accept`] returned no
+/// channel.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AcceptError {
+    /// No client completed its set-up in time (`accept_timeout`).
+    Timeout,
+    /// No client has completed its set-up yet (`try_accept`): poll the
+    /// listener's descriptor and try again.
+    WouldBlock,
+    /// The listening socket failed: the listener is finished.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for AcceptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AcceptError::Timeout => f.write_str("no client set up a channel in time"),
+            AcceptError::WouldBlock => f.write_str("no client has set up a channel yet"),
+            AcceptError::Io(e) => write!(f, "the listener failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AcceptError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AcceptError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Clients {
+    fn fail(&mut self, e: SetupError) {
+        self.failed += 1;
+        if self.failures.len() == MAX_FAILURES {
+            self.failures.pop_front();
+        }
+        self.failures.push_back(e);
+    }
 }
 
 impl Listener {
+    fn new(socket: OwnedFd, path: Option<(PathBuf, (u64, u64))>) -> std::io::Result<Listener> {
+        let epoll = Epoll::new()?;
+        epoll.add(socket.as_fd())?;
+        Ok(Listener {
+            socket,
+            path,
+            owner_pid: sys::getpid(),
+            epoll,
+            clients: Mutex::new(Clients::default()),
+        })
+    }
+
     /// Listens on a socket file at `path` with [`ListenerOptions::new`]
     /// (mode 0600).
     ///
@@ -216,24 +316,166 @@ impl Listener {
         ListenerOptions::new().bind_abstract(name)
     }
 
-    /// Waits for a connection and sets a channel up over it (default options).
+    /// Waits until a client has set up a channel (default options), serving
+    /// every connecting client meanwhile.
     ///
     /// # Errors
     ///
-    /// As [`Channel::from_stream`], and `accept` failures
-    /// ([`SetupError::Io`]).
-    pub fn accept(&self) -> Result<Channel, SetupError> {
+    /// Only when the listening socket fails. A client whose set-up fails is
+    /// dropped and counted, not returned (see
+    /// [`client_failures`](Self::client_failures)).
+    pub fn accept(&self) -> std::io::Result<Channel> {
         self.accept_with(&Options::default())
     }
 
-    /// [`accept`](Self::accept) with channel options.
+    /// [`accept`](Self::accept) with channel options (for this end; each
+    /// client's `setup_timeout` bounds its set-up).
     ///
     /// # Errors
     ///
     /// As [`accept`](Self::accept).
-    pub fn accept_with(&self, options: &Options) -> Result<Channel, SetupError> {
-        let (stream, _) = self.accept_stream()?;
-        Channel::from_stream_with(stream, options)
+    pub fn accept_with(&self, options: &Options) -> std::io::Result<Channel> {
+        loop {
+            match self.accept_until(options, Deadline::Never) {
+                Ok(channel) => return Ok(channel),
+                Err(AcceptError::Io(e)) => return Err(e),
+                // Without a deadline nothing expires; wait again.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// [`accept`](Self::accept), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`AcceptError::Timeout`] when no client completed its set-up in
+    /// time; [`AcceptError::Io`] when the listening socket failed.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Channel, AcceptError> {
+        self.accept_timeout_with(&Options::default(), timeout)
+    }
+
+    /// [`accept_timeout`](Self::accept_timeout) with channel options.
+    ///
+    /// # Errors
+    ///
+    /// As [`accept_timeout`](Self::accept_timeout).
+    pub fn accept_timeout_with(
+        &self,
+        options: &Options,
+        timeout: Duration,
+    ) -> Result<Channel, AcceptError> {
+        self.accept_until(options, Deadline::after(timeout))
+    }
+
+    /// Without waiting: accepts waiting connections, reads what their
+    /// hellos sent, and returns a channel if one is complete. For an event
+    /// loop: poll the listener's descriptor for reading first.
+    ///
+    /// # Errors
+    ///
+    /// [`AcceptError::WouldBlock`] when no client is set up yet;
+    /// [`AcceptError::Io`] when the listening socket failed.
+    pub fn try_accept(&self) -> Result<Channel, AcceptError> {
+        self.try_accept_with(&Options::default())
+    }
+
+    /// [`try_accept`](Self::try_accept) with channel options.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_accept`](Self::try_accept).
+    pub fn try_accept_with(&self, options: &Options) -> Result<Channel, AcceptError> {
+        self.accept_until(options, Deadline::Now)
+    }
+
+    /// The failures of the most recent clients that did not get a channel
+    /// (at most 32, oldest first), taken out of the listener; and how many
+    /// failed in all since it was bound.
+    pub fn client_failures(&self) -> (Vec<SetupError>, u64) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let failed = clients.failed;
+        (clients.failures.drain(..).collect(), failed)
+    }
+
+    fn accept_until(&self, options: &Options, deadline: Deadline) -> Result<Channel, AcceptError> {
+        loop {
+            let next = {
+                let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(channel) = self.serve(&mut clients, options)? {
+                    return Ok(channel);
+                }
+                clients
+                    .greeting
+                    .iter()
+                    .filter_map(|g| g.deadline.remaining().ok())
+                    .min()
+            };
+            let slice = match deadline {
+                Deadline::Now => return Err(AcceptError::WouldBlock),
+                _ => deadline.slice(next.unwrap_or(Duration::MAX)),
+            };
+            let Some(slice) = slice else {
+                return Err(AcceptError::Timeout);
+            };
+            let ms = libc_ms(slice);
+            self.epoll.wait(ms).map_err(AcceptError::Io)?;
+        }
+    }
+
+    /// One round: takes every waiting connection, reads every hello, ends
+    /// the set-ups that are due or complete. Returns the first channel set
+    /// up.
+    fn serve(
+        &self,
+        clients: &mut Clients,
+        options: &Options,
+    ) -> Result<Option<Channel>, AcceptError> {
+        while clients.greeting.len() < MAX_GREETING {
+            match socket::accept(self.socket.as_fd()) {
+                Ok(fd) => {
+                    if let Err(e) = self.epoll.add(fd.as_fd()) {
+                        clients.fail(SetupError::Io(e));
+                        continue;
+                    }
+                    clients.greeting.push(Greeting {
+                        socket: fd,
+                        hello: HelloReader::new(),
+                        deadline: SetupDeadline::after(options.setup_timeout),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // The connection went before we took it: its loss only.
+                Err(e) if e.raw_os_error() == Some(sys::errno::ECONNABORTED) => continue,
+                Err(e) => return Err(AcceptError::Io(e)),
+            }
+        }
+        let mut i = 0;
+        while i < clients.greeting.len() {
+            let g = &mut clients.greeting[i];
+            let step = match g.hello.read(g.socket.as_fd()) {
+                Ok(None) => match g.deadline.remaining() {
+                    Ok(_) => {
+                        i += 1;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Ok(Some(done)) => Ok(done),
+                Err(e) => Err(e),
+            };
+            let g = clients.greeting.swap_remove(i);
+            let _ = self.epoll.remove(g.socket.as_fd());
+            let set_up = step.and_then(|(hello, fd)| {
+                // Our end only now, for a client that said hello.
+                HalfOpen::start(UnixStream::from(g.socket), options)?.complete(hello, fd)
+            });
+            match set_up {
+                Ok(channel) => return Ok(Some(channel)),
+                Err(e) => clients.fail(e),
+            }
+        }
+        Ok(None)
     }
 
     /// Waits for a connection and returns it before any set-up, with the
@@ -244,9 +486,19 @@ impl Listener {
     ///
     /// When `accept` fails.
     pub fn accept_stream(&self) -> std::io::Result<(UnixStream, Credentials)> {
-        let fd = socket::accept(self.socket.as_fd())?;
-        let credentials = Credentials::of(fd.as_fd())?;
-        Ok((UnixStream::from(fd), credentials))
+        loop {
+            match socket::accept(self.socket.as_fd()) {
+                Ok(fd) => {
+                    let credentials = Credentials::of(fd.as_fd())?;
+                    return Ok((UnixStream::from(fd), credentials));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    socket::poll_one(self.socket.as_fd(), false, Duration::MAX)?;
+                }
+                Err(e) if e.raw_os_error() == Some(sys::errno::ECONNABORTED) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The socket file, for a listener bound to a path.
@@ -255,17 +507,29 @@ impl Listener {
     }
 }
 
+/// A wait in whole milliseconds for `epoll_wait`, rounded up (a
+/// sub-millisecond wait still waits), at most `i32::MAX`.
+fn libc_ms(d: Duration) -> i32 {
+    i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+}
+
 impl AsFd for Listener {
+    /// A descriptor that becomes readable when [`Listener::try_accept`] may
+    /// have something to do: a new connection, or a hello arriving (an
+    /// epoll instance over the listening socket and the clients' sockets).
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
+        self.epoll.as_fd()
     }
 }
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         f.debug_struct("Listener")
             .field("socket", &self.socket)
             .field("path", &self.path())
+            .field("greeting", &clients.greeting.len())
+            .field("failed_clients", &clients.failed)
             .finish()
     }
 }

@@ -98,7 +98,8 @@ impl SetupDeadline {
         self.at.remaining().ok_or(self.expired())
     }
 
-    fn expired(self) -> SetupError {
+    /// The timeout error.
+    pub(crate) fn expired(self) -> SetupError {
         SetupError::Timeout {
             after: self.timeout,
         }
@@ -131,38 +132,75 @@ pub(crate) fn send_hello(
     Ok(())
 }
 
-/// Receives the peer's hello and its descriptors, at most until `deadline`.
-/// Every descriptor that arrives is owned at once, so a rejected one closes.
-pub(crate) fn recv_hello(
-    sock: BorrowedFd<'_>,
-    deadline: SetupDeadline,
-) -> Result<(Hello, OwnedFd), SetupError> {
-    let mut buf = [0u8; HELLO_LEN];
-    let mut filled = 0;
-    let mut fds = Vec::new();
-    let mut truncated = false;
-    while filled < HELLO_LEN {
-        match socket::recv_with_fds(sock, &mut buf[filled..]) {
-            Ok(r) if r.len == 0 => return Err(went_away(filled)),
-            Ok(r) => {
-                filled += r.len;
-                fds.extend(r.fds);
-                truncated |= r.control_truncated;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, false, deadline)?,
-            Err(e) if is_disconnect(&e) => return Err(went_away(filled)),
-            Err(e) => return Err(SetupError::Io(e)),
+/// The peer's hello as it arrives, read without blocking, a piece at a
+/// time (a listener serves many half-open connections at once). Every
+/// descriptor that arrives is owned at once, so a rejected one closes.
+#[derive(Debug)]
+pub(crate) struct HelloReader {
+    buf: [u8; HELLO_LEN],
+    filled: usize,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+impl HelloReader {
+    pub(crate) fn new() -> HelloReader {
+        HelloReader {
+            buf: [0; HELLO_LEN],
+            filled: 0,
+            fds: Vec::new(),
+            truncated: false,
         }
     }
-    if truncated {
-        return Err(ProtocolError::ControlTruncated.into());
+
+    /// Reads what has arrived: `Ok(Some(..))` once the hello is complete
+    /// and checked, `Ok(None)` while more is to come.
+    ///
+    /// # Errors
+    ///
+    /// A bad hello or descriptor, a peer that went away, a broken socket.
+    pub(crate) fn read(
+        &mut self,
+        sock: BorrowedFd<'_>,
+    ) -> Result<Option<(Hello, OwnedFd)>, SetupError> {
+        while self.filled < HELLO_LEN {
+            match socket::recv_with_fds(sock, &mut self.buf[self.filled..]) {
+                Ok(r) if r.len == 0 => return Err(went_away(self.filled)),
+                Ok(r) => {
+                    self.filled += r.len;
+                    self.fds.extend(r.fds);
+                    self.truncated |= r.control_truncated;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if is_disconnect(&e) => return Err(went_away(self.filled)),
+                Err(e) => return Err(SetupError::Io(e)),
+            }
+        }
+        if self.truncated {
+            return Err(ProtocolError::ControlTruncated.into());
+        }
+        let hello = Hello::decode(&self.buf)?;
+        let mut fds = std::mem::take(&mut self.fds).into_iter();
+        match (fds.next(), fds.len()) {
+            (None, _) => Err(ProtocolError::MissingDescriptor.into()),
+            (Some(fd), 0) => Ok(Some((hello, fd))),
+            (Some(_), extra) => Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into()),
+        }
     }
-    let hello = Hello::decode(&buf)?;
-    let mut fds = fds.into_iter();
-    match (fds.next(), fds.len()) {
-        (None, _) => Err(ProtocolError::MissingDescriptor.into()),
-        (Some(fd), 0) => Ok((hello, fd)),
-        (Some(_), extra) => Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into()),
+}
+
+/// Receives (the rest of) the peer's hello and its descriptor through
+/// `reader`, waiting at most until `deadline`.
+pub(crate) fn recv_hello_with(
+    sock: BorrowedFd<'_>,
+    reader: &mut HelloReader,
+    deadline: SetupDeadline,
+) -> Result<(Hello, OwnedFd), SetupError> {
+    loop {
+        if let Some(done) = reader.read(sock)? {
+            return Ok(done);
+        }
+        wait(sock, false, deadline)?;
     }
 }
 

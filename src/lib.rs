@@ -134,7 +134,7 @@ mod word;
 pub use alloc::RegionAllocator;
 pub use channel::{Channel, MessageBuilder, Receiver, Sender};
 pub use channel::{Iter, TryIter};
-pub use connect::{Credentials, Listener, ListenerOptions};
+pub use connect::{AcceptError, Credentials, Listener, ListenerOptions};
 pub use error::{
     Error, Failure, InvalidOptions, NotInherited, NotOwner, ProtocolError, RecvError,
     RecvTimeoutError, SendError, SendTimeoutError, SetupError, TooLarge, TooLargeKind,

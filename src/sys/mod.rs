@@ -7,6 +7,7 @@
 
 #![allow(unsafe_code)]
 
+pub(crate) mod epoll;
 pub(crate) mod file;
 pub(crate) mod futex;
 pub(crate) mod mapping;
@@ -21,6 +22,7 @@ pub(crate) mod errno {
     pub(crate) const EPERM: i32 = libc::EPERM;
     pub(crate) const EACCES: i32 = libc::EACCES;
     pub(crate) const EINVAL: i32 = libc::EINVAL;
+    pub(crate) const ECONNABORTED: i32 = libc::ECONNABORTED;
 }
 
 /// Converts a `-1`-on-error return code into an `io::Result`.

@@ -265,11 +265,17 @@ fn sockaddr_un(addr: UnixAddr<'_>) -> io::Result<(libc::sockaddr_un, libc::sockl
     Ok((sa, len))
 }
 
-/// A new Unix stream socket, close-on-exec. `socket(2)`
+/// A new Unix stream socket, close-on-exec and non-blocking (a listener
+/// waits for connections in `poll`). `socket(2)`
 fn unix_stream_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain arguments; the result is a new descriptor or -1.
-    let fd =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
     // SAFETY: socket returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -326,7 +332,9 @@ pub(crate) fn connect_unix_nowait(addr: UnixAddr<'_>) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Accepts a connection, close-on-exec. `accept4(2)`
+/// Accepts a connection, close-on-exec and non-blocking (the channel uses
+/// its socket only with `poll` and `MSG_DONTWAIT`). On a non-blocking
+/// listener, `WouldBlock` when none is waiting. `accept4(2)`
 pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let fd = retry_eintr(|| {
         // SAFETY: `listener` is a valid descriptor; null address is allowed.
@@ -335,7 +343,7 @@ pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
                 listener.as_raw_fd(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             )
         })
     })?;
