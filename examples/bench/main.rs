@@ -34,7 +34,7 @@ mod bench_capnp;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
-use std::io::{BufReader, BufWriter, Write as _};
+use std::io::{BufReader, BufWriter, IsTerminal, Write as _};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -607,6 +607,8 @@ struct Row {
     lower_is_better: bool,
     shm: f64,
     socket: f64,
+    /// Over several runs: the lowest and highest advantage.
+    spread: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -638,22 +640,35 @@ fn fmt_figure(v: f64) -> String {
     }
 }
 
-fn print_table(rows: &[Row]) {
+fn print_table(rows: &[Row], runs: usize) {
     println!();
     println!(
-        "{:<36} {:>12} {:>12} {:<9} {:>10} {:>12}",
-        "workload", "shm", "socket", "unit", "shm/socket", "shm better"
+        "{:<36} {:>12} {:>12} {:<9} {:>10} {:>12} {:>15}",
+        "workload",
+        "shm",
+        "socket",
+        "unit",
+        "shm/socket",
+        "shm better",
+        if runs > 1 { "spread" } else { "" }
     );
-    println!("{}", "-".repeat(96));
+    println!("{}", "-".repeat(if runs > 1 { 112 } else { 96 }));
     for r in rows {
+        let spread = match r.spread {
+            Some((lo, hi)) if runs > 1 => {
+                format!("{}-{}", fmt_advantage(lo), fmt_advantage(hi))
+            }
+            _ => String::new(),
+        };
         println!(
-            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>12}",
+            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>12} {:>15}",
             r.workload,
             fmt_figure(r.shm),
             fmt_figure(r.socket),
             r.unit,
             r.ratio(),
-            fmt_advantage(r.advantage())
+            fmt_advantage(r.advantage()),
+            spread
         );
     }
     println!();
@@ -692,14 +707,15 @@ fn json_number(v: f64) -> String {
     }
 }
 
-fn to_json(rows: &[Row], quick: bool) -> String {
+fn to_json(rows: &[Row], quick: bool, runs: usize) -> String {
     let mut s = String::from("{\n");
     let _ = writeln!(s, "  \"quick\": {quick},");
+    let _ = writeln!(s, "  \"runs\": {runs},");
     s.push_str("  \"results\": [\n");
     for (i, r) in rows.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"workload\": {}, \"unit\": {}, \"lower_is_better\": {}, \"shm\": {}, \"socket\": {}, \"ratio_shm_over_socket\": {}, \"shm_advantage\": {}}}",
+            "    {{\"workload\": {}, \"unit\": {}, \"lower_is_better\": {}, \"shm\": {}, \"socket\": {}, \"ratio_shm_over_socket\": {}, \"shm_advantage\": {}, \"shm_advantage_min\": {}, \"shm_advantage_max\": {}}}",
             json_string(&r.workload),
             json_string(r.unit),
             r.lower_is_better,
@@ -707,6 +723,8 @@ fn to_json(rows: &[Row], quick: bool) -> String {
             json_number(r.socket),
             json_number(r.ratio()),
             json_number(r.advantage()),
+            json_number(r.spread.map_or(r.advantage(), |s| s.0)),
+            json_number(r.spread.map_or(r.advantage(), |s| s.1)),
         );
         s.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
     }
@@ -889,6 +907,8 @@ fn to_svg(latency: &Series, bandwidth: &Series, note: &str) -> String {
 
 struct Args {
     quick: bool,
+    /// Whole runs of every workload, one after another.
+    runs: usize,
     json: Option<String>,
     svg: Option<String>,
 }
@@ -896,6 +916,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         quick: false,
+        runs: 1,
         json: None,
         svg: None,
     };
@@ -903,10 +924,17 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--runs" => {
+                args.runs = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n >= 1)
+                    .ok_or("--runs needs a whole number, at least 1")?;
+            }
             "--json" => args.json = Some(it.next().ok_or("--json needs a path")?),
             "--svg" => args.svg = Some(it.next().ok_or("--svg needs a path")?),
             "-h" | "--help" => {
-                println!("usage: bench [--quick] [--json PATH] [--svg PATH]");
+                println!("usage: bench [--quick] [--runs N] [--json PATH] [--svg PATH]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -915,23 +943,60 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Prints a progress line that the next one overwrites.
+/// Prints progress: on a terminal, one line that each step overwrites;
+/// elsewhere (a file, a pipe, CI), a plain line per step.
 struct Progress {
     step: usize,
     total: usize,
+    run: usize,
+    runs: usize,
     started: Instant,
+    terminal: bool,
 }
 
 impl Progress {
+    fn new(runs: usize) -> Progress {
+        Progress {
+            step: 0,
+            total: 0,
+            run: 0,
+            runs,
+            started: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// A new run of `total` steps.
+    fn begin(&mut self, total: usize) {
+        self.run += 1;
+        self.step = 0;
+        self.total = total;
+    }
+
     fn show(&mut self, what: &str) {
         self.step += 1;
-        eprint!(
-            "\r\x1b[2K[{:>2}/{}] {:>5.1}s  {what}",
+        let run = if self.runs > 1 {
+            format!("run {}/{} ", self.run, self.runs)
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "{run}[{:>2}/{}] {:>5.1}s  {what}",
             self.step,
             self.total,
             self.started.elapsed().as_secs_f64()
         );
-        let _ = std::io::stderr().flush();
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn done(&self, started: Instant) {
+        let clear = if self.terminal { "\r\x1b[2K" } else { "" };
+        eprintln!("{clear}done in {:.1}s", started.elapsed().as_secs_f64());
     }
 }
 
@@ -943,6 +1008,103 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let started = Instant::now();
+    let mut progress = Progress::new(args.runs);
+    let runs: Vec<Run> = (0..args.runs)
+        .map(|_| measure(&args, &mut progress))
+        .collect();
+    progress.done(started);
+    let summary = Run::summarise(&runs);
+    print_table(&summary.rows, args.runs);
+    println!(
+        "shm: capnp-shm, default options (64 MiB region, spin 50 µs) unless noted; socket: \
+         capnp::serialize over a buffered UnixStream, flushed per message.\n\
+         {} The machine is shared: compare columns, not runs.",
+        if args.runs > 1 {
+            format!(
+                "Medians of {} runs; the spread is the lowest and highest shm/socket advantage.",
+                args.runs
+            )
+        } else {
+            "One run; --runs N gives medians and spread.".to_string()
+        }
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, to_json(&summary.rows, args.quick, args.runs)).expect("write json");
+        println!("wrote {path}");
+    }
+    if let Some(path) = &args.svg {
+        let note = format!(
+            "{} of {} run(s), {} cores; each point forks a peer process; payload read in full by the receiver",
+            if args.runs > 1 { "medians" } else { "figures" },
+            args.runs,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        std::fs::write(path, to_svg(&summary.latency, &summary.bandwidth, &note))
+            .expect("write svg");
+        println!("wrote {path}");
+    }
+}
+
+/// What one run of every workload measured.
+struct Run {
+    rows: Vec<Row>,
+    latency: Series,
+    bandwidth: Series,
+}
+
+impl Run {
+    /// Medians over runs, row by row (and point by point), with the spread
+    /// of each row's advantage.
+    fn summarise(runs: &[Run]) -> Run {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let first = &runs[0];
+        let rows = (0..first.rows.len())
+            .map(|i| {
+                let all: Vec<&Row> = runs.iter().map(|r| &r.rows[i]).collect();
+                let advantages: Vec<f64> = all.iter().map(|r| r.advantage()).collect();
+                Row {
+                    workload: all[0].workload.clone(),
+                    unit: all[0].unit,
+                    lower_is_better: all[0].lower_is_better,
+                    shm: median(all.iter().map(|r| r.shm).collect()),
+                    socket: median(all.iter().map(|r| r.socket).collect()),
+                    spread: Some((
+                        advantages.iter().copied().fold(f64::INFINITY, f64::min),
+                        advantages.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )),
+                }
+            })
+            .collect();
+        let points = |pick: fn(&Run) -> &Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+            (0..pick(first).len())
+                .map(|i| {
+                    (
+                        pick(first)[i].0,
+                        median(runs.iter().map(|r| pick(r)[i].1).collect()),
+                    )
+                })
+                .collect()
+        };
+        Run {
+            rows,
+            latency: Series {
+                shm: points(|r| &r.latency.shm),
+                socket: points(|r| &r.latency.socket),
+            },
+            bandwidth: Series {
+                shm: points(|r| &r.bandwidth.shm),
+                socket: points(|r| &r.bandwidth.socket),
+            },
+        }
+    }
+}
+
+/// Runs every workload once.
+fn measure(args: &Args, progress: &mut Progress) -> Run {
     let scale = if args.quick { 20 } else { 1 };
     let rtt_count = 200_000 / scale;
     let rtt_warmup = 20_000 / scale;
@@ -959,11 +1121,7 @@ fn main() {
     let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
     let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 
-    let mut progress = Progress {
-        step: 0,
-        total: 3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4,
-        started: Instant::now(),
-    };
+    progress.begin(3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4);
     let mut rows = Vec::new();
     let mut latency = Series {
         shm: vec![],
@@ -992,6 +1150,7 @@ fn main() {
             lower_is_better: true,
             shm: shm[i],
             socket: socket[i],
+            spread: None,
         });
     }
     for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
@@ -1001,6 +1160,7 @@ fn main() {
             lower_is_better: true,
             shm: sleeping[i],
             socket: socket[i],
+            spread: None,
         });
     }
     latency.shm.push((64.0, shm[0]));
@@ -1015,6 +1175,7 @@ fn main() {
             lower_is_better: true,
             shm: s[0],
             socket: k[0],
+            spread: None,
         });
         latency.shm.push((size as f64, s[0]));
         latency.socket.push((size as f64, k[0]));
@@ -1041,6 +1202,7 @@ fn main() {
                 lower_is_better: false,
                 shm: s_msgs,
                 socket: k_msgs,
+                spread: None,
             });
             allocations = (s_alloc, k_alloc);
         }
@@ -1050,6 +1212,7 @@ fn main() {
             lower_is_better: false,
             shm: s_bytes / 1e9,
             socket: k_bytes / 1e9,
+            spread: None,
         });
         bandwidth.shm.push((size as f64, s_bytes / 1e9));
         bandwidth.socket.push((size as f64, k_bytes / 1e9));
@@ -1066,6 +1229,7 @@ fn main() {
         lower_is_better: true,
         shm: percentile(&c, 50.0),
         socket: socket[0],
+        spread: None,
     });
     for size in [64 << 10, 1 << 20] {
         let label = size_label(size);
@@ -1083,6 +1247,7 @@ fn main() {
             lower_is_better: false,
             shm: c_bytes / 1e9,
             socket,
+            spread: None,
         });
     }
 
@@ -1099,6 +1264,7 @@ fn main() {
             lower_is_better: false,
             shm: s_rate,
             socket: k_rate,
+            spread: None,
         });
     }
 
@@ -1116,6 +1282,7 @@ fn main() {
         lower_is_better: true,
         shm: percentile(&s, 50.0),
         socket: percentile(&k, 50.0),
+        spread: None,
     });
     progress.show("orders one-way shm");
     let s_rate = order_throughput(Transport::Shm, &default, order_count);
@@ -1127,6 +1294,7 @@ fn main() {
         lower_is_better: false,
         shm: s_rate,
         socket: k_rate,
+        spread: None,
     });
     rows.push(Row {
         workload: "heap allocs / received 64 B msg".into(),
@@ -1134,6 +1302,7 @@ fn main() {
         lower_is_better: true,
         shm: allocations.0,
         socket: allocations.1,
+        spread: None,
     });
     rows.push(Row {
         workload: "heap allocs / order round trip".into(),
@@ -1141,30 +1310,12 @@ fn main() {
         lower_is_better: true,
         shm: s_alloc,
         socket: k_alloc,
+        spread: None,
     });
-    eprintln!(
-        "\r\x1b[2Kdone in {:.1}s",
-        progress.started.elapsed().as_secs_f64()
-    );
-
-    print_table(&rows);
-    println!(
-        "shm: capnp-shm, default options (64 MiB region, spin 50 µs) unless noted; socket: \
-         capnp::serialize over a buffered UnixStream, flushed per message.\n\
-         Ratios are from this one run; the machine is shared, so compare columns, not runs."
-    );
-    if let Some(path) = &args.json {
-        std::fs::write(path, to_json(&rows, args.quick)).expect("write json");
-        println!("wrote {path}");
-    }
-    if let Some(path) = &args.svg {
-        let note = format!(
-            "{} run, {} cores; each point forks a peer process; payload read in full by the receiver",
-            if args.quick { "quick" } else { "full" },
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        );
-        std::fs::write(path, to_svg(&latency, &bandwidth, &note)).expect("write svg");
-        println!("wrote {path}");
+    Run {
+        rows,
+        latency,
+        bandwidth,
     }
 }
 
