@@ -379,10 +379,8 @@ impl<W: Word> OwnRegion<W> {
             "write outside its extent"
         );
         let dst = self.parts.data_ptr(extent.start);
-        // SAFETY: the destination lies inside our data area and inside
-        // `extent` (asserted), which the caller owns; `bytes` is private
-        // memory or another region's, never this extent, so they cannot
-        // overlap.
+        // SAFETY: the destination lies inside `extent` (asserted), which the
+        // caller owns; `bytes` is private or another region's, so no overlap.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
     }
 
@@ -468,10 +466,8 @@ impl<W: Word> PeerRegion<W> {
             return None;
         }
         let ptr = self.parts.data_ptr(extent.start);
-        // SAFETY: the extent lies inside the data area, inside memory that
-        // lives as long as `self`; any bytes are valid u8; this process never
-        // writes the peer's region, and the protocol excludes writes by the
-        // peer while the message is ours (see above).
+        // SAFETY: inside the data area, alive as long as `self`, any bytes
+        // valid; only the peer writes it, and not while the message is ours.
         Some(unsafe { std::slice::from_raw_parts(ptr, extent.len as usize * WORD_BYTES) })
     }
 
@@ -505,11 +501,8 @@ impl<W: Word> PeerRegion<W> {
     fn load_word(&self, offset: u32) -> u64 {
         debug_assert!(offset < self.parts.geometry.data_words());
         let ptr = self.parts.data_ptr(offset).cast::<u64>();
-        // SAFETY: an 8-byte aligned word inside the data area (page-aligned
-        // base, word offsets), valid as long as `self`; all accesses to the
-        // peer's words from this process are atomic loads or the reads of a
-        // received message, and a Relaxed 8-byte atomic load is allowed on
-        // read-only memory.
+        // SAFETY: an aligned word inside the data area, alive as long as
+        // `self`; a Relaxed 8-byte atomic load is allowed on read-only memory.
         let word = unsafe { AtomicU64::from_ptr(ptr) };
         word.load(Ordering::Relaxed)
     }

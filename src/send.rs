@@ -208,10 +208,8 @@ impl Books {
                 }
                 for e in s.extents.drain(..) {
                     *words -= u64::from(e.len);
-                    // SAFETY: the extent belonged to message `seq`, in flight
-                    // in this slot, which the peer has released (validated:
-                    // consumed, and this slot holds it): the peer no longer
-                    // reads it and nothing of ours refers to it.
+                    // SAFETY: message `seq`'s extent, released by the peer
+                    // (validated): nobody reads or refers to it any more.
                     unsafe { own.zero(e) };
                     free.free(e);
                 }
@@ -508,9 +506,10 @@ impl<W: Word> SendSide<W> {
             return SendStats::default();
         };
         // Read the releases that came since the last send, so that what the
-        // peer holds is current (only the owner may reclaim).
+        // peer holds is current: only in the process that has claimed the
+        // end (asking for counters claims nothing).
         let link = &self.link;
-        if link.owned_here() && link.enter().is_ok() {
+        if link.owned_here() {
             if let Err(p) = state.books.reclaim(link.own(), link.peer()) {
                 link.fail(Failure::Protocol(p));
             }
