@@ -98,6 +98,18 @@ pub struct Receiver {
     side: RecvSide,
 }
 
+/// What [`Receiver::arm`] or [`Sender::arm`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Something is there already (a message, a release, the end of the
+    /// channel): go ahead without waiting. Nothing is armed.
+    Ready,
+    /// Armed: the channel's descriptor ([`AsFd`]) becomes readable when the
+    /// peer publishes (for a receiver) or releases (for a sender), or
+    /// closes, or dies. Wait for that in your event loop, then `disarm`.
+    Armed,
+}
+
 /// A channel end that has sent its hello and waits for the peer's: set-up
 /// in two steps, so that a listener can keep many at once.
 #[derive(Debug)]
@@ -498,6 +510,31 @@ impl Sender {
         self.side.stats().spilled_segments
     }
 
+    /// Readiness for an event loop, after a `try_send` found no room
+    /// ([`TrySendError::Full`]): asks the peer to ring this channel's
+    /// descriptor when it releases a message (or closes, or dies), then
+    /// checks once more that no release came meanwhile. On
+    /// [`Readiness::Armed`], wait for the descriptor ([`AsFd`]) to become
+    /// readable, then `disarm()` and `try_send` again; on
+    /// [`Readiness::Ready`], try again at once. The same loop as
+    /// [`Receiver::arm`], whose descriptor this shares.
+    ///
+    /// # Errors
+    ///
+    /// When the end has failed, or belongs to another process.
+    pub fn arm(&self) -> Result<Readiness, crate::Failure> {
+        Ok(if self.side.arm()? {
+            Readiness::Armed
+        } else {
+            Readiness::Ready
+        })
+    }
+
+    /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
+    pub fn disarm(&self) {
+        self.side.disarm();
+    }
+
     /// What this half has sent, and what the peer holds of it: a send that
     /// waits while `held_by_peer` is at `held_limit` waits for the peer to
     /// drop messages; one that waits with room left in the ring waits for
@@ -604,6 +641,57 @@ impl Receiver {
         TryIter {
             receiver: Some(self),
         }
+    }
+
+    /// Readiness for an event loop of your own (`poll`, `epoll`, mio,
+    /// tokio's `AsyncFd`): asks the peer to ring this channel's descriptor
+    /// when it publishes, closes or dies, then checks once more that
+    /// nothing is there (the same announce-then-recheck handshake as a
+    /// blocking `recv`, so no wake-up is lost). The loop:
+    ///
+    /// 1. `try_recv` until `Empty`;
+    /// 2. `arm()`: on [`Readiness::Ready`] go back to 1; on
+    ///    [`Readiness::Armed`] wait for the descriptor ([`AsFd`]) to become
+    ///    readable, along with whatever else the loop waits for;
+    /// 3. `disarm()`, and go back to 1.
+    ///
+    /// Arming polls the socket once (which reads away old doorbell bytes
+    /// and notices a dead peer). The descriptor is shared with the
+    /// [`Sender`]'s readiness: after a wake, check both.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use capnp_shm::{Channel, Readiness, TryRecvError};
+    /// use std::os::fd::{AsFd, AsRawFd};
+    ///
+    /// let (a, b) = Channel::pair()?;
+    /// let rx = b.receiver();
+    /// assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+    /// assert_eq!(rx.arm()?, Readiness::Armed);
+    /// let mut m = a.message();
+    /// m.set_root(capnp::text::Reader::from("ring"))?;
+    /// a.send(m).map_err(|e| e.into_error())?; // the peer sees us armed and rings
+    /// let mut fd = libc::pollfd { fd: b.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    /// assert_eq!(unsafe { libc::poll(&mut fd, 1, 5_000) }, 1);
+    /// rx.disarm();
+    /// assert_eq!(rx.try_recv()?.get_root::<capnp::text::Reader<'_>>()?.to_str()?, "ring");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the end has failed, or belongs to another process.
+    pub fn arm(&self) -> Result<Readiness, crate::Failure> {
+        Ok(if self.side.arm()? {
+            Readiness::Armed
+        } else {
+            Readiness::Ready
+        })
+    }
+
+    /// Withdraws [`arm`](Receiver::arm): the peer stops ringing.
+    pub fn disarm(&self) {
+        self.side.disarm();
     }
 
     /// The address range of the peer's region as mapped here. Received

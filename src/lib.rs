@@ -132,7 +132,7 @@ mod wake;
 mod word;
 
 pub use alloc::RegionAllocator;
-pub use channel::{Channel, MessageBuilder, Receiver, Sender};
+pub use channel::{Channel, MessageBuilder, Readiness, Receiver, Sender};
 pub use channel::{Iter, TryIter};
 pub use connect::{AcceptError, Credentials, Listener, ListenerOptions};
 pub use error::{

@@ -279,8 +279,11 @@ impl<W: Word> Link<W> {
             closed,
             self.peer.rx_sleeping(),
         );
-        // A peer waiting in `wait_any`'s poll hears it at once.
-        if how == SLEEPING_ON_SOCKET {
+        // After wake_peer's fence, as its load of `rx_sleeping`: a sender
+        // armed for space hears the close too.
+        let tx_how = self.peer.tx_sleeping().load();
+        // A peer waiting in a poll (`wait_any`, an armed end) hears it at once.
+        if how == SLEEPING_ON_SOCKET || tx_how == SLEEPING_ON_SOCKET {
             self.ring_doorbell();
         }
         // Sleepers on one word only (no futex_waitv) sleep on these.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt};
-use crate::layout::{AWAKE, WORD};
+use crate::layout::{AWAKE, SLEEPING_ON_SOCKET, WORD};
 use crate::link::Link;
 use crate::ring::{DescriptorConsumer, ReleaseProducer, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Waiter};
-use crate::wake;
+use crate::wake::{self, withdraw};
 use crate::word::{Mine, Theirs, Word};
 
 /// The receiving side of one end.
@@ -181,6 +181,37 @@ impl<W: Word> RecvSide<W> {
         take()?.ok_or(Halt::Disconnected)
     }
 
+    /// Asks the peer to ring the socket when it publishes (or closes), for
+    /// an event loop that waits in `poll`: `true` when armed (wait for the
+    /// socket to become readable), `false` when something is there already
+    /// (the announcement is withdrawn). Polls the socket first, which drains
+    /// old doorbells and notices a peer that is gone.
+    ///
+    /// # Errors
+    ///
+    /// The end failed, or is not this process's.
+    pub(crate) fn arm(&self) -> Result<bool, Failure> {
+        let link = &*self.link;
+        link.enter()?;
+        link.poll_peer()?;
+        let state = self.state.borrow();
+        let cond = MessageReady {
+            link,
+            descriptors: &state.descriptors,
+        };
+        Ok(state
+            .waiter
+            .prepare(link, &cond, SLEEPING_ON_SOCKET)
+            .is_some())
+    }
+
+    /// Withdraws [`arm`](Self::arm).
+    pub(crate) fn disarm(&self) {
+        if self.link.owned_here() {
+            withdraw(self.link.own().rx_sleeping());
+        }
+    }
+
     /// Whether a non-waiting receive would return something other than
     /// "empty" now: a message, or the end of the channel.
     pub(crate) fn ready(&self) -> bool {
@@ -212,6 +243,10 @@ impl<W: Word> RecvSide<W> {
             own.released(),
             link.peer().tx_sleeping(),
         );
+        // A sender armed for space in an event loop waits in poll.
+        if how == SLEEPING_ON_SOCKET {
+            link.ring_doorbell();
+        }
         state.held.set(state.held.get().saturating_sub(1));
         state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }

@@ -580,6 +580,39 @@ impl<W: Word> SendSide<W> {
         true
     }
 
+    // ---- readiness for event loops -----------------------------------------
+
+    /// Asks the peer to ring the socket when it releases a message (or
+    /// closes), for an event loop that waits in `poll` after a send found
+    /// no room: `true` when armed, `false` when a release came already
+    /// (announcement withdrawn). Polls the socket first (old doorbells,
+    /// a peer that is gone).
+    ///
+    /// # Errors
+    ///
+    /// The end failed, or is not this process's.
+    pub(crate) fn arm(&self) -> Result<bool, Failure> {
+        let link = &*self.link;
+        link.enter()?;
+        link.poll_peer()?;
+        let state = self.state.borrow();
+        let cond = SpaceFreed {
+            link,
+            seen: state.books.releases.reclaimed(),
+        };
+        Ok(state
+            .waiter
+            .prepare(link, &cond, SLEEPING_ON_SOCKET)
+            .is_some())
+    }
+
+    /// Withdraws [`arm`](Self::arm).
+    pub(crate) fn disarm(&self) {
+        if self.link.owned_here() {
+            wake::withdraw(self.link.own().tx_sleeping());
+        }
+    }
+
     // ---- sending -----------------------------------------------------------
 
     /// Publishes `segments` (capnp's output of one message, at least one),
