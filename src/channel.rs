@@ -6,6 +6,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +21,11 @@ use crate::error::{
 use crate::handshake::{self, Hello, HelloReader, SetupDeadline};
 use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
 use crate::link::Link;
-use crate::message::Received;
+use crate::message::{OwnedReceived, Received};
 use crate::options::Options;
 use crate::recv::RecvSide;
 use crate::region::OwnRegion;
+use crate::ring::Taken;
 use crate::send::SendSide;
 use crate::stats::{RecvStats, SendStats, Stats};
 use crate::sys::process;
@@ -567,15 +569,8 @@ impl Receiver {
     /// the peer published something invalid, the OS refused, or this end is
     /// not this process's.
     pub fn recv(&self) -> Result<Received<'_>, RecvError> {
-        loop {
-            return match self.side.recv(Deadline::Never) {
-                Ok(taken) => Received::new(&self.side, taken).map_err(RecvError::Failed),
-                // Without a deadline a receive never expires; wait again.
-                Err(Halt::Expired) => continue,
-                Err(Halt::Failed(f)) => Err(RecvError::Failed(f)),
-                Err(Halt::Disconnected) => Err(RecvError::Disconnected),
-            };
-        }
+        let taken = take_blocking(&self.side)?;
+        Received::new(&self.side, taken).map_err(RecvError::Failed)
     }
 
     /// Receives a message if one is waiting.
@@ -585,12 +580,8 @@ impl Receiver {
     /// [`TryRecvError::Empty`] when none is, and the errors of
     /// [`recv`](Receiver::recv).
     pub fn try_recv(&self) -> Result<Received<'_>, TryRecvError> {
-        match self.side.recv(Deadline::Now) {
-            Ok(taken) => Received::new(&self.side, taken).map_err(TryRecvError::Failed),
-            Err(Halt::Expired) => Err(TryRecvError::Empty),
-            Err(Halt::Failed(f)) => Err(TryRecvError::Failed(f)),
-            Err(Halt::Disconnected) => Err(TryRecvError::Disconnected),
-        }
+        let taken = take_now(&self.side)?;
+        Received::new(&self.side, taken).map_err(TryRecvError::Failed)
     }
 
     /// Receives a message, waiting at most `timeout`.
@@ -600,11 +591,18 @@ impl Receiver {
     /// [`RecvTimeoutError::Timeout`] when none came in time, and the errors
     /// of [`recv`](Receiver::recv).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Received<'_>, RecvTimeoutError> {
-        match self.side.recv(Deadline::after(timeout)) {
-            Ok(taken) => Received::new(&self.side, taken).map_err(RecvTimeoutError::Failed),
-            Err(Halt::Expired) => Err(RecvTimeoutError::Timeout),
-            Err(Halt::Failed(f)) => Err(RecvTimeoutError::Failed(f)),
-            Err(Halt::Disconnected) => Err(RecvTimeoutError::Disconnected),
+        let taken = take_within(&self.side, timeout)?;
+        Received::new(&self.side, taken).map_err(RecvTimeoutError::Failed)
+    }
+
+    /// This receiver, shared by reference counting within one thread, so
+    /// that what it receives can own a handle to it:
+    /// [`SharedReceiver::recv`] returns `'static` [`OwnedReceived`]
+    /// messages, for queues, boxes and async runtimes (the RPC crate keeps
+    /// incoming messages that way). Clones share the receiver.
+    pub fn into_shared(self) -> SharedReceiver {
+        SharedReceiver {
+            side: Rc::new(self.side),
         }
     }
 
@@ -709,6 +707,140 @@ impl Receiver {
 
     pub(crate) fn side(&self) -> &RecvSide {
         &self.side
+    }
+}
+
+/// The next message, waiting as long as it takes.
+fn take_blocking(side: &RecvSide) -> Result<Taken, RecvError> {
+    loop {
+        return match side.recv(Deadline::Never) {
+            Ok(taken) => Ok(taken),
+            // Without a deadline a receive never expires; wait again.
+            Err(Halt::Expired) => continue,
+            Err(Halt::Failed(f)) => Err(RecvError::Failed(f)),
+            Err(Halt::Disconnected) => Err(RecvError::Disconnected),
+        };
+    }
+}
+
+/// The next message, if one is there.
+fn take_now(side: &RecvSide) -> Result<Taken, TryRecvError> {
+    side.recv(Deadline::Now).map_err(|halt| match halt {
+        Halt::Expired => TryRecvError::Empty,
+        Halt::Failed(f) => TryRecvError::Failed(f),
+        Halt::Disconnected => TryRecvError::Disconnected,
+    })
+}
+
+/// The next message, waiting at most `timeout`.
+fn take_within(side: &RecvSide, timeout: Duration) -> Result<Taken, RecvTimeoutError> {
+    side.recv(Deadline::after(timeout))
+        .map_err(|halt| match halt {
+            Halt::Expired => RecvTimeoutError::Timeout,
+            Halt::Failed(f) => RecvTimeoutError::Failed(f),
+            Halt::Disconnected => RecvTimeoutError::Disconnected,
+        })
+}
+
+/// A [`Receiver`] shared by reference counting in one thread, whose
+/// messages own a handle to it; from [`Receiver::into_shared`]. Not
+/// `Send`. Clones share the receiver (and its position in the stream).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use capnp_shm::{Channel, OwnedReceived};
+///
+/// let (a, b) = Channel::pair()?;
+/// let (_tx, rx) = b.split();
+/// let rx = rx.into_shared();
+/// let mut queue: Vec<OwnedReceived> = Vec::new(); // no borrow of `rx`
+/// for n in 0..3u64 {
+///     let mut m = a.message();
+///     m.set_root::<capnp::primitive_list::Owned<u64>>(&[n][..])?;
+///     a.send(m).map_err(|e| e.into_error())?;
+///     queue.push(rx.recv()?);
+/// }
+/// let sum: u64 = queue
+///     .iter()
+///     .map(|m| m.get_root::<capnp::primitive_list::Reader<'_, u64>>().map(|l| l.get(0)))
+///     .sum::<capnp::Result<u64>>()?;
+/// assert_eq!(sum, 3);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SharedReceiver {
+    side: Rc<RecvSide>,
+}
+
+impl SharedReceiver {
+    /// As [`Receiver::recv`], for a message that owns a handle to this
+    /// receiver.
+    ///
+    /// # Errors
+    ///
+    /// As [`Receiver::recv`].
+    pub fn recv(&self) -> Result<OwnedReceived, RecvError> {
+        let taken = take_blocking(&self.side)?;
+        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(RecvError::Failed)
+    }
+
+    /// As [`Receiver::try_recv`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Receiver::try_recv`].
+    pub fn try_recv(&self) -> Result<OwnedReceived, TryRecvError> {
+        let taken = take_now(&self.side)?;
+        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(TryRecvError::Failed)
+    }
+
+    /// As [`Receiver::recv_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Receiver::recv_timeout`].
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<OwnedReceived, RecvTimeoutError> {
+        let taken = take_within(&self.side, timeout)?;
+        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(RecvTimeoutError::Failed)
+    }
+
+    /// As [`Receiver::arm`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Receiver::arm`].
+    pub fn arm(&self) -> Result<Readiness, crate::Failure> {
+        Ok(if self.side.arm()? {
+            Readiness::Armed
+        } else {
+            Readiness::Ready
+        })
+    }
+
+    /// As [`Receiver::disarm`].
+    pub fn disarm(&self) {
+        self.side.disarm();
+    }
+
+    /// As [`Receiver::stats`].
+    pub fn stats(&self) -> RecvStats {
+        self.side.stats()
+    }
+}
+
+impl AsFd for SharedReceiver {
+    /// As for [`Receiver`].
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.side.link().socket()
+    }
+}
+
+impl fmt::Debug for SharedReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedReceiver")
+            .field("link", self.side.link())
+            .field("stats", &self.side.stats())
+            .finish()
     }
 }
 

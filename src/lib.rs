@@ -132,7 +132,7 @@ mod wake;
 mod word;
 
 pub use alloc::RegionAllocator;
-pub use channel::{Channel, MessageBuilder, Readiness, Receiver, Sender};
+pub use channel::{Channel, MessageBuilder, Readiness, Receiver, Sender, SharedReceiver};
 pub use channel::{Iter, TryIter};
 pub use connect::{AcceptError, Credentials, Listener, ListenerOptions};
 pub use error::{
@@ -140,7 +140,7 @@ pub use error::{
     RecvTimeoutError, SendError, SendTimeoutError, SetupError, TooLarge, TooLargeKind,
     TryRecvError, TrySendError,
 };
-pub use message::{Detached, Received, Segments};
+pub use message::{Detached, OwnedReceived, OwnedSegments, Received, Segments};
 pub use options::{Backing, Options};
 pub use select::{wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
