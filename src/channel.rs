@@ -29,6 +29,7 @@ use crate::ring::Taken;
 use crate::send::SendSide;
 use crate::stats::{RecvStats, SendStats, Stats};
 use crate::sys::process;
+use crate::wait::Readiness;
 
 /// A message being built in a channel's outgoing region; see
 /// [`Sender::message`].
@@ -98,18 +99,6 @@ pub struct Sender {
 /// so it can move to another thread than its [`Sender`].
 pub struct Receiver {
     side: RecvSide,
-}
-
-/// What [`Receiver::arm`] or [`Sender::arm`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    /// Something is there already (a message, a release, the end of the
-    /// channel): go ahead without waiting. Nothing is armed.
-    Ready,
-    /// Armed: the channel's descriptor ([`AsFd`]) becomes readable when the
-    /// peer publishes (for a receiver) or releases (for a sender), or
-    /// closes, or dies. Wait for that in your event loop, then `disarm`.
-    Armed,
 }
 
 /// A channel end that has sent its hello and waits for the peer's: set-up
@@ -525,11 +514,7 @@ impl Sender {
     ///
     /// When the end has failed, or belongs to another process.
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        Ok(if self.side.arm()? {
-            Readiness::Armed
-        } else {
-            Readiness::Ready
-        })
+        self.side.arm()
     }
 
     /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
@@ -670,6 +655,7 @@ impl Receiver {
     /// m.set_root(capnp::text::Reader::from("ring"))?;
     /// a.send(m).map_err(|e| e.into_error())?; // the peer sees us armed and rings
     /// let mut fd = libc::pollfd { fd: b.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    /// // SAFETY: one valid pollfd for the call.
     /// assert_eq!(unsafe { libc::poll(&mut fd, 1, 5_000) }, 1);
     /// rx.disarm();
     /// assert_eq!(rx.try_recv()?.get_root::<capnp::text::Reader<'_>>()?.to_str()?, "ring");
@@ -680,11 +666,7 @@ impl Receiver {
     ///
     /// When the end has failed, or belongs to another process.
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        Ok(if self.side.arm()? {
-            Readiness::Armed
-        } else {
-            Readiness::Ready
-        })
+        self.side.arm()
     }
 
     /// Withdraws [`arm`](Receiver::arm): the peer stops ringing.
@@ -810,11 +792,7 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::arm`].
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        Ok(if self.side.arm()? {
-            Readiness::Armed
-        } else {
-            Readiness::Ready
-        })
+        self.side.arm()
     }
 
     /// As [`Receiver::disarm`].

@@ -132,7 +132,7 @@ mod wake;
 mod word;
 
 pub use alloc::RegionAllocator;
-pub use channel::{Channel, MessageBuilder, Readiness, Receiver, Sender, SharedReceiver};
+pub use channel::{Channel, MessageBuilder, Receiver, Sender, SharedReceiver};
 pub use channel::{Iter, TryIter};
 pub use connect::{AcceptError, Credentials, Listener, ListenerOptions};
 pub use error::{
@@ -145,6 +145,7 @@ pub use options::{Backing, Options};
 pub use select::{wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
 pub use stats::{RecvStats, SendStats, Stats};
+pub use wait::Readiness;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the
 /// validators that read what a peer wrote, without processes or memory maps.

@@ -11,7 +11,7 @@ use crate::layout::{AWAKE, SLEEPING_ON_SOCKET, WORD};
 use crate::link::Link;
 use crate::ring::{DescriptorConsumer, ReleaseProducer, Taken};
 use crate::stats::RecvStats;
-use crate::wait::{Condition, Waiter};
+use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake::{self, withdraw};
 use crate::word::{Mine, Theirs, Word};
 
@@ -182,15 +182,14 @@ impl<W: Word> RecvSide<W> {
     }
 
     /// Asks the peer to ring the socket when it publishes (or closes), for
-    /// an event loop that waits in `poll`: `true` when armed (wait for the
-    /// socket to become readable), `false` when something is there already
-    /// (the announcement is withdrawn). Polls the socket first, which drains
-    /// old doorbells and notices a peer that is gone.
+    /// an event loop that waits in `poll`; `Ready` (nothing armed) when
+    /// something is there already. Polls the socket first, which drains old
+    /// doorbells and notices a peer that is gone.
     ///
     /// # Errors
     ///
     /// The end failed, or is not this process's.
-    pub(crate) fn arm(&self) -> Result<bool, Failure> {
+    pub(crate) fn arm(&self) -> Result<Readiness, Failure> {
         let link = &*self.link;
         link.enter()?;
         link.poll_peer()?;
@@ -199,10 +198,7 @@ impl<W: Word> RecvSide<W> {
             link,
             descriptors: &state.descriptors,
         };
-        Ok(state
-            .waiter
-            .prepare(link, &cond, SLEEPING_ON_SOCKET)
-            .is_some())
+        Ok(state.waiter.arm(link, &cond))
     }
 
     /// Withdraws [`arm`](Self::arm).

@@ -40,7 +40,7 @@ use crate::link::Link;
 use crate::region::{Extent, OwnRegion, PeerRegion};
 use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer};
 use crate::stats::SendStats;
-use crate::wait::{Condition, Waiter};
+use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake;
 use crate::word::{Mine, Theirs, Word};
 
@@ -584,14 +584,13 @@ impl<W: Word> SendSide<W> {
 
     /// Asks the peer to ring the socket when it releases a message (or
     /// closes), for an event loop that waits in `poll` after a send found
-    /// no room: `true` when armed, `false` when a release came already
-    /// (announcement withdrawn). Polls the socket first (old doorbells,
+    /// no room; `Ready` (nothing armed) when a release came already. Polls the socket first (old doorbells,
     /// a peer that is gone).
     ///
     /// # Errors
     ///
     /// The end failed, or is not this process's.
-    pub(crate) fn arm(&self) -> Result<bool, Failure> {
+    pub(crate) fn arm(&self) -> Result<Readiness, Failure> {
         let link = &*self.link;
         link.enter()?;
         link.poll_peer()?;
@@ -600,10 +599,7 @@ impl<W: Word> SendSide<W> {
             link,
             seen: state.books.releases.reclaimed(),
         };
-        Ok(state
-            .waiter
-            .prepare(link, &cond, SLEEPING_ON_SOCKET)
-            .is_some())
+        Ok(state.waiter.arm(link, &cond))
     }
 
     /// Withdraws [`arm`](Self::arm).

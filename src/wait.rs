@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt};
 use crate::fault::{self, Fault};
-use crate::layout::SLEEPING_ON_FUTEX;
+use crate::layout::{SLEEPING_ON_FUTEX, SLEEPING_ON_SOCKET};
 use crate::link::Link;
 use crate::spin::SpinBudget;
 use crate::wake::{announce, withdraw};
@@ -40,6 +40,18 @@ pub(crate) trait Condition<W: Word> {
     fn idle(&self, seen: u32) -> bool;
     /// The cheap check to spin on: something may be there.
     fn ready(&self) -> bool;
+}
+
+/// What [`Receiver::arm`](crate::Receiver::arm) or [`Sender::arm`](crate::Sender::arm) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Something is there already (a message, a release, the end of the
+    /// channel): go ahead without waiting. Nothing is armed.
+    Ready,
+    /// Armed: the channel's descriptor (`AsFd`) becomes readable when the
+    /// peer publishes (for a receiver) or releases (for a sender), or
+    /// closes, or dies. Wait for that in your event loop, then `disarm`.
+    Armed,
 }
 
 /// Sleeps while `counter` holds `seen` and the peer has not closed, for at
@@ -129,6 +141,19 @@ impl Waiter {
             link.poll_peer()?;
         }
         Ok(())
+    }
+
+    /// Arms readiness for an event loop: announces a sleep on the socket
+    /// and re-checks (see `Receiver::arm`).
+    pub(crate) fn arm<W: Word>(
+        &self,
+        link: &Link<W>,
+        cond: &(impl Condition<W> + ?Sized),
+    ) -> Readiness {
+        match self.prepare(link, cond, SLEEPING_ON_SOCKET) {
+            Some(_) => Readiness::Armed,
+            None => Readiness::Ready,
+        }
     }
 
     /// Announces the sleep in `mode` (an `rx_sleeping` or `tx_sleeping`
