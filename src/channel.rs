@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp::message::{Allocator, Builder};
+use capnp::message::{Allocator, Builder, HeapAllocator};
 
 use crate::alloc::RegionAllocator;
 use crate::deadline::Deadline;
@@ -461,6 +461,71 @@ impl Sender {
             })
     }
 
+    /// Sends a copy of a heap-built message the caller keeps, waiting while
+    /// the peer holds too many earlier ones: one copy of each segment into
+    /// the region, no traversal. For owners that must keep the builder after
+    /// sending, such as Cap'n Proto RPC, which rereads its outgoing Returns.
+    /// (A message built with [`message`](Sender::message) is sent in place by
+    /// [`send`](Sender::send) instead, with no copy.)
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = capnp_shm::Channel::pair()?;
+    /// let mut kept = capnp::message::Builder::new_default();
+    /// kept.set_root(capnp::text::Reader::from("kept"))?;
+    /// a.sender().send_copy(&kept).map_err(|e| e.into_error())?;
+    /// assert_eq!(b.recv()?.get_root::<capnp::text::Reader<'_>>()?.to_str()?, "kept");
+    /// assert_eq!(kept.get_root_as_reader::<capnp::text::Reader<'_>>()?.to_str()?, "kept");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Sender::send), with `()` in place of the message.
+    pub fn send_copy(&self, message: &Builder<HeapAllocator>) -> Result<(), SendError<()>> {
+        loop {
+            return match self.copy_until(message, Deadline::Never) {
+                Ok(()) => Ok(()),
+                // Without a deadline a send never expires; wait again.
+                Err(SendHalt::Halt(Halt::Expired)) => continue,
+                Err(SendHalt::Halt(Halt::Disconnected)) => Err(SendError::Disconnected(())),
+                Err(SendHalt::Halt(Halt::Failed(f))) => Err(SendError::Failed((), f)),
+                Err(SendHalt::TooLarge(t)) => Err(SendError::TooLarge((), t)),
+            };
+        }
+    }
+
+    /// As [`send_copy`](Sender::send_copy), if there is room now: the
+    /// non-blocking send of an event loop (see [`arm`](Sender::arm)).
+    ///
+    /// # Errors
+    ///
+    /// [`TrySendError::Full`] when the peer holds too many messages, and
+    /// the errors of [`send`](Sender::send), with `()` for the message.
+    pub fn try_send_copy(&self, message: &Builder<HeapAllocator>) -> Result<(), TrySendError<()>> {
+        self.copy_until(message, Deadline::Now)
+            .map_err(|halt| match halt {
+                SendHalt::Halt(Halt::Expired) => TrySendError::Full(()),
+                SendHalt::Halt(Halt::Disconnected) => TrySendError::Disconnected(()),
+                SendHalt::Halt(Halt::Failed(f)) => TrySendError::Failed((), f),
+                SendHalt::TooLarge(t) => TrySendError::TooLarge((), t),
+            })
+    }
+
+    /// Copies a heap builder's segments in. They cannot lie in this end's
+    /// region (a `HeapAllocator` never hands out region words), so every
+    /// one is copied and the builder stays the caller's.
+    fn copy_until(
+        &self,
+        message: &Builder<HeapAllocator>,
+        deadline: Deadline,
+    ) -> Result<(), SendHalt> {
+        let output = message.get_segments_for_output();
+        let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
+        let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
+        self.side.send(segments, deadline)
+    }
+
     fn send_until<A: Allocator>(
         &self,
         message: Builder<A>,
@@ -515,6 +580,31 @@ impl Sender {
     /// When the end has failed, or belongs to another process.
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
         self.side.arm()
+    }
+
+    /// Ends the stream now, while the halves (or messages received from
+    /// the peer) live on: the peer receives everything sent before, then
+    /// `Disconnected`; sends here and there fail with `Disconnected` from
+    /// now on. Messages either side holds stay readable. Dropping the whole
+    /// end does the same; this is for owners that outlive their stream,
+    /// such as an RPC connection after `shutdown`. Only the process that
+    /// owns the end announces it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = capnp_shm::Channel::pair()?;
+    /// let (tx, _rx) = a.split();
+    /// let mut m = tx.message();
+    /// m.set_root(capnp::text::Reader::from("last"))?;
+    /// tx.send(m).map_err(|e| e.into_error())?;
+    /// tx.close();
+    /// assert!(b.recv().is_ok());
+    /// assert!(matches!(b.recv(), Err(capnp_shm::RecvError::Disconnected)));
+    /// assert!(matches!(tx.try_send(tx.message()), Err(capnp_shm::TrySendError::Disconnected(_))));
+    /// # Ok(()) }
+    /// ```
+    pub fn close(&self) {
+        self.side.link().close_now();
     }
 
     /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
@@ -803,6 +893,11 @@ impl SharedReceiver {
     /// As [`Receiver::stats`].
     pub fn stats(&self) -> RecvStats {
         self.side.stats()
+    }
+
+    /// As [`Receiver::incoming_range`].
+    pub fn incoming_range(&self) -> std::ops::Range<usize> {
+        self.side.link().peer().address_range()
     }
 }
 

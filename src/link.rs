@@ -45,6 +45,9 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// messages delivered after the close end there, whatever it publishes
     /// later. [`UNKNOWN`] before a close, and after a hang-up without one.
     closed_at: AtomicU64,
+    /// This end has announced its close ([`close_now`](Self::close_now) or
+    /// the drop): once only.
+    closed_here: AtomicBool,
     options: Options,
 }
 
@@ -103,6 +106,7 @@ impl<W: Word> Link<W> {
             failure: OnceLock::new(),
             peer_closed: AtomicBool::new(false),
             closed_at: AtomicU64::new(UNKNOWN),
+            closed_here: AtomicBool::new(false),
             options,
         }
     }
@@ -268,6 +272,20 @@ impl<W: Word> Link<W> {
         let _ = socket::send(self.socket.as_fd(), &[DOORBELL]);
     }
 
+    /// Announces the close now, before the end is dropped (once; only in
+    /// the process that owns the end): the peer receives what was sent,
+    /// then `Disconnected`; this end sends no more.
+    pub(crate) fn close_now(&self) {
+        if self.owned_here() && !self.closed_here.swap(true, Ordering::Relaxed) {
+            self.close();
+        }
+    }
+
+    /// Whether this end has announced its close.
+    pub(crate) fn closed_here(&self) -> bool {
+        self.closed_here.load(Ordering::Relaxed)
+    }
+
     /// Sets `closed` in our region and wakes the peer wherever it sleeps.
     /// Only in the process that owns the end.
     fn close(&self) {
@@ -300,9 +318,7 @@ impl<W: Word> Drop for Link<W> {
         // unused is still seen by the peer, as socket hang-up, within one
         // wait slice. Then the fields drop: both mappings unmapped, the
         // socket closed.
-        if self.owned_here() {
-            self.close();
-        }
+        self.close_now();
     }
 }
 

@@ -316,3 +316,50 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
         Ok(self.first_ready())
     }
 }
+
+/// Waits until at least one of `fds` is readable or hung up, or `timeout`
+/// passes (`None`: no limit); sets `ready[i]` for each that is and returns
+/// how many (0 after a timeout). `poll(2)`, for event loops that have no
+/// reactor of their own: the RPC crate's runner sleeps here on the
+/// [`arm`](crate::Receiver::arm)ed descriptors of all its connections.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+///
+/// let (a, b) = capnp_shm::Channel::pair()?;
+/// assert_eq!(b.receiver().arm()?, capnp_shm::Readiness::Armed);
+/// let mut ready = [false];
+/// let quiet = capnp_shm::poll_readable(&[b.as_fd()], &mut ready, Some(Duration::ZERO))?;
+/// assert_eq!((quiet, ready), (0, [false]));
+/// drop(a); // a hang-up counts as ready
+/// assert_eq!(capnp_shm::poll_readable(&[b.as_fd()], &mut ready, None)?, 1);
+/// assert!(ready[0]);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// The error `poll(2)` gave, or `InvalidInput` when `ready` is shorter than
+/// `fds`.
+pub fn poll_readable(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    ready: &mut [bool],
+    timeout: Option<Duration>,
+) -> io::Result<usize> {
+    if ready.len() < fds.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut polled: Vec<socket::PollFd<'_>> = fds
+        .iter()
+        .map(|&fd| socket::PollFd::new(fd, false))
+        .collect();
+    // About 24 days, `poll`'s longest: callers loop on their own deadline.
+    let n = socket::poll(&mut polled, timeout.unwrap_or(Duration::MAX))?;
+    for (flag, fd) in ready.iter_mut().zip(&polled) {
+        let seen = fd.ready();
+        *flag = seen.readable || seen.hung_up;
+    }
+    Ok(n)
+}

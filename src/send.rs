@@ -621,7 +621,7 @@ impl<W: Word> SendSide<W> {
     pub(crate) fn send(&self, segments: &[&[u8]], deadline: Deadline) -> Result<(), SendHalt> {
         let link = &*self.link;
         link.enter()?;
-        if link.peer_closed() {
+        if link.peer_closed() || link.closed_here() {
             return Err(Halt::Disconnected.into());
         }
         // Held for the whole send: nothing else of this side runs meanwhile

@@ -1,0 +1,172 @@
+//! How a connection waits for its channel's descriptor.
+//!
+//! The receive loop and the writer of one connection both wait on the same
+//! descriptor (the channel's socket, which the peer rings when this end is
+//! [armed](capnp_shm::Receiver::arm)). A driver keeps one waker per
+//! descriptor, so a connection registers one [`FanOut`] waker with it and
+//! keeps the wakers of its own tasks there; when the descriptor fires, all
+//! of them run and each re-checks its own condition.
+//!
+//! The driver is chosen at the first wait, from the thread the connection
+//! runs on: the built-in [`Runner`](crate::Runner) when one is running,
+//! otherwise (feature `tokio`) tokio's `AsyncFd`, under a runtime.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::rc::{Rc, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use crate::runner::{self, Reactor};
+
+/// The wakers of the tasks waiting on one connection's descriptor.
+#[derive(Debug, Default)]
+pub(crate) struct FanOut {
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl FanOut {
+    /// Adds a task's waker (once).
+    fn add(&self, waker: &Waker) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+    }
+
+    /// Wakes every waiting task.
+    pub(crate) fn fire(&self) {
+        let wakers =
+            std::mem::take(&mut *self.wakers.lock().unwrap_or_else(PoisonError::into_inner));
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+impl Wake for FanOut {
+    fn wake(self: Arc<Self>) {
+        self.fire();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fire();
+    }
+}
+
+/// Something a driver watches: a descriptor and the wakers behind it.
+pub(crate) trait Watched {
+    fn fd(&self) -> BorrowedFd<'_>;
+    fn io(&self) -> &Io;
+}
+
+#[derive(Debug)]
+enum Driver {
+    /// No wait yet.
+    Unchosen,
+    /// The built-in runner of this thread.
+    Runner(Rc<Reactor>),
+    /// tokio, with a duplicate of the socket registered in its reactor
+    /// (closed with the connection).
+    #[cfg(feature = "tokio")]
+    Tokio(tokio::net::UnixStream),
+}
+
+/// One connection's way of waiting for its descriptor.
+#[derive(Debug)]
+pub(crate) struct Io {
+    fanout: Arc<FanOut>,
+    driver: RefCell<Driver>,
+    /// Registered with the runner's reactor, not yet fired.
+    registered: Cell<bool>,
+}
+
+impl Io {
+    pub(crate) fn new() -> Io {
+        Io {
+            fanout: Arc::new(FanOut::default()),
+            driver: RefCell::new(Driver::Unchosen),
+            registered: Cell::new(false),
+        }
+    }
+
+    pub(crate) fn fanout(&self) -> &FanOut {
+        &self.fanout
+    }
+
+    /// The runner fired this registration.
+    pub(crate) fn fired(&self) {
+        self.registered.set(false);
+        self.fanout.fire();
+    }
+
+    /// Waits for the descriptor of `owner` (whose `io()` this is) after the
+    /// caller armed the channel: `Ready` when it may have fired already
+    /// (check again), `Pending` with `cx` registered otherwise.
+    pub(crate) fn poll_ready<T: Watched + 'static>(
+        &self,
+        owner: &Rc<T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.fanout.add(cx.waker());
+        let mut driver = self.driver.borrow_mut();
+        if matches!(*driver, Driver::Unchosen) {
+            *driver = choose(owner.fd())?;
+        }
+        match &*driver {
+            Driver::Unchosen => unreachable!("chosen above"),
+            Driver::Runner(reactor) => {
+                if !self.registered.replace(true) {
+                    let watched: Rc<dyn Watched> = owner.clone();
+                    reactor.register(Rc::downgrade(&watched));
+                }
+                Poll::Pending
+            }
+            #[cfg(feature = "tokio")]
+            Driver::Tokio(socket) => {
+                let waker = Waker::from(Arc::clone(&self.fanout));
+                let mut tokio_cx = Context::from_waker(&waker);
+                match socket.poll_read_ready(&mut tokio_cx) {
+                    Poll::Ready(Ok(())) => {
+                        // Cleared before the caller re-checks (arming reads
+                        // the doorbell bytes away), so a ring after this is
+                        // a new edge, not lost.
+                        let _ = socket.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+/// The driver for a connection first waiting on this thread.
+fn choose(fd: BorrowedFd<'_>) -> io::Result<Driver> {
+    if let Some(reactor) = runner::current() {
+        return Ok(Driver::Runner(reactor));
+    }
+    #[cfg(feature = "tokio")]
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // The core crate uses its socket only with `poll` and
+        // MSG_DONTWAIT, so the shared O_NONBLOCK changes nothing for it.
+        let socket = std::os::unix::net::UnixStream::from(fd.try_clone_to_owned()?);
+        socket.set_nonblocking(true)?;
+        return Ok(Driver::Tokio(tokio::net::UnixStream::from_std(socket)?));
+    }
+    let _ = fd;
+    Err(io::Error::other(if cfg!(feature = "tokio") {
+        "capnp-shm-rpc: a connection waited outside any driver: run it under \
+         capnp_shm_rpc::Runner or inside a tokio runtime"
+    } else {
+        "capnp-shm-rpc: a connection waited outside any driver: run it under \
+         capnp_shm_rpc::Runner (or enable the `tokio` feature)"
+    }))
+}
+
+/// A registration whose connection may be gone.
+pub(crate) type Registration = Weak<dyn Watched>;

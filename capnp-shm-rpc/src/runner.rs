@@ -1,0 +1,360 @@
+//! The built-in single-threaded runner: a small local executor that sleeps
+//! in one `poll(2)` on the descriptors of the connections waiting in it,
+//! plus a wake-up socket for wakers called from other threads.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::pin::pin;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures::future::LocalFutureObj;
+use futures::task::{LocalSpawn, SpawnError};
+
+use crate::io::Registration;
+
+thread_local! {
+    /// The reactor of the runner running on this thread, if any.
+    static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
+}
+
+/// The reactor of the runner running on this thread.
+pub(crate) fn current() -> Option<Rc<Reactor>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// The connections waiting for their descriptors.
+#[derive(Default)]
+pub(crate) struct Reactor {
+    watched: RefCell<Vec<Registration>>,
+    /// Reused between waits.
+    ready: RefCell<Vec<bool>>,
+}
+
+impl fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reactor")
+            .field("watched", &self.watched.borrow().len())
+            .finish()
+    }
+}
+
+impl Reactor {
+    pub(crate) fn register(&self, registration: Registration) {
+        self.watched.borrow_mut().push(registration);
+    }
+
+    /// Sleeps until a watched descriptor fires (and wakes its tasks) or
+    /// `wakeup` becomes readable (a waker ran on another thread).
+    fn wait(&self, wakeup: BorrowedFd<'_>) -> io::Result<()> {
+        // Drop the registrations of connections that are gone.
+        let live: Vec<_> = {
+            let mut watched = self.watched.borrow_mut();
+            watched.retain(|w| w.strong_count() > 0);
+            watched.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        let fds: Vec<BorrowedFd<'_>> = std::iter::once(wakeup)
+            .chain(live.iter().map(|w| w.fd()))
+            .collect();
+        let mut ready = self.ready.borrow_mut();
+        ready.clear();
+        ready.resize(fds.len(), false);
+        capnp_shm::poll_readable(&fds, &mut ready, None)?;
+        let fired: Vec<_> = live
+            .iter()
+            .zip(ready.iter().skip(1))
+            .filter(|(_, &r)| r)
+            .map(|(w, _)| Rc::clone(w))
+            .collect();
+        drop(ready);
+        self.watched.borrow_mut().retain(|w| {
+            w.upgrade()
+                .is_some_and(|w| !fired.iter().any(|f| Rc::ptr_eq(f, &w)))
+        });
+        for w in fired {
+            w.io().fired();
+        }
+        Ok(())
+    }
+}
+
+/// The ready queue, shared with wakers (which may run on any thread).
+struct Shared {
+    /// Tasks woken since the runner last looked; [`MAIN`] for the future
+    /// given to `run_until`.
+    ready: Mutex<Vec<usize>>,
+    /// The runner is (about to be) asleep in `poll`: a waker must ring.
+    sleeping: AtomicBool,
+    /// Written by a waker to end the runner's sleep.
+    ring: UnixStream,
+}
+
+/// The task id of the future given to `run_until`.
+const MAIN: usize = usize::MAX;
+
+impl Shared {
+    fn wake(&self, task: usize) {
+        self.ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task);
+        // SeqCst, against the runner's store of `sleeping` and its check
+        // of the queue: either it sees the task or this sees it sleeping.
+        if self.sleeping.load(Ordering::SeqCst) {
+            // Full (a ring is pending already) or closed: nothing to add.
+            let _ = (&self.ring).write(&[1]);
+        }
+    }
+}
+
+/// Wakes one task of a runner.
+struct TaskWaker {
+    task: usize,
+    shared: Arc<Shared>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.shared.wake(self.task);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.shared.wake(self.task);
+    }
+}
+
+/// One spawned task.
+struct Task {
+    future: LocalFutureObj<'static, ()>,
+    waker: Waker,
+}
+
+/// Tasks spawned and not yet taken into the runner's table.
+#[derive(Default)]
+struct Spawned(RefCell<Vec<LocalFutureObj<'static, ()>>>);
+
+/// A single-threaded executor for RPC systems over shared memory, without
+/// tokio. It sleeps in one `poll(2)` on the descriptors of every
+/// connection that waits (and on a wake-up socket, for wakers called from
+/// other threads), so an idle connection uses no CPU. Spawn the
+/// `RpcSystem` and other `!Send` tasks with [`spawner`](Runner::spawner)
+/// (`futures::task::LocalSpawnExt`), then drive a future with
+/// [`run_until`](Runner::run_until).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::task::LocalSpawnExt;
+///
+/// let mut runner = capnp_shm_rpc::Runner::new();
+/// let handle = runner.spawner().spawn_local_with_handle(async { 6 * 7 })?;
+/// assert_eq!(runner.run_until(handle), 42);
+/// # Ok(()) }
+/// ```
+pub struct Runner {
+    reactor: Rc<Reactor>,
+    shared: Arc<Shared>,
+    /// Read end of `shared.ring`.
+    wakeup: UnixStream,
+    spawned: Rc<Spawned>,
+    tasks: Vec<Option<Task>>,
+    /// Free slots of `tasks`.
+    free: Vec<usize>,
+    /// Reused: the ready tasks of one round.
+    round: Vec<usize>,
+}
+
+impl fmt::Debug for Runner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("reactor", &self.reactor)
+            .field("tasks", &(self.tasks.len() - self.free.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Runner {
+    fn default() -> Runner {
+        Runner::new()
+    }
+}
+
+/// Spawns tasks onto a [`Runner`]; from [`Runner::spawner`]. Implements
+/// `futures::task::LocalSpawn`, so `LocalSpawnExt::spawn_local` works.
+#[derive(Clone)]
+pub struct Spawner(Rc<Spawned>);
+
+impl fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spawner").finish_non_exhaustive()
+    }
+}
+
+impl LocalSpawn for Spawner {
+    fn spawn_local_obj(&self, future: LocalFutureObj<'static, ()>) -> Result<(), SpawnError> {
+        self.0 .0.borrow_mut().push(future);
+        Ok(())
+    }
+}
+
+impl Runner {
+    /// A runner with no tasks.
+    ///
+    /// # Panics
+    ///
+    /// When the wake-up socket pair cannot be made (out of descriptors).
+    pub fn new() -> Runner {
+        let (ring, wakeup) = UnixStream::pair().expect("capnp-shm-rpc runner: socketpair");
+        ring.set_nonblocking(true).expect("nonblocking");
+        wakeup.set_nonblocking(true).expect("nonblocking");
+        Runner {
+            reactor: Rc::new(Reactor::default()),
+            shared: Arc::new(Shared {
+                ready: Mutex::new(Vec::new()),
+                sleeping: AtomicBool::new(false),
+                ring,
+            }),
+            wakeup,
+            spawned: Rc::new(Spawned::default()),
+            tasks: Vec::new(),
+            free: Vec::new(),
+            round: Vec::new(),
+        }
+    }
+
+    /// Spawns tasks onto this runner.
+    pub fn spawner(&self) -> Spawner {
+        Spawner(Rc::clone(&self.spawned))
+    }
+
+    /// Runs the spawned tasks and `future` until `future` completes, and
+    /// returns its output; sleeps in `poll(2)` whenever nothing can run.
+    /// Tasks left unfinished stay for the next call.
+    ///
+    /// # Panics
+    ///
+    /// When `poll(2)` fails (it does not for valid descriptors), or when
+    /// called from inside a task of a runner.
+    pub fn run_until<F: Future>(&mut self, future: F) -> F::Output {
+        let _current = Current::enter(&self.reactor);
+        let waker = Waker::from(Arc::new(TaskWaker {
+            task: MAIN,
+            shared: Arc::clone(&self.shared),
+        }));
+        let mut future = pin!(future);
+        let mut main_ready = true;
+        loop {
+            if main_ready {
+                main_ready = false;
+                if let Poll::Ready(output) = future.as_mut().poll(&mut Context::from_waker(&waker))
+                {
+                    return output;
+                }
+            }
+            self.adopt_spawned();
+            let mut round = std::mem::take(&mut self.round);
+            round.clear();
+            round.append(
+                &mut self
+                    .shared
+                    .ready
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if round.is_empty() && self.spawned.0.borrow().is_empty() {
+                self.sleep();
+            }
+            for &task in &round {
+                if task == MAIN {
+                    main_ready = true;
+                } else {
+                    self.poll_task(task);
+                }
+            }
+            self.round = round;
+        }
+    }
+
+    /// Takes newly spawned tasks into the table, each ready to run.
+    fn adopt_spawned(&mut self) {
+        let spawned = std::mem::take(&mut *self.spawned.0.borrow_mut());
+        for future in spawned {
+            let task = self.free.pop().unwrap_or_else(|| {
+                self.tasks.push(None);
+                self.tasks.len() - 1
+            });
+            let waker = Waker::from(Arc::new(TaskWaker {
+                task,
+                shared: Arc::clone(&self.shared),
+            }));
+            self.tasks[task] = Some(Task { future, waker });
+            self.shared.wake(task);
+        }
+    }
+
+    fn poll_task(&mut self, task: usize) {
+        // A wake may name a task that finished since.
+        let Some(Some(t)) = self.tasks.get_mut(task) else {
+            return;
+        };
+        let waker = t.waker.clone();
+        if Pin::new(&mut t.future)
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            self.tasks[task] = None;
+            self.free.push(task);
+        }
+    }
+
+    /// Sleeps until a connection's descriptor fires or a waker rings.
+    fn sleep(&self) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let idle = self
+            .shared
+            .ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if idle {
+            if let Err(e) = self.reactor.wait(self.wakeup.as_fd()) {
+                panic!("capnp-shm-rpc runner: poll(2) failed: {e}");
+            }
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        // Read away the rings (nonblocking: stops at WouldBlock).
+        let mut buf = [0u8; 64];
+        while matches!((&self.wakeup).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// Makes a reactor this thread's current one for a scope.
+struct Current;
+
+impl Current {
+    fn enter(reactor: &Rc<Reactor>) -> Current {
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            assert!(
+                c.is_none(),
+                "capnp_shm_rpc::Runner::run_until called inside a runner"
+            );
+            *c = Some(Rc::clone(reactor));
+        });
+        Current
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}

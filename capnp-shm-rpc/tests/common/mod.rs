@@ -1,0 +1,129 @@
+//! The RPC tests' harness: a key-value server in a forked child over a
+//! `capnp-shm` channel, a client driven by the built-in runner, and the
+//! core crate's watchdog and process helpers.
+#![allow(dead_code)]
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+use capnp_shm::{Channel, Options};
+use capnp_shm_rpc::{NetworkOptions, Runner, ShmNetwork};
+use futures::task::LocalSpawnExt;
+
+#[path = "../../../tests/common/mod.rs"]
+mod core_common;
+pub use core_common::{die_with_parent, fork, Child, Watchdog};
+
+use crate::kv_capnp::{key_value, watcher};
+use crate::kv_service::KeyValue;
+
+/// How long any one test may run before the watchdog aborts it.
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+/// Serves the key-value store on `channel` until the client disconnects;
+/// returns the exit code: 0 for a clean end.
+pub fn serve(channel: Channel, options: NetworkOptions) -> i32 {
+    serve_with(channel, options, None)
+}
+
+/// As [`serve`]; at start, calls the client's bootstrap watcher with
+/// `("server", b"up")` when `greet` is set.
+pub fn serve_with(channel: Channel, options: NetworkOptions, greet: Option<()>) -> i32 {
+    let mut runner = Runner::new();
+    let network = ShmNetwork::with_options(channel, Side::Server, options);
+    let counters = network.counters();
+    let service = KeyValue::with_stats(Box::new(move || {
+        let s = counters.get();
+        (s.received_in_place, s.copied_out)
+    }));
+    let client: key_value::Client = capnp_rpc::new_client(service);
+    let mut system = RpcSystem::new(Box::new(network), Some(client.client));
+    if greet.is_some() {
+        let theirs: watcher::Client = system.bootstrap(Side::Client);
+        let spawner = runner.spawner();
+        spawner
+            .spawn_local(async move {
+                let mut req = theirs.changed_request();
+                req.get().set_key("server");
+                req.get().set_value(b"up");
+                let _ = req.send().promise.await;
+            })
+            .expect("spawn");
+    }
+    match runner.run_until(system) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("server: {e}");
+            1
+        }
+    }
+}
+
+/// A server in a forked child, and the parent's end of its channel.
+pub fn spawn_server(channel_options: &Options, options: NetworkOptions) -> (Channel, Child) {
+    spawn_server_with(channel_options, options, None)
+}
+
+/// As [`spawn_server`], with `greet` as for [`serve_with`].
+pub fn spawn_server_with(
+    channel_options: &Options,
+    options: NetworkOptions,
+    greet: Option<()>,
+) -> (Channel, Child) {
+    let (a, b) = Channel::pair_with(channel_options).expect("pair");
+    // The closure is dropped unrun in the parent: it only borrows the ends.
+    let ours = RefCell::new(Some(a));
+    let theirs = RefCell::new(Some(b));
+    let child = fork(|| {
+        die_with_parent();
+        drop(ours.take());
+        serve_with(theirs.take().expect("the server's end"), options, greet)
+    });
+    drop(theirs);
+    (ours.take().expect("our end"), child)
+}
+
+/// The client's side: a runner with the RPC system spawned in it, and the
+/// server's bootstrap capability.
+pub struct Client {
+    pub runner: Runner,
+    pub kv: key_value::Client,
+    /// Resolves once the connection has been shut down cleanly.
+    pub disconnector: Pin<Box<dyn Future<Output = Result<(), capnp::Error>>>>,
+    pub counters: capnp_shm_rpc::Counters,
+}
+
+/// Connects a client on `channel`, offering `bootstrap` to the server.
+pub fn client(
+    channel: Channel,
+    options: NetworkOptions,
+    bootstrap: Option<capnp::capability::Client>,
+) -> Client {
+    let runner = Runner::new();
+    let network = ShmNetwork::with_options(channel, Side::Client, options);
+    let counters = network.counters();
+    let mut system = RpcSystem::new(Box::new(network), bootstrap);
+    let kv: key_value::Client = system.bootstrap(Side::Server);
+    let disconnector = Box::pin(system.get_disconnector());
+    runner
+        .spawner()
+        .spawn_local(async move {
+            let _ = system.await;
+        })
+        .expect("spawn");
+    Client {
+        runner,
+        kv,
+        disconnector,
+        counters,
+    }
+}
+
+/// A server in a child and a client here, with default options.
+pub fn connected() -> (Client, Child) {
+    let (channel, child) = spawn_server(&Options::new(), NetworkOptions::new());
+    (client(channel, NetworkOptions::new(), None), child)
+}

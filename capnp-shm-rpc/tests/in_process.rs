@@ -1,0 +1,94 @@
+//! Both vats in one process, on one runner (and under tokio).
+
+#[path = "../schema/kv_capnp.rs"]
+#[allow(clippy::all, unused, missing_docs, missing_debug_implementations)]
+mod kv_capnp;
+#[path = "../schema/kv_service.rs"]
+#[allow(dead_code)]
+mod kv_service;
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+use capnp_shm_rpc::{Runner, ShmNetwork};
+use futures::task::LocalSpawnExt;
+
+use kv_capnp::key_value;
+
+#[test]
+fn both_vats_on_one_runner() {
+    let (a, b) = capnp_shm::Channel::pair().expect("pair");
+    let mut runner = Runner::new();
+    let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
+    let server = RpcSystem::new(
+        Box::new(ShmNetwork::new(a, Side::Server)),
+        Some(service.client),
+    );
+    runner
+        .spawner()
+        .spawn_local(async move {
+            let _ = server.await;
+        })
+        .expect("spawn");
+    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
+    let kv: key_value::Client = client.bootstrap(Side::Server);
+    runner
+        .spawner()
+        .spawn_local(async move {
+            let _ = client.await;
+        })
+        .expect("spawn");
+    let echoed = runner.run_until(async move {
+        let mut req = kv.echo_request();
+        req.get().set_data(b"in process");
+        let reply = req.send().promise.await?;
+        Ok::<Vec<u8>, capnp::Error>(reply.get()?.get_data()?.to_vec())
+    });
+    assert_eq!(echoed.expect("echo"), b"in process");
+}
+
+/// The same under tokio: both vats in one `LocalSet`, woken through
+/// tokio's reactor on the channels' descriptors.
+#[cfg(feature = "tokio")]
+#[test]
+fn both_vats_under_tokio() {
+    let (a, b) = capnp_shm::Channel::pair().expect("pair");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let sums = local.block_on(&rt, async move {
+        let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
+        let server = RpcSystem::new(
+            Box::new(ShmNetwork::new(a, Side::Server)),
+            Some(service.client),
+        );
+        tokio::task::spawn_local(server);
+        let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
+        let kv: key_value::Client = client.bootstrap(Side::Server);
+        tokio::task::spawn_local(client);
+        let mut sums = Vec::new();
+        // Enough round trips that both sides sleep and wake many times.
+        for n in 0..200u32 {
+            let mut req = kv.blob_request();
+            req.get().set_bytes(n * 100);
+            let reply = req.send().promise.await?;
+            sums.push(
+                reply
+                    .get()?
+                    .get_data()?
+                    .iter()
+                    .map(|&b| u64::from(b))
+                    .sum::<u64>(),
+            );
+        }
+        Ok::<Vec<u64>, capnp::Error>(sums)
+    });
+    let expected: Vec<u64> = (0..200usize)
+        .map(|n| {
+            (0..n * 100)
+                .map(|i| u64::from(kv_service::blob_byte(i)))
+                .sum()
+        })
+        .collect();
+    assert_eq!(sums.expect("calls"), expected);
+}
