@@ -587,8 +587,9 @@ impl Sender {
     /// `Disconnected`; sends here and there fail with `Disconnected` from
     /// now on. Messages either side holds stay readable. Dropping the whole
     /// end does the same; this is for owners that outlive their stream,
-    /// such as an RPC connection after `shutdown`. Only the process that
-    /// owns the end announces it.
+    /// such as an RPC connection after `shutdown`. In a process that does
+    /// not own the end (a copy inherited across `fork` by the other side),
+    /// it does nothing.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -604,7 +605,7 @@ impl Sender {
     /// # Ok(()) }
     /// ```
     pub fn close(&self) {
-        self.side.link().close_now();
+        self.side.link().close_asked();
     }
 
     /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
@@ -764,6 +765,15 @@ impl Receiver {
         self.side.disarm();
     }
 
+    /// Whether [`try_recv`](Receiver::try_recv) would now return something
+    /// other than `Empty` (a message, the end of the channel, a failure):
+    /// a few loads of shared memory, no system call, nothing armed. For
+    /// event loops that look for work for a while before they
+    /// [`arm`](Receiver::arm) and sleep.
+    pub fn is_ready(&self) -> bool {
+        self.side.ready()
+    }
+
     /// The address range of the peer's region as mapped here. Received
     /// segments read in place lie inside it. (It is followed by 1 MiB of
     /// read-only zero pages; see the README's trust model.)
@@ -888,6 +898,11 @@ impl SharedReceiver {
     /// As [`Receiver::disarm`].
     pub fn disarm(&self) {
         self.side.disarm();
+    }
+
+    /// As [`Receiver::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.side.ready()
     }
 
     /// As [`Receiver::stats`].

@@ -281,6 +281,15 @@ impl<W: Word> Link<W> {
         }
     }
 
+    /// [`close_now`](Self::close_now), asked for by the application: claims
+    /// the end first if no call has yet (an end claimed by another process
+    /// stays untouched).
+    pub(crate) fn close_asked(&self) {
+        if self.owner.claim(self.own.owner()).is_ok() {
+            self.close_now();
+        }
+    }
+
     /// Whether this end has announced its close.
     pub(crate) fn closed_here(&self) -> bool {
         self.closed_here.load(Ordering::Relaxed)

@@ -184,3 +184,87 @@ fn an_event_loop_loses_no_wake_up_in_either_direction() {
     assert!(waits > 0, "the loop never waited: the test proved nothing");
     eprintln!("{waits} waits, all rung");
 }
+
+#[test]
+fn is_ready_tells_a_message_and_the_end_without_a_system_call() {
+    let _dog = Watchdog::new(Duration::from_secs(30));
+    let (a, b) = Channel::pair().unwrap();
+    let rx = b.receiver();
+    assert!(!rx.is_ready());
+    let mut kept = capnp::message::Builder::new_default();
+    kept.set_root(capnp::text::Reader::from("copied")).unwrap();
+    a.sender().send_copy(&kept).unwrap();
+    assert!(rx.is_ready());
+    let m = rx.try_recv().unwrap();
+    assert_eq!(
+        m.get_root::<capnp::text::Reader<'_>>()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "copied"
+    );
+    drop(m);
+    assert!(!rx.is_ready());
+    // The heap builder is still the caller's, whole.
+    assert_eq!(
+        kept.get_root_as_reader::<capnp::text::Reader<'_>>()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "copied"
+    );
+    a.sender().close();
+    assert!(rx.is_ready(), "the end counts as ready");
+    assert!(matches!(rx.try_recv(), Err(TryRecvError::Disconnected)));
+}
+
+#[test]
+fn try_send_copy_says_full_and_sends_once_room_is_freed() {
+    let _dog = Watchdog::new(Duration::from_secs(30));
+    let (a, b) = Channel::pair_with(&Options::new().ring_capacity(2)).unwrap();
+    let mut kept = capnp::message::Builder::new_default();
+    kept.set_root(capnp::text::Reader::from("again")).unwrap();
+    let tx = a.sender();
+    tx.try_send_copy(&kept).unwrap();
+    tx.try_send_copy(&kept).unwrap();
+    let held: Vec<_> = (0..2).map(|_| b.try_recv().unwrap()).collect();
+    assert!(matches!(
+        tx.try_send_copy(&kept),
+        Err(TrySendError::Full(()))
+    ));
+    drop(held);
+    tx.try_send_copy(&kept).unwrap();
+    assert_eq!(
+        b.try_recv()
+            .unwrap()
+            .get_root::<capnp::text::Reader<'_>>()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "again"
+    );
+}
+
+#[test]
+fn a_closed_sender_is_seen_by_a_poll_readable_waiter() {
+    let _dog = Watchdog::new(Duration::from_secs(30));
+    let (a, b) = Channel::pair().unwrap();
+    let (tx, rx) = a.split();
+    assert_eq!(b.receiver().arm().unwrap(), Readiness::Armed);
+    let mut ready = [false];
+    assert_eq!(
+        capnp_shm::poll_readable(&[b.as_fd()], &mut ready, Some(Duration::ZERO)).unwrap(),
+        0
+    );
+    tx.close();
+    assert_eq!(
+        capnp_shm::poll_readable(&[b.as_fd()], &mut ready, None).unwrap(),
+        1
+    );
+    assert!(ready[0]);
+    b.receiver().disarm();
+    assert!(matches!(b.recv(), Err(RecvError::Disconnected)));
+    // The other direction stays readable until the halves go: the end
+    // still holds its receiver.
+    drop(rx);
+}

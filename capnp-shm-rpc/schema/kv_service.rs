@@ -131,8 +131,8 @@ impl key_value::Server for KeyValue {
         {
             let mut gathering = self.gathering.borrow_mut();
             gathering.push(tx);
-            if gathering.len() as u32 >= count {
-                let n = gathering.len() as u32;
+            let n = u32::try_from(gathering.len()).unwrap_or(u32::MAX);
+            if n >= count {
                 for waiting in gathering.drain(..) {
                     let _ = waiting.send(n);
                 }
@@ -209,7 +209,7 @@ impl key_value::Server for KeyValue {
 
 /// Byte `i` of a `blob` result.
 pub fn blob_byte(i: usize) -> u8 {
-    (i % 251) as u8
+    u8::try_from(i % 251).unwrap_or(0)
 }
 
 /// A counter capability.

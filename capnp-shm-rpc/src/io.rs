@@ -59,6 +59,12 @@ impl Wake for FanOut {
 pub(crate) trait Watched {
     fn fd(&self) -> BorrowedFd<'_>;
     fn io(&self) -> &Io;
+    /// Whether a waiting task would find work now: loads only, no system
+    /// call (the runner looks while it spins).
+    fn ready_hint(&self) -> bool;
+    /// Arms what waits unarmed (the runner's last step before it sleeps);
+    /// `true` when that found work after all.
+    fn arm_for_sleep(&self) -> bool;
 }
 
 #[derive(Debug)]
@@ -101,9 +107,22 @@ impl Io {
         self.fanout.fire();
     }
 
+    /// Whether the driver of this thread looks for work before it sleeps
+    /// (the built-in runner): then a waiting task need not arm its channel
+    /// itself; the runner arms it through [`Watched::arm_for_sleep`] when
+    /// it is about to sleep.
+    pub(crate) fn arms_late<T: Watched + 'static>(&self, owner: &Rc<T>) -> io::Result<bool> {
+        let mut driver = self.driver.borrow_mut();
+        if matches!(*driver, Driver::Unchosen) {
+            *driver = choose(owner.fd())?;
+        }
+        Ok(matches!(*driver, Driver::Runner(_)))
+    }
+
     /// Waits for the descriptor of `owner` (whose `io()` this is) after the
-    /// caller armed the channel: `Ready` when it may have fired already
-    /// (check again), `Pending` with `cx` registered otherwise.
+    /// caller armed the channel (or left that to the runner; see
+    /// [`arms_late`](Self::arms_late)): `Ready` when it may have fired
+    /// already (check again), `Pending` with `cx` registered otherwise.
     pub(crate) fn poll_ready<T: Watched + 'static>(
         &self,
         owner: &Rc<T>,

@@ -56,4 +56,4 @@ mod runner;
 
 pub use capnp_rpc::rpc_twoparty_capnp::Side;
 pub use network::{Counters, NetworkOptions, NetworkStats, ShmNetwork};
-pub use runner::{Runner, Spawner};
+pub use runner::{Runner, Spawner, DEFAULT_SPIN};

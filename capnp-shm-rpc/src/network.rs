@@ -181,6 +181,7 @@ impl ShmNetwork {
             failure: RefCell::new(None),
             shutdown: Cell::new(false),
             rx_armed: Cell::new(false),
+            rx_waiting: Cell::new(false),
             tx_armed: Cell::new(false),
             handles: Cell::new(0),
             counters,
@@ -224,6 +225,9 @@ impl capnp_rpc::VatNetwork<Side> for ShmNetwork {
     }
 }
 
+/// The largest first segment an outgoing message gets: 1 KiB.
+const FIRST_SEGMENT_WORDS_MAX: u32 = 128;
+
 /// A message waiting for room in the peer's ring or region.
 struct Queued {
     message: Rc<Builder<HeapAllocator>>,
@@ -246,6 +250,8 @@ struct Inner {
     shutdown: Cell<bool>,
     /// The receive loop and the writer have asked the peer to ring.
     rx_armed: Cell<bool>,
+    /// The receive loop waits, unarmed, under the runner.
+    rx_waiting: Cell<bool>,
     tx_armed: Cell<bool>,
     /// Live [`Connection`] handles; the writer ends when none is left.
     handles: Cell<usize>,
@@ -259,6 +265,24 @@ impl Watched for Inner {
 
     fn io(&self) -> &Io {
         &self.io
+    }
+
+    fn ready_hint(&self) -> bool {
+        self.rx_waiting.get() && self.rx.is_ready()
+    }
+
+    fn arm_for_sleep(&self) -> bool {
+        if !self.rx_waiting.get() || self.rx_armed.get() {
+            return false;
+        }
+        match self.rx.arm() {
+            Ok(Readiness::Armed) => {
+                self.rx_armed.set(true);
+                false
+            }
+            // Something came, or a failure the receive loop should see.
+            Ok(Readiness::Ready) | Err(_) => true,
+        }
     }
 }
 
@@ -416,7 +440,14 @@ impl Inner {
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(e),
             }
-            if !self.rx_armed.get() {
+            let arms_late = match self.io.arms_late(self) {
+                Ok(late) => late,
+                Err(e) => return Poll::Ready(Err(self.fail(io_error(&e)))),
+            };
+            if arms_late {
+                // The runner looks, and arms before it sleeps.
+                self.rx_waiting.set(true);
+            } else if !self.rx_armed.get() {
                 match self.rx.arm() {
                     Ok(Readiness::Ready) => continue,
                     Ok(Readiness::Armed) => self.rx_armed.set(true),
@@ -552,7 +583,12 @@ impl capnp_rpc::Connection<Side> for Connection {
         &mut self,
         first_segment_word_size: u32,
     ) -> Box<dyn capnp_rpc::OutgoingMessage> {
-        let allocator = HeapAllocator::new().first_segment_words(first_segment_word_size.max(64));
+        // capnp-rpc asks 1024 words (8 KiB, zeroed by the allocator) for
+        // every call; most need a few dozen. A smaller first segment saves
+        // the zeroing, and a larger message just gets a second segment
+        // (copied into the region like the first).
+        let words = first_segment_word_size.clamp(16, FIRST_SEGMENT_WORDS_MAX);
+        let allocator = HeapAllocator::new().first_segment_words(words);
         Box::new(Outgoing {
             message: Builder::new(allocator),
             inner: Rc::clone(&self.inner),

@@ -2,10 +2,13 @@
 
 #[path = "../schema/kv_capnp.rs"]
 #[allow(clippy::all, unused, missing_docs, missing_debug_implementations)]
+#[rustfmt::skip]
 mod kv_capnp;
 #[path = "../schema/kv_service.rs"]
 #[allow(dead_code)]
 mod kv_service;
+
+mod common;
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use capnp_shm_rpc::{Runner, ShmNetwork};
@@ -15,6 +18,7 @@ use kv_capnp::key_value;
 
 #[test]
 fn both_vats_on_one_runner() {
+    let _dog = common::Watchdog::new(common::LIMIT);
     let (a, b) = capnp_shm::Channel::pair().expect("pair");
     let mut runner = Runner::new();
     let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
@@ -50,6 +54,7 @@ fn both_vats_on_one_runner() {
 #[cfg(feature = "tokio")]
 #[test]
 fn both_vats_under_tokio() {
+    let _dog = common::Watchdog::new(common::LIMIT);
     let (a, b) = capnp_shm::Channel::pair().expect("pair");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()

@@ -5,6 +5,7 @@
 
 #[path = "../schema/kv_capnp.rs"]
 #[allow(clippy::all, unused, missing_docs, missing_debug_implementations)]
+#[rustfmt::skip]
 mod kv_capnp;
 #[path = "../schema/kv_service.rs"]
 #[allow(dead_code)]
@@ -381,4 +382,37 @@ fn clean_shutdown_ends_both_rpc_systems() {
         .expect("disconnect");
     // The server's RpcSystem finished without error: exit code 0.
     assert_eq!(child.wait(), 0);
+}
+
+/// The same killed server, with the client under tokio: the hang-up wakes
+/// tokio's reactor on the channel's descriptor.
+#[cfg(feature = "tokio")]
+#[test]
+fn under_tokio_a_killed_server_fails_pending_calls() {
+    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+    let _dog = Watchdog::new(LIMIT);
+    let (channel, child) = spawn_server(&Options::new(), NetworkOptions::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let victim = &child;
+    let kinds = rt.block_on(async move {
+        let network = capnp_shm_rpc::ShmNetwork::new(channel, Side::Client);
+        let mut system = RpcSystem::new(Box::new(network), None);
+        let kv: kv_capnp::key_value::Client = system.bootstrap(Side::Server);
+        let calls = async move {
+            let mut req = kv.echo_request();
+            req.get().set_data(b"before");
+            let reply = req.send().promise.await.expect("echo");
+            assert_eq!(reply.get().unwrap().get_data().unwrap(), b"before");
+            let pending = kv.hang_request().send().promise;
+            kv.ping_request().send().promise.await.expect("ping");
+            victim.kill();
+            vec![pending.await.err().map(|e| e.kind)]
+        };
+        futures::future::join(calls, system).await.0
+    });
+    assert_eq!(kinds, vec![Some(ErrorKind::Disconnected)]);
+    assert_eq!(child.wait(), 128 + libc::SIGKILL);
 }

@@ -31,6 +31,15 @@
 )]
 #[rustfmt::skip]
 mod bench_capnp;
+// The RPC rows' service, shared with capnp-shm-rpc's tests and examples.
+#[path = "../../capnp-shm-rpc/schema/kv_capnp.rs"]
+#[allow(clippy::all, unused, missing_docs, missing_debug_implementations)]
+#[rustfmt::skip]
+mod kv_capnp;
+#[path = "../../capnp-shm-rpc/schema/kv_service.rs"]
+#[allow(dead_code)]
+mod kv_service;
+mod rpc;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -907,6 +916,8 @@ fn to_svg(latency: &Series, bandwidth: &Series, note: &str) -> String {
 
 struct Args {
     quick: bool,
+    /// Only the RPC rows.
+    rpc_only: bool,
     /// Whole runs of every workload, one after another.
     runs: usize,
     json: Option<String>,
@@ -916,6 +927,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         quick: false,
+        rpc_only: false,
         runs: 1,
         json: None,
         svg: None,
@@ -924,6 +936,7 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--rpc" => args.rpc_only = true,
             "--runs" => {
                 args.runs = it
                     .next()
@@ -934,7 +947,7 @@ fn parse_args() -> Result<Args, String> {
             "--json" => args.json = Some(it.next().ok_or("--json needs a path")?),
             "--svg" => args.svg = Some(it.next().ok_or("--svg needs a path")?),
             "-h" | "--help" => {
-                println!("usage: bench [--quick] [--runs N] [--json PATH] [--svg PATH]");
+                println!("usage: bench [--quick] [--rpc] [--runs N] [--json PATH] [--svg PATH]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -1121,7 +1134,21 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
     let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
     let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 
-    progress.begin(3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4);
+    if args.rpc_only {
+        progress.begin(RPC_STEPS);
+        return Run {
+            rows: rpc_rows(args, progress),
+            latency: Series {
+                shm: vec![],
+                socket: vec![],
+            },
+            bandwidth: Series {
+                shm: vec![],
+                socket: vec![],
+            },
+        };
+    }
+    progress.begin(3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4 + RPC_STEPS);
     let mut rows = Vec::new();
     let mut latency = Series {
         shm: vec![],
@@ -1312,11 +1339,88 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         socket: k_alloc,
         spread: None,
     });
+    rows.extend(rpc_rows(args, progress));
     Run {
         rows,
         latency,
         bandwidth,
     }
+}
+
+/// Steps of [`rpc_rows`], for the progress line.
+const RPC_STEPS: usize = 7;
+
+/// Cap'n Proto RPC: capnp-shm-rpc's network against capnp-rpc's two-party
+/// network over a Unix socket (the "socket" column), both under tokio.
+fn rpc_rows(args: &Args, progress: &mut Progress) -> Vec<Row> {
+    use rpc::Net;
+    let scale = if args.quick { 20 } else { 1 };
+    let calls = 40_000 / scale;
+    let pipelined = 200_000 / scale;
+    let big = 400 / scale;
+    let mut rows = Vec::new();
+    let mut trivial = |net: Net| {
+        progress.show(&format!("RPC trivial calls {}", net.name()));
+        let (mut t, allocs) = rpc::trivial_calls(net, calls / 10, calls);
+        t.sort_unstable();
+        ([50.0, 99.0].map(|p| percentile(&t, p)), allocs)
+    };
+    let (shm, shm_allocs) = trivial(Net::Shm);
+    let (shm_tokio, _) = trivial(Net::ShmTokio);
+    let (two, two_allocs) = trivial(Net::TwoParty);
+    for (i, p) in ["p50", "p99"].iter().enumerate() {
+        rows.push(Row {
+            workload: format!("RPC trivial call, {p}"),
+            unit: "µs",
+            lower_is_better: true,
+            shm: shm[i],
+            socket: two[i],
+            spread: None,
+        });
+    }
+    rows.push(Row {
+        workload: "RPC trivial call under tokio, p50".into(),
+        unit: "µs",
+        lower_is_better: true,
+        shm: shm_tokio[0],
+        socket: two[0],
+        spread: None,
+    });
+    let mut window = |net: Net| {
+        progress.show(&format!("RPC pipelined calls {}", net.name()));
+        rpc::pipelined_calls(net, 100, pipelined)
+    };
+    rows.push(Row {
+        workload: "RPC pipelined calls (100 in flight)".into(),
+        unit: "calls/s",
+        lower_is_better: false,
+        shm: window(Net::Shm),
+        socket: window(Net::TwoParty),
+        spread: None,
+    });
+    let mut blob = |net: Net| {
+        progress.show(&format!("RPC 1 MiB results {}", net.name()));
+        let mut t = rpc::large_results(net, 1 << 20, big);
+        t.sort_unstable();
+        percentile(&t, 50.0)
+    };
+    rows.push(Row {
+        workload: "RPC call with 1 MiB result, p50".into(),
+        unit: "µs",
+        lower_is_better: true,
+        shm: blob(Net::Shm),
+        socket: blob(Net::TwoParty),
+        spread: None,
+    });
+    rows.push(Row {
+        workload: "RPC heap allocs / trivial call".into(),
+        unit: "allocs",
+        lower_is_better: true,
+        shm: shm_allocs,
+        socket: two_allocs,
+        spread: None,
+    });
+    rows
 }
 
 fn size_label(size: usize) -> String {
