@@ -416,3 +416,58 @@ fn under_tokio_a_killed_server_fails_pending_calls() {
     assert_eq!(kinds, vec![Some(ErrorKind::Disconnected)]);
     assert_eq!(child.wait(), 128 + libc::SIGKILL);
 }
+
+/// Connected through a listener by path: two servers' worth of clients,
+/// each a process of its own, served by one process, one RPC system per
+/// accepted channel on one runner.
+#[test]
+fn a_listener_serves_rpc_clients_in_other_processes() {
+    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+    use futures::task::LocalSpawnExt;
+    let _dog = Watchdog::new(LIMIT);
+    let dir = std::env::temp_dir().join(format!("capnp-shm-rpc-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("kv.sock");
+    let listener = capnp_shm::Listener::bind(&path).expect("bind");
+    let clients: Vec<_> = (0..2u8)
+        .map(|n| {
+            let path = path.clone();
+            common::fork(move || {
+                common::die_with_parent();
+                let channel = capnp_shm::Channel::connect(&path).expect("connect");
+                let mut c = client(channel, NetworkOptions::new(), None);
+                let kv = c.kv.clone();
+                let echoed = c.runner.run_until(async move {
+                    let mut req = kv.echo_request();
+                    req.get().set_data(&[n; 100]);
+                    let reply = req.send().promise.await?;
+                    Ok::<Vec<u8>, capnp::Error>(reply.get()?.get_data()?.to_vec())
+                });
+                i32::from(echoed.ok() != Some(vec![n; 100]))
+            })
+        })
+        .collect();
+    let mut runner = capnp_shm_rpc::Runner::new();
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let channel = listener.accept().expect("accept");
+        let service: kv_capnp::key_value::Client =
+            capnp_rpc::new_client(kv_service::KeyValue::default());
+        let network = capnp_shm_rpc::ShmNetwork::new(channel, Side::Server);
+        let system = RpcSystem::new(Box::new(network), Some(service.client));
+        served.push(
+            runner
+                .spawner()
+                .spawn_local_with_handle(system)
+                .expect("spawn"),
+        );
+    }
+    // Each system ends when its client goes; every client checked its echo.
+    for r in runner.run_until(futures::future::join_all(served)) {
+        r.expect("served cleanly");
+    }
+    for child in clients {
+        assert_eq!(child.wait(), 0);
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
