@@ -613,6 +613,14 @@ impl Sender {
         self.side.disarm();
     }
 
+    /// Whether a send that found no room ([`TrySendError::Full`]) could find
+    /// some now: the peer has released a message since, or the channel
+    /// ended. A few loads of shared memory, no system call, nothing armed:
+    /// the sending counterpart of [`Receiver::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.side.ready()
+    }
+
     /// What this half has sent, and what the peer holds of it: a send that
     /// waits while `held_by_peer` is at `held_limit` waits for the peer to
     /// drop messages; one that waits with room left in the ring waits for

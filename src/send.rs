@@ -609,6 +609,19 @@ impl<W: Word> SendSide<W> {
         }
     }
 
+    /// Whether a send that found no room could find some now: the peer
+    /// released a message not yet reclaimed, or the end closed or failed.
+    /// Loads only.
+    pub(crate) fn ready(&self) -> bool {
+        let link = &*self.link;
+        let state = self.state.borrow();
+        let cond = SpaceFreed {
+            link,
+            seen: state.books.releases.reclaimed(),
+        };
+        cond.ready() || link.peer_closed() || link.enter().is_err()
+    }
+
     // ---- sending -----------------------------------------------------------
 
     /// Publishes `segments` (capnp's output of one message, at least one),

@@ -172,8 +172,11 @@ impl key_value::Server for KeyValue {
     ) -> Result<(), Error> {
         let bytes = params.get()?.get_bytes();
         let data = results.get().init_data(bytes);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = blob_byte(i);
+        // A copy per 251 bytes rather than a division per byte: the result
+        // is made at memory speed, so the transports' costs show.
+        let pattern: Vec<u8> = (0..251).map(blob_byte).collect();
+        for chunk in data.chunks_mut(251) {
+            chunk.copy_from_slice(&pattern[..chunk.len()]);
         }
         Ok(())
     }

@@ -112,11 +112,26 @@ impl Io {
     /// itself; the runner arms it through [`Watched::arm_for_sleep`] when
     /// it is about to sleep.
     pub(crate) fn arms_late<T: Watched + 'static>(&self, owner: &Rc<T>) -> io::Result<bool> {
+        self.choose_now(owner)?;
+        Ok(matches!(*self.driver.borrow(), Driver::Runner(_)))
+    }
+
+    /// Chooses the driver at the first wait, and again when the connection
+    /// has moved: to another runner, or between a runner and tokio.
+    fn choose_now<T: Watched + 'static>(&self, owner: &Rc<T>) -> io::Result<()> {
         let mut driver = self.driver.borrow_mut();
-        if matches!(*driver, Driver::Unchosen) {
+        let current = runner::current();
+        let stale = match &*driver {
+            Driver::Unchosen => true,
+            Driver::Runner(r) => !current.as_ref().is_some_and(|c| Rc::ptr_eq(c, r)),
+            #[cfg(feature = "tokio")]
+            Driver::Tokio(_) => current.is_some(),
+        };
+        if stale {
             *driver = choose(owner.fd())?;
+            self.registered.set(false);
         }
-        Ok(matches!(*driver, Driver::Runner(_)))
+        Ok(())
     }
 
     /// Waits for the descriptor of `owner` (whose `io()` this is) after the
@@ -129,10 +144,8 @@ impl Io {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         self.fanout.add(cx.waker());
-        let mut driver = self.driver.borrow_mut();
-        if matches!(*driver, Driver::Unchosen) {
-            *driver = choose(owner.fd())?;
-        }
+        self.choose_now(owner)?;
+        let driver = self.driver.borrow();
         match &*driver {
             Driver::Unchosen => unreachable!("chosen above"),
             Driver::Runner(reactor) => {

@@ -220,8 +220,9 @@ impl capnp_rpc::VatNetwork<Side> for ShmNetwork {
     }
 
     fn drive_until_shutdown(&mut self) -> Promise<(), Error> {
-        let inner = Rc::clone(&self.inner);
-        Promise::from_future(futures::future::poll_fn(move |cx| inner.poll_drive(cx)))
+        Promise::from_future(Drive {
+            inner: Rc::clone(&self.inner),
+        })
     }
 }
 
@@ -268,21 +269,26 @@ impl Watched for Inner {
     }
 
     fn ready_hint(&self) -> bool {
-        self.rx_waiting.get() && self.rx.is_ready()
+        (self.rx_waiting.get() && self.rx.is_ready()) || (self.tx_armed.get() && self.tx.is_ready())
     }
 
     fn arm_for_sleep(&self) -> bool {
-        if !self.rx_waiting.get() || self.rx_armed.get() {
-            return false;
-        }
-        match self.rx.arm() {
-            Ok(Readiness::Armed) => {
-                self.rx_armed.set(true);
-                false
+        // Arm (or re-arm) every direction that waits: arming also reads
+        // away doorbell bytes, so the socket is quiet unless rung anew.
+        let mut ready = false;
+        if self.rx_waiting.get() {
+            match self.rx.arm() {
+                Ok(Readiness::Armed) => self.rx_armed.set(true),
+                // Something came, or a failure the receive loop should see.
+                Ok(Readiness::Ready) | Err(_) => ready = true,
             }
-            // Something came, or a failure the receive loop should see.
-            Ok(Readiness::Ready) | Err(_) => true,
         }
+        if self.tx_armed.get() && !matches!(self.tx.arm(), Ok(Readiness::Armed)) {
+            ready = true;
+        }
+        // One direction's arm may have read away the other's doorbell:
+        // check both again, without reading the socket.
+        ready || self.ready_hint()
     }
 }
 
@@ -388,8 +394,24 @@ impl Inner {
                 Poll::Ready(Ok(())) => self.disarm_tx(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(io_error(&e)))),
                 // Stays armed: the peer rings when it releases.
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.settle();
+                    return Poll::Pending;
+                }
             }
+        }
+    }
+
+    /// Called by a task about to return `Pending` (under tokio): arming and
+    /// the core's liveness polls read doorbell bytes away whichever
+    /// direction they were rung for, so look again at both armed
+    /// directions, without reading the socket, and wake every task if
+    /// either has something. A ring after this stays in the socket.
+    fn settle(&self) {
+        if (self.rx_armed.get() && self.rx.is_ready())
+            || (self.tx_armed.get() && self.tx.is_ready())
+        {
+            self.io.fanout().fire();
         }
     }
 
@@ -458,7 +480,10 @@ impl Inner {
                 Poll::Ready(Ok(())) => self.disarm_rx(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(io_error(&e)))),
                 // Stays armed: the peer rings when it publishes.
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.settle();
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -554,6 +579,55 @@ impl Drop for Ticket {
     }
 }
 
+/// The receive loop's wait for the next message. While it lives the
+/// connection counts as waiting for one; when it completes or is dropped
+/// (the RPC system stopped receiving), no longer.
+struct Receive {
+    inner: Rc<Inner>,
+}
+
+impl std::future::Future for Receive {
+    type Output = Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled = self.inner.poll_recv(cx);
+        if polled.is_ready() {
+            self.inner.rx_waiting.set(false);
+        }
+        polled
+    }
+}
+
+impl Drop for Receive {
+    fn drop(&mut self) {
+        self.inner.rx_waiting.set(false);
+        self.inner.disarm_rx();
+    }
+}
+
+/// The writer, as `drive_until_shutdown` hands it to the `RpcSystem`.
+struct Drive {
+    inner: Rc<Inner>,
+}
+
+impl std::future::Future for Drive {
+    type Output = Result<(), Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.poll_drive(cx)
+    }
+}
+
+impl Drop for Drive {
+    /// The `RpcSystem` is gone (dropped mid-flight, or finished): end the
+    /// stream now. A `Response` or `Params` the application still holds
+    /// keeps the connection's state (and the channel's mapping) alive, but
+    /// the peer must not wait for it.
+    fn drop(&mut self) {
+        self.inner.tx.close();
+    }
+}
+
 /// One side's handle on the connection, as the RPC system holds it.
 struct Connection {
     inner: Rc<Inner>,
@@ -605,8 +679,9 @@ impl capnp_rpc::Connection<Side> for Connection {
             Err(Ok(None)) => return Promise::ok(None),
             Err(result) => return Promise::from_future(futures::future::ready(result)),
         }
-        let inner = Rc::clone(&self.inner);
-        Promise::from_future(futures::future::poll_fn(move |cx| inner.poll_recv(cx)))
+        Promise::from_future(Receive {
+            inner: Rc::clone(&self.inner),
+        })
     }
 
     fn shutdown(&mut self, _result: capnp::Result<()>) -> Promise<(), Error> {

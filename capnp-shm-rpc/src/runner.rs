@@ -6,10 +6,9 @@ use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::UnixDatagram;
 use std::pin::pin;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -58,11 +57,16 @@ impl Reactor {
     /// `woken` says a waker ran: first by looking, for up to `spin`, then
     /// by arming every connection and sleeping in `poll(2)` on their
     /// descriptors and `wakeup` (which a waker on another thread rings).
+    ///
+    /// `woken` is asked during the spin; `going_to_sleep` once after it: it
+    /// announces the sleep to wakers on other threads and says whether one
+    /// has run meanwhile.
     fn wait(
         &self,
         wakeup: BorrowedFd<'_>,
         spin: Duration,
         woken: &dyn Fn() -> bool,
+        going_to_sleep: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         // Drop the registrations of connections that are gone.
         let live: Vec<_> = {
@@ -82,8 +86,11 @@ impl Reactor {
             }
             std::hint::spin_loop();
         }
+        if going_to_sleep() {
+            return Ok(());
+        }
         let fired: Vec<_> = live.iter().filter(|w| w.arm_for_sleep()).cloned().collect();
-        if !fired.is_empty() || woken() {
+        if !fired.is_empty() {
             self.fire(&fired);
             return Ok(());
         }
@@ -132,7 +139,7 @@ struct Shared {
     /// The runner is (about to be) asleep in `poll`: a waker must ring.
     sleeping: AtomicBool,
     /// Written by a waker to end the runner's sleep.
-    ring: UnixStream,
+    ring: UnixDatagram,
 }
 
 /// The task id of the future given to `run_until`.
@@ -147,8 +154,9 @@ impl Shared {
         // SeqCst, against the runner's store of `sleeping` and its check
         // of the queue: either it sees the task or this sees it sleeping.
         if self.sleeping.load(Ordering::SeqCst) {
-            // Full (a ring is pending already) or closed: nothing to add.
-            let _ = (&self.ring).write(&[1]);
+            // Full (a ring is pending already), or the runner is gone (a
+            // datagram socket then refuses, without SIGPIPE): nothing to add.
+            let _ = self.ring.send(&[1]);
         }
     }
 }
@@ -202,7 +210,7 @@ pub struct Runner {
     spin: Duration,
     shared: Arc<Shared>,
     /// Read end of `shared.ring`.
-    wakeup: UnixStream,
+    wakeup: UnixDatagram,
     spawned: Rc<Spawned>,
     tasks: Vec<Option<Task>>,
     /// Free slots of `tasks`.
@@ -251,7 +259,7 @@ impl Runner {
     ///
     /// When the wake-up socket pair cannot be made (out of descriptors).
     pub fn new() -> Runner {
-        let (ring, wakeup) = UnixStream::pair().expect("capnp-shm-rpc runner: socketpair");
+        let (ring, wakeup) = UnixDatagram::pair().expect("capnp-shm-rpc runner: socketpair");
         ring.set_nonblocking(true).expect("nonblocking");
         wakeup.set_nonblocking(true).expect("nonblocking");
         Runner {
@@ -370,30 +378,31 @@ impl Runner {
 
     /// Sleeps until a connection's descriptor fires or a waker rings.
     fn sleep(&self) {
-        self.shared.sleeping.store(true, Ordering::SeqCst);
-        let idle = self
-            .shared
-            .ready
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty();
-        if idle {
-            let woken = || {
-                !self
-                    .shared
-                    .ready
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_empty()
-            };
-            if let Err(e) = self.reactor.wait(self.wakeup.as_fd(), self.spin, &woken) {
-                panic!("capnp-shm-rpc runner: poll(2) failed: {e}");
-            }
-        }
+        let queued = || {
+            !self
+                .shared
+                .ready
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        };
+        // SeqCst, against a waker's push and its load of `sleeping`: either
+        // the queue check below sees its task or the waker sees `sleeping`
+        // and rings the wake socket, which `poll` watches.
+        let going_to_sleep = || {
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            queued()
+        };
+        let waited = self
+            .reactor
+            .wait(self.wakeup.as_fd(), self.spin, &queued, &going_to_sleep);
         self.shared.sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = waited {
+            panic!("capnp-shm-rpc runner: poll(2) failed: {e}");
+        }
         // Read away the rings (nonblocking: stops at WouldBlock).
-        let mut buf = [0u8; 64];
-        while matches!((&self.wakeup).read(&mut buf), Ok(n) if n > 0) {}
+        let mut buf = [0u8; 16];
+        while matches!(self.wakeup.recv(&mut buf), Ok(n) if n > 0) {}
     }
 }
 

@@ -471,3 +471,98 @@ fn a_listener_serves_rpc_clients_in_other_processes() {
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Many calls in flight on a small channel, both ways at once: sends queue
+/// for room (the writer armed) while replies come in (the receive loop
+/// waiting), so each direction's doorbell is read away by the other's
+/// arming again and again. Every call must return.
+fn crowded(drive: fn(&mut common::Client, kv_capnp::key_value::Client) -> u64) {
+    let _dog = Watchdog::new(LIMIT);
+    let small = Options::new().ring_capacity(8).region_size(256 << 10);
+    let (channel, child) = spawn_server(&small, NetworkOptions::new());
+    let mut c = client(channel, NetworkOptions::new(), None);
+    let kv = c.kv.clone();
+    assert_eq!(drive(&mut c, kv), 3000 * 4096);
+    assert!(c.counters.get().queued > 0, "sends waited for room");
+    drop(c);
+    assert_eq!(child.wait(), 0);
+}
+
+async fn crowd(kv: kv_capnp::key_value::Client) -> u64 {
+    let mut total = 0u64;
+    for round in 0..30u8 {
+        let calls: Vec<_> = (0..100)
+            .map(|_| {
+                let mut req = kv.echo_request();
+                req.get().set_data(&[round; 4096]);
+                req.send().promise
+            })
+            .collect();
+        for reply in futures::future::try_join_all(calls).await.expect("echo") {
+            let data = reply.get().expect("reply").get_data().expect("data");
+            assert!(data.iter().all(|&b| b == round));
+            total += data.len() as u64;
+        }
+    }
+    total
+}
+
+#[test]
+fn crowded_calls_all_return_under_the_runner() {
+    crowded(|c, kv| c.runner.run_until(crowd(kv)));
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn crowded_calls_all_return_under_tokio() {
+    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+    let _dog = Watchdog::new(LIMIT);
+    let small = Options::new().ring_capacity(8).region_size(256 << 10);
+    let (channel, child) = spawn_server(&small, NetworkOptions::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let (total, queued) = rt.block_on(async move {
+        let network = capnp_shm_rpc::ShmNetwork::new(channel, Side::Client);
+        let counters = network.counters();
+        let mut system = RpcSystem::new(Box::new(network), None);
+        let kv: kv_capnp::key_value::Client = system.bootstrap(Side::Server);
+        let disconnector = system.get_disconnector();
+        let work = async move {
+            let total = crowd(kv).await;
+            disconnector.await.expect("disconnect");
+            total
+        };
+        let total = futures::future::join(work, system).await.0;
+        (total, counters.get().queued)
+    });
+    assert_eq!(total, 3000 * 4096);
+    assert!(queued > 0, "sends waited for room");
+    assert_eq!(child.wait(), 0);
+}
+
+#[test]
+fn dropping_the_rpc_system_closes_the_channel_even_while_replies_are_held() {
+    let _dog = Watchdog::new(LIMIT);
+    let (mut c, child) = connected();
+    let kv = c.kv.clone();
+    let held = c
+        .runner
+        .run_until(async move {
+            let mut req = kv.echo_request();
+            req.get().set_data(b"kept");
+            req.send().promise.await
+        })
+        .expect("echo");
+    // The reply is read in place: it keeps the receiving side, and the
+    // channel's mapping, alive after everything else is dropped.
+    assert_eq!(c.counters.get().held, 1);
+    drop(c);
+    // The server still sees the end of the stream and finishes cleanly.
+    assert_eq!(child.wait(), 0);
+    assert_eq!(
+        held.get().expect("reply").get_data().expect("data"),
+        b"kept"
+    );
+}
