@@ -97,3 +97,46 @@ fn both_vats_under_tokio() {
         .collect();
     assert_eq!(sums.expect("calls"), expected);
 }
+
+/// A peer that speaks the channel's protocol but not Cap'n Proto RPC: a
+/// message whose root is not an RPC `Message`. The pending call fails, the
+/// RPC system ends, nothing panics or hangs, and the bad peer then sees
+/// the end of the stream.
+#[test]
+fn a_peer_sending_garbage_fails_the_calls_and_closes() {
+    let _dog = common::Watchdog::new(common::LIMIT);
+    let (raw, b) = capnp_shm::Channel::pair().expect("pair");
+    let mut runner = Runner::new();
+    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
+    let kv: key_value::Client = client.bootstrap(Side::Server);
+    let system = runner
+        .spawner()
+        .spawn_local_with_handle(client)
+        .expect("spawn");
+    let call = kv.ping_request().send().promise;
+    // Let the client send its Bootstrap and Call, then answer with a text.
+    let (reply, ()) = runner.run_until(futures::future::join(call, async {
+        // The client's first messages (Bootstrap, Call) arrive here.
+        while raw.try_recv().is_ok() {}
+        let mut m = raw.message();
+        m.set_root(capnp::text::Reader::from("not an RPC message"))
+            .expect("build");
+        raw.send(m).map_err(|e| e.into_error()).expect("send");
+    }));
+    let error = reply.err().expect("the call fails");
+    assert!(
+        error.to_string().contains("struct pointer"),
+        "the error names what could not be read: {error}"
+    );
+    // The RPC system ends. (capnp-rpc reports a peer's protocol error
+    // through the calls and the Abort it sends back, not its own result.)
+    let _ = runner.run_until(system);
+    // The client closed its end: what is left to read, then Disconnected.
+    loop {
+        match raw.recv() {
+            Ok(_) => continue,
+            Err(capnp_shm::RecvError::Disconnected) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+}
