@@ -37,9 +37,10 @@ impl FanOut {
 
     /// Wakes every waiting task.
     pub(crate) fn fire(&self) {
-        let wakers =
-            std::mem::take(&mut *self.wakers.lock().unwrap_or_else(PoisonError::into_inner));
-        for w in wakers {
+        // Woken under the lock, which keeps the vector's allocation for the
+        // next wait; no waker calls back into `add` (only task polls do).
+        let mut wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        for w in wakers.drain(..) {
             w.wake();
         }
     }

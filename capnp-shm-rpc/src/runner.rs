@@ -36,8 +36,11 @@ pub(crate) fn current() -> Option<Rc<Reactor>> {
 #[derive(Default)]
 pub(crate) struct Reactor {
     watched: RefCell<Vec<Registration>>,
-    /// Reused between waits.
+    /// Reused between waits (a wait is on the path of every message that
+    /// finds its receiver waiting, so it allocates nothing).
     ready: RefCell<Vec<bool>>,
+    live: RefCell<Vec<Rc<dyn crate::io::Watched>>>,
+    fired: RefCell<Vec<Rc<dyn crate::io::Watched>>>,
 }
 
 impl fmt::Debug for Reactor {
@@ -68,15 +71,33 @@ impl Reactor {
         woken: &dyn Fn() -> bool,
         going_to_sleep: &dyn Fn() -> bool,
     ) -> io::Result<()> {
+        let waited = self.look_then_sleep(wakeup, spin, woken, going_to_sleep);
+        // Hold no connection between waits: a dropped one must close now.
+        self.live.borrow_mut().clear();
+        self.fired.borrow_mut().clear();
+        waited
+    }
+
+    fn look_then_sleep(
+        &self,
+        wakeup: BorrowedFd<'_>,
+        spin: Duration,
+        woken: &dyn Fn() -> bool,
+        going_to_sleep: &dyn Fn() -> bool,
+    ) -> io::Result<()> {
         // Drop the registrations of connections that are gone.
-        let live: Vec<_> = {
+        let mut live = self.live.borrow_mut();
+        live.clear();
+        {
             let mut watched = self.watched.borrow_mut();
             watched.retain(|w| w.strong_count() > 0);
-            watched.iter().filter_map(|w| w.upgrade()).collect()
-        };
+            live.extend(watched.iter().filter_map(|w| w.upgrade()));
+        }
+        let mut fired = self.fired.borrow_mut();
+        fired.clear();
         let start = Instant::now();
         loop {
-            let fired: Vec<_> = live.iter().filter(|w| w.ready_hint()).cloned().collect();
+            fired.extend(live.iter().filter(|w| w.ready_hint()).cloned());
             if !fired.is_empty() {
                 self.fire(&fired);
                 return Ok(());
@@ -89,7 +110,7 @@ impl Reactor {
         if going_to_sleep() {
             return Ok(());
         }
-        let fired: Vec<_> = live.iter().filter(|w| w.arm_for_sleep()).cloned().collect();
+        fired.extend(live.iter().filter(|w| w.arm_for_sleep()).cloned());
         if !fired.is_empty() {
             self.fire(&fired);
             return Ok(());
@@ -101,12 +122,12 @@ impl Reactor {
         ready.clear();
         ready.resize(fds.len(), false);
         capnp_shm::poll_readable(&fds, &mut ready, None)?;
-        let fired: Vec<_> = live
-            .iter()
-            .zip(ready.iter().skip(1))
-            .filter(|(_, &r)| r)
-            .map(|(w, _)| Rc::clone(w))
-            .collect();
+        fired.extend(
+            live.iter()
+                .zip(ready.iter().skip(1))
+                .filter(|(_, &r)| r)
+                .map(|(w, _)| Rc::clone(w)),
+        );
         drop(ready);
         self.fire(&fired);
         Ok(())
@@ -346,6 +367,9 @@ impl Runner {
 
     /// Takes newly spawned tasks into the table, each ready to run.
     fn adopt_spawned(&mut self) {
+        if self.spawned.0.borrow().is_empty() {
+            return;
+        }
         let spawned = std::mem::take(&mut *self.spawned.0.borrow_mut());
         for future in spawned {
             let task = self.free.pop().unwrap_or_else(|| {

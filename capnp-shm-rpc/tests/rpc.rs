@@ -566,3 +566,49 @@ fn dropping_the_rpc_system_closes_the_channel_even_while_replies_are_held() {
         b"kept"
     );
 }
+
+/// An idle connection uses no CPU: after a call, the runner spins its 50 µs
+/// and then sleeps in `poll(2)`. Sampled from another thread through
+/// `/proc`, the runner's thread is asleep (state `S`) nearly every time.
+#[test]
+fn an_idle_runner_sleeps() {
+    let _dog = Watchdog::new(LIMIT);
+    let (channel, child) = spawn_server(&Options::new(), NetworkOptions::new());
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+    let runner_thread = std::thread::spawn(move || {
+        let tid = std::fs::read_link("/proc/thread-self").expect("thread-self");
+        let mut c = client(channel, NetworkOptions::new(), None);
+        let kv = c.kv.clone();
+        c.runner.run_until(async move {
+            kv.ping_request().send().promise.await.expect("ping");
+            tid_tx.send(tid).expect("tid");
+            // Idle until told to stop (a waker from another thread).
+            let _ = stop_rx.await;
+        });
+    });
+    let tid = tid_rx.recv().expect("runner started");
+    let stat = std::path::Path::new("/proc").join(tid).join("stat");
+    std::thread::sleep(Duration::from_millis(50));
+    let mut running = 0;
+    for _ in 0..50 {
+        let s = std::fs::read_to_string(&stat).expect("stat");
+        // The state follows the command name in parentheses.
+        let state = s
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        if state != Some("S") {
+            running += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        running <= 2,
+        "the idle runner was running in {running} of 50 samples"
+    );
+    // A waker called from this thread ends the sleep.
+    stop_tx.send(()).expect("stop");
+    runner_thread.join().expect("runner thread");
+    assert_eq!(child.wait(), 0);
+}
