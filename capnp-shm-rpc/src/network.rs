@@ -453,6 +453,15 @@ impl Inner {
         self: &Rc<Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Box<dyn capnp_rpc::IncomingMessage>>, Error>> {
+        // Once capnp-rpc has shut the connection down (or dropped it), it
+        // has stopped listening but may still poll the receive it asked for
+        // from a task that outlives the connection's state; capnp-rpc 0.27
+        // panics on an end of stream reported then ("message loop outlived
+        // connection state?"). Nothing more is reported: the task is
+        // dropped with the RpcSystem, which ends as the writer does.
+        if self.shutdown.get() || self.handles.get() == 0 {
+            return Poll::Pending;
+        }
         loop {
             if let Some(e) = self.failed() {
                 return Poll::Ready(Err(e));

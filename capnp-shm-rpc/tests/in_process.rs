@@ -140,3 +140,41 @@ fn a_peer_sending_garbage_fails_the_calls_and_closes() {
         }
     }
 }
+
+/// After capnp-rpc disconnects a connection (here: the client's
+/// `Disconnector`) it drops the connection's state but may go on polling
+/// the receive it had asked for. The end of the stream must not be
+/// reported then: capnp-rpc 0.27 panics on it ("message loop outlived
+/// connection state?"). The server then going away changes nothing.
+#[test]
+fn the_end_of_the_stream_after_a_disconnect_is_not_reported() {
+    let _dog = common::Watchdog::new(common::LIMIT);
+    let (a, b) = capnp_shm::Channel::pair().expect("pair");
+    let mut runner = Runner::new();
+    let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
+    let server = RpcSystem::new(
+        Box::new(ShmNetwork::new(a, Side::Server)),
+        Some(service.client),
+    );
+    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
+    let kv: key_value::Client = client.bootstrap(Side::Server);
+    let disconnector = client.get_disconnector();
+    let client = runner
+        .spawner()
+        .spawn_local_with_handle(client)
+        .expect("spawn");
+    let server = runner
+        .spawner()
+        .spawn_local_with_handle(futures::future::abortable(server).0)
+        .expect("spawn");
+    runner
+        .run_until(async move {
+            kv.ping_request().send().promise.await?;
+            disconnector.await
+        })
+        .expect("disconnect");
+    // The server's end closes after the client's state is gone.
+    drop(server);
+    let ended = runner.run_until(client);
+    assert!(ended.is_ok(), "{ended:?}");
+}
