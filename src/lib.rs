@@ -88,6 +88,8 @@
 //! layout     the frozen shared format        handshake  hellos and checks
 //! select     wait_any                        connect, spawn  topologies
 //! error      the error types                 options    Options
+//! framing    capnp's stream framing: incremental decoder, encoder (for the
+//!            stream transport, being built)
 //! sys/       every libc call                 fault      broken variants (tests)
 //! ```
 //!
@@ -110,6 +112,7 @@ mod connect;
 mod deadline;
 mod error;
 mod fault;
+mod framing;
 mod free;
 mod handshake;
 mod layout;
