@@ -612,3 +612,63 @@ fn an_idle_runner_sleeps() {
     runner_thread.join().expect("runner thread");
     assert_eq!(child.wait(), 0);
 }
+
+/// A server killed at a random moment of crowded traffic, 20 times: every
+/// call then ends (answered, or failed with `Disconnected`), nothing hangs
+/// or panics, and the client's RPC system ends.
+#[test]
+fn servers_killed_mid_traffic_end_every_call() {
+    let _dog = Watchdog::new(LIMIT);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    for round in 0..20 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % 20_000);
+        let small = Options::new().ring_capacity(16).region_size(256 << 10);
+        let (channel, child) = spawn_server(&small, NetworkOptions::new());
+        let mut c = client(channel, NetworkOptions::new(), None);
+        let kv = c.kv.clone();
+        let victim = &child;
+        let (answered, disconnected) = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                std::thread::sleep(delay);
+                victim.kill();
+            });
+            c.runner.run_until(async move {
+                let calls: Vec<_> = (0..400)
+                    .map(|i: u32| {
+                        let mut req = kv.echo_request();
+                        req.get().set_data(&i.to_le_bytes().repeat(256));
+                        req.send().promise
+                    })
+                    .collect();
+                let mut answered = 0u32;
+                let mut disconnected = 0u32;
+                for (i, call) in calls.into_iter().enumerate() {
+                    match call.await {
+                        Ok(reply) => {
+                            let data = reply.get().expect("reply").get_data().expect("data");
+                            assert_eq!(data, &(i as u32).to_le_bytes().repeat(256)[..]);
+                            answered += 1;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.kind, ErrorKind::Disconnected, "round {round}: {e}");
+                            disconnected += 1;
+                        }
+                    }
+                }
+                (answered, disconnected)
+            })
+        });
+        assert_eq!(answered + disconnected, 400, "round {round}");
+        eprintln!("round {round}: {answered} answered, {disconnected} disconnected");
+        let status = child.wait();
+        // Killed, or finished first and exited cleanly.
+        assert!(
+            status == 128 + libc::SIGKILL || status == 0,
+            "round {round}: {status}"
+        );
+        drop(c);
+    }
+}
