@@ -3,7 +3,8 @@
 //! wake-ups, no second process, so the count repeats exactly).
 //!
 //! ```text
-//! cargo run --release -p capnp-shm-rpc --example rpc_cost -- 10000
+//! cargo run --release -p capnp-shm-rpc --example rpc_cost -- 10000       # one call at a time
+//! cargo run --release -p capnp-shm-rpc --example rpc_cost -- 10000 100   # 100 in flight
 //! ```
 
 #[path = "../schema/kv_capnp.rs"]
@@ -24,6 +25,7 @@ use kv_capnp::key_value;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls: u32 = std::env::args().nth(1).map_or(Ok(10_000), |n| n.parse())?;
+    let window: u32 = std::env::args().nth(2).map_or(Ok(1), |n| n.parse())?;
     let (a, b) = capnp_shm::Channel::pair()?;
     let mut runner = Runner::new();
     let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
@@ -45,13 +47,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             kv.ping_request().send().promise.await?;
         }
         let start = Instant::now();
-        for _ in 0..calls {
-            kv.ping_request().send().promise.await?;
+        let mut done = 0;
+        while done < calls {
+            let batch: Vec<_> = (0..window.min(calls - done))
+                .map(|_| kv.ping_request().send().promise)
+                .collect();
+            done += batch.len() as u32;
+            futures::future::try_join_all(batch).await?;
         }
         Ok::<_, capnp::Error>(start.elapsed())
     })?;
     println!(
-        "{calls} calls, both vats in one thread: {:.2} µs each",
+        "{calls} calls, {window} in flight, both vats in one thread: {:.2} µs each",
         elapsed.as_secs_f64() * 1e6 / f64::from(calls)
     );
     Ok(())
