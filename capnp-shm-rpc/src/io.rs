@@ -193,10 +193,10 @@ fn choose(fd: BorrowedFd<'_>) -> io::Result<Driver> {
     }
     let _ = fd;
     Err(io::Error::other(if cfg!(feature = "tokio") {
-        "capnp-shm-rpc: a connection waited outside any driver: run it under \
+        "a connection waited outside any driver: run it under \
          capnp_shm_rpc::Runner or inside a tokio runtime"
     } else {
-        "capnp-shm-rpc: a connection waited outside any driver: run it under \
+        "a connection waited outside any driver: run it under \
          capnp_shm_rpc::Runner (or enable the `tokio` feature)"
     }))
 }

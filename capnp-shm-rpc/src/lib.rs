@@ -12,11 +12,15 @@
 //! a [spawned child](capnp_shm::PendingChild), a
 //! [listener](capnp_shm::Listener)), then drive the RPC system with the
 //! built-in [`Runner`] (no tokio; it sleeps in `poll(2)`), or, with the
-//! `tokio` feature, in a tokio `LocalSet`.
+//! `tokio` feature, in a tokio `LocalSet`. The example below keeps both
+//! vats in one process to stay self-contained; `examples/kv.rs` spawns the
+//! server as a child process (`Channel::for_command`, then
+//! `Channel::from_env` in the child), with a real service, and shuts down
+//! with the `RpcSystem`'s `get_disconnector()`.
 //!
 //! ```
-//! use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
-//! use capnp_shm_rpc::{Runner, ShmNetwork};
+//! use capnp_rpc::RpcSystem;
+//! use capnp_shm_rpc::{Runner, ShmNetwork, Side};
 //! use futures::task::LocalSpawnExt;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {

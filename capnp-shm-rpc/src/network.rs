@@ -127,7 +127,12 @@ impl Counters {
 ///   protocol, with a `Failed` one.
 ///
 /// Run it under the built-in [`Runner`](crate::Runner) or (feature
-/// `tokio`) in a tokio `LocalSet`; see the crate docs for an example.
+/// `tokio`) in a tokio `LocalSet`; see the crate docs for an example. As
+/// with the two-party network, the sides are labels: make one end
+/// `Side::Server` and the other `Side::Client`, and bootstrap the *other*
+/// side (`system.bootstrap(Side::Server)` on the client). Naming your own
+/// side returns your own bootstrap capability, or capnp-rpc's "no
+/// bootstrap capability" error when you gave none.
 pub struct ShmNetwork {
     inner: Rc<Inner>,
     connection: Option<Connection>,

@@ -321,6 +321,11 @@ impl Runner {
     /// returns its output; sleeps in `poll(2)` whenever nothing can run.
     /// Tasks left unfinished stay for the next call.
     ///
+    /// An RPC call only makes progress while its `RpcSystem` runs: spawn
+    /// the system first (or join it with `future`). A call on a system that
+    /// nobody drives waits forever; the runner cannot tell that from a
+    /// future waiting for another thread.
+    ///
     /// # Panics
     ///
     /// When `poll(2)` fails (it does not for valid descriptors), or when
