@@ -10,7 +10,11 @@
 //! [`FrameReader`] decodes incrementally from a byte source that may stop
 //! anywhere (a non-blocking socket, a peer that dribbles a byte a second)
 //! into one private, word-aligned buffer that is reused: once it has grown
-//! to the largest frame seen, decoding allocates nothing. Everything in a
+//! to the largest frame seen, decoding allocates nothing. A frame the caller
+//! keeps past the next read ([`FrameReader::hold`], for a message the
+//! application still holds) shares that buffer; the reader then moves to a
+//! spare one, copying only the bytes it has not handed out, and the old one
+//! is reused once the frame is dropped. Everything in a
 //! header is checked before a byte of buffer is sized by it: a segment
 //! count of 0 or over capnp's 512, a total beyond the reader's traversal
 //! limit, and a stream that ends inside a frame each get their own
@@ -20,6 +24,7 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::ops::Range;
+use std::rc::Rc;
 
 use capnp::message::ReaderSegments;
 use capnp::Word;
@@ -78,7 +83,15 @@ pub(crate) enum Filled {
 /// An incremental decoder of standard stream frames over a reused,
 /// word-aligned buffer.
 pub(crate) struct FrameReader {
-    buf: Vec<Word>,
+    /// The buffer reads go into. Shared with [`HeldFrame`]s the caller
+    /// keeps; written only while this reader is its sole owner (it moves to
+    /// another buffer first otherwise: see [`buffer_mut`](Self::buffer_mut)).
+    buf: Rc<Vec<Word>>,
+    /// Buffers that held frames; reused once no frame holds them.
+    spare: Vec<Rc<Vec<Word>>>,
+    /// Buffers allocated so far (tests of reuse).
+    #[cfg(test)]
+    allocated: usize,
     /// Bytes of `buf` holding stream data, from `start`.
     filled: usize,
     /// Where the current frame begins (always a whole word: headers and
@@ -108,7 +121,10 @@ impl FrameReader {
     /// what a `u32` segment table can say).
     pub(crate) fn new(limit_words: Option<usize>) -> FrameReader {
         FrameReader {
-            buf: Word::allocate_zeroed_vec(MIN_READ / WORD),
+            buf: Rc::new(Word::allocate_zeroed_vec(MIN_READ / WORD)),
+            spare: Vec::new(),
+            #[cfg(test)]
+            allocated: 1,
             filled: 0,
             start: 0,
             limit_words: limit_words.map_or(u64::MAX, |l| l as u64),
@@ -123,8 +139,9 @@ impl FrameReader {
     /// loop. Call [`next_frame`](Self::next_frame) afterwards.
     pub(crate) fn fill(&mut self, src: &mut impl Read) -> io::Result<Filled> {
         self.make_room();
-        let bytes = Word::words_to_bytes_mut(&mut self.buf);
-        match src.read(&mut bytes[self.filled..])? {
+        let filled = self.filled;
+        let bytes = Word::words_to_bytes_mut(self.buffer_mut());
+        match src.read(&mut bytes[filled..])? {
             0 => Ok(Filled::End),
             n => {
                 self.filled += n;
@@ -205,6 +222,72 @@ impl FrameReader {
         Err(FrameError::Truncated { have, need })
     }
 
+    /// Keeps the current frame beyond the next read: the caller gets it
+    /// with its buffer, and the reader moves to another buffer (a spare one
+    /// no frame holds any more, or a new one) the next time it writes.
+    /// That costs one copy of the bytes read past the frame. Then
+    /// [`consume`](Self::consume) as usual. Only after
+    /// [`next_frame`](Self::next_frame) said `true`.
+    pub(crate) fn hold(&self) -> HeldFrame {
+        debug_assert!(self.frame.is_some());
+        let (first, more) = match self.segments.split_first() {
+            Some((first, [])) => (first.clone(), Vec::new()),
+            Some((first, more)) => (first.clone(), more.to_vec()),
+            None => (0..0, Vec::new()),
+        };
+        HeldFrame {
+            buf: Rc::clone(&self.buf),
+            first,
+            more,
+        }
+    }
+
+    /// The buffer, for writing: moves to a buffer of its own first when a
+    /// held frame shares the current one (copying the unread bytes).
+    fn buffer_mut(&mut self) -> &mut Vec<Word> {
+        if Rc::get_mut(&mut self.buf).is_none() {
+            let len = self.buf.len();
+            let reuse = self
+                .spare
+                .iter()
+                .position(|b| Rc::strong_count(b) == 1 && b.len() >= len);
+            let mut next = match reuse {
+                Some(i) => self.spare.swap_remove(i),
+                None => {
+                    #[cfg(test)]
+                    {
+                        self.allocated += 1;
+                    }
+                    Rc::new(Word::allocate_zeroed_vec(len))
+                }
+            };
+            let pending = self.filled - self.start;
+            if let Some(words) = Rc::get_mut(&mut next) {
+                Word::words_to_bytes_mut(words)[..pending]
+                    .copy_from_slice(&Word::words_to_bytes(&self.buf)[self.start..self.filled]);
+            }
+            self.retire(next);
+            self.start = 0;
+            self.filled = pending;
+        }
+        Rc::get_mut(&mut self.buf).expect("a buffer of its own")
+    }
+
+    /// Makes `next` the current buffer; the old one waits among the spares
+    /// while a held frame shares it (spares no frame holds are dropped
+    /// beyond a few, so the pool stays as large as what is held).
+    fn retire(&mut self, next: Rc<Vec<Word>>) {
+        let old = std::mem::replace(&mut self.buf, next);
+        if Rc::strong_count(&old) > 1 {
+            self.spare.push(old);
+        }
+        let mut idle = 0;
+        self.spare.retain(|b| {
+            idle += usize::from(Rc::strong_count(b) == 1);
+            Rc::strong_count(b) > 1 || idle <= 2
+        });
+    }
+
     /// Bytes of buffer, for tests of reuse.
     #[cfg(test)]
     fn capacity_bytes(&self) -> usize {
@@ -265,6 +348,9 @@ impl FrameReader {
     /// that makes room, the buffer grown to the whole frame when its header
     /// (already checked) says it is larger.
     fn make_room(&mut self) {
+        // A held frame shares the buffer: move to one of our own first
+        // (which also moves the unread bytes to its front).
+        self.buffer_mut();
         let pending = self.filled - self.start;
         // Room for one more byte at least, and for the whole frame once its
         // header (checked) says how long it is; nothing else sizes it.
@@ -277,13 +363,18 @@ impl FrameReader {
             return;
         }
         if need <= capacity {
-            let bytes = Word::words_to_bytes_mut(&mut self.buf);
-            bytes.copy_within(self.start..self.filled, 0);
+            let (start, filled) = (self.start, self.filled);
+            let bytes = Word::words_to_bytes_mut(self.buffer_mut());
+            bytes.copy_within(start..filled, 0);
         } else {
+            #[cfg(test)]
+            {
+                self.allocated += 1;
+            }
             let mut grown = Word::allocate_zeroed_vec(need.next_power_of_two() / WORD);
             Word::words_to_bytes_mut(&mut grown)[..pending]
                 .copy_from_slice(&Word::words_to_bytes(&self.buf)[self.start..self.filled]);
-            self.buf = grown;
+            self.retire(Rc::new(grown));
         }
         self.start = 0;
         self.filled = pending;
@@ -321,6 +412,31 @@ impl ReaderSegments for FrameSegments<'_> {
 
     fn len(&self) -> usize {
         self.segments.len()
+    }
+}
+
+/// A frame kept past the next read ([`FrameReader::hold`]): it shares the
+/// reader's buffer until the reader moves on, and gives it back for reuse
+/// when dropped. Read it with `capnp::message::Reader::new`.
+#[derive(Debug)]
+pub(crate) struct HeldFrame {
+    buf: Rc<Vec<Word>>,
+    first: Range<usize>,
+    /// The other segments (none, and no allocation, for most messages).
+    more: Vec<Range<usize>>,
+}
+
+impl ReaderSegments for HeldFrame {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        let range = match idx {
+            0 => &self.first,
+            i => self.more.get(i as usize - 1)?,
+        };
+        Word::words_to_bytes(&self.buf).get(range.clone())
+    }
+
+    fn len(&self) -> usize {
+        1 + self.more.len()
     }
 }
 
@@ -653,5 +769,65 @@ mod tests {
                 reader.capacity_bytes()
             );
         }
+    }
+
+    #[test]
+    fn held_frames_stay_readable_and_their_buffers_come_back() {
+        let mut stream = Vec::new();
+        for i in 0..2000u64 {
+            capnp::serialize::write_message(
+                &mut stream,
+                &message(i, 100 + (i % 7) as u32, i % 5 == 0),
+            )
+            .expect("write");
+        }
+        let mut reader = FrameReader::new(None);
+        let mut src = Dribble {
+            data: &stream,
+            chunk: 5000,
+        };
+        // Keep the last three frames alive while reading on, the way a
+        // caller holding a few messages would; check each when it goes.
+        let mut held: std::collections::VecDeque<(u64, HeldFrame)> = Default::default();
+        let mut next = 0u64;
+        let mut allocated_after_warm_up = None;
+        while next < 2000 {
+            while reader.next_frame().expect("frame") {
+                held.push_back((next, reader.hold()));
+                reader.consume();
+                next += 1;
+                if held.len() > 3 {
+                    let (i, frame) = held.pop_front().expect("held");
+                    check(
+                        &Reader::new(frame, ReaderOptions::new()),
+                        i,
+                        100 + (i % 7) as u32,
+                    );
+                }
+                if next == 100 {
+                    allocated_after_warm_up = Some(reader.allocated);
+                }
+            }
+            if next < 2000 {
+                reader.fill(&mut src).expect("read");
+            }
+        }
+        for (i, frame) in held {
+            check(
+                &Reader::new(frame, ReaderOptions::new()),
+                i,
+                100 + (i % 7) as u32,
+            );
+        }
+        assert_eq!(
+            Some(reader.allocated),
+            allocated_after_warm_up,
+            "buffers are reused once warmed up"
+        );
+        assert!(
+            reader.spare.len() <= 6,
+            "{} spare buffers",
+            reader.spare.len()
+        );
     }
 }
