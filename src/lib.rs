@@ -88,8 +88,9 @@
 //! layout     the frozen shared format        handshake  hellos and checks
 //! select     wait_any                        connect, spawn  topologies
 //! error      the error types                 options    Options
-//! framing    capnp's stream framing: incremental decoder, encoder (for the
-//!            stream transport, being built)
+//! framing    capnp's stream framing: incremental decoder, encoder; stream:
+//!            one framed socket end with deadlines (the stream transport,
+//!            being built)
 //! sys/       every libc call                 fault      broken variants (tests)
 //! ```
 //!
@@ -129,6 +130,7 @@ mod send;
 mod spawn;
 mod spin;
 mod stats;
+mod stream;
 mod sys;
 mod wait;
 mod wake;
