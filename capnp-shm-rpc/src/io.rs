@@ -8,8 +8,15 @@
 //! of them run and each re-checks its own condition.
 //!
 //! The driver is chosen at the first wait, from the thread the connection
-//! runs on: the built-in [`Runner`](crate::Runner) when one is running,
-//! otherwise (feature `tokio`) tokio's `AsyncFd`, under a runtime.
+//! runs on (and again when the connection moves): the built-in
+//! [`Runner`](crate::Runner) when one is running, otherwise (feature
+//! `tokio`) tokio's reactor, through a `tokio::net::UnixStream` on a
+//! duplicate of the socket, under a runtime.
+//!
+//! One socket carries both directions' doorbells, and arming either
+//! direction reads all of them away; so whoever arms re-checks both armed
+//! directions with loads only before anything sleeps (`Watched::
+//! arm_for_sleep` for the runner, `settle` in the network for tokio).
 
 use std::cell::{Cell, RefCell};
 use std::io;
