@@ -24,7 +24,7 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::ops::Range;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use capnp::message::ReaderSegments;
 use capnp::Word;
@@ -86,9 +86,9 @@ pub(crate) struct FrameReader {
     /// The buffer reads go into. Shared with [`HeldFrame`]s the caller
     /// keeps; written only while this reader is its sole owner (it moves to
     /// another buffer first otherwise: see [`buffer_mut`](Self::buffer_mut)).
-    buf: Rc<Vec<Word>>,
+    buf: Arc<Vec<Word>>,
     /// Buffers that held frames; reused once no frame holds them.
-    spare: Vec<Rc<Vec<Word>>>,
+    spare: Vec<Arc<Vec<Word>>>,
     /// Buffers allocated so far (tests of reuse).
     #[cfg(test)]
     allocated: usize,
@@ -121,7 +121,7 @@ impl FrameReader {
     /// what a `u32` segment table can say).
     pub(crate) fn new(limit_words: Option<usize>) -> FrameReader {
         FrameReader {
-            buf: Rc::new(Word::allocate_zeroed_vec(MIN_READ / WORD)),
+            buf: Arc::new(Word::allocate_zeroed_vec(MIN_READ / WORD)),
             spare: Vec::new(),
             #[cfg(test)]
             allocated: 1,
@@ -236,7 +236,7 @@ impl FrameReader {
             None => (0..0, Vec::new()),
         };
         HeldFrame {
-            buf: Rc::clone(&self.buf),
+            buf: Arc::clone(&self.buf),
             first,
             more,
         }
@@ -245,12 +245,12 @@ impl FrameReader {
     /// The buffer, for writing: moves to a buffer of its own first when a
     /// held frame shares the current one (copying the unread bytes).
     fn buffer_mut(&mut self) -> &mut Vec<Word> {
-        if Rc::get_mut(&mut self.buf).is_none() {
+        if Arc::get_mut(&mut self.buf).is_none() {
             let len = self.buf.len();
             let reuse = self
                 .spare
                 .iter()
-                .position(|b| Rc::strong_count(b) == 1 && b.len() >= len);
+                .position(|b| Arc::strong_count(b) == 1 && b.len() >= len);
             let mut next = match reuse {
                 Some(i) => self.spare.swap_remove(i),
                 None => {
@@ -258,11 +258,11 @@ impl FrameReader {
                     {
                         self.allocated += 1;
                     }
-                    Rc::new(Word::allocate_zeroed_vec(len))
+                    Arc::new(Word::allocate_zeroed_vec(len))
                 }
             };
             let pending = self.filled - self.start;
-            if let Some(words) = Rc::get_mut(&mut next) {
+            if let Some(words) = Arc::get_mut(&mut next) {
                 Word::words_to_bytes_mut(words)[..pending]
                     .copy_from_slice(&Word::words_to_bytes(&self.buf)[self.start..self.filled]);
             }
@@ -270,21 +270,21 @@ impl FrameReader {
             self.start = 0;
             self.filled = pending;
         }
-        Rc::get_mut(&mut self.buf).expect("a buffer of its own")
+        Arc::get_mut(&mut self.buf).expect("a buffer of its own")
     }
 
     /// Makes `next` the current buffer; the old one waits among the spares
     /// while a held frame shares it (spares no frame holds are dropped
     /// beyond a few, so the pool stays as large as what is held).
-    fn retire(&mut self, next: Rc<Vec<Word>>) {
+    fn retire(&mut self, next: Arc<Vec<Word>>) {
         let old = std::mem::replace(&mut self.buf, next);
-        if Rc::strong_count(&old) > 1 {
+        if Arc::strong_count(&old) > 1 {
             self.spare.push(old);
         }
         let mut idle = 0;
         self.spare.retain(|b| {
-            idle += usize::from(Rc::strong_count(b) == 1);
-            Rc::strong_count(b) > 1 || idle <= 2
+            idle += usize::from(Arc::strong_count(b) == 1);
+            Arc::strong_count(b) > 1 || idle <= 2
         });
     }
 
@@ -374,7 +374,7 @@ impl FrameReader {
             let mut grown = Word::allocate_zeroed_vec(need.next_power_of_two() / WORD);
             Word::words_to_bytes_mut(&mut grown)[..pending]
                 .copy_from_slice(&Word::words_to_bytes(&self.buf)[self.start..self.filled]);
-            self.retire(Rc::new(grown));
+            self.retire(Arc::new(grown));
         }
         self.start = 0;
         self.filled = pending;
@@ -420,7 +420,7 @@ impl ReaderSegments for FrameSegments<'_> {
 /// when dropped. Read it with `capnp::message::Reader::new`.
 #[derive(Debug)]
 pub(crate) struct HeldFrame {
-    buf: Rc<Vec<Word>>,
+    buf: Arc<Vec<Word>>,
     first: Range<usize>,
     /// The other segments (none, and no allocation, for most messages).
     more: Vec<Range<usize>>,

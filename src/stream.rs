@@ -18,6 +18,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use crate::deadline::Deadline;
 use crate::framing::{self, Filled, FrameError, FrameReader};
@@ -77,14 +78,28 @@ pub(crate) enum StreamHalt {
     Io(io::Error),
 }
 
-/// One end of a framed stream.
+/// One end of a framed stream: a sending half and a receiving half over
+/// one socket, usable from two threads once [split](StreamEnd::split).
 #[derive(Debug)]
 pub(crate) struct StreamEnd {
-    socket: Socket,
-    reader: FrameReader,
+    tx: StreamTx,
+    rx: StreamRx,
+}
+
+/// The sending half of a [`StreamEnd`].
+#[derive(Debug)]
+pub(crate) struct StreamTx {
+    socket: Arc<Socket>,
     /// Encoded bytes of the last message, `written` of them sent.
     out: Vec<u8>,
     written: usize,
+}
+
+/// The receiving half of a [`StreamEnd`].
+#[derive(Debug)]
+pub(crate) struct StreamRx {
+    socket: Arc<Socket>,
+    reader: FrameReader,
 }
 
 impl StreamEnd {
@@ -99,14 +114,51 @@ impl StreamEnd {
                 s.set_nodelay(true)?;
             }
         }
+        let socket = Arc::new(socket);
         Ok(StreamEnd {
-            socket,
-            reader: FrameReader::new(limit_words),
-            out: Vec::new(),
-            written: 0,
+            tx: StreamTx {
+                socket: Arc::clone(&socket),
+                out: Vec::new(),
+                written: 0,
+            },
+            rx: StreamRx {
+                socket,
+                reader: FrameReader::new(limit_words),
+            },
         })
     }
 
+    /// The two halves, for two threads (the socket closes when both go).
+    pub(crate) fn split(self) -> (StreamTx, StreamRx) {
+        (self.tx, self.rx)
+    }
+
+    /// As [`StreamTx::send`].
+    pub(crate) fn send(
+        &mut self,
+        segments: &[&[u8]],
+        deadline: Deadline,
+    ) -> Result<(), StreamHalt> {
+        self.tx.send(segments, deadline)
+    }
+
+    /// As [`StreamTx::flush`].
+    pub(crate) fn flush(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+        self.tx.flush(deadline)
+    }
+
+    /// As [`StreamRx::recv`].
+    pub(crate) fn recv(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+        self.rx.recv(deadline)
+    }
+
+    /// As [`StreamRx::reader`].
+    pub(crate) fn reader(&mut self) -> &mut FrameReader {
+        self.rx.reader()
+    }
+}
+
+impl StreamTx {
     /// Sends one message (capnp's segments, whole words each, 1 to 511 of
     /// them): first the rest of the previous one, waiting for the socket
     /// until `deadline`, then this one, as far as the socket takes it now.
@@ -161,7 +213,9 @@ impl StreamEnd {
         }
         Ok(())
     }
+}
 
+impl StreamRx {
     /// Waits until a whole frame is in the reader, at most until
     /// `deadline`; then read it through [`reader`](Self::reader)
     /// (`segments` or `hold`, then `consume`).
@@ -198,7 +252,7 @@ impl StreamEnd {
 
 impl AsFd for StreamEnd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
+        self.rx.socket.as_fd()
     }
 }
 
@@ -402,5 +456,47 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(end.recv(deadline), Err(StreamHalt::Closed)));
+    }
+
+    #[test]
+    fn the_halves_work_from_two_threads() {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        // The peer echoes every frame back with plain capnp::serialize.
+        let echo = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            while let Ok(m) = capnp::serialize::read_message(&mut theirs, ReaderOptions::new()) {
+                let segments = m.into_segments();
+                let words: Vec<&[u8]> = (0..)
+                    .map_while(|i| capnp::message::ReaderSegments::get_segment(&segments, i))
+                    .collect();
+                capnp::serialize::write_message_segments(&mut theirs, &words).expect("echo");
+            }
+        });
+        let (mut tx, mut rx) = StreamEnd::new(Socket::Unix(ours), None)
+            .expect("end")
+            .split();
+        let deadline = || Deadline::after(Duration::from_secs(30));
+        let sender = std::thread::spawn(move || {
+            for i in 0..N {
+                let m = message(i, size(i));
+                tx.send(&m.get_segments_for_output(), deadline())
+                    .expect("send");
+            }
+            tx.flush(deadline()).expect("flush");
+            tx
+        });
+        for i in 0..N {
+            rx.recv(deadline()).expect("recv");
+            let reader = rx.reader();
+            check(
+                &Reader::new(reader.segments(), ReaderOptions::new()),
+                i,
+                size(i),
+            );
+            reader.consume();
+        }
+        drop(sender.join().expect("sender"));
+        drop(rx);
+        echo.join().expect("echo");
     }
 }
