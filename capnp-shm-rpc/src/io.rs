@@ -16,7 +16,7 @@
 //! One socket carries both directions' doorbells, and arming either
 //! direction reads all of them away; so whoever arms re-checks both armed
 //! directions with loads only before anything sleeps (`Watched::
-//! arm_for_sleep` for the runner, `settle` in the network for tokio).
+//! arm_for_sleep` for the runner, `Inner::wait_for` in the network for tokio).
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -185,9 +185,8 @@ impl ShmNetwork {
             writer: RefCell::new(None),
             failure: RefCell::new(None),
             shutdown: Cell::new(false),
-            rx_armed: Cell::new(false),
-            rx_waiting: Cell::new(false),
-            tx_armed: Cell::new(false),
+            rx_wait: Wait::default(),
+            tx_wait: Wait::default(),
             handles: Cell::new(0),
             counters,
         });
@@ -254,11 +253,10 @@ struct Inner {
     failure: RefCell<Option<Error>>,
     /// `shutdown` was called: flush, then close the stream.
     shutdown: Cell<bool>,
-    /// The receive loop and the writer have asked the peer to ring.
-    rx_armed: Cell<bool>,
-    /// The receive loop waits, unarmed, under the runner.
-    rx_waiting: Cell<bool>,
-    tx_armed: Cell<bool>,
+    /// Each direction's wait: the receive loop's for messages, the
+    /// writer's for room.
+    rx_wait: Wait,
+    tx_wait: Wait,
     /// Live [`Connection`] handles; the writer ends when none is left.
     handles: Cell<usize>,
     counters: Counters,
@@ -274,27 +272,46 @@ impl Watched for Inner {
     }
 
     fn ready_hint(&self) -> bool {
-        (self.rx_waiting.get() && self.rx.is_ready()) || (self.tx_armed.get() && self.tx.is_ready())
+        self.has_work()
     }
 
     fn arm_for_sleep(&self) -> bool {
         // Arm (or re-arm) every direction that waits: arming also reads
         // away doorbell bytes, so the socket is quiet unless rung anew.
         let mut ready = false;
-        if self.rx_waiting.get() {
-            match self.rx.arm() {
-                Ok(Readiness::Armed) => self.rx_armed.set(true),
-                // Something came, or a failure the receive loop should see.
-                Ok(Readiness::Ready) | Err(_) => ready = true,
+        for dir in [Dir::Rx, Dir::Tx] {
+            let wait = self.wait_of(dir);
+            if wait.waiting.get() {
+                match self.arm(dir) {
+                    Ok(Readiness::Armed) => wait.armed.set(true),
+                    // Something came, or a failure the task should see.
+                    Ok(Readiness::Ready) | Err(_) => ready = true,
+                }
             }
-        }
-        if self.tx_armed.get() && !matches!(self.tx.arm(), Ok(Readiness::Armed)) {
-            ready = true;
         }
         // One direction's arm may have read away the other's doorbell:
         // check both again, without reading the socket.
-        ready || self.ready_hint()
+        ready || self.has_work()
     }
+}
+
+/// A direction of the connection that a task may wait in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// The receive loop, for a message.
+    Rx,
+    /// The writer, for room.
+    Tx,
+}
+
+/// The state of one direction's wait.
+#[derive(Debug, Default)]
+struct Wait {
+    /// A task waits here (the runner looks for its work, and arms it
+    /// before it sleeps).
+    waiting: Cell<bool>,
+    /// The peer has been asked to ring.
+    armed: Cell<bool>,
 }
 
 impl Inner {
@@ -369,6 +386,15 @@ impl Inner {
     /// Writes queued messages while there is room: `Ready(Ok)` when the
     /// queue is empty, `Pending` while waiting for the peer to release.
     fn poll_flush(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let flushed = self.flush_queue(cx);
+        if flushed.is_ready() {
+            self.done_waiting(Dir::Tx);
+        }
+        flushed
+    }
+
+    /// The loop of [`poll_flush`](Self::poll_flush).
+    fn flush_queue(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             if let Some(e) = self.failed() {
                 return Poll::Ready(Err(e));
@@ -378,7 +404,7 @@ impl Inner {
             };
             match self.try_send(&front) {
                 Ok(true) => {
-                    self.disarm_tx();
+                    self.done_waiting(Dir::Tx);
                     let done = self.queue.borrow_mut().pop_front();
                     if let Some(sent) = done.and_then(|mut q| q.sent.take()) {
                         let _ = sent.send(Ok(()));
@@ -388,48 +414,90 @@ impl Inner {
                 Ok(false) => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            if !self.tx_armed.get() {
-                match self.tx.arm() {
-                    Ok(Readiness::Ready) => continue,
-                    Ok(Readiness::Armed) => self.tx_armed.set(true),
-                    Err(f) => return Poll::Ready(Err(self.fail(failure_error(&f)))),
-                }
-            }
-            match self.io.poll_ready(self, cx) {
-                Poll::Ready(Ok(())) => self.disarm_tx(),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(io_error(&e)))),
-                // Stays armed: the peer rings when it releases.
-                Poll::Pending => {
-                    self.settle();
-                    return Poll::Pending;
-                }
+            match self.wait_for(Dir::Tx, cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
 
-    /// Called by a task about to return `Pending` (under tokio): arming and
-    /// the core's liveness polls read doorbell bytes away whichever
-    /// direction they were rung for, so look again at both armed
-    /// directions, without reading the socket, and wake every task if
-    /// either has something. A ring after this stays in the socket.
-    fn settle(&self) {
-        if (self.rx_armed.get() && self.rx.is_ready())
-            || (self.tx_armed.get() && self.tx.is_ready())
-        {
-            self.io.fanout().fire();
+    /// Waits in `dir` after its task found nothing to do: arms it (under
+    /// the runner, leaves that to the runner's last step before it sleeps)
+    /// and waits for the descriptor. `Ready(Ok)`: look again.
+    fn wait_for(self: &Rc<Self>, dir: Dir, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let wait = self.wait_of(dir);
+        wait.waiting.set(true);
+        let arms_late = match self.io.arms_late(self) {
+            Ok(late) => late,
+            Err(e) => return Poll::Ready(Err(self.fail(io_error(&e)))),
+        };
+        if !arms_late && !wait.armed.get() {
+            match self.arm(dir) {
+                Ok(Readiness::Ready) => return Poll::Ready(Ok(())),
+                Ok(Readiness::Armed) => wait.armed.set(true),
+                Err(f) => return Poll::Ready(Err(self.fail(failure_error(&f)))),
+            }
+        }
+        match self.io.poll_ready(self, cx) {
+            Poll::Ready(Ok(())) => {
+                self.disarm(dir);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(io_error(&e)))),
+            // Stays armed: the peer rings when it publishes or releases.
+            // Arming and the core's liveness polls read doorbell bytes
+            // away whichever direction they were rung for, so look again
+            // at both, without reading the socket, and wake every task if
+            // either has something; a ring after this stays in the socket.
+            Poll::Pending => {
+                if self.has_work() {
+                    self.io.fanout().fire();
+                }
+                Poll::Pending
+            }
         }
     }
 
-    fn disarm_tx(&self) {
-        if self.tx_armed.replace(false) {
-            self.tx.disarm();
+    /// Whether a waiting direction has something: loads only.
+    fn has_work(&self) -> bool {
+        [Dir::Rx, Dir::Tx].into_iter().any(|dir| {
+            self.wait_of(dir).waiting.get()
+                && match dir {
+                    Dir::Rx => self.rx.is_ready(),
+                    Dir::Tx => self.tx.is_ready(),
+                }
+        })
+    }
+
+    fn wait_of(&self, dir: Dir) -> &Wait {
+        match dir {
+            Dir::Rx => &self.rx_wait,
+            Dir::Tx => &self.tx_wait,
         }
     }
 
-    fn disarm_rx(&self) {
-        if self.rx_armed.replace(false) {
-            self.rx.disarm();
+    fn arm(&self, dir: Dir) -> Result<Readiness, Failure> {
+        match dir {
+            Dir::Rx => self.rx.arm(),
+            Dir::Tx => self.tx.arm(),
         }
+    }
+
+    /// Withdraws the ask to ring, if made.
+    fn disarm(&self, dir: Dir) {
+        if self.wait_of(dir).armed.replace(false) {
+            match dir {
+                Dir::Rx => self.rx.disarm(),
+                Dir::Tx => self.tx.disarm(),
+            }
+        }
+    }
+
+    /// The task of `dir` found what it waited for, or stopped waiting.
+    fn done_waiting(&self, dir: Dir) {
+        self.wait_of(dir).waiting.set(false);
+        self.disarm(dir);
     }
 
     /// The writer: flushes whatever is queued; after `shutdown` (or when
@@ -476,28 +544,10 @@ impl Inner {
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(e),
             }
-            let arms_late = match self.io.arms_late(self) {
-                Ok(late) => late,
-                Err(e) => return Poll::Ready(Err(self.fail(io_error(&e)))),
-            };
-            if arms_late {
-                // The runner looks, and arms before it sleeps.
-                self.rx_waiting.set(true);
-            } else if !self.rx_armed.get() {
-                match self.rx.arm() {
-                    Ok(Readiness::Ready) => continue,
-                    Ok(Readiness::Armed) => self.rx_armed.set(true),
-                    Err(f) => return Poll::Ready(Err(self.fail(failure_error(&f)))),
-                }
-            }
-            match self.io.poll_ready(self, cx) {
-                Poll::Ready(Ok(())) => self.disarm_rx(),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(io_error(&e)))),
-                // Stays armed: the peer rings when it publishes.
-                Poll::Pending => {
-                    self.settle();
-                    return Poll::Pending;
-                }
+            match self.wait_for(Dir::Rx, cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -516,7 +566,7 @@ impl Inner {
         // disarms (the peer need not ring for every message while we run).
         match self.rx.try_recv() {
             Ok(m) => {
-                self.disarm_rx();
+                self.done_waiting(Dir::Rx);
                 Ok(Some(self.incoming(m)))
             }
             Err(TryRecvError::Empty) => Ok(None),
@@ -606,7 +656,7 @@ impl std::future::Future for Receive {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let polled = self.inner.poll_recv(cx);
         if polled.is_ready() {
-            self.inner.rx_waiting.set(false);
+            self.inner.done_waiting(Dir::Rx);
         }
         polled
     }
@@ -614,8 +664,7 @@ impl std::future::Future for Receive {
 
 impl Drop for Receive {
     fn drop(&mut self) {
-        self.inner.rx_waiting.set(false);
-        self.inner.disarm_rx();
+        self.inner.done_waiting(Dir::Rx);
     }
 }
 
