@@ -2,7 +2,7 @@
 //! in one `poll(2)` on the descriptors of the connections waiting in it,
 //! plus a wake-up socket for wakers called from other threads.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, RefMut};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -71,30 +71,14 @@ impl Reactor {
         woken: &dyn Fn() -> bool,
         going_to_sleep: &dyn Fn() -> bool,
     ) -> io::Result<()> {
-        let waited = self.look_then_sleep(wakeup, spin, woken, going_to_sleep);
-        // Hold no connection between waits: a dropped one must close now.
-        self.live.borrow_mut().clear();
-        self.fired.borrow_mut().clear();
-        waited
-    }
-
-    fn look_then_sleep(
-        &self,
-        wakeup: BorrowedFd<'_>,
-        spin: Duration,
-        woken: &dyn Fn() -> bool,
-        going_to_sleep: &dyn Fn() -> bool,
-    ) -> io::Result<()> {
         // Drop the registrations of connections that are gone.
-        let mut live = self.live.borrow_mut();
-        live.clear();
+        let mut live = Scratch(self.live.borrow_mut());
         {
             let mut watched = self.watched.borrow_mut();
             watched.retain(|w| w.strong_count() > 0);
             live.extend(watched.iter().filter_map(|w| w.upgrade()));
         }
-        let mut fired = self.fired.borrow_mut();
-        fired.clear();
+        let mut fired = Scratch(self.fired.borrow_mut());
         let start = Instant::now();
         loop {
             fired.extend(live.iter().filter(|w| w.ready_hint()).cloned());
@@ -207,6 +191,31 @@ struct Task {
 /// Tasks spawned and not yet taken into the runner's table.
 #[derive(Default)]
 struct Spawned(RefCell<Vec<LocalFutureObj<'static, ()>>>);
+
+/// A reused list of connections, emptied when the wait that filled it
+/// ends: the runner holds no connection between waits (a dropped one must
+/// close now).
+struct Scratch<'r>(RefMut<'r, Vec<Rc<dyn crate::io::Watched>>>);
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl std::ops::Deref for Scratch<'_> {
+    type Target = Vec<Rc<dyn crate::io::Watched>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
 
 /// A single-threaded executor for RPC systems over shared memory, without
 /// tokio. It sleeps in one `poll(2)` on the descriptors of every
