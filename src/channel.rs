@@ -409,15 +409,10 @@ impl Sender {
     pub fn send<A: Allocator>(&self, message: Builder<A>) -> Result<(), SendError<Builder<A>>> {
         let mut message = message;
         loop {
+            // Without a deadline a send never expires; an expiry waits again.
             message = match self.send_until(message, Deadline::Never) {
                 Ok(()) => return Ok(()),
-                // Without a deadline a send never expires; wait again.
-                Err((SendHalt::Halt(Halt::Expired), m)) => m,
-                Err((SendHalt::Halt(Halt::Disconnected), m)) => {
-                    return Err(SendError::Disconnected(m))
-                }
-                Err((SendHalt::Halt(Halt::Failed(f)), m)) => return Err(SendError::Failed(m, f)),
-                Err((SendHalt::TooLarge(t), m)) => return Err(SendError::TooLarge(m, t)),
+                Err((halt, m)) => halt.into_send_error(m)?,
             };
         }
     }
@@ -433,12 +428,7 @@ impl Sender {
         message: Builder<A>,
     ) -> Result<(), TrySendError<Builder<A>>> {
         self.send_until(message, Deadline::Now)
-            .map_err(|(halt, m)| match halt {
-                SendHalt::Halt(Halt::Expired) => TrySendError::Full(m),
-                SendHalt::Halt(Halt::Disconnected) => TrySendError::Disconnected(m),
-                SendHalt::Halt(Halt::Failed(f)) => TrySendError::Failed(m, f),
-                SendHalt::TooLarge(t) => TrySendError::TooLarge(m, t),
-            })
+            .map_err(|(halt, m)| halt.into_try_send_error(m))
     }
 
     /// Sends a message, waiting at most `timeout` for room.
@@ -453,12 +443,7 @@ impl Sender {
         timeout: Duration,
     ) -> Result<(), SendTimeoutError<Builder<A>>> {
         self.send_until(message, Deadline::after(timeout))
-            .map_err(|(halt, m)| match halt {
-                SendHalt::Halt(Halt::Expired) => SendTimeoutError::Timeout(m),
-                SendHalt::Halt(Halt::Disconnected) => SendTimeoutError::Disconnected(m),
-                SendHalt::Halt(Halt::Failed(f)) => SendTimeoutError::Failed(m, f),
-                SendHalt::TooLarge(t) => SendTimeoutError::TooLarge(m, t),
-            })
+            .map_err(|(halt, m)| halt.into_send_timeout_error(m))
     }
 
     /// Sends a copy of a heap-built message the caller keeps, waiting while
@@ -483,16 +468,11 @@ impl Sender {
     ///
     /// As [`send`](Sender::send), with `()` in place of the message.
     pub fn send_copy(&self, message: &Builder<HeapAllocator>) -> Result<(), SendError<()>> {
-        loop {
-            return match self.copy_until(message, Deadline::Never) {
-                Ok(()) => Ok(()),
-                // Without a deadline a send never expires; wait again.
-                Err(SendHalt::Halt(Halt::Expired)) => continue,
-                Err(SendHalt::Halt(Halt::Disconnected)) => Err(SendError::Disconnected(())),
-                Err(SendHalt::Halt(Halt::Failed(f))) => Err(SendError::Failed((), f)),
-                Err(SendHalt::TooLarge(t)) => Err(SendError::TooLarge((), t)),
-            };
+        // Without a deadline a send never expires; an expiry waits again.
+        while let Err(halt) = self.publish(message, Deadline::Never) {
+            halt.into_send_error(())?;
         }
+        Ok(())
     }
 
     /// As [`send_copy`](Sender::send_copy), if there is room now: the
@@ -503,27 +483,8 @@ impl Sender {
     /// [`TrySendError::Full`] when the peer holds too many messages, and
     /// the errors of [`send`](Sender::send), with `()` for the message.
     pub fn try_send_copy(&self, message: &Builder<HeapAllocator>) -> Result<(), TrySendError<()>> {
-        self.copy_until(message, Deadline::Now)
-            .map_err(|halt| match halt {
-                SendHalt::Halt(Halt::Expired) => TrySendError::Full(()),
-                SendHalt::Halt(Halt::Disconnected) => TrySendError::Disconnected(()),
-                SendHalt::Halt(Halt::Failed(f)) => TrySendError::Failed((), f),
-                SendHalt::TooLarge(t) => TrySendError::TooLarge((), t),
-            })
-    }
-
-    /// Copies a heap builder's segments in. They cannot lie in this end's
-    /// region (a `HeapAllocator` never hands out region words), so every
-    /// one is copied and the builder stays the caller's.
-    fn copy_until(
-        &self,
-        message: &Builder<HeapAllocator>,
-        deadline: Deadline,
-    ) -> Result<(), SendHalt> {
-        let output = message.get_segments_for_output();
-        let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
-        let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
-        self.side.send(segments, deadline)
+        self.publish(message, Deadline::Now)
+            .map_err(|halt| halt.into_try_send_error(()))
     }
 
     fn send_until<A: Allocator>(
@@ -531,13 +492,7 @@ impl Sender {
         message: Builder<A>,
         deadline: Deadline,
     ) -> Result<(), (SendHalt, Builder<A>)> {
-        let result = {
-            let output = message.get_segments_for_output();
-            let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
-            let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
-            self.side.send(segments, deadline)
-        };
-        match result {
+        match self.publish(&message, deadline) {
             // Dropping the builder now finds its region segments sent (no
             // longer open) and frees only heap segments. No allocation may
             // happen between the publish and this drop.
@@ -547,6 +502,20 @@ impl Sender {
             }
             Err(halt) => Err((halt, message)),
         }
+    }
+
+    /// Publishes `message`'s segments: in place where they lie in this
+    /// end's region as open extents, copied in otherwise (always, for a
+    /// heap builder, which never holds region words: the caller keeps it).
+    fn publish<A: Allocator>(
+        &self,
+        message: &Builder<A>,
+        deadline: Deadline,
+    ) -> Result<(), SendHalt> {
+        let output = message.get_segments_for_output();
+        let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
+        let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
+        self.side.send(segments, deadline)
     }
 
     /// Whether this end's outgoing region is a sealed memfd (rather than an

@@ -644,6 +644,40 @@ pub(crate) enum SendHalt {
     TooLarge(TooLarge),
 }
 
+impl SendHalt {
+    /// The error of a send that waits as long as it takes, with the message
+    /// back; `Ok(message)` for an expired wait, which such a send retries.
+    pub(crate) fn into_send_error<M>(self, message: M) -> Result<M, SendError<M>> {
+        match self {
+            SendHalt::Halt(Halt::Expired) => Ok(message),
+            SendHalt::Halt(Halt::Disconnected) => Err(SendError::Disconnected(message)),
+            SendHalt::Halt(Halt::Failed(f)) => Err(SendError::Failed(message, f)),
+            SendHalt::TooLarge(t) => Err(SendError::TooLarge(message, t)),
+        }
+    }
+
+    /// The error of a send that does not wait, with the message back.
+    pub(crate) fn into_try_send_error<M>(self, message: M) -> TrySendError<M> {
+        match self {
+            SendHalt::Halt(Halt::Expired) => TrySendError::Full(message),
+            SendHalt::Halt(Halt::Disconnected) => TrySendError::Disconnected(message),
+            SendHalt::Halt(Halt::Failed(f)) => TrySendError::Failed(message, f),
+            SendHalt::TooLarge(t) => TrySendError::TooLarge(message, t),
+        }
+    }
+
+    /// The error of a send that waits at most a timeout, with the message
+    /// back.
+    pub(crate) fn into_send_timeout_error<M>(self, message: M) -> SendTimeoutError<M> {
+        match self {
+            SendHalt::Halt(Halt::Expired) => SendTimeoutError::Timeout(message),
+            SendHalt::Halt(Halt::Disconnected) => SendTimeoutError::Disconnected(message),
+            SendHalt::Halt(Halt::Failed(f)) => SendTimeoutError::Failed(message, f),
+            SendHalt::TooLarge(t) => SendTimeoutError::TooLarge(message, t),
+        }
+    }
+}
+
 impl From<Halt> for SendHalt {
     fn from(h: Halt) -> SendHalt {
         SendHalt::Halt(h)
