@@ -17,7 +17,7 @@
 //! every byte it is sent (a checksum over the payload, checked against the
 //! sender's) on both transports.
 
-#![allow(unsafe_code)] // fork, waitpid, and the counting allocator.
+#![allow(unsafe_code)] // fork and waitpid.
 
 #[allow(
     missing_docs,
@@ -41,11 +41,10 @@ mod kv_capnp;
 mod kv_service;
 mod rpc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::io::{BufReader, BufWriter, IsTerminal, Write as _};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bench_capnp::{blob, order};
@@ -54,36 +53,10 @@ use capnp_shm::{Channel, Options};
 
 // ---- allocation counting -------------------------------------------------
 
-/// Counts heap allocations, so the table can show allocations per message.
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+// Counts heap allocations, so the table can show allocations per message.
+#[path = "../../tests/common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::ALLOCATIONS;
 
 // ---- the two transports ----------------------------------------------------
 
