@@ -16,24 +16,32 @@ use futures::task::LocalSpawnExt;
 
 use kv_capnp::key_value;
 
-#[test]
-fn both_vats_on_one_runner() {
-    let _dog = common::Watchdog::new(common::LIMIT);
+/// Both vats over one channel pair in this process: the server's RPC
+/// system (serving the key-value store), the client's, and the server's
+/// capability as the client sees it. Nothing runs until they are driven.
+fn vats() -> (RpcSystem<Side>, RpcSystem<Side>, key_value::Client) {
     let (a, b) = capnp_shm::Channel::pair().expect("pair");
-    let mut runner = Runner::new();
     let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
     let server = RpcSystem::new(
         Box::new(ShmNetwork::new(a, Side::Server)),
         Some(service.client),
     );
+    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
+    let kv: key_value::Client = client.bootstrap(Side::Server);
+    (server, client, kv)
+}
+
+#[test]
+fn both_vats_on_one_runner() {
+    let _dog = common::Watchdog::new(common::LIMIT);
+    let (server, client, kv) = vats();
+    let mut runner = Runner::new();
     runner
         .spawner()
         .spawn_local(async move {
             let _ = server.await;
         })
         .expect("spawn");
-    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
-    let kv: key_value::Client = client.bootstrap(Side::Server);
     runner
         .spawner()
         .spawn_local(async move {
@@ -55,21 +63,14 @@ fn both_vats_on_one_runner() {
 #[test]
 fn both_vats_under_tokio() {
     let _dog = common::Watchdog::new(common::LIMIT);
-    let (a, b) = capnp_shm::Channel::pair().expect("pair");
+    let (server, client, kv) = vats();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
     let sums = local.block_on(&rt, async move {
-        let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
-        let server = RpcSystem::new(
-            Box::new(ShmNetwork::new(a, Side::Server)),
-            Some(service.client),
-        );
         tokio::task::spawn_local(server);
-        let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
-        let kv: key_value::Client = client.bootstrap(Side::Server);
         tokio::task::spawn_local(client);
         let mut sums = Vec::new();
         // Enough round trips that both sides sleep and wake many times.
@@ -149,15 +150,8 @@ fn a_peer_sending_garbage_fails_the_calls_and_closes() {
 #[test]
 fn the_end_of_the_stream_after_a_disconnect_is_not_reported() {
     let _dog = common::Watchdog::new(common::LIMIT);
-    let (a, b) = capnp_shm::Channel::pair().expect("pair");
+    let (server, client, kv) = vats();
     let mut runner = Runner::new();
-    let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
-    let server = RpcSystem::new(
-        Box::new(ShmNetwork::new(a, Side::Server)),
-        Some(service.client),
-    );
-    let mut client = RpcSystem::new(Box::new(ShmNetwork::new(b, Side::Client)), None);
-    let kv: key_value::Client = client.bootstrap(Side::Server);
     let disconnector = client.get_disconnector();
     let client = runner
         .spawner()
