@@ -61,7 +61,7 @@ fn bootstrap_and_plain_calls() {
 #[test]
 fn bootstrap_both_ways() {
     let _dog = Watchdog::new(LIMIT);
-    let (channel, child) = spawn_server_with(&Options::new(), NetworkOptions::new(), Some(()));
+    let (channel, child) = spawn_server_with(&Options::new(), NetworkOptions::new(), true);
     let recorder = Recorder::default();
     let seen = recorder.seen.clone();
     let mine: watcher::Client = capnp_rpc::new_client(recorder);
@@ -389,7 +389,6 @@ fn clean_shutdown_ends_both_rpc_systems() {
 #[cfg(feature = "tokio")]
 #[test]
 fn under_tokio_a_killed_server_fails_pending_calls() {
-    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
     let _dog = Watchdog::new(LIMIT);
     let (channel, child) = spawn_server(&Options::new(), NetworkOptions::new());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -398,9 +397,8 @@ fn under_tokio_a_killed_server_fails_pending_calls() {
         .expect("runtime");
     let victim = &child;
     let kinds = rt.block_on(async move {
-        let network = capnp_shm_rpc::ShmNetwork::new(channel, Side::Client);
-        let mut system = RpcSystem::new(Box::new(network), None);
-        let kv: kv_capnp::key_value::Client = system.bootstrap(Side::Server);
+        let common::Unstarted { system, kv, .. } =
+            common::unstarted_client(channel, NetworkOptions::new(), None);
         let calls = async move {
             let mut req = kv.echo_request();
             req.get().set_data(b"before");
@@ -422,7 +420,8 @@ fn under_tokio_a_killed_server_fails_pending_calls() {
 /// accepted channel on one runner.
 #[test]
 fn a_listener_serves_rpc_clients_in_other_processes() {
-    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
+    use capnp_rpc::RpcSystem;
+    use capnp_shm_rpc::Side;
     use futures::task::LocalSpawnExt;
     let _dog = Watchdog::new(LIMIT);
     let dir = std::env::temp_dir().join(format!("capnp-shm-rpc-test-{}", std::process::id()));
@@ -515,7 +514,6 @@ fn crowded_calls_all_return_under_the_runner() {
 #[cfg(feature = "tokio")]
 #[test]
 fn crowded_calls_all_return_under_tokio() {
-    use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
     let _dog = Watchdog::new(LIMIT);
     let small = Options::new().ring_capacity(8).region_size(256 << 10);
     let (channel, child) = spawn_server(&small, NetworkOptions::new());
@@ -524,11 +522,12 @@ fn crowded_calls_all_return_under_tokio() {
         .build()
         .expect("runtime");
     let (total, queued) = rt.block_on(async move {
-        let network = capnp_shm_rpc::ShmNetwork::new(channel, Side::Client);
-        let counters = network.counters();
-        let mut system = RpcSystem::new(Box::new(network), None);
-        let kv: kv_capnp::key_value::Client = system.bootstrap(Side::Server);
-        let disconnector = system.get_disconnector();
+        let common::Unstarted {
+            system,
+            kv,
+            disconnector,
+            counters,
+        } = common::unstarted_client(channel, NetworkOptions::new(), None);
         let work = async move {
             let total = crowd(kv).await;
             disconnector.await.expect("disconnect");

@@ -26,12 +26,12 @@ pub const LIMIT: Duration = Duration::from_secs(60);
 /// Serves the key-value store on `channel` until the client disconnects;
 /// returns the exit code: 0 for a clean end.
 pub fn serve(channel: Channel, options: NetworkOptions) -> i32 {
-    serve_with(channel, options, None)
+    serve_with(channel, options, false)
 }
 
 /// As [`serve`]; at start, calls the client's bootstrap watcher with
 /// `("server", b"up")` when `greet` is set.
-pub fn serve_with(channel: Channel, options: NetworkOptions, greet: Option<()>) -> i32 {
+pub fn serve_with(channel: Channel, options: NetworkOptions, greet: bool) -> i32 {
     let mut runner = Runner::new();
     let network = ShmNetwork::with_options(channel, Side::Server, options);
     let counters = network.counters();
@@ -41,7 +41,7 @@ pub fn serve_with(channel: Channel, options: NetworkOptions, greet: Option<()>) 
     }));
     let client: key_value::Client = capnp_rpc::new_client(service);
     let mut system = RpcSystem::new(Box::new(network), Some(client.client));
-    if greet.is_some() {
+    if greet {
         let theirs: watcher::Client = system.bootstrap(Side::Client);
         let spawner = runner.spawner();
         spawner
@@ -64,14 +64,14 @@ pub fn serve_with(channel: Channel, options: NetworkOptions, greet: Option<()>) 
 
 /// A server in a forked child, and the parent's end of its channel.
 pub fn spawn_server(channel_options: &Options, options: NetworkOptions) -> (Channel, Child) {
-    spawn_server_with(channel_options, options, None)
+    spawn_server_with(channel_options, options, false)
 }
 
 /// As [`spawn_server`], with `greet` as for [`serve_with`].
 pub fn spawn_server_with(
     channel_options: &Options,
     options: NetworkOptions,
-    greet: Option<()>,
+    greet: bool,
 ) -> (Channel, Child) {
     let (a, b) = Channel::pair_with(channel_options).expect("pair");
     // The closure is dropped unrun in the parent: it only borrows the ends.
@@ -96,18 +96,49 @@ pub struct Client {
     pub counters: capnp_shm_rpc::Counters,
 }
 
-/// Connects a client on `channel`, offering `bootstrap` to the server.
-pub fn client(
+/// A client's RPC system on `channel` (offering `bootstrap` to the
+/// server), not yet driven, and the server's capability in it.
+pub struct Unstarted {
+    pub system: RpcSystem<Side>,
+    pub kv: key_value::Client,
+    /// Resolves once the connection has been shut down cleanly.
+    pub disconnector: Pin<Box<dyn Future<Output = Result<(), capnp::Error>>>>,
+    pub counters: capnp_shm_rpc::Counters,
+}
+
+/// Makes a client's RPC system on `channel`; drive it with any executor.
+pub fn unstarted_client(
     channel: Channel,
     options: NetworkOptions,
     bootstrap: Option<capnp::capability::Client>,
-) -> Client {
-    let runner = Runner::new();
+) -> Unstarted {
     let network = ShmNetwork::with_options(channel, Side::Client, options);
     let counters = network.counters();
     let mut system = RpcSystem::new(Box::new(network), bootstrap);
     let kv: key_value::Client = system.bootstrap(Side::Server);
     let disconnector = Box::pin(system.get_disconnector());
+    Unstarted {
+        system,
+        kv,
+        disconnector,
+        counters,
+    }
+}
+
+/// Connects a client on `channel`, offering `bootstrap` to the server, with
+/// its RPC system spawned on a runner.
+pub fn client(
+    channel: Channel,
+    options: NetworkOptions,
+    bootstrap: Option<capnp::capability::Client>,
+) -> Client {
+    let Unstarted {
+        system,
+        kv,
+        disconnector,
+        counters,
+    } = unstarted_client(channel, options, bootstrap);
+    let runner = Runner::new();
     runner
         .spawner()
         .spawn_local(async move {
