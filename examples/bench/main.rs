@@ -249,42 +249,60 @@ fn with_peer<R>(
     peer: impl FnOnce(&mut dyn Link),
     main: impl FnOnce(&mut dyn Link) -> R,
 ) -> R {
-    type End = Option<Box<dyn Link>>;
-    let (mut ours, mut theirs): (End, End) = match transport {
+    type End = Box<dyn Link>;
+    let (ours, theirs): (End, End) = match transport {
         Transport::Shm => {
             let (a, b) = Channel::pair_with(options).expect("channel pair");
-            (Some(Box::new(ShmLink(a))), Some(Box::new(ShmLink(b))))
+            (Box::new(ShmLink(a)), Box::new(ShmLink(b)))
         }
         Transport::Socket => {
             let (a, b) = UnixStream::pair().expect("socketpair");
-            (
-                Some(Box::new(SocketLink::new(a))),
-                Some(Box::new(SocketLink::new(b))),
-            )
+            (Box::new(SocketLink::new(a)), Box::new(SocketLink::new(b)))
         }
     };
-    // SAFETY: this program is single-threaded; the child runs `peer` and
-    // leaves with _exit.
+    fork_peer(
+        ours,
+        theirs,
+        |mut link| {
+            peer(&mut *link);
+            0
+        },
+        |mut link| main(&mut *link),
+        "peer process",
+    )
+}
+
+/// Forks a peer: the child drops `ours`, runs `peer` on `theirs` and exits
+/// with the code it returns; here, `theirs` is dropped and `main` runs on
+/// `ours` (dropped when it returns); then waits for the child and checks it
+/// exited with 0 (`what` names it if not).
+fn fork_peer<E, R>(
+    ours: E,
+    theirs: E,
+    peer: impl FnOnce(E) -> i32,
+    main: impl FnOnce(E) -> R,
+    what: &str,
+) -> R {
+    let mut ours = Some(ours);
+    let mut theirs = Some(theirs);
+    // SAFETY: this program is single-threaded (no runtime exists yet); the
+    // child runs `peer` and leaves with _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         drop(ours.take());
-        let mut link = theirs.take().expect("peer end");
-        peer(&mut *link);
-        drop(link);
+        let code = peer(theirs.take().expect("peer end"));
         // SAFETY: ends the child without running the parent's exit handlers.
-        unsafe { libc::_exit(0) };
+        unsafe { libc::_exit(code) };
     }
     drop(theirs.take());
-    let mut link = ours.take().expect("our end");
-    let result = main(&mut *link);
-    drop(link);
+    let result = main(ours.take().expect("our end"));
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "peer process failed (status {status:#x})"
+        "{what} failed (status {status:#x})"
     );
     result
 }

@@ -89,43 +89,32 @@ fn with_server<R>(net: Net, client: impl AsyncFnOnce(key_value::Client) -> R) ->
             (End::Socket(a), End::Socket(b))
         }
     };
-    let mut theirs = Some(theirs);
-    let mut ours = Some(ours);
-    // SAFETY: this program is single-threaded (no runtime exists yet); the
-    // child serves and leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        drop(ours.take());
-        let end = theirs.take().expect("server end");
-        let served = block_on(net, async move {
-            let service: key_value::Client = capnp_rpc::new_client(kv_service::KeyValue::default());
-            system(end, Side::Server, Some(service.client)).await
-        });
-        // SAFETY: ends the child without running the parent's exit handlers.
-        unsafe { libc::_exit(i32::from(served.is_err())) };
-    }
-    drop(theirs.take());
-    let end = ours.take().expect("client end");
-    let result = block_on(net, async move {
-        let mut system = system(end, Side::Client, None);
-        let kv: key_value::Client = system.bootstrap(Side::Server);
-        let disconnector = system.get_disconnector();
-        let body = async move {
-            let r = client(kv).await;
-            disconnector.await.expect("clean disconnect");
-            r
-        };
-        futures::future::join(body, system).await.0
-    });
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "RPC server failed (status {status:#x})"
-    );
-    result
+    crate::fork_peer(
+        ours,
+        theirs,
+        |end| {
+            let served = block_on(net, async move {
+                let service: key_value::Client =
+                    capnp_rpc::new_client(kv_service::KeyValue::default());
+                system(end, Side::Server, Some(service.client)).await
+            });
+            i32::from(served.is_err())
+        },
+        |end| {
+            block_on(net, async move {
+                let mut system = system(end, Side::Client, None);
+                let kv: key_value::Client = system.bootstrap(Side::Server);
+                let disconnector = system.get_disconnector();
+                let body = async move {
+                    let r = client(kv).await;
+                    disconnector.await.expect("clean disconnect");
+                    r
+                };
+                futures::future::join(body, system).await.0
+            })
+        },
+        "RPC server",
+    )
 }
 
 /// Round trips of the trivial call `ping`: each call's time in
