@@ -216,8 +216,13 @@ impl FrameReader {
         let need = match self.header() {
             Ok(Some((header, words))) => header + words_to_bytes(words),
             // The header itself is short (or its count was bad, which the
-            // caller heard from `next_frame` already).
-            _ => self.header_len().unwrap_or(WORD),
+            // caller heard from `next_frame` already): its first word says
+            // how long it is, once that is here.
+            _ if have >= WORD => {
+                let raw = u32_at(Word::words_to_bytes(&self.buf), self.start);
+                header_bytes(usize::try_from(raw).unwrap_or(usize::MAX).saturating_add(1))
+            }
+            _ => WORD,
         };
         Err(FrameError::Truncated { have, need })
     }
@@ -294,19 +299,6 @@ impl FrameReader {
         self.buf.len() * WORD
     }
 
-    /// The header's length in bytes, once its first word is here.
-    fn header_len(&self) -> Option<usize> {
-        if self.filled - self.start < WORD {
-            return None;
-        }
-        // The raw count, saturated: only a length for `check_end` to report.
-        let count = usize::try_from(u32_at(Word::words_to_bytes(&self.buf), self.start))
-            .unwrap_or(usize::MAX)
-            .saturating_add(1);
-        // 4 bytes of count and 4 per segment, padded to a word.
-        Some(count.saturating_mul(4).saturating_add(4 + WORD - 1) & !(WORD - 1))
-    }
-
     /// The header's length and the frame's words, once the header is here.
     fn header(&self) -> Result<Option<(usize, u64)>, FrameError> {
         let have = self.filled - self.start;
@@ -337,7 +329,7 @@ impl FrameReader {
                 limit: self.limit_words,
             });
         }
-        let header = (4 + 4 * count + WORD - 1) & !(WORD - 1);
+        let header = header_bytes(count);
         if have < header {
             return Ok(None);
         }
@@ -379,6 +371,12 @@ impl FrameReader {
         self.start = 0;
         self.filled = pending;
     }
+}
+
+/// Bytes of the header of a frame of `count` segments: 4 for the count, 4
+/// per segment, padded to a whole word.
+fn header_bytes(count: usize) -> usize {
+    count.saturating_mul(4).saturating_add(4 + WORD - 1) & !(WORD - 1)
 }
 
 /// Byte length of `words` words; the caller checked `words` against the
