@@ -17,8 +17,11 @@ use crate::send::SendSide;
 /// growing (each new segment at least as large as all before it together). When
 /// the area is momentarily full the segment comes from the heap instead and
 /// `send` copies it in; allocation itself never fails, blocks or panics.
+/// On a [stream channel](crate::Transport::Stream), which has no region,
+/// every segment comes from the heap.
 pub struct RegionAllocator<'s> {
-    side: &'s SendSide,
+    /// `None` on a stream channel.
+    side: Option<&'s SendSide>,
     next_words: u32,
     heap: HeapAllocator,
 }
@@ -28,9 +31,19 @@ impl<'s> RegionAllocator<'s> {
     /// every segment comes from the heap (the region is the owner's).
     pub(crate) fn new(side: &'s SendSide, first_segment_words: u32) -> RegionAllocator<'s> {
         RegionAllocator {
-            side,
+            side: Some(side),
             next_words: first_segment_words,
             heap: HeapAllocator::new(),
+        }
+    }
+
+    /// An allocator with no region (a stream channel's): capnp's heap
+    /// allocator, starting with `first_segment_words`.
+    pub(crate) fn heap(first_segment_words: u32) -> RegionAllocator<'s> {
+        RegionAllocator {
+            side: None,
+            next_words: first_segment_words,
+            heap: HeapAllocator::new().first_segment_words(first_segment_words.max(1)),
         }
     }
 }
@@ -59,7 +72,8 @@ unsafe impl Allocator for RegionAllocator<'_> {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let min = minimum_size.max(1);
         let want = self.next_words.max(min);
-        if let Some((ptr, words)) = self.side.allocate_segment(min, want) {
+        let region = self.side.and_then(|side| side.allocate_segment(min, want));
+        if let Some((ptr, words)) = region {
             self.next_words = self.next_words.saturating_add(words);
             return (ptr, words);
         }
@@ -67,11 +81,14 @@ unsafe impl Allocator for RegionAllocator<'_> {
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, word_size: u32, words_used: u32) {
-        if self.side.deallocate_segment(ptr, words_used) {
-            return;
+        if let Some(side) = self.side {
+            if side.deallocate_segment(ptr, words_used) {
+                return;
+            }
         }
         // The side recognises every pointer into its region (open or
-        // sent), so `ptr` came from `self.heap`.
+        // sent), so `ptr` came from `self.heap` (as every pointer does
+        // without a side).
         // SAFETY: a heap segment of ours; capnp's arguments passed unchanged.
         unsafe { self.heap.deallocate_segment(ptr, word_size, words_used) }
     }

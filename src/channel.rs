@@ -4,6 +4,7 @@
 //! (`link.rs`).
 
 use std::fmt;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
@@ -22,12 +23,12 @@ use crate::handshake::{self, Hello, HelloReader, SetupDeadline};
 use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
 use crate::link::Link;
 use crate::message::{OwnedReceived, Received};
-use crate::options::Options;
+use crate::options::{Options, Wire};
 use crate::recv::RecvSide;
 use crate::region::OwnRegion;
-use crate::ring::Taken;
 use crate::send::SendSide;
 use crate::stats::{RecvStats, SendStats, Stats};
+use crate::stream::{Socket, StreamLink, StreamRecv, StreamSend};
 use crate::sys::process;
 use crate::wait::Readiness;
 
@@ -92,13 +93,40 @@ pub struct Channel {
 /// The sending half of a [`Channel`], from [`Channel::split`]: [`Send`], so
 /// it can move to another thread than its [`Receiver`].
 pub struct Sender {
-    side: SendSide,
+    tx: Tx,
 }
 
 /// The receiving half of a [`Channel`], from [`Channel::split`]: [`Send`],
 /// so it can move to another thread than its [`Sender`].
 pub struct Receiver {
-    side: RecvSide,
+    rx: Rx,
+}
+
+/// How a channel end carries messages; see [`Channel::transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Shared memory: messages are built in this end's region and read in
+    /// place by the peer, with no copy.
+    SharedMemory,
+    /// A byte stream (TCP, or a Unix socket without shared memory) carrying
+    /// Cap'n Proto's standard stream framing: a message is built on the
+    /// heap, written to the socket at `send`, and read by the peer into a
+    /// reused receive buffer, where it is read in place.
+    Stream,
+}
+
+/// The sending side a [`Sender`] drives. (Not boxed: the shared-memory
+/// side is the hot path, and one `Sender` is one allocation either way.)
+#[allow(clippy::large_enum_variant)]
+enum Tx {
+    Shm(SendSide),
+    Stream(StreamSend),
+}
+
+/// The receiving side a [`Receiver`] drives.
+pub(crate) enum Rx {
+    Shm(RecvSide),
+    Stream(StreamRecv),
 }
 
 /// A channel end that has sent its hello and waits for the peer's: set-up
@@ -143,10 +171,10 @@ impl HalfOpen {
         let link = Arc::new(Link::new(self.socket, self.own, peer, self.options));
         Ok(Channel {
             tx: Sender {
-                side: SendSide::new(Arc::clone(&link), 0),
+                tx: Tx::Shm(SendSide::new(Arc::clone(&link), 0)),
             },
             rx: Receiver {
-                side: RecvSide::new(link, 0),
+                rx: Rx::Shm(RecvSide::new(link, 0)),
             },
         })
     }
@@ -199,6 +227,10 @@ impl Channel {
     /// region size the format does not allow.
     pub fn pair_with(options: &Options) -> Result<(Channel, Channel), SetupError> {
         let (a, b) = UnixStream::pair()?;
+        if options.wire == Wire::Plain {
+            let a = Channel::over_stream(Socket::Unix(a), options)?;
+            return Ok((a, Channel::over_stream(Socket::Unix(b), options)?));
+        }
         let a = HalfOpen::start(a, options)?;
         let b = HalfOpen::start(b, options)?;
         Ok((a.finish()?, b.finish()?))
@@ -225,7 +257,68 @@ impl Channel {
     ///
     /// As [`from_stream`](Channel::from_stream).
     pub fn from_stream_with(stream: UnixStream, options: &Options) -> Result<Channel, SetupError> {
+        if options.wire == Wire::Plain {
+            return Channel::over_stream(Socket::Unix(stream), options);
+        }
         HalfOpen::start(stream, options)?.finish()
+    }
+
+    /// A [stream channel](Transport::Stream) over a connected TCP socket:
+    /// capnp's standard framing from the first byte, so the peer may be
+    /// this crate or anything that speaks Cap'n Proto's stream format
+    /// (`capnp::serialize::read_message` and `write_message`). The socket
+    /// is made non-blocking and gets `TCP_NODELAY`; nothing is exchanged
+    /// before the first message.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use capnp_shm::{Channel, Transport};
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let client = Channel::from_tcp(std::net::TcpStream::connect(listener.local_addr()?)?)?;
+    /// let server = Channel::from_tcp(listener.accept()?.0)?;
+    /// assert_eq!(server.transport(), Transport::Stream);
+    /// let mut m = client.message();
+    /// m.set_root(capnp::text::Reader::from("over tcp"))?;
+    /// client.send(m).map_err(|e| e.into_error())?;
+    /// assert_eq!(server.recv()?.get_root::<capnp::text::Reader<'_>>()?.to_str()?, "over tcp");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError::Io`] when the socket cannot be configured.
+    pub fn from_tcp(stream: TcpStream) -> Result<Channel, SetupError> {
+        Channel::from_tcp_with(stream, &Options::default())
+    }
+
+    /// [`from_tcp`](Channel::from_tcp) with options (those of the stream
+    /// transport apply: the reader limits, the first segment size, the
+    /// set-up timeout that bounds a drop's last flush).
+    ///
+    /// # Errors
+    ///
+    /// As [`from_tcp`](Channel::from_tcp).
+    pub fn from_tcp_with(stream: TcpStream, options: &Options) -> Result<Channel, SetupError> {
+        Channel::over_stream(Socket::Tcp(stream), options)
+    }
+
+    /// A stream channel end over `socket`, with no hello.
+    pub(crate) fn over_stream(socket: Socket, options: &Options) -> Result<Channel, SetupError> {
+        let link = StreamLink::new(socket, options)?;
+        Ok(Channel {
+            tx: Sender {
+                tx: Tx::Stream(StreamSend::new(Arc::clone(&link))),
+            },
+            rx: Receiver {
+                rx: Rx::Stream(StreamRecv::new(link)),
+            },
+        })
+    }
+
+    /// Which transport this end uses: shared memory, or the stream
+    /// (TCP, [`Wire::Plain`], or a negotiation that fell back).
+    pub fn transport(&self) -> Transport {
+        self.tx.transport()
     }
 
     /// Splits the end into its sending and receiving halves, to use from
@@ -388,10 +481,27 @@ impl Sender {
     /// capnp's builder API and pass it to [`send`](Sender::send); dropping
     /// it unsent gives its space back.
     pub fn message(&self) -> MessageBuilder<'_> {
-        // The first segment claims the end for this process (or, in a
-        // process that does not own it, comes from the heap; `send` fails).
-        let words = self.side.link().options().first_segment_words;
-        Builder::new(RegionAllocator::new(&self.side, words))
+        match &self.tx {
+            // The first segment claims the end for this process (or, in a
+            // process that does not own it, comes from the heap; `send`
+            // fails).
+            Tx::Shm(side) => {
+                let words = side.link().options().first_segment_words;
+                Builder::new(RegionAllocator::new(side, words))
+            }
+            Tx::Stream(side) => {
+                let words = side.link().options().first_segment_words;
+                Builder::new(RegionAllocator::heap(words))
+            }
+        }
+    }
+
+    /// Which transport this half uses; see [`Channel::transport`].
+    pub fn transport(&self) -> Transport {
+        match self.tx {
+            Tx::Shm(_) => Transport::SharedMemory,
+            Tx::Stream(_) => Transport::Stream,
+        }
     }
 
     /// Sends a message, waiting while the peer holds too many earlier ones.
@@ -515,24 +625,37 @@ impl Sender {
         let output = message.get_segments_for_output();
         let empty: [&[u8]; 1] = [&EMPTY_SEGMENT];
         let segments: &[&[u8]] = if output.is_empty() { &empty } else { &output };
-        self.side.send(segments, deadline)
+        match &self.tx {
+            Tx::Shm(side) => side.send(segments, deadline),
+            Tx::Stream(side) => side.send(segments, deadline),
+        }
     }
 
     /// Whether this end's outgoing region is a sealed memfd (rather than an
-    /// unsealed `/dev/shm` file).
+    /// unsealed `/dev/shm` file). `false` on a stream channel, which has no
+    /// region.
     pub fn is_sealed(&self) -> bool {
-        self.side.link().own().is_sealed()
+        match &self.tx {
+            Tx::Shm(side) => side.link().own().is_sealed(),
+            Tx::Stream(_) => false,
+        }
     }
 
-    /// Bytes available for message data in the outgoing region.
+    /// Bytes available for message data in the outgoing region; 0 on a
+    /// stream channel, which has no region (its messages are bounded by the
+    /// receiver's reader limits only).
     pub fn capacity_bytes(&self) -> usize {
-        usize::try_from(self.side.link().own().data_bytes()).unwrap_or(usize::MAX)
+        match &self.tx {
+            Tx::Shm(side) => usize::try_from(side.link().own().data_bytes()).unwrap_or(usize::MAX),
+            Tx::Stream(_) => 0,
+        }
     }
 
     /// How many segments were built on the heap because the region was full
-    /// at the time, and copied in at send. Zero in a well-sized channel.
+    /// at the time, and copied in at send. Zero in a well-sized channel
+    /// (and on a stream channel, whose segments are all on the heap).
     pub fn spilled_segments(&self) -> u64 {
-        self.side.stats().spilled_segments
+        self.stats().spilled_segments
     }
 
     /// Readiness for an event loop, after a `try_send` found no room
@@ -542,13 +665,18 @@ impl Sender {
     /// [`Readiness::Armed`], wait for the descriptor ([`AsFd`]) to become
     /// readable, then `disarm()` and `try_send` again; on
     /// [`Readiness::Ready`], try again at once. The same loop as
-    /// [`Receiver::arm`], whose descriptor this shares.
+    /// [`Receiver::arm`], whose descriptor this shares. On a stream channel
+    /// it says [`Readiness::Writable`] instead of `Armed`: wait for the
+    /// descriptor to become writable.
     ///
     /// # Errors
     ///
     /// When the end has failed, or belongs to another process.
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        self.side.arm()
+        match &self.tx {
+            Tx::Shm(side) => side.arm(),
+            Tx::Stream(side) => side.arm(),
+        }
     }
 
     /// Ends the stream now, while the halves (or messages received from
@@ -573,13 +701,26 @@ impl Sender {
     /// assert!(matches!(tx.try_send(tx.message()), Err(capnp_shm::TrySendError::Disconnected(_))));
     /// # Ok(()) }
     /// ```
+    ///
+    /// On a stream channel, what the socket has not taken yet is written
+    /// first (waiting at most `Options::setup_timeout`), then the socket's
+    /// sending side is shut down.
     pub fn close(&self) {
-        self.side.link().close_asked();
+        match &self.tx {
+            Tx::Shm(side) => side.link().close_asked(),
+            Tx::Stream(side) => {
+                let _ = side.flush(Deadline::after(side.link().options().setup_timeout));
+                side.link().close_asked();
+            }
+        }
     }
 
     /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
     pub fn disarm(&self) {
-        self.side.disarm();
+        match &self.tx {
+            Tx::Shm(side) => side.disarm(),
+            Tx::Stream(_) => {}
+        }
     }
 
     /// Whether a send that found no room ([`TrySendError::Full`]) could find
@@ -587,7 +728,10 @@ impl Sender {
     /// ended. A few loads of shared memory, no system call, nothing armed:
     /// the sending counterpart of [`Receiver::is_ready`].
     pub fn is_ready(&self) -> bool {
-        self.side.ready()
+        match &self.tx {
+            Tx::Shm(side) => side.ready(),
+            Tx::Stream(side) => side.ready(),
+        }
     }
 
     /// What this half has sent, and what the peer holds of it: a send that
@@ -607,8 +751,14 @@ impl Sender {
     /// drop(held);
     /// # Ok(()) }
     /// ```
+    ///
+    /// On a stream channel only `messages`, `bytes` and `sleeps` count: the
+    /// peer's holdings are its own.
     pub fn stats(&self) -> SendStats {
-        self.side.stats()
+        match &self.tx {
+            Tx::Shm(side) => side.stats(),
+            Tx::Stream(side) => side.stats(),
+        }
     }
 }
 
@@ -622,8 +772,13 @@ impl Receiver {
     /// the peer published something invalid, the OS refused, or this end is
     /// not this process's.
     pub fn recv(&self) -> Result<Received<'_>, RecvError> {
-        let taken = take_blocking(&self.side)?;
-        Received::new(&self.side, taken).map_err(RecvError::Failed)
+        match &self.rx {
+            Rx::Shm(side) => {
+                let taken = take_blocking(|d| side.recv(d))?;
+                Received::new(side, taken).map_err(RecvError::Failed)
+            }
+            Rx::Stream(side) => Ok(Received::framed(side, take_blocking(|d| side.recv(d))?)),
+        }
     }
 
     /// Receives a message if one is waiting.
@@ -633,8 +788,13 @@ impl Receiver {
     /// [`TryRecvError::Empty`] when none is, and the errors of
     /// [`recv`](Receiver::recv).
     pub fn try_recv(&self) -> Result<Received<'_>, TryRecvError> {
-        let taken = take_now(&self.side)?;
-        Received::new(&self.side, taken).map_err(TryRecvError::Failed)
+        match &self.rx {
+            Rx::Shm(side) => {
+                let taken = take_now(side.recv(Deadline::Now))?;
+                Received::new(side, taken).map_err(TryRecvError::Failed)
+            }
+            Rx::Stream(side) => Ok(Received::framed(side, take_now(side.recv(Deadline::Now))?)),
+        }
     }
 
     /// Receives a message, waiting at most `timeout`.
@@ -644,8 +804,22 @@ impl Receiver {
     /// [`RecvTimeoutError::Timeout`] when none came in time, and the errors
     /// of [`recv`](Receiver::recv).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Received<'_>, RecvTimeoutError> {
-        let taken = take_within(&self.side, timeout)?;
-        Received::new(&self.side, taken).map_err(RecvTimeoutError::Failed)
+        let deadline = Deadline::after(timeout);
+        match &self.rx {
+            Rx::Shm(side) => {
+                let taken = take_within(side.recv(deadline))?;
+                Received::new(side, taken).map_err(RecvTimeoutError::Failed)
+            }
+            Rx::Stream(side) => Ok(Received::framed(side, take_within(side.recv(deadline))?)),
+        }
+    }
+
+    /// Which transport this half uses; see [`Channel::transport`].
+    pub fn transport(&self) -> Transport {
+        match self.rx {
+            Rx::Shm(_) => Transport::SharedMemory,
+            Rx::Stream(_) => Transport::Stream,
+        }
     }
 
     /// This receiver, shared by reference counting within one thread, so
@@ -655,7 +829,10 @@ impl Receiver {
     /// incoming messages that way). Clones share the receiver.
     pub fn into_shared(self) -> SharedReceiver {
         SharedReceiver {
-            side: Rc::new(self.side),
+            rx: match self.rx {
+                Rx::Shm(side) => SharedRx::Shm(Rc::new(side)),
+                Rx::Stream(side) => SharedRx::Stream(Rc::new(side)),
+            },
         }
     }
 
@@ -708,7 +885,9 @@ impl Receiver {
     ///
     /// Arming polls the socket once (which reads away old doorbell bytes
     /// and notices a dead peer). The descriptor is shared with the
-    /// [`Sender`]'s readiness: after a wake, check both.
+    /// [`Sender`]'s readiness: after a wake, check both. On a stream
+    /// channel the same loop works: `Armed` means the socket has no whole
+    /// message yet, and it becomes readable when more bytes come.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -734,45 +913,63 @@ impl Receiver {
     ///
     /// When the end has failed, or belongs to another process.
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        self.side.arm()
+        match &self.rx {
+            Rx::Shm(side) => side.arm(),
+            Rx::Stream(side) => side.arm(),
+        }
     }
 
     /// Withdraws [`arm`](Receiver::arm): the peer stops ringing.
     pub fn disarm(&self) {
-        self.side.disarm();
+        match &self.rx {
+            Rx::Shm(side) => side.disarm(),
+            Rx::Stream(_) => {}
+        }
     }
 
     /// Whether [`try_recv`](Receiver::try_recv) would now return something
     /// other than `Empty` (a message, the end of the channel, a failure):
     /// a few loads of shared memory, no system call, nothing armed. For
     /// event loops that look for work for a while before they
-    /// [`arm`](Receiver::arm) and sleep.
+    /// [`arm`](Receiver::arm) and sleep. On a stream channel it sees only
+    /// what has been read from the socket already (a whole message in the
+    /// receive buffer); `arm` and the descriptor see the rest.
     pub fn is_ready(&self) -> bool {
-        self.side.ready()
+        match &self.rx {
+            Rx::Shm(side) => side.ready(),
+            Rx::Stream(side) => side.ready(),
+        }
     }
 
     /// The address range of the peer's region as mapped here. Received
     /// segments read in place lie inside it. (It is followed by 1 MiB of
-    /// read-only zero pages; see the README's trust model.)
+    /// read-only zero pages; see the README's trust model.) Empty on a
+    /// stream channel.
     pub fn incoming_range(&self) -> std::ops::Range<usize> {
-        self.side.link().peer().address_range()
+        match &self.rx {
+            Rx::Shm(side) => side.link().peer().address_range(),
+            Rx::Stream(_) => 0..0,
+        }
     }
 
     /// What this half has received, and how many received messages it
     /// still holds.
     pub fn stats(&self) -> RecvStats {
-        self.side.stats()
+        match &self.rx {
+            Rx::Shm(side) => side.stats(),
+            Rx::Stream(side) => side.stats(),
+        }
     }
 
-    pub(crate) fn side(&self) -> &RecvSide {
-        &self.side
+    pub(crate) fn rx(&self) -> &Rx {
+        &self.rx
     }
 }
 
 /// The next message, waiting as long as it takes.
-fn take_blocking(side: &RecvSide) -> Result<Taken, RecvError> {
+fn take_blocking<T>(recv: impl Fn(Deadline) -> Result<T, Halt>) -> Result<T, RecvError> {
     loop {
-        return match side.recv(Deadline::Never) {
+        return match recv(Deadline::Never) {
             Ok(taken) => Ok(taken),
             // Without a deadline a receive never expires; wait again.
             Err(Halt::Expired) => continue,
@@ -782,23 +979,22 @@ fn take_blocking(side: &RecvSide) -> Result<Taken, RecvError> {
     }
 }
 
-/// The next message, if one is there.
-fn take_now(side: &RecvSide) -> Result<Taken, TryRecvError> {
-    side.recv(Deadline::Now).map_err(|halt| match halt {
+/// What a receive that does not wait found.
+fn take_now<T>(got: Result<T, Halt>) -> Result<T, TryRecvError> {
+    got.map_err(|halt| match halt {
         Halt::Expired => TryRecvError::Empty,
         Halt::Failed(f) => TryRecvError::Failed(f),
         Halt::Disconnected => TryRecvError::Disconnected,
     })
 }
 
-/// The next message, waiting at most `timeout`.
-fn take_within(side: &RecvSide, timeout: Duration) -> Result<Taken, RecvTimeoutError> {
-    side.recv(Deadline::after(timeout))
-        .map_err(|halt| match halt {
-            Halt::Expired => RecvTimeoutError::Timeout,
-            Halt::Failed(f) => RecvTimeoutError::Failed(f),
-            Halt::Disconnected => RecvTimeoutError::Disconnected,
-        })
+/// What a receive with a deadline found.
+fn take_within<T>(got: Result<T, Halt>) -> Result<T, RecvTimeoutError> {
+    got.map_err(|halt| match halt {
+        Halt::Expired => RecvTimeoutError::Timeout,
+        Halt::Failed(f) => RecvTimeoutError::Failed(f),
+        Halt::Disconnected => RecvTimeoutError::Disconnected,
+    })
 }
 
 /// A [`Receiver`] shared by reference counting in one thread, whose
@@ -828,7 +1024,13 @@ fn take_within(side: &RecvSide, timeout: Duration) -> Result<Taken, RecvTimeoutE
 /// ```
 #[derive(Clone)]
 pub struct SharedReceiver {
-    side: Rc<RecvSide>,
+    rx: SharedRx,
+}
+
+#[derive(Clone)]
+enum SharedRx {
+    Shm(Rc<RecvSide>),
+    Stream(Rc<StreamRecv>),
 }
 
 impl SharedReceiver {
@@ -839,8 +1041,16 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::recv`].
     pub fn recv(&self) -> Result<OwnedReceived, RecvError> {
-        let taken = take_blocking(&self.side)?;
-        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(RecvError::Failed)
+        match &self.rx {
+            SharedRx::Shm(side) => {
+                let taken = take_blocking(|d| side.recv(d))?;
+                OwnedReceived::new(Rc::clone(side), taken).map_err(RecvError::Failed)
+            }
+            SharedRx::Stream(side) => {
+                let frame = take_blocking(|d| side.recv(d))?;
+                Ok(OwnedReceived::framed(Rc::clone(side), frame))
+            }
+        }
     }
 
     /// As [`Receiver::try_recv`].
@@ -849,8 +1059,16 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::try_recv`].
     pub fn try_recv(&self) -> Result<OwnedReceived, TryRecvError> {
-        let taken = take_now(&self.side)?;
-        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(TryRecvError::Failed)
+        match &self.rx {
+            SharedRx::Shm(side) => {
+                let taken = take_now(side.recv(Deadline::Now))?;
+                OwnedReceived::new(Rc::clone(side), taken).map_err(TryRecvError::Failed)
+            }
+            SharedRx::Stream(side) => {
+                let frame = take_now(side.recv(Deadline::Now))?;
+                Ok(OwnedReceived::framed(Rc::clone(side), frame))
+            }
+        }
     }
 
     /// As [`Receiver::recv_timeout`].
@@ -859,8 +1077,17 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::recv_timeout`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<OwnedReceived, RecvTimeoutError> {
-        let taken = take_within(&self.side, timeout)?;
-        OwnedReceived::new(Rc::clone(&self.side), taken).map_err(RecvTimeoutError::Failed)
+        let deadline = Deadline::after(timeout);
+        match &self.rx {
+            SharedRx::Shm(side) => {
+                let taken = take_within(side.recv(deadline))?;
+                OwnedReceived::new(Rc::clone(side), taken).map_err(RecvTimeoutError::Failed)
+            }
+            SharedRx::Stream(side) => {
+                let frame = take_within(side.recv(deadline))?;
+                Ok(OwnedReceived::framed(Rc::clone(side), frame))
+            }
+        }
     }
 
     /// As [`Receiver::arm`].
@@ -869,43 +1096,71 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::arm`].
     pub fn arm(&self) -> Result<Readiness, crate::Failure> {
-        self.side.arm()
+        match &self.rx {
+            SharedRx::Shm(side) => side.arm(),
+            SharedRx::Stream(side) => side.arm(),
+        }
     }
 
     /// As [`Receiver::disarm`].
     pub fn disarm(&self) {
-        self.side.disarm();
+        match &self.rx {
+            SharedRx::Shm(side) => side.disarm(),
+            SharedRx::Stream(_) => {}
+        }
     }
 
     /// As [`Receiver::is_ready`].
     pub fn is_ready(&self) -> bool {
-        self.side.ready()
+        match &self.rx {
+            SharedRx::Shm(side) => side.ready(),
+            SharedRx::Stream(side) => side.ready(),
+        }
     }
 
     /// As [`Receiver::stats`].
     pub fn stats(&self) -> RecvStats {
-        self.side.stats()
+        match &self.rx {
+            SharedRx::Shm(side) => side.stats(),
+            SharedRx::Stream(side) => side.stats(),
+        }
     }
 
     /// As [`Receiver::incoming_range`].
     pub fn incoming_range(&self) -> std::ops::Range<usize> {
-        self.side.link().peer().address_range()
+        match &self.rx {
+            SharedRx::Shm(side) => side.link().peer().address_range(),
+            SharedRx::Stream(_) => 0..0,
+        }
+    }
+
+    /// As [`Receiver::transport`].
+    pub fn transport(&self) -> Transport {
+        match self.rx {
+            SharedRx::Shm(_) => Transport::SharedMemory,
+            SharedRx::Stream(_) => Transport::Stream,
+        }
     }
 }
 
 impl AsFd for SharedReceiver {
     /// As for [`Receiver`].
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.side.link().socket()
+        match &self.rx {
+            SharedRx::Shm(side) => side.link().socket(),
+            SharedRx::Stream(side) => side.link().socket(),
+        }
     }
 }
 
 impl fmt::Debug for SharedReceiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedReceiver")
-            .field("link", self.side.link())
-            .field("stats", &self.side.stats())
-            .finish()
+        let mut d = f.debug_struct("SharedReceiver");
+        match &self.rx {
+            SharedRx::Shm(side) => d.field("link", side.link()),
+            SharedRx::Stream(side) => d.field("link", side.link()),
+        };
+        d.field("stats", &self.stats()).finish()
     }
 }
 
@@ -1002,7 +1257,10 @@ impl AsFd for Sender {
     /// The channel's socket, shared with the [`Receiver`] (do not read or
     /// write it).
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.side.link().socket()
+        match &self.tx {
+            Tx::Shm(side) => side.link().socket(),
+            Tx::Stream(side) => side.link().socket(),
+        }
     }
 }
 
@@ -1010,14 +1268,27 @@ impl AsFd for Receiver {
     /// The channel's socket, shared with the [`Sender`] (do not read or
     /// write it).
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.side.link().socket()
+        match &self.rx {
+            Rx::Shm(side) => side.link().socket(),
+            Rx::Stream(side) => side.link().socket(),
+        }
+    }
+}
+
+impl Sender {
+    /// What this end is over, for `Debug`.
+    fn link(&self) -> &dyn fmt::Debug {
+        match &self.tx {
+            Tx::Shm(side) => side.link(),
+            Tx::Stream(side) => side.link(),
+        }
     }
 }
 
 impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel")
-            .field("link", self.tx.side.link())
+            .field("link", self.tx.link())
             .field("stats", &self.stats())
             .finish()
     }
@@ -1026,18 +1297,20 @@ impl fmt::Debug for Channel {
 impl fmt::Debug for Sender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
-            .field("link", self.side.link())
-            .field("stats", &self.side.stats())
+            .field("link", self.link())
+            .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl fmt::Debug for Receiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receiver")
-            .field("link", self.side.link())
-            .field("stats", &self.side.stats())
-            .finish()
+        let mut d = f.debug_struct("Receiver");
+        match &self.rx {
+            Rx::Shm(side) => d.field("link", side.link()),
+            Rx::Stream(side) => d.field("link", side.link()),
+        };
+        d.field("stats", &self.stats()).finish()
     }
 }
 

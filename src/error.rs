@@ -820,6 +820,28 @@ pub enum ProtocolError {
         /// The sequence number named.
         seq: u32,
     },
+    /// On a stream channel, a frame header claims 0 segments or more than
+    /// 511 (capnp's limit).
+    FrameSegmentCount {
+        /// The segment count the header implies.
+        count: u64,
+    },
+    /// On a stream channel, a frame header announces more words than the
+    /// reader's traversal limit (`Options::reader_options`): it is refused
+    /// before any buffer is sized for it.
+    FrameTooLarge {
+        /// Words the header announces.
+        words: u64,
+        /// The traversal limit, in words.
+        limit: u64,
+    },
+    /// On a stream channel, the peer closed inside a frame.
+    FrameTruncated {
+        /// Bytes of the frame that came.
+        have: u64,
+        /// Bytes the frame needs, at least.
+        need: u64,
+    },
 }
 
 impl fmt::Display for ProtocolError {
@@ -893,6 +915,20 @@ impl fmt::Display for ProtocolError {
             BadRelease { slot, seq } => write!(
                 f,
                 "release of message {seq} (slot {slot}) that is not in flight"
+            ),
+            FrameSegmentCount { count } => {
+                write!(f, "stream frame of {count} segments (1 to 511 allowed)")
+            }
+            FrameTooLarge { words, limit } => write!(
+                f,
+                "stream frame of {} bytes, over the reader's traversal limit of {} bytes \
+                 (raise the receiver's Options::reader_options)",
+                words.saturating_mul(8),
+                limit.saturating_mul(8)
+            ),
+            FrameTruncated { have, need } => write!(
+                f,
+                "stream closed {have} bytes into a frame of at least {need} bytes"
             ),
         }
     }

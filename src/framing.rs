@@ -19,7 +19,6 @@
 //! count of 0 or over capnp's 512, a total beyond the reader's traversal
 //! limit, and a stream that ends inside a frame each get their own
 //! [`FrameError`].
-#![cfg_attr(not(test), allow(dead_code))] // used by the stream transport, next step
 
 use std::fmt;
 use std::io::{self, Read};
@@ -184,6 +183,7 @@ impl FrameReader {
 
     /// The current frame's segments, for `capnp::message::Reader::new`.
     /// Only after [`next_frame`](Self::next_frame) said `true`.
+    #[cfg(test)]
     pub(crate) fn segments(&self) -> FrameSegments<'_> {
         debug_assert!(self.frame.is_some());
         FrameSegments {
@@ -396,12 +396,14 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 }
 
 /// The segments of a decoded frame, borrowed from the reader's buffer.
+#[cfg(test)]
 #[derive(Debug)]
 pub(crate) struct FrameSegments<'r> {
     bytes: &'r [u8],
     segments: &'r [Range<usize>],
 }
 
+#[cfg(test)]
 impl ReaderSegments for FrameSegments<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let range = self.segments.get(idx as usize)?;
@@ -424,6 +426,17 @@ pub(crate) struct HeldFrame {
     more: Vec<Range<usize>>,
 }
 
+impl HeldFrame {
+    /// Words in the frame's segments.
+    pub(crate) fn words(&self) -> u64 {
+        let bytes: usize = std::iter::once(&self.first)
+            .chain(&self.more)
+            .map(ExactSizeIterator::len)
+            .sum();
+        (bytes / WORD) as u64
+    }
+}
+
 impl ReaderSegments for HeldFrame {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let range = match idx {
@@ -440,7 +453,17 @@ impl ReaderSegments for HeldFrame {
 
 /// Appends one frame of `segments` (capnp's output of one message, whole
 /// words each) to `out`: the header, its padding, the segments.
+#[cfg(test)]
 pub(crate) fn write_frame(out: &mut Vec<u8>, segments: &[&[u8]]) {
+    write_header(out, segments);
+    for s in segments {
+        out.extend_from_slice(s);
+    }
+}
+
+/// Appends the header of a frame of `segments` to `out`: the segment
+/// count, the lengths, the padding (the segments follow it on the wire).
+pub(crate) fn write_header(out: &mut Vec<u8>, segments: &[&[u8]]) {
     debug_assert!(!segments.is_empty() && segments.len() <= MAX_SEGMENTS);
     debug_assert!(segments.iter().all(|s| s.len() % WORD == 0));
     let count = segments.len();
@@ -455,9 +478,6 @@ pub(crate) fn write_frame(out: &mut Vec<u8>, segments: &[&[u8]]) {
     }
     if count % 2 == 0 {
         out.extend_from_slice(&[0; 4]);
-    }
-    for s in segments {
-        out.extend_from_slice(s);
     }
 }
 

@@ -137,7 +137,7 @@ mod wake;
 mod word;
 
 pub use alloc::RegionAllocator;
-pub use channel::{Channel, MessageBuilder, Receiver, Sender, SharedReceiver};
+pub use channel::{Channel, MessageBuilder, Receiver, Sender, SharedReceiver, Transport};
 pub use channel::{Iter, TryIter};
 pub use connect::{AcceptError, Credentials, Listener, ListenerOptions};
 pub use error::{
@@ -146,7 +146,7 @@ pub use error::{
     TryRecvError, TrySendError,
 };
 pub use message::{Detached, OwnedReceived, OwnedSegments, Received, Segments};
-pub use options::{Backing, Options};
+pub use options::{Backing, Options, Wire};
 pub use select::{poll_readable, wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
 pub use stats::{RecvStats, SendStats, Stats};

@@ -9,8 +9,10 @@ use capnp::traits::FromPointerReader;
 use capnp::Word;
 
 use crate::error::{Failure, ProtocolError};
+use crate::framing::HeldFrame;
 use crate::recv::RecvSide;
 use crate::ring::{SegmentTable, Taken};
+use crate::stream::StreamRecv;
 
 /// The methods a received message has, owned or borrowing: one body for
 /// both types.
@@ -57,8 +59,11 @@ macro_rules! received_methods {
             (0..).map_while(move |i| segments.get_segment(i))
         }
 
-        /// Whether the message was copied into private memory
-        /// ([`Options::copy_received`](crate::Options::copy_received)).
+        /// Whether the message lies in private memory rather than in the
+        /// peer's region: copied there
+        /// ([`Options::copy_received`](crate::Options::copy_received)), or
+        /// read from a [stream channel](crate::Transport::Stream)'s socket
+        /// into its receive buffer (always).
         pub fn is_copied(&self) -> bool {
             matches!(self.reader.get_segments().body, $copied)
         }
@@ -154,7 +159,21 @@ impl<'c> Received<'c> {
         })
     }
 
-    received_methods!(Segments<'c>, Body::Copied(_));
+    /// A message `rx` read from its stream, into its receive buffer.
+    pub(crate) fn framed(rx: &'c StreamRecv, frame: HeldFrame) -> Received<'c> {
+        let limits = rx.link().options().reader_options_for(frame.words());
+        Received {
+            reader: Reader::new(
+                Segments {
+                    body: Body::Framed { rx, frame },
+                },
+                limits,
+            ),
+            options: limits,
+        }
+    }
+
+    received_methods!(Segments<'c>, Body::Copied(_) | Body::Framed { .. });
 }
 
 /// The segments of a [detached](Received::detach) message: a private copy
@@ -190,21 +209,27 @@ impl fmt::Debug for Received<'_> {
 /// The segments of a [`Received`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
 pub struct Segments<'c> {
-    side: &'c RecvSide,
     body: Body<'c>,
-    /// `(slot, seq)` to release on drop; `None` once released.
-    release: Option<(u32, u32)>,
 }
 
 enum Body<'c> {
     /// Slices of the peer's data area, made once from the validated table so
     /// that capnp's many `get_segment` calls are a plain lookup.
     InPlace {
+        side: &'c RecvSide,
         first: &'c [u8],
         more: Vec<&'c [u8]>,
+        /// `(slot, seq)` to release on drop; `None` once released.
+        release: Option<(u32, u32)>,
     },
     /// A private copy, already released.
     Copied(Detached),
+    /// A frame in a stream channel's receive buffer (shared with the
+    /// receiver until it moves on; reused once this drops).
+    Framed {
+        rx: &'c StreamRecv,
+        frame: HeldFrame,
+    },
 }
 
 /// Copies the segments of `taken` out of `side`'s peer region, and releases
@@ -268,12 +293,12 @@ impl<'c> Segments<'c> {
         // succeeds; an empty slice would only make capnp report an error.
         let slice = |i| table.get(i).and_then(|e| peer.segment(e)).unwrap_or(&[]);
         Segments {
-            side,
             body: Body::InPlace {
+                side,
                 first: slice(0),
                 more: (1..table.len()).map(slice).collect(),
+                release: Some((taken.slot, taken.seq)),
             },
-            release: Some((taken.slot, taken.seq)),
         }
     }
 
@@ -283,9 +308,7 @@ impl<'c> Segments<'c> {
         limits: ReaderOptions,
     ) -> Result<Segments<'c>, Failure> {
         Ok(Segments {
-            side,
             body: Body::Copied(copy_out(side, taken, limits)?),
-            release: None,
         })
     }
 }
@@ -293,11 +316,12 @@ impl<'c> Segments<'c> {
 impl ReaderSegments for Segments<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match &self.body {
-            Body::InPlace { first, more } => match idx {
+            Body::InPlace { first, more, .. } => match idx {
                 0 => Some(first),
                 i => more.get(i as usize - 1).copied(),
             },
             Body::Copied(copy) => copy.get_segment(idx),
+            Body::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
 
@@ -305,28 +329,36 @@ impl ReaderSegments for Segments<'_> {
         match &self.body {
             Body::InPlace { more, .. } => 1 + more.len(),
             Body::Copied(copy) => copy.len(),
+            Body::Framed { frame, .. } => frame.len(),
         }
     }
 }
 
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
-        if let Some((slot, seq)) = self.release.take() {
-            self.side.release(slot, seq);
+        match &mut self.body {
+            Body::InPlace { side, release, .. } => {
+                if let Some((slot, seq)) = release.take() {
+                    side.release(slot, seq);
+                }
+            }
+            Body::Copied(_) => {}
+            Body::Framed { rx, .. } => rx.dropped(),
         }
     }
 }
 
 impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.body {
-            Body::InPlace { .. } => "in place",
-            Body::Copied(_) => "copied",
+        let (kind, seq) = match &self.body {
+            Body::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
+            Body::Copied(_) => ("copied", None),
+            Body::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("Segments")
             .field("storage", &kind)
             .field("count", &self.len())
-            .field("seq", &self.release.map(|(_, seq)| seq))
+            .field("seq", &seq)
             .finish()
     }
 }
@@ -350,24 +382,39 @@ impl OwnedReceived {
     pub(crate) fn new(side: Rc<RecvSide>, taken: Taken) -> Result<OwnedReceived, Failure> {
         let options = side.link().options();
         let limits = options.reader_options_for(taken.table.words());
-        let (body, release) = if options.copy_received {
-            (OwnedBody::Copied(copy_out(&side, &taken, limits)?), None)
+        let body = if options.copy_received {
+            OwnedBody::Copied(copy_out(&side, &taken, limits)?)
         } else {
-            let release = Some((taken.slot, taken.seq));
-            (OwnedBody::InPlace(taken.table), release)
-        };
-        let segments = OwnedSegments {
-            side,
-            body,
-            release,
+            OwnedBody::InPlace {
+                release: Some((taken.slot, taken.seq)),
+                table: taken.table,
+                side,
+            }
         };
         Ok(OwnedReceived {
-            reader: Reader::new(segments, limits),
+            reader: Reader::new(OwnedSegments { body }, limits),
             options: limits,
         })
     }
 
-    received_methods!(OwnedSegments, OwnedBody::Copied(_));
+    /// A message `rx` read from its stream, as [`Received::framed`].
+    pub(crate) fn framed(rx: Rc<StreamRecv>, frame: HeldFrame) -> OwnedReceived {
+        let limits = rx.link().options().reader_options_for(frame.words());
+        OwnedReceived {
+            reader: Reader::new(
+                OwnedSegments {
+                    body: OwnedBody::Framed { rx, frame },
+                },
+                limits,
+            ),
+            options: limits,
+        }
+    }
+
+    received_methods!(
+        OwnedSegments,
+        OwnedBody::Copied(_) | OwnedBody::Framed { .. }
+    );
 }
 
 impl fmt::Debug for OwnedReceived {
@@ -381,57 +428,73 @@ impl fmt::Debug for OwnedReceived {
 /// The segments of an [`OwnedReceived`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
 pub struct OwnedSegments {
-    side: Rc<RecvSide>,
     body: OwnedBody,
-    /// `(slot, seq)` to release on drop; `None` once released.
-    release: Option<(u32, u32)>,
 }
 
 enum OwnedBody {
     /// The validated table: each segment is looked up in the peer's
     /// mapping, which the `Rc` keeps alive.
-    InPlace(SegmentTable),
+    InPlace {
+        side: Rc<RecvSide>,
+        table: SegmentTable,
+        /// `(slot, seq)` to release on drop; `None` once released.
+        release: Option<(u32, u32)>,
+    },
     /// A private copy, already released.
     Copied(Detached),
+    /// A frame in a stream channel's receive buffer.
+    Framed {
+        rx: Rc<StreamRecv>,
+        frame: HeldFrame,
+    },
 }
 
 impl ReaderSegments for OwnedSegments {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match &self.body {
-            OwnedBody::InPlace(table) => {
+            OwnedBody::InPlace { side, table, .. } => {
                 let extent = table.get(idx)?;
-                self.side.link().peer().segment(extent)
+                side.link().peer().segment(extent)
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
+            OwnedBody::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
 
     fn len(&self) -> usize {
         match &self.body {
-            OwnedBody::InPlace(table) => table.len() as usize,
+            OwnedBody::InPlace { table, .. } => table.len() as usize,
             OwnedBody::Copied(copy) => copy.len(),
+            OwnedBody::Framed { frame, .. } => frame.len(),
         }
     }
 }
 
 impl Drop for OwnedSegments {
     fn drop(&mut self) {
-        if let Some((slot, seq)) = self.release.take() {
-            self.side.release(slot, seq);
+        match &mut self.body {
+            OwnedBody::InPlace { side, release, .. } => {
+                if let Some((slot, seq)) = release.take() {
+                    side.release(slot, seq);
+                }
+            }
+            OwnedBody::Copied(_) => {}
+            OwnedBody::Framed { rx, .. } => rx.dropped(),
         }
     }
 }
 
 impl fmt::Debug for OwnedSegments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.body {
-            OwnedBody::InPlace(_) => "in place",
-            OwnedBody::Copied(_) => "copied",
+        let (kind, seq) = match &self.body {
+            OwnedBody::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
+            OwnedBody::Copied(_) => ("copied", None),
+            OwnedBody::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("OwnedSegments")
             .field("storage", &kind)
             .field("count", &self.len())
-            .field("seq", &self.release.map(|(_, seq)| seq))
+            .field("seq", &seq)
             .finish()
     }
 }

@@ -17,6 +17,25 @@ pub enum Backing {
     ShmFile,
 }
 
+/// What an end says first on a Unix socket, and so which transport it
+/// ends up on; see [`Options::wire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Wire {
+    /// Send a hello and use shared memory if the peer can too; otherwise
+    /// (its hello asks for the stream, or it cannot map our region) both
+    /// ends use the stream transport on the same socket. The default.
+    #[default]
+    Negotiate,
+    /// Send a hello that asks for the stream transport: both ends use it,
+    /// whatever the peer could do.
+    Stream,
+    /// No hello: capnp's standard stream framing from the first byte, for a
+    /// peer that speaks nothing else (`capnp::serialize` on a plain socket,
+    /// another language's Cap'n Proto, a server older than this crate).
+    Plain,
+}
+
 /// Settings for one end of a channel. Each end chooses its own: the region
 /// size and ring capacity describe the region this end *sends* through.
 ///
@@ -48,6 +67,7 @@ pub struct Options {
     pub(crate) copy_received: bool,
     pub(crate) backing: Backing,
     pub(crate) allow_unsealed_peer: bool,
+    pub(crate) wire: Wire,
 }
 
 impl Default for Options {
@@ -63,6 +83,7 @@ impl Default for Options {
             copy_received: false,
             backing: Backing::Auto,
             allow_unsealed_peer: false,
+            wire: Wire::Negotiate,
         }
     }
 }
@@ -185,6 +206,33 @@ impl Options {
     /// unsealed peers are accepted only when this end is unsealed too.
     pub fn allow_unsealed_peer(mut self, allow: bool) -> Options {
         self.allow_unsealed_peer = allow;
+        self
+    }
+
+    /// What this end says first on a Unix socket; see [`Wire`]. (On TCP
+    /// both ends always speak capnp's standard framing from the first
+    /// byte: there is nothing to negotiate.)
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use capnp_shm::{Channel, Options, Transport, Wire};
+    /// let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    /// // A peer that speaks plain capnp framing and nothing else.
+    /// let plain = std::thread::spawn(move || -> capnp::Result<String> {
+    ///     let mut b = b;
+    ///     let m = capnp::serialize::read_message(&mut b, Default::default())?;
+    ///     Ok(m.get_root::<capnp::text::Reader<'_>>()?.to_string()?)
+    /// });
+    /// let a = Channel::from_stream_with(a, &Options::new().wire(Wire::Plain))?;
+    /// assert_eq!(a.transport(), Transport::Stream);
+    /// let mut m = a.message();
+    /// m.set_root(capnp::text::Reader::from("plain"))?;
+    /// a.send(m).map_err(|e| e.into_error())?;
+    /// assert_eq!(plain.join().unwrap()?, "plain");
+    /// # Ok(()) }
+    /// ```
+    pub fn wire(mut self, wire: Wire) -> Options {
+        self.wire = wire;
         self
     }
 }

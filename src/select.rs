@@ -19,7 +19,7 @@ use std::io;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use crate::channel::Receiver;
+use crate::channel::{Receiver, Rx};
 use crate::deadline::Deadline;
 use crate::layout::{SLEEPING_ON_FUTEX, SLEEPING_ON_SOCKET};
 use crate::recv::RecvSide;
@@ -155,17 +155,22 @@ pub fn wait_any_with<R: AsRef<Receiver>>(
     }
     let deadline = Deadline::within(timeout);
     let slice = sides
-        .iter()
-        .map(|s| s.with_waiter(|w, _| w.slice()))
+        .shm()
+        .map(|(_, s)| s.with_waiter(|w, _| w.slice()))
         .min()
         .unwrap_or(Duration::from_millis(100));
     let auto = method == WaitMethod::Auto;
     let mut method = resolve(method, receivers.len())?;
+    if sides.has_streams() {
+        // A stream's socket is its only readiness: every receiver is
+        // waited for in one poll of the sockets.
+        method = WaitMethod::Doorbell;
+    }
     loop {
         // Once per wait slice per receiver, even while others keep us too
         // busy to sleep out a slice: a peer killed meanwhile shows as
         // hang-up, and its receiver is ready (its recv reports it).
-        for (i, s) in sides.iter().enumerate() {
+        for (i, s) in sides.shm() {
             let link = s.link();
             if s.with_waiter(|w, _| w.poll_peer_if_due(link)).is_err() || link.peer_closed() {
                 return Ok(i);
@@ -177,14 +182,16 @@ pub fn wait_any_with<R: AsRef<Receiver>>(
         // The deadline before spinning, as a single recv does.
         let this_slice = deadline.slice(slice).ok_or(WaitAnyError::Timeout)?;
         // Spin, like a single recv, checking every receiver; the first
-        // receiver's adaptive budget stands for the set.
+        // shared-memory receiver's adaptive budget stands for the set.
         let mut found = None;
-        sides.first().with_waiter(|w, _| {
-            w.spin(|| {
-                found = sides.first_ready();
-                found.is_some()
-            })
-        });
+        if let Some((_, first)) = sides.shm().next() {
+            first.with_waiter(|w, _| {
+                w.spin(|| {
+                    found = sides.first_ready();
+                    found.is_some()
+                })
+            });
+        }
         if let Some(i) = found {
             return Ok(i);
         }
@@ -226,30 +233,41 @@ struct Sides<'a, R>(&'a [R]);
 static UNUSED: AtomicU32 = AtomicU32::new(0);
 
 impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
-    fn iter(&self) -> impl Iterator<Item = &'a RecvSide> + 'a {
-        self.0.iter().map(|r| r.as_ref().side())
+    fn all(&self) -> impl Iterator<Item = &'a Rx> + 'a {
+        self.0.iter().map(|r| r.as_ref().rx())
     }
 
-    fn first(&self) -> &'a RecvSide {
-        self.0[0].as_ref().side()
+    /// The shared-memory sides, with their indices.
+    fn shm(&self) -> impl Iterator<Item = (usize, &'a RecvSide)> + 'a {
+        self.all().enumerate().filter_map(|(i, rx)| match rx {
+            Rx::Shm(side) => Some((i, side)),
+            Rx::Stream(_) => None,
+        })
+    }
+
+    fn has_streams(&self) -> bool {
+        self.all().any(|rx| matches!(rx, Rx::Stream(_)))
     }
 
     /// The index of the first receiver ready to receive.
     fn first_ready(&self) -> Option<usize> {
-        self.iter().position(RecvSide::ready)
+        self.all().position(|rx| match rx {
+            Rx::Shm(side) => side.ready(),
+            Rx::Stream(side) => side.ready(),
+        })
     }
 
-    /// Announces the sleep on every receiver; `Err(i)` if receiver `i`
-    /// turned out ready (every announcement is then withdrawn). Calls
-    /// `seen(i, value)` for each announced receiver.
+    /// Announces the sleep on every shared-memory receiver; `Err(i)` if
+    /// receiver `i` turned out ready (every announcement is then
+    /// withdrawn). Calls `seen(i, value)` for each announced receiver.
     fn prepare(&self, mode: u32, mut seen: impl FnMut(usize, u32)) -> Result<(), usize> {
-        for (i, s) in self.iter().enumerate() {
+        for (i, s) in self.shm() {
             match s.with_waiter(|w, c| w.prepare(s.link(), c, mode)) {
                 Some(value) => seen(i, value),
                 None => {
-                    self.iter()
-                        .take(i)
-                        .for_each(|s| withdraw(s.link().own().rx_sleeping()));
+                    self.shm()
+                        .take_while(|&(j, _)| j < i)
+                        .for_each(|(_, s)| withdraw(s.link().own().rx_sleeping()));
                     return Err(i);
                 }
             }
@@ -258,19 +276,22 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
     }
 
     fn finish(&self) {
-        self.iter()
-            .for_each(|s| withdraw(s.link().own().rx_sleeping()));
+        self.shm()
+            .for_each(|(_, s)| withdraw(s.link().own().rx_sleeping()));
     }
 
     /// After a slice with nothing: the first receiver whose peer is gone
     /// or whose socket check failed (its recv then reports it).
     fn first_gone(&self) -> Option<usize> {
-        self.iter().position(|s| {
-            let link = s.link();
-            link.poll_peer().is_err() || link.peer_closed()
-        })
+        self.shm()
+            .find(|(_, s)| {
+                let link = s.link();
+                link.poll_peer().is_err() || link.peer_closed()
+            })
+            .map(|(i, _)| i)
     }
 
+    /// Only when every receiver is a shared-memory one.
     fn sleep_on_futexes(&self, slice: Duration) -> io::Result<Option<usize>> {
         let count = self.0.len();
         debug_assert!(count <= MAX_FUTEX_RECEIVERS);
@@ -278,9 +299,10 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
         // cannot be slept through): no allocation.
         let mut words: [(&AtomicU32, u32); WAIT_MANY_MAX] = [(&UNUSED, 0); WAIT_MANY_MAX];
         let prepared = self.prepare(SLEEPING_ON_FUTEX, |i, value| {
-            let s = self.0[i].as_ref().side();
-            words[i] = (s.link().peer().published().futex(), value);
-            words[count + i] = (s.link().peer_closed_word(), 0);
+            if let Rx::Shm(s) = self.0[i].as_ref().rx() {
+                words[i] = (s.link().peer().published().futex(), value);
+                words[count + i] = (s.link().peer_closed_word(), 0);
+            }
         });
         if let Err(i) = prepared {
             return Ok(Some(i));
@@ -296,21 +318,40 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
             return Ok(Some(i));
         }
         let mut fds: Vec<_> = self
-            .iter()
-            .map(|s| socket::PollFd::new(s.link().socket(), false))
+            .all()
+            .map(|rx| {
+                let fd = match rx {
+                    Rx::Shm(side) => side.link().socket(),
+                    Rx::Stream(side) => side.link().socket(),
+                };
+                socket::PollFd::new(fd, false)
+            })
             .collect();
         let polled = socket::poll(&mut fds, slice);
         self.finish();
         polled.map_err(WaitAnyError::Io)?;
-        for (i, (s, fd)) in self.iter().zip(&fds).enumerate() {
+        for (i, (rx, fd)) in self.all().zip(&fds).enumerate() {
             let ready = fd.ready();
-            let link = s.link();
-            if ready.hung_up {
-                link.note_peer_gone();
-                return Ok(Some(i));
-            }
-            if ready.readable && (link.drain_doorbells().is_err() || link.peer_closed()) {
-                return Ok(Some(i));
+            match rx {
+                Rx::Shm(s) => {
+                    let link = s.link();
+                    if ready.hung_up {
+                        link.note_peer_gone();
+                        return Ok(Some(i));
+                    }
+                    if ready.readable && (link.drain_doorbells().is_err() || link.peer_closed()) {
+                        return Ok(Some(i));
+                    }
+                }
+                Rx::Stream(s) => {
+                    // Bytes (or the end): ready once a whole message is in.
+                    if ready.readable || ready.hung_up {
+                        s.read_now();
+                        if s.ready() {
+                            return Ok(Some(i));
+                        }
+                    }
+                }
             }
         }
         Ok(self.first_ready())

@@ -1,28 +1,40 @@
-//! The stream transport's engine (issue 11, step 2): one end of a connected
-//! socket (TCP or Unix) carrying capnp's standard stream framing, with every
-//! wait bounded by the caller's deadline. The channel API is put on it next;
-//! until then it is used by its tests only.
+//! The stream transport: a channel end over a connected socket (TCP, or a
+//! Unix socket without shared memory) carrying capnp's standard stream
+//! framing, with every wait bounded by the caller's deadline.
 //!
-//! - A send encodes the message into a reused buffer and writes what the
-//!   socket takes now. What it does not take stays buffered, one message at
-//!   most. The next send first waits (within its deadline) for that to
-//!   drain, so backpressure comes from the socket. `Expired` means the new
-//!   message was not taken, and the caller may try again.
-//! - A receive reads into the [`FrameReader`]'s buffer until a whole frame
-//!   is there, waiting in `poll(2)` for at most what is left of its
-//!   deadline. A peer that sends one byte a second therefore holds a caller
-//!   no longer than it asked.
-#![cfg_attr(not(test), allow(dead_code))] // the channel API uses it next
+//! Two layers:
+//!
+//! - The engine, [`StreamTx`] and [`StreamRx`]. A send writes the frame
+//!   header and the message's segments with one `writev`, straight from the
+//!   builder. What the socket does not take now is copied aside, one
+//!   message at most, and the next send first waits (within its deadline)
+//!   for it to drain: backpressure comes from the socket, and `Expired`
+//!   means the new message was not taken. A receive reads into the
+//!   [`FrameReader`]'s reused buffer until a whole frame is there, waiting
+//!   in `poll(2)` for at most what is left of its deadline, so a peer that
+//!   sends one byte a second holds a caller no longer than it asked.
+//! - The channel's sides, [`StreamSend`] and [`StreamRecv`], which the
+//!   public `Sender` and `Receiver` hold for a stream channel, over one
+//!   [`StreamLink`]: the socket, who owns the end, and the failure that
+//!   ended it. They map the engine's outcomes to the channel's errors: a
+//!   clean end of stream, a reset or a broken pipe is `Disconnected`; a bad
+//!   frame is a [`ProtocolError`]; either closes the end for good.
 
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::deadline::Deadline;
-use crate::framing::{self, Filled, FrameError, FrameReader};
-use crate::sys::socket;
+use crate::error::{Failure, Halt, NotOwner, ProtocolError, SendHalt, TooLarge, TooLargeKind};
+use crate::framing::{self, Filled, FrameError, FrameReader, HeldFrame, MAX_SEGMENTS};
+use crate::options::Options;
+use crate::stats::{RecvStats, SendStats};
+use crate::sys::{self, process, socket};
+use crate::wait::Readiness;
 
 /// A connected stream socket.
 #[derive(Debug)]
@@ -39,10 +51,30 @@ impl Socket {
         }
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+    fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Socket::Unix(s) => (&*s).write(buf),
-            Socket::Tcp(s) => (&*s).write(buf),
+            Socket::Unix(s) => (&*s).write_vectored(bufs),
+            Socket::Tcp(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        // A socket already shut down or reset has nothing more to say.
+        let _ = match self {
+            Socket::Unix(s) => s.shutdown(how),
+            Socket::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    /// Non-blocking, and for TCP `TCP_NODELAY`: a message is written when
+    /// it is sent.
+    fn prepare(&self) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_nonblocking(true),
+            Socket::Tcp(s) => {
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)
+            }
         }
     }
 }
@@ -65,7 +97,7 @@ impl Read for Source<'_> {
     }
 }
 
-/// Why a stream operation stopped.
+/// Why an engine operation stopped.
 #[derive(Debug)]
 pub(crate) enum StreamHalt {
     /// The deadline passed first.
@@ -78,90 +110,25 @@ pub(crate) enum StreamHalt {
     Io(io::Error),
 }
 
-/// One end of a framed stream: a sending half and a receiving half over
-/// one socket, usable from two threads once [split](StreamEnd::split).
-#[derive(Debug)]
-pub(crate) struct StreamEnd {
-    tx: StreamTx,
-    rx: StreamRx,
-}
+/// Segments up to which a send's `writev` list lives on the stack.
+const INLINE_SLICES: usize = 8;
 
-/// The sending half of a [`StreamEnd`].
-#[derive(Debug)]
+/// The sending engine: the unsent rest of the last message.
+#[derive(Debug, Default)]
 pub(crate) struct StreamTx {
-    socket: Arc<Socket>,
-    /// Encoded bytes of the last message, `written` of them sent.
+    /// The header being sent (reused).
+    header: Vec<u8>,
+    /// The bytes of the last message the socket has not taken yet,
+    /// `written` of them sent since.
     out: Vec<u8>,
     written: usize,
-}
-
-/// The receiving half of a [`StreamEnd`].
-#[derive(Debug)]
-pub(crate) struct StreamRx {
-    socket: Arc<Socket>,
-    reader: FrameReader,
-}
-
-impl StreamEnd {
-    /// An end over a connected `socket`: made non-blocking (TCP also gets
-    /// `TCP_NODELAY`: a message is written when it is sent). Frames over
-    /// `limit_words` are refused.
-    pub(crate) fn new(socket: Socket, limit_words: Option<usize>) -> io::Result<StreamEnd> {
-        match &socket {
-            Socket::Unix(s) => s.set_nonblocking(true)?,
-            Socket::Tcp(s) => {
-                s.set_nonblocking(true)?;
-                s.set_nodelay(true)?;
-            }
-        }
-        let socket = Arc::new(socket);
-        Ok(StreamEnd {
-            tx: StreamTx {
-                socket: Arc::clone(&socket),
-                out: Vec::new(),
-                written: 0,
-            },
-            rx: StreamRx {
-                socket,
-                reader: FrameReader::new(limit_words),
-            },
-        })
-    }
-
-    /// The two halves, for two threads (the socket closes when both go).
-    pub(crate) fn split(self) -> (StreamTx, StreamRx) {
-        (self.tx, self.rx)
-    }
-
-    /// As [`StreamTx::send`].
-    pub(crate) fn send(
-        &mut self,
-        segments: &[&[u8]],
-        deadline: Deadline,
-    ) -> Result<(), StreamHalt> {
-        self.tx.send(segments, deadline)
-    }
-
-    /// As [`StreamTx::flush`].
-    pub(crate) fn flush(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
-        self.tx.flush(deadline)
-    }
-
-    /// As [`StreamRx::recv`].
-    pub(crate) fn recv(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
-        self.rx.recv(deadline)
-    }
-
-    /// As [`StreamRx::reader`].
-    pub(crate) fn reader(&mut self) -> &mut FrameReader {
-        self.rx.reader()
-    }
 }
 
 impl StreamTx {
     /// Sends one message (capnp's segments, whole words each, 1 to 511 of
     /// them): first the rest of the previous one, waiting for the socket
-    /// until `deadline`, then this one, as far as the socket takes it now.
+    /// until `deadline`, then this one, as far as the socket takes it now
+    /// (the rest is copied aside, to go first next time).
     ///
     /// # Errors
     ///
@@ -170,17 +137,48 @@ impl StreamTx {
     /// `ConnectionReset` for a peer gone).
     pub(crate) fn send(
         &mut self,
+        socket: &Socket,
         segments: &[&[u8]],
         deadline: Deadline,
     ) -> Result<(), StreamHalt> {
-        self.flush(deadline)?;
-        self.out.clear();
-        self.written = 0;
-        framing::write_frame(&mut self.out, segments);
-        match self.write_some() {
-            Ok(()) | Err(StreamHalt::Expired) => Ok(()),
-            Err(e) => Err(e),
+        self.flush(socket, deadline)?;
+        self.header.clear();
+        framing::write_header(&mut self.header, segments);
+        let mut inline = [IoSlice::new(&[]); INLINE_SLICES + 1];
+        let mut spilled = Vec::new();
+        let slices: &mut [IoSlice<'_>] = if segments.len() <= INLINE_SLICES {
+            &mut inline[..=segments.len()]
+        } else {
+            spilled.resize(segments.len() + 1, IoSlice::new(&[]));
+            &mut spilled
+        };
+        slices[0] = IoSlice::new(&self.header);
+        for (slice, segment) in slices[1..].iter_mut().zip(segments) {
+            *slice = IoSlice::new(segment);
         }
+        let mut left: usize = slices.iter().map(|s| s.len()).sum();
+        let mut slices = slices;
+        while left > 0 {
+            match socket.write_vectored(slices) {
+                Ok(0) => return Err(StreamHalt::Io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    left -= n;
+                    IoSlice::advance_slices(&mut slices, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StreamHalt::Io(e)),
+            }
+        }
+        if left > 0 {
+            // The socket is full: keep the rest for the next send or flush.
+            self.out.clear();
+            self.written = 0;
+            for slice in slices.iter() {
+                self.out.extend_from_slice(slice);
+            }
+        }
+        Ok(())
     }
 
     /// Writes what is buffered, waiting for the socket until `deadline`.
@@ -188,22 +186,27 @@ impl StreamTx {
     /// # Errors
     ///
     /// As [`send`](Self::send).
-    pub(crate) fn flush(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+    pub(crate) fn flush(&mut self, socket: &Socket, deadline: Deadline) -> Result<(), StreamHalt> {
         loop {
-            match self.write_some() {
+            match self.write_some(socket) {
                 Err(StreamHalt::Expired) => {}
                 other => return other,
             }
             let wait = deadline.remaining().ok_or(StreamHalt::Expired)?;
-            socket::poll_one(self.socket.as_fd(), true, wait).map_err(StreamHalt::Io)?;
+            socket::poll_writable(socket.as_fd(), wait).map_err(StreamHalt::Io)?;
         }
+    }
+
+    /// Whether everything sent has gone to the socket.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.written == self.out.len()
     }
 
     /// Writes until the buffer is empty (`Ok`) or the socket is full
     /// (`Expired`, to be waited for).
-    fn write_some(&mut self) -> Result<(), StreamHalt> {
+    fn write_some(&mut self, socket: &Socket) -> Result<(), StreamHalt> {
         while self.written < self.out.len() {
-            match self.socket.write(&self.out[self.written..]) {
+            match socket.write_vectored(&[IoSlice::new(&self.out[self.written..])]) {
                 Ok(0) => return Err(StreamHalt::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(StreamHalt::Expired),
@@ -215,7 +218,20 @@ impl StreamTx {
     }
 }
 
+/// The receiving engine: a frame decoder over the socket.
+#[derive(Debug)]
+pub(crate) struct StreamRx {
+    reader: FrameReader,
+}
+
 impl StreamRx {
+    /// A receiver that refuses frames over `limit_words`.
+    pub(crate) fn new(limit_words: Option<usize>) -> StreamRx {
+        StreamRx {
+            reader: FrameReader::new(limit_words),
+        }
+    }
+
     /// Waits until a whole frame is in the reader, at most until
     /// `deadline`; then read it through [`reader`](Self::reader)
     /// (`segments` or `hold`, then `consume`).
@@ -224,12 +240,12 @@ impl StreamRx {
     ///
     /// `Expired`; `Closed` at a clean end; `Frame` for a bad header or an
     /// end inside a frame; `Io`.
-    pub(crate) fn recv(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+    pub(crate) fn recv(&mut self, socket: &Socket, deadline: Deadline) -> Result<(), StreamHalt> {
         loop {
             if self.reader.next_frame().map_err(StreamHalt::Frame)? {
                 return Ok(());
             }
-            match self.reader.fill(&mut Source(&self.socket)) {
+            match self.reader.fill(&mut Source(socket)) {
                 Ok(Filled::Bytes(_)) => continue,
                 Ok(Filled::End) => {
                     self.reader.check_end().map_err(StreamHalt::Frame)?;
@@ -240,7 +256,7 @@ impl StreamRx {
                 Err(e) => return Err(StreamHalt::Io(e)),
             }
             let wait = deadline.remaining().ok_or(StreamHalt::Expired)?;
-            socket::poll_one(self.socket.as_fd(), false, wait).map_err(StreamHalt::Io)?;
+            socket::poll_one(socket.as_fd(), false, wait).map_err(StreamHalt::Io)?;
         }
     }
 
@@ -250,9 +266,458 @@ impl StreamRx {
     }
 }
 
-impl AsFd for StreamEnd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.rx.socket.as_fd()
+// ---- the channel's sides ------------------------------------------------------
+
+/// What both sides of a stream channel end share.
+#[derive(Debug)]
+pub(crate) struct StreamLink {
+    socket: Socket,
+    /// The process that claimed the end (0: none yet), and the fork count
+    /// at which this process last verified it did. In this process's own
+    /// memory: an end unused before a `fork` can be claimed on both sides
+    /// of it (a shared-memory end cannot; see `link.rs`).
+    owner: AtomicU32,
+    verified_at: AtomicU64,
+    /// The failure that ended this end (the first wins).
+    failure: OnceLock<Failure>,
+    /// The peer has closed, reset, or gone away (sticky).
+    peer_gone: AtomicBool,
+    /// This end has shut down its writing side (once only).
+    closed_here: AtomicBool,
+    options: Options,
+}
+
+/// Sends before a sender that never waits looks for the peer's close.
+const CLOSE_CHECK_EVERY: u64 = 64;
+
+impl StreamLink {
+    /// A link over a connected `socket`, made non-blocking.
+    pub(crate) fn new(socket: Socket, options: &Options) -> io::Result<Arc<StreamLink>> {
+        socket.prepare()?;
+        process::watch_forks()?;
+        Ok(Arc::new(StreamLink {
+            socket,
+            owner: AtomicU32::new(0),
+            verified_at: AtomicU64::new(u64::MAX),
+            failure: OnceLock::new(),
+            peer_gone: AtomicBool::new(false),
+            closed_here: AtomicBool::new(false),
+            options: options.clone(),
+        }))
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub(crate) fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Claims the end for this process, or checks the claim.
+    fn claim(&self) -> Result<(), NotOwner> {
+        let forks = process::forks();
+        if self.verified_at.load(Ordering::Relaxed) == forks {
+            return Ok(());
+        }
+        let me = sys::getpid();
+        match self
+            .owner
+            .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => {}
+            Err(owner) if owner == me => {}
+            Err(owner) => return Err(NotOwner { owner, caller: me }),
+        }
+        self.verified_at.store(forks, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn owned_here(&self) -> bool {
+        self.verified_at.load(Ordering::Relaxed) == process::forks()
+            || self.owner.load(Ordering::Relaxed) == sys::getpid()
+    }
+
+    /// The check at the start of every operation, as `Link::enter`.
+    fn enter(&self) -> Result<(), Failure> {
+        self.claim().map_err(Failure::NotOwner)?;
+        match self.failure.get() {
+            Some(f) => Err(f.replay()),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.failure.get().is_some()
+    }
+
+    /// Ends the channel with `failure` (sticky) and shuts the socket down
+    /// both ways, so the peer hears of it.
+    fn fail(&self, failure: Failure) -> Failure {
+        if let Failure::NotOwner(_) = failure {
+            return failure;
+        }
+        let _ = self.failure.set(failure.replay());
+        if self.owned_here() {
+            self.closed_here.store(true, Ordering::Relaxed);
+            self.socket.shutdown(Shutdown::Both);
+        }
+        failure
+    }
+
+    /// What a socket error means: the peer gone, or this end failed.
+    fn io_halt(&self, e: io::Error) -> Halt {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => {
+                self.peer_gone.store(true, Ordering::Relaxed);
+                Halt::Disconnected
+            }
+            _ => Halt::Failed(self.fail(Failure::Io(e))),
+        }
+    }
+
+    fn peer_gone(&self) -> bool {
+        self.peer_gone.load(Ordering::Relaxed)
+    }
+
+    /// Whether the peer has shut down its side: a zero-timeout `poll`.
+    fn poll_peer(&self) -> bool {
+        match socket::poll_one(self.socket.as_fd(), false, std::time::Duration::ZERO) {
+            Ok(ready) if ready.hung_up => {
+                self.peer_gone.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Shuts down this end's writing side now (the peer reads what was
+    /// sent, then the end of the stream), in the process that owns the end.
+    pub(crate) fn close_now(&self) {
+        if self.owned_here() && !self.closed_here.swap(true, Ordering::Relaxed) {
+            self.socket.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// [`close_now`](Self::close_now), claiming the end first if no call
+    /// has yet.
+    pub(crate) fn close_asked(&self) {
+        if self.claim().is_ok() {
+            self.close_now();
+        }
+    }
+}
+
+impl Drop for StreamLink {
+    fn drop(&mut self) {
+        // A copy of the socket inherited by another process must not keep
+        // the stream open: the owner says it is over. (Other processes'
+        // drops close their descriptor only.)
+        self.close_now();
+    }
+}
+
+/// The sending side of a stream channel end.
+#[derive(Debug)]
+pub(crate) struct StreamSend {
+    link: Arc<StreamLink>,
+    tx: RefCell<StreamTx>,
+    messages: Cell<u64>,
+    bytes: Cell<u64>,
+    sleeps: Cell<u64>,
+}
+
+impl StreamSend {
+    pub(crate) fn new(link: Arc<StreamLink>) -> StreamSend {
+        StreamSend {
+            link,
+            tx: RefCell::new(StreamTx::default()),
+            messages: Cell::new(0),
+            bytes: Cell::new(0),
+            sleeps: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn link(&self) -> &Arc<StreamLink> {
+        &self.link
+    }
+
+    /// Sends one message's segments, waiting for the socket until
+    /// `deadline` if the previous message has not drained.
+    pub(crate) fn send(&self, segments: &[&[u8]], deadline: Deadline) -> Result<(), SendHalt> {
+        let link = &*self.link;
+        link.enter().map_err(|f| SendHalt::Halt(Halt::Failed(f)))?;
+        if link.closed_here.load(Ordering::Relaxed) || link.peer_gone() {
+            return Err(SendHalt::Halt(Halt::Disconnected));
+        }
+        if segments.len() > MAX_SEGMENTS {
+            return Err(SendHalt::TooLarge(TooLarge {
+                needed: segments.len() as u64,
+                limit: MAX_SEGMENTS as u64,
+                kind: TooLargeKind::Segments,
+            }));
+        }
+        let messages = self.messages.get();
+        // A sender that never waits would not hear a peer that shut down
+        // without reading: look now and then.
+        if messages % CLOSE_CHECK_EVERY == CLOSE_CHECK_EVERY - 1 && link.poll_peer() {
+            return Err(SendHalt::Halt(Halt::Disconnected));
+        }
+        let mut tx = self.tx.borrow_mut();
+        if !tx.is_drained() && deadline != Deadline::Now {
+            self.sleeps.set(self.sleeps.get() + 1);
+        }
+        match tx.send(&link.socket, segments, deadline) {
+            Ok(()) => {
+                self.messages.set(messages + 1);
+                let bytes: usize = segments.iter().map(|s| s.len()).sum();
+                self.bytes.set(self.bytes.get() + bytes as u64);
+                Ok(())
+            }
+            Err(StreamHalt::Expired) => Err(SendHalt::Halt(Halt::Expired)),
+            Err(StreamHalt::Io(e)) => Err(SendHalt::Halt(link.io_halt(e))),
+            // Sending neither reads nor decodes.
+            Err(StreamHalt::Closed | StreamHalt::Frame(_)) => {
+                Err(SendHalt::Halt(Halt::Disconnected))
+            }
+        }
+    }
+
+    /// Writes what the socket has not taken yet, waiting until `deadline`.
+    pub(crate) fn flush(&self, deadline: Deadline) -> Result<(), Halt> {
+        let link = &*self.link;
+        link.enter()?;
+        match self.tx.borrow_mut().flush(&link.socket, deadline) {
+            Ok(()) => Ok(()),
+            Err(StreamHalt::Expired) => Err(Halt::Expired),
+            Err(StreamHalt::Io(e)) => Err(link.io_halt(e)),
+            Err(StreamHalt::Closed | StreamHalt::Frame(_)) => Err(Halt::Disconnected),
+        }
+    }
+
+    /// Whether a send would not wait: everything sent has gone to the
+    /// socket, or the end is over. Loads only.
+    pub(crate) fn ready(&self) -> bool {
+        let link = &self.link;
+        link.failed()
+            || link.peer_gone()
+            || link.closed_here.load(Ordering::Relaxed)
+            || self.tx.try_borrow().map_or(true, |tx| tx.is_drained())
+    }
+
+    /// Readiness for an event loop: `Ready` when a send would go ahead
+    /// now (after trying to drain what is buffered), `Writable` otherwise.
+    pub(crate) fn arm(&self) -> Result<Readiness, Failure> {
+        match self.flush(Deadline::Now) {
+            Err(Halt::Expired) => Ok(Readiness::Writable),
+            Err(Halt::Failed(f)) => Err(f),
+            Ok(()) | Err(Halt::Disconnected) => Ok(Readiness::Ready),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> SendStats {
+        SendStats {
+            messages: self.messages.get(),
+            bytes: self.bytes.get(),
+            sleeps: self.sleeps.get(),
+            ..SendStats::default()
+        }
+    }
+}
+
+impl Drop for StreamSend {
+    fn drop(&mut self) {
+        // A message `send` accepted is delivered: what the socket had not
+        // taken yet goes now, within the set-up timeout (a peer that reads
+        // nothing for that long loses it).
+        if self.link.owned_here() && !self.tx.get_mut().is_drained() {
+            let deadline = Deadline::after(self.link.options.setup_timeout);
+            let _ = self.flush(deadline);
+        }
+    }
+}
+
+/// The receiving side of a stream channel end.
+#[derive(Debug)]
+pub(crate) struct StreamRecv {
+    link: Arc<StreamLink>,
+    rx: RefCell<StreamRx>,
+    messages: Cell<u64>,
+    bytes: Cell<u64>,
+    sleeps: Cell<u64>,
+    /// Received messages not dropped yet.
+    held: Cell<u32>,
+}
+
+impl StreamRecv {
+    pub(crate) fn new(link: Arc<StreamLink>) -> StreamRecv {
+        let limit = link.options.reader_options_for(0).traversal_limit_in_words;
+        StreamRecv {
+            link,
+            rx: RefCell::new(StreamRx::new(limit)),
+            messages: Cell::new(0),
+            bytes: Cell::new(0),
+            sleeps: Cell::new(0),
+            held: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn link(&self) -> &Arc<StreamLink> {
+        &self.link
+    }
+
+    /// The next frame, waiting for it until `deadline`; held (counted in
+    /// `held` until [`dropped`](Self::dropped)).
+    pub(crate) fn recv(&self, deadline: Deadline) -> Result<HeldFrame, Halt> {
+        let link = &*self.link;
+        link.enter()?;
+        let mut rx = self.rx.borrow_mut();
+        let got = if link.peer_gone() {
+            // After a reset the socket says no more; frames read before it
+            // are still delivered.
+            match rx.reader().next_frame() {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(StreamHalt::Closed),
+                Err(e) => Err(StreamHalt::Frame(e)),
+            }
+        } else {
+            if deadline != Deadline::Now {
+                self.sleeps.set(self.sleeps.get() + 1);
+            }
+            rx.recv(&link.socket, deadline)
+        };
+        match got {
+            Ok(()) => {
+                let reader = rx.reader();
+                let frame = reader.hold();
+                reader.consume();
+                self.messages.set(self.messages.get() + 1);
+                self.bytes.set(self.bytes.get() + frame.words() * 8);
+                self.held.set(self.held.get() + 1);
+                Ok(frame)
+            }
+            Err(StreamHalt::Expired) => Err(Halt::Expired),
+            Err(StreamHalt::Closed) => {
+                link.peer_gone.store(true, Ordering::Relaxed);
+                Err(Halt::Disconnected)
+            }
+            Err(StreamHalt::Frame(e)) => {
+                Err(Halt::Failed(link.fail(Failure::Protocol(frame_error(&e)))))
+            }
+            Err(StreamHalt::Io(e)) => Err(link.io_halt(e)),
+        }
+    }
+
+    /// A received message was dropped.
+    pub(crate) fn dropped(&self) {
+        self.held.set(self.held.get().saturating_sub(1));
+    }
+
+    /// Whether a receive would not wait for the socket: a whole frame is
+    /// buffered, or the end is over. No system call.
+    pub(crate) fn ready(&self) -> bool {
+        let link = &self.link;
+        link.failed()
+            || link.peer_gone()
+            || self.rx.try_borrow_mut().map_or(true, |mut rx| {
+                !matches!(rx.reader().next_frame(), Ok(false))
+            })
+    }
+
+    /// Reads what the socket has now, without waiting (for `wait_any`
+    /// after the socket polled readable): then [`ready`](Self::ready) says
+    /// whether a receive would find something.
+    pub(crate) fn read_now(&self) {
+        if self.ready() || self.link.enter().is_err() {
+            return;
+        }
+        let mut rx = self.rx.borrow_mut();
+        match rx.recv(&self.link.socket, Deadline::Now) {
+            Ok(()) | Err(StreamHalt::Expired) => {}
+            Err(StreamHalt::Closed) => self.link.peer_gone.store(true, Ordering::Relaxed),
+            Err(StreamHalt::Frame(e)) => {
+                self.link.fail(Failure::Protocol(frame_error(&e)));
+            }
+            Err(StreamHalt::Io(e)) => {
+                self.link.io_halt(e);
+            }
+        }
+    }
+
+    /// Readiness for an event loop: `Ready` when a receive would not wait,
+    /// `Armed` otherwise (the socket becomes readable when more comes).
+    pub(crate) fn arm(&self) -> Result<Readiness, Failure> {
+        self.link.enter()?;
+        Ok(if self.ready() {
+            Readiness::Ready
+        } else {
+            Readiness::Armed
+        })
+    }
+
+    pub(crate) fn stats(&self) -> RecvStats {
+        RecvStats {
+            messages: self.messages.get(),
+            bytes: self.bytes.get(),
+            sleeps: self.sleeps.get(),
+            held: self.held.get(),
+            ..RecvStats::default()
+        }
+    }
+}
+
+/// The protocol error of a bad frame.
+fn frame_error(e: &FrameError) -> ProtocolError {
+    match *e {
+        FrameError::SegmentCount { count } => ProtocolError::FrameSegmentCount { count },
+        FrameError::TooLarge { words, limit } => ProtocolError::FrameTooLarge { words, limit },
+        FrameError::Truncated { have, need } => ProtocolError::FrameTruncated {
+            have: have as u64,
+            need: need as u64,
+        },
+    }
+}
+
+/// A bare engine over one socket, for the engine's own tests.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct StreamEnd {
+    socket: Socket,
+    tx: StreamTx,
+    rx: StreamRx,
+}
+
+#[cfg(test)]
+impl StreamEnd {
+    pub(crate) fn new(socket: Socket, limit_words: Option<usize>) -> io::Result<StreamEnd> {
+        socket.prepare()?;
+        Ok(StreamEnd {
+            socket,
+            tx: StreamTx::default(),
+            rx: StreamRx::new(limit_words),
+        })
+    }
+
+    pub(crate) fn send(
+        &mut self,
+        segments: &[&[u8]],
+        deadline: Deadline,
+    ) -> Result<(), StreamHalt> {
+        self.tx.send(&self.socket, segments, deadline)
+    }
+
+    pub(crate) fn flush(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+        self.tx.flush(&self.socket, deadline)
+    }
+
+    pub(crate) fn recv(&mut self, deadline: Deadline) -> Result<(), StreamHalt> {
+        self.rx.recv(&self.socket, deadline)
+    }
+
+    pub(crate) fn reader(&mut self) -> &mut FrameReader {
+        self.rx.reader()
     }
 }
 
@@ -456,47 +921,5 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(end.recv(deadline), Err(StreamHalt::Closed)));
-    }
-
-    #[test]
-    fn the_halves_work_from_two_threads() {
-        let (ours, theirs) = UnixStream::pair().expect("pair");
-        // The peer echoes every frame back with plain capnp::serialize.
-        let echo = std::thread::spawn(move || {
-            let mut theirs = theirs;
-            while let Ok(m) = capnp::serialize::read_message(&mut theirs, ReaderOptions::new()) {
-                let segments = m.into_segments();
-                let words: Vec<&[u8]> = (0..)
-                    .map_while(|i| capnp::message::ReaderSegments::get_segment(&segments, i))
-                    .collect();
-                capnp::serialize::write_message_segments(&mut theirs, &words).expect("echo");
-            }
-        });
-        let (mut tx, mut rx) = StreamEnd::new(Socket::Unix(ours), None)
-            .expect("end")
-            .split();
-        let deadline = || Deadline::after(Duration::from_secs(30));
-        let sender = std::thread::spawn(move || {
-            for i in 0..N {
-                let m = message(i, size(i));
-                tx.send(&m.get_segments_for_output(), deadline())
-                    .expect("send");
-            }
-            tx.flush(deadline()).expect("flush");
-            tx
-        });
-        for i in 0..N {
-            rx.recv(deadline()).expect("recv");
-            let reader = rx.reader();
-            check(
-                &Reader::new(reader.segments(), ReaderOptions::new()),
-                i,
-                size(i),
-            );
-            reader.consume();
-        }
-        drop(sender.join().expect("sender"));
-        drop(rx);
-        echo.join().expect("echo");
     }
 }

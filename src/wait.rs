@@ -52,6 +52,10 @@ pub enum Readiness {
     /// peer publishes (for a receiver) or releases (for a sender), or
     /// closes, or dies. Wait for that in your event loop, then `disarm`.
     Armed,
+    /// A [stream channel](crate::Transport::Stream)'s sender whose socket
+    /// is full: wait for the descriptor to become *writable* (or hung up),
+    /// then send again. Nothing is armed, so there is nothing to disarm.
+    Writable,
 }
 
 /// Sleeps while `counter` holds `seen` and the peer has not closed, for at

@@ -284,8 +284,10 @@ impl Watched for Inner {
             if wait.waiting.get() {
                 match self.arm(dir) {
                     Ok(Readiness::Armed) => wait.armed.set(true),
-                    // Something came, or a failure the task should see.
-                    Ok(Readiness::Ready) | Err(_) => ready = true,
+                    // Something came, or a failure the task should see. A
+                    // stream channel's full socket (`Writable`) is retried:
+                    // the runner sleeps on readability only.
+                    Ok(Readiness::Ready | Readiness::Writable) | Err(_) => ready = true,
                 }
             }
         }
@@ -434,7 +436,8 @@ impl Inner {
         };
         if !arms_late && !wait.armed.get() {
             match self.arm(dir) {
-                Ok(Readiness::Ready) => return Poll::Ready(Ok(())),
+                // A stream channel's full socket is retried (see above).
+                Ok(Readiness::Ready | Readiness::Writable) => return Poll::Ready(Ok(())),
                 Ok(Readiness::Armed) => wait.armed.set(true),
                 Err(f) => return Poll::Ready(Err(self.fail(failure_error(&f)))),
             }

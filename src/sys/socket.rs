@@ -221,6 +221,22 @@ pub(crate) fn poll_one(
     Ok(fds[0].ready())
 }
 
+/// Waits up to `timeout` for `sock` to take more bytes (or break): unlike
+/// [`poll_one`], bytes waiting to be read do not end the wait, so a sender
+/// that waits for room does not spin while its peer talks.
+pub(crate) fn poll_writable(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<Ready> {
+    let mut fds = [PollFd(
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        },
+        PhantomData,
+    )];
+    poll(&mut fds, timeout)?;
+    Ok(fds[0].ready())
+}
+
 /// Where a Unix socket lives: a path in the file system, or a name in the
 /// Linux abstract namespace (no file; gone when the last socket closes).
 #[derive(Debug, Clone, Copy)]
