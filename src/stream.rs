@@ -21,7 +21,7 @@
 //!   frame is a [`ProtocolError`]; either closes the end for good.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -44,18 +44,8 @@ pub(crate) enum Socket {
 }
 
 impl Socket {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => (&*s).read(buf),
-            Socket::Tcp(s) => (&*s).read(buf),
-        }
-    }
-
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => (&*s).write_vectored(bufs),
-            Socket::Tcp(s) => (&*s).write_vectored(bufs),
-        }
+        socket::send_vectored(self.as_fd(), bufs)
     }
 
     fn shutdown(&self, how: Shutdown) {
@@ -66,13 +56,13 @@ impl Socket {
         };
     }
 
-    /// Non-blocking, and for TCP `TCP_NODELAY`: a message is written when
-    /// it is sent.
+    /// Blocking (each call says whether it waits: `MSG_DONTWAIT`), and for
+    /// TCP `TCP_NODELAY`: a message is written when it is sent.
     fn prepare(&self) -> io::Result<()> {
         match self {
-            Socket::Unix(s) => s.set_nonblocking(true),
+            Socket::Unix(s) => s.set_nonblocking(false),
             Socket::Tcp(s) => {
-                s.set_nonblocking(true)?;
+                s.set_nonblocking(false)?;
                 s.set_nodelay(true)
             }
         }
@@ -88,12 +78,16 @@ impl AsFd for Socket {
     }
 }
 
-/// Reads from a [`Socket`] for the [`FrameReader`].
-struct Source<'s>(&'s Socket);
+/// Reads from a [`Socket`] for the [`FrameReader`]: waiting for bytes, or
+/// not at all.
+struct Source<'s> {
+    socket: &'s Socket,
+    wait: bool,
+}
 
 impl Read for Source<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        socket::recv_into(self.socket.as_fd(), buf, self.wait)
     }
 }
 
@@ -241,11 +235,18 @@ impl StreamRx {
     /// `Expired`; `Closed` at a clean end; `Frame` for a bad header or an
     /// end inside a frame; `Io`.
     pub(crate) fn recv(&mut self, socket: &Socket, deadline: Deadline) -> Result<(), StreamHalt> {
+        // Without a deadline, a read that waits in the kernel: one system
+        // call per read, as a blocking `read_message` makes. With one, a
+        // read that does not wait, then `poll` for what is left of it.
+        let mut source = Source {
+            socket,
+            wait: deadline == Deadline::Never,
+        };
         loop {
             if self.reader.next_frame().map_err(StreamHalt::Frame)? {
                 return Ok(());
             }
-            match self.reader.fill(&mut Source(socket)) {
+            match self.reader.fill(&mut source) {
                 Ok(Filled::Bytes(_)) => continue,
                 Ok(Filled::End) => {
                     self.reader.check_end().map_err(StreamHalt::Frame)?;
@@ -726,6 +727,7 @@ impl StreamEnd {
 mod tests {
     use super::*;
     use capnp::message::{Builder, HeapAllocator, Reader, ReaderOptions};
+    use std::io::Write;
     use std::net::TcpListener;
     use std::time::{Duration, Instant};
 

@@ -42,7 +42,8 @@ mod kv_service;
 mod rpc;
 
 use std::fmt::Write as _;
-use std::io::{BufReader, BufWriter, IsTerminal, Write as _};
+use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -180,20 +181,36 @@ impl Link for ShmLink {
     }
 }
 
-struct SocketLink {
-    reader: BufReader<UnixStream>,
-    writer: BufWriter<UnixStream>,
+/// Plain capnp over a socket: a `BufWriter` flushed per message, a
+/// `BufReader`.
+struct SocketLink<S: Read + Write> {
+    reader: BufReader<S>,
+    writer: BufWriter<S>,
 }
 
-impl SocketLink {
-    fn new(stream: UnixStream) -> SocketLink {
+impl SocketLink<UnixStream> {
+    fn new(stream: UnixStream) -> SocketLink<UnixStream> {
         let other = stream.try_clone().expect("clone socket");
         SocketLink {
             reader: BufReader::new(stream),
             writer: BufWriter::new(other),
         }
     }
+}
 
+impl SocketLink<TcpStream> {
+    /// With `TCP_NODELAY`, as a latency-minded user would set it.
+    fn tcp(stream: TcpStream) -> SocketLink<TcpStream> {
+        stream.set_nodelay(true).expect("nodelay");
+        let other = stream.try_clone().expect("clone socket");
+        SocketLink {
+            reader: BufReader::new(stream),
+            writer: BufWriter::new(other),
+        }
+    }
+}
+
+impl<S: Read + Write> SocketLink<S> {
     fn write(&mut self, m: &capnp::message::Builder<capnp::message::HeapAllocator>) {
         capnp::serialize::write_message(&mut self.writer, m).expect("socket write");
         self.writer.flush().expect("socket flush");
@@ -205,7 +222,7 @@ impl SocketLink {
     }
 }
 
-impl Link for SocketLink {
+impl<S: Read + Write> Link for SocketLink<S> {
     fn send_blob(&mut self, seq: u64, payload: &[u8]) {
         let mut m = capnp::message::Builder::new_default();
         fill_blob(&mut m, seq, payload);
@@ -230,6 +247,10 @@ impl Link for SocketLink {
 enum Transport {
     Shm,
     Socket,
+    /// This crate's stream transport over TCP loopback.
+    TcpStream,
+    /// Plain `capnp::serialize` over TCP loopback.
+    TcpPlain,
 }
 
 impl Transport {
@@ -237,8 +258,18 @@ impl Transport {
         match self {
             Transport::Shm => "shm",
             Transport::Socket => "socket",
+            Transport::TcpStream => "tcp stream",
+            Transport::TcpPlain => "tcp plain",
         }
     }
+}
+
+/// Two connected TCP sockets on loopback.
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (b, _) = listener.accept().expect("accept");
+    (a, b)
 }
 
 /// Forks a peer running `peer` on its end of a new connection and runs
@@ -258,6 +289,16 @@ fn with_peer<R>(
         Transport::Socket => {
             let (a, b) = UnixStream::pair().expect("socketpair");
             (Box::new(SocketLink::new(a)), Box::new(SocketLink::new(b)))
+        }
+        Transport::TcpStream => {
+            let (a, b) = tcp_pair();
+            let a = Channel::from_tcp_with(a, options).expect("tcp channel");
+            let b = Channel::from_tcp_with(b, options).expect("tcp channel");
+            (Box::new(ShmLink(a)), Box::new(ShmLink(b)))
+        }
+        Transport::TcpPlain => {
+            let (a, b) = tcp_pair();
+            (Box::new(SocketLink::tcp(a)), Box::new(SocketLink::tcp(b)))
         }
     };
     fork_peer(
@@ -363,6 +404,7 @@ fn worker_pool(transport: Transport, options: &Options, workers: usize, per_work
     };
     let start = Instant::now();
     let served = match transport {
+        Transport::TcpStream | Transport::TcpPlain => unreachable!("no TCP pool rows"),
         Transport::Shm => {
             let ends = (0..workers)
                 .map(|_| Channel::pair_with(options).expect("pair"))
@@ -410,7 +452,8 @@ fn worker_pool(transport: Transport, options: &Options, workers: usize, per_work
                 |end| worker(&mut SocketLink::new(end)),
                 |ends| {
                     use std::os::fd::AsRawFd;
-                    let mut live: Vec<SocketLink> = ends.into_iter().map(SocketLink::new).collect();
+                    let mut live: Vec<SocketLink<UnixStream>> =
+                        ends.into_iter().map(SocketLink::new).collect();
                     let mut served = 0u64;
                     while !live.is_empty() {
                         let mut fds: Vec<libc::pollfd> = live
@@ -909,6 +952,7 @@ struct Args {
     quick: bool,
     /// Only the RPC rows.
     rpc_only: bool,
+    tcp_only: bool,
     /// Whole runs of every workload, one after another.
     runs: usize,
     json: Option<String>,
@@ -919,6 +963,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         quick: false,
         rpc_only: false,
+        tcp_only: false,
         runs: 1,
         json: None,
         svg: None,
@@ -928,6 +973,7 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--rpc" => args.rpc_only = true,
+            "--tcp" => args.tcp_only = true,
             "--runs" => {
                 args.runs = it
                     .next()
@@ -938,7 +984,9 @@ fn parse_args() -> Result<Args, String> {
             "--json" => args.json = Some(it.next().ok_or("--json needs a path")?),
             "--svg" => args.svg = Some(it.next().ok_or("--svg needs a path")?),
             "-h" | "--help" => {
-                println!("usage: bench [--quick] [--rpc] [--runs N] [--json PATH] [--svg PATH]");
+                println!(
+                    "usage: bench [--quick] [--rpc | --tcp] [--runs N] [--json PATH] [--svg PATH]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -1125,6 +1173,27 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
     let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
     let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 
+    if args.tcp_only {
+        progress.begin(TCP_STEPS);
+        return Run {
+            rows: tcp_rows(
+                &default,
+                rtt_count,
+                rtt_warmup,
+                small_count,
+                scale,
+                progress,
+            ),
+            latency: Series {
+                shm: vec![],
+                socket: vec![],
+            },
+            bandwidth: Series {
+                shm: vec![],
+                socket: vec![],
+            },
+        };
+    }
     if args.rpc_only {
         progress.begin(RPC_STEPS);
         return Run {
@@ -1139,7 +1208,9 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             },
         };
     }
-    progress.begin(3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4 + RPC_STEPS);
+    progress.begin(
+        3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4 + TCP_STEPS + RPC_STEPS,
+    );
     let mut rows = Vec::new();
     let mut latency = Series {
         shm: vec![],
@@ -1330,12 +1401,88 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         socket: k_alloc,
         spread: None,
     });
+    rows.extend(tcp_rows(
+        &default,
+        rtt_count,
+        rtt_warmup,
+        small_count,
+        scale,
+        progress,
+    ));
     rows.extend(rpc_rows(args, progress));
     Run {
         rows,
         latency,
         bandwidth,
     }
+}
+
+/// Steps of [`tcp_rows`], for the progress line.
+const TCP_STEPS: usize = 6;
+
+/// The stream transport over TCP loopback (the "shm" column: this crate's
+/// `Channel::from_tcp`) against plain `capnp::serialize` over the same
+/// loopback with `TCP_NODELAY` (the "socket" column). The same workloads'
+/// shared-memory figures are the rows above.
+fn tcp_rows(
+    options: &Options,
+    rtt_count: u64,
+    rtt_warmup: u64,
+    small_count: u64,
+    scale: u64,
+    progress: &mut Progress,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut rtt = |t: Transport| {
+        progress.show(&format!("round trip 64 B {}", t.name()));
+        let mut s = round_trips(t, options, 64, rtt_warmup, rtt_count / 2);
+        s.sort_unstable();
+        [50.0, 99.0].map(|p| percentile(&s, p))
+    };
+    let ours = rtt(Transport::TcpStream);
+    let plain = rtt(Transport::TcpPlain);
+    for (i, p) in ["p50", "p99"].iter().enumerate() {
+        rows.push(Row {
+            workload: format!("TCP: round trip 64 B, {p}"),
+            unit: "µs",
+            lower_is_better: true,
+            shm: ours[i],
+            socket: plain[i],
+            spread: None,
+        });
+    }
+    for size in [64, 1 << 20] {
+        let label = size_label(size);
+        let count = if size <= 64 {
+            small_count / 2
+        } else {
+            ((1u64 << 30) / scale / size as u64).max(32)
+        };
+        progress.show(&format!("throughput {label} tcp stream"));
+        let (o_msgs, o_bytes, _) = throughput(Transport::TcpStream, options, size, count);
+        progress.show(&format!("throughput {label} tcp plain"));
+        let (p_msgs, p_bytes, _) = throughput(Transport::TcpPlain, options, size, count);
+        rows.push(if size <= 64 {
+            Row {
+                workload: format!("TCP: one-way {label} messages"),
+                unit: "msg/s",
+                lower_is_better: false,
+                shm: o_msgs,
+                socket: p_msgs,
+                spread: None,
+            }
+        } else {
+            Row {
+                workload: format!("TCP: one-way {label} bandwidth"),
+                unit: "GB/s",
+                lower_is_better: false,
+                shm: o_bytes / 1e9,
+                socket: p_bytes / 1e9,
+                spread: None,
+            }
+        });
+    }
+    rows
 }
 
 /// Steps of [`rpc_rows`], for the progress line.

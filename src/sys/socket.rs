@@ -81,6 +81,41 @@ pub(crate) fn send(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
     })
 }
 
+/// Sends what `bufs` hold, as far as the socket takes it now, without
+/// blocking and without raising `SIGPIPE`. `sendmsg(2)`
+pub(crate) fn send_vectored(
+    sock: BorrowedFd<'_>,
+    bufs: &[std::io::IoSlice<'_>],
+) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `iovec` on Unix (std guarantees it);
+    // sendmsg only reads the buffers.
+    msg.msg_iov = bufs.as_ptr().cast_mut().cast::<libc::iovec>();
+    msg.msg_iovlen = bufs.len();
+    retry_eintr(|| {
+        // SAFETY: `msg` points at `bufs.len()` iovecs of live, readable
+        // buffers, and has no name or control data.
+        cvt_size(unsafe {
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        })
+    })
+}
+
+/// Receives into `buf`, waiting for bytes if the socket is blocking (and
+/// the caller asks to wait) or not at all. `recv(2)`
+pub(crate) fn recv_into(sock: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+    let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+    retry_eintr(|| {
+        // SAFETY: `buf` is writable for its length.
+        cvt_size(unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
+    })
+}
+
 /// What one `recvmsg` brought.
 #[derive(Debug)]
 pub(crate) struct Received {
