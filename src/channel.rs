@@ -15,17 +15,18 @@ use capnp::message::{Allocator, Builder, HeapAllocator};
 
 use crate::alloc::RegionAllocator;
 use crate::deadline::Deadline;
+use crate::error::ProtocolError;
 use crate::error::{
     Error, Halt, InvalidOptions, RecvError, RecvTimeoutError, SendError, SendHalt,
     SendTimeoutError, SetupError, TryRecvError, TrySendError,
 };
-use crate::handshake::{self, Hello, HelloReader, SetupDeadline};
+use crate::handshake::{self, Greeted, Hello, HelloReader, SetupDeadline, VerdictReader};
 use crate::layout::{Geometry, DATA_ALIGN, MAX_REGION, MAX_RING};
 use crate::link::Link;
 use crate::message::{OwnedReceived, Received};
 use crate::options::{Options, Wire};
 use crate::recv::RecvSide;
-use crate::region::OwnRegion;
+use crate::region::{OwnRegion, PeerRegion};
 use crate::send::SendSide;
 use crate::stats::{RecvStats, SendStats, Stats};
 use crate::stream::{Socket, StreamLink, StreamRecv, StreamSend};
@@ -130,60 +131,182 @@ pub(crate) enum Rx {
 }
 
 /// A channel end that has sent its hello and waits for the peer's: set-up
-/// in two steps, so that a listener can keep many at once.
+/// in steps, so that a listener can keep many at once (see `handshake.rs`
+/// for the exchange).
 #[derive(Debug)]
 pub(crate) struct HalfOpen {
     socket: OwnedFd,
-    own: OwnRegion,
+    /// `None`: this end offered no region (a stream hello).
+    own: Option<OwnRegion>,
     options: Options,
     deadline: SetupDeadline,
     hello: HelloReader,
 }
 
+/// Where a set-up stands once the peer's hello is in.
+#[derive(Debug)]
+pub(crate) enum Negotiated {
+    /// The transport is chosen: a stream hello on either side.
+    Done(Channel),
+    /// Both offered shared memory: the peer's verdict on our region decides.
+    Verdict(AwaitingVerdict),
+}
+
+/// Both ends offered a region and this one has sent its verdict on the
+/// peer's; the peer's verdict on ours is due.
+#[derive(Debug)]
+pub(crate) struct AwaitingVerdict {
+    socket: OwnedFd,
+    own: OwnRegion,
+    /// The peer's region, mapped; `None` when this end refused it.
+    peer: Option<PeerRegion>,
+    options: Options,
+    deadline: SetupDeadline,
+    verdict: VerdictReader,
+}
+
 impl HalfOpen {
     /// Creates this end's region and sends the hello (a fresh socket has
-    /// room for it; otherwise this waits, within the set-up deadline).
+    /// room for it; otherwise this waits, within the set-up deadline). With
+    /// [`Wire::Stream`], or when no region can be created here
+    /// ([`Backing::Auto`](crate::Backing::Auto): neither a memfd nor a
+    /// `/dev/shm` file), the hello asks for the stream transport instead.
     pub(crate) fn start(stream: UnixStream, options: &Options) -> Result<HalfOpen, SetupError> {
         let deadline = SetupDeadline::after(options.setup_timeout);
         let geometry = geometry_for(options)?;
         process::watch_forks()?;
         let socket = OwnedFd::from(stream);
-        let (own, peer_fd) = OwnRegion::create(geometry, options.backing)?;
-        let hello = Hello {
-            geometry,
-            sealed: own.is_sealed(),
+        let made = match options.wire {
+            Wire::Stream => None,
+            _ => match OwnRegion::create(geometry, options.backing) {
+                Ok(made) => Some(made),
+                Err(_) if options.backing == crate::Backing::Auto => None,
+                Err(e) => return Err(e.into()),
+            },
         };
-        handshake::send_hello(socket.as_fd(), &hello, peer_fd.as_fd(), deadline)?;
+        let own = match made {
+            Some((own, peer_fd)) => {
+                let hello = Hello {
+                    geometry,
+                    sealed: own.is_sealed(),
+                    stream: false,
+                };
+                handshake::send_hello(socket.as_fd(), &hello, Some(peer_fd.as_fd()), deadline)?;
+                Some(own)
+            }
+            None => {
+                handshake::send_hello(socket.as_fd(), &Hello::stream(), None, deadline)?;
+                None
+            }
+        };
         Ok(HalfOpen {
             socket,
             own,
             options: options.clone(),
             deadline,
-            hello: HelloReader::new(),
+            hello: HelloReader::new(false),
         })
     }
 
-    /// The channel, from the peer's complete hello and descriptor.
-    pub(crate) fn complete(self, hello: Hello, fd: OwnedFd) -> Result<Channel, SetupError> {
-        let accept_unsealed = self.options.allow_unsealed_peer || !self.own.is_sealed();
-        let peer = handshake::map_peer_region(&hello, &fd, accept_unsealed, self.own.file_id())?;
+    /// The next step, from the peer's complete hello (and descriptor): a
+    /// stream channel if either end asked for one; otherwise this end's
+    /// verdict on the peer's region, sent, and the peer's to wait for.
+    pub(crate) fn complete(
+        self,
+        hello: Hello,
+        fd: Option<OwnedFd>,
+    ) -> Result<Negotiated, SetupError> {
+        let (own, fd) = match (self.own, fd) {
+            (Some(own), Some(fd)) if !hello.stream => (own, fd),
+            _ => {
+                let stream = UnixStream::from(self.socket);
+                return Ok(Negotiated::Done(Channel::over_stream(
+                    Socket::Unix(stream),
+                    &self.options,
+                )?));
+            }
+        };
+        let accept_unsealed = self.options.allow_unsealed_peer || !own.is_sealed();
+        let peer = match handshake::map_peer_region(&hello, &fd, accept_unsealed, own.file_id()) {
+            Ok(peer) => Some(peer),
+            // A region this end cannot or may not map: both fall back to
+            // the stream. (A wrong region is an error, not a fallback.)
+            Err(SetupError::Protocol(
+                ProtocolError::UnmappableRegion { .. } | ProtocolError::UnsealedRegion,
+            )) => None,
+            Err(e) => return Err(e),
+        };
         // `fd` closes here; the mapping keeps the peer's file alive.
-        let link = Arc::new(Link::new(self.socket, self.own, peer, self.options));
-        Ok(Channel {
-            tx: Sender {
-                tx: Tx::Shm(SendSide::new(Arc::clone(&link), 0)),
-            },
-            rx: Receiver {
-                rx: Rx::Shm(RecvSide::new(link, 0)),
-            },
-        })
+        drop(fd);
+        handshake::send_verdict(self.socket.as_fd(), peer.is_some(), self.deadline)?;
+        Ok(Negotiated::Verdict(AwaitingVerdict {
+            socket: self.socket,
+            own,
+            peer,
+            options: self.options,
+            deadline: self.deadline,
+            verdict: VerdictReader::default(),
+        }))
     }
 
-    /// Waits for the peer's hello, at most until the set-up deadline.
-    fn finish(mut self) -> Result<Channel, SetupError> {
-        let (hello, fd) =
-            handshake::recv_hello_with(self.socket.as_fd(), &mut self.hello, self.deadline)?;
-        self.complete(hello, fd)
+    /// Waits for the peer's hello, at most until the set-up deadline, and
+    /// answers it.
+    fn hear(mut self) -> Result<Negotiated, SetupError> {
+        match handshake::recv_hello_with(self.socket.as_fd(), &mut self.hello, self.deadline)? {
+            Greeted::Hello(hello, fd) => self.complete(hello, fd),
+            // Not sniffing: a peer that does not say hello fails it.
+            Greeted::Plain(_) => Err(ProtocolError::BadMagic.into()),
+        }
+    }
+
+    /// The whole set-up, waiting at most until the set-up deadline.
+    fn finish(self) -> Result<Channel, SetupError> {
+        self.hear()?.finish()
+    }
+}
+
+impl Negotiated {
+    /// The channel, waiting for the peer's verdict if it is due.
+    pub(crate) fn finish(self) -> Result<Channel, SetupError> {
+        match self {
+            Negotiated::Done(channel) => Ok(channel),
+            Negotiated::Verdict(mut v) => {
+                let mapped = v.verdict.wait(v.socket.as_fd(), v.deadline)?;
+                v.conclude(mapped)
+            }
+        }
+    }
+}
+
+impl AwaitingVerdict {
+    /// One look for the peer's verdict, without waiting: the channel once
+    /// it is in.
+    pub(crate) fn poll(&mut self) -> Result<Option<bool>, SetupError> {
+        self.verdict.read(self.socket.as_fd())
+    }
+
+    /// The socket, for a listener's poll set.
+    pub(crate) fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// The channel, given the peer's verdict on our region: shared memory
+    /// if both ends mapped the other's, the stream otherwise.
+    pub(crate) fn conclude(self, mapped: bool) -> Result<Channel, SetupError> {
+        match (self.peer, mapped) {
+            (Some(peer), true) => {
+                let link = Arc::new(Link::new(self.socket, self.own, peer, self.options));
+                Ok(Channel {
+                    tx: Sender {
+                        tx: Tx::Shm(SendSide::new(Arc::clone(&link), 0)),
+                    },
+                    rx: Receiver {
+                        rx: Rx::Shm(RecvSide::new(link, 0)),
+                    },
+                })
+            }
+            _ => Channel::over_stream(Socket::Unix(UnixStream::from(self.socket)), &self.options),
+        }
     }
 }
 
@@ -233,6 +356,8 @@ impl Channel {
         }
         let a = HalfOpen::start(a, options)?;
         let b = HalfOpen::start(b, options)?;
+        // Both hellos first, then both verdicts: one thread plays both ends.
+        let (a, b) = (a.hear()?, b.hear()?);
         Ok((a.finish()?, b.finish()?))
     }
 
@@ -304,13 +429,24 @@ impl Channel {
 
     /// A stream channel end over `socket`, with no hello.
     pub(crate) fn over_stream(socket: Socket, options: &Options) -> Result<Channel, SetupError> {
+        Channel::over_stream_with(socket, options, &[])
+    }
+
+    /// A stream channel end over `socket`, whose incoming stream begins
+    /// with `read` (bytes a listener read to tell plain framing from a
+    /// hello).
+    pub(crate) fn over_stream_with(
+        socket: Socket,
+        options: &Options,
+        read: &[u8],
+    ) -> Result<Channel, SetupError> {
         let link = StreamLink::new(socket, options)?;
         Ok(Channel {
             tx: Sender {
                 tx: Tx::Stream(StreamSend::new(Arc::clone(&link))),
             },
             rx: Receiver {
-                rx: Rx::Stream(StreamRecv::new(link)),
+                rx: Rx::Stream(StreamRecv::new(link, read)),
             },
         })
     }

@@ -11,11 +11,12 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::channel::{Channel, HalfOpen};
+use crate::channel::{AwaitingVerdict, Channel, HalfOpen, Negotiated};
 use crate::deadline::Deadline;
 use crate::error::SetupError;
-use crate::handshake::{HelloReader, SetupDeadline};
+use crate::handshake::{Greeted, HelloReader, SetupDeadline};
 use crate::options::Options;
+use crate::stream::Socket;
 use crate::sys;
 use crate::sys::epoll::Epoll;
 use crate::sys::socket::{self, UnixAddr};
@@ -224,12 +225,46 @@ struct Clients {
     failed: u64,
 }
 
-/// One accepted connection, its hello arriving.
+/// One accepted connection, its set-up under way.
 #[derive(Debug)]
 struct Greeting {
-    socket: OwnedFd,
-    hello: HelloReader,
+    stage: Stage,
     deadline: SetupDeadline,
+}
+
+/// What an accepted connection waits for.
+#[derive(Debug)]
+enum Stage {
+    /// The client's first bytes: a hello, or plain capnp framing.
+    Hello { socket: OwnedFd, hello: HelloReader },
+    /// The client's verdict on our region (both offered shared memory).
+    /// Boxed: it holds both mapped regions, and few clients are in it.
+    Verdict(Box<AwaitingVerdict>),
+}
+
+impl Stage {
+    fn socket(&self) -> BorrowedFd<'_> {
+        match self {
+            Stage::Hello { socket, .. } => socket.as_fd(),
+            Stage::Verdict(v) => v.socket(),
+        }
+    }
+}
+
+/// What a client in set-up sent.
+#[derive(Debug)]
+enum Heard {
+    Greeted(Greeted),
+    Verdict(bool),
+}
+
+/// Where one client's set-up went. (Short-lived: the size of a channel
+/// costs nothing here.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Advanced {
+    Channel(Channel),
+    Waiting(Stage),
 }
 
 /// The most connections a listener keeps waiting for their hello; more stay
@@ -439,8 +474,10 @@ impl Listener {
                         continue;
                     }
                     clients.greeting.push(Greeting {
-                        socket: fd,
-                        hello: HelloReader::new(),
+                        stage: Stage::Hello {
+                            socket: fd,
+                            hello: HelloReader::new(true),
+                        },
                         deadline: SetupDeadline::after(options.setup_timeout),
                     });
                 }
@@ -453,7 +490,13 @@ impl Listener {
         let mut i = 0;
         while i < clients.greeting.len() {
             let g = &mut clients.greeting[i];
-            let step = match g.hello.read(g.socket.as_fd()) {
+            let heard = match &mut g.stage {
+                Stage::Hello { socket, hello } => {
+                    hello.read(socket.as_fd()).map(|h| h.map(Heard::Greeted))
+                }
+                Stage::Verdict(v) => v.poll().map(|m| m.map(Heard::Verdict)),
+            };
+            let heard = match heard {
                 Ok(None) => match g.deadline.remaining() {
                     Ok(_) => {
                         i += 1;
@@ -461,21 +504,68 @@ impl Listener {
                     }
                     Err(e) => Err(e),
                 },
-                Ok(Some(done)) => Ok(done),
+                Ok(Some(heard)) => Ok(heard),
                 Err(e) => Err(e),
             };
             let g = clients.greeting.swap_remove(i);
-            let _ = self.epoll.remove(g.socket.as_fd());
-            let set_up = step.and_then(|(hello, fd)| {
-                // Our end only now, for a client that said hello.
-                HalfOpen::start(UnixStream::from(g.socket), options)?.complete(hello, fd)
-            });
-            match set_up {
-                Ok(channel) => return Ok(Some(channel)),
+            let deadline = g.deadline;
+            match self.advance(g.stage, heard, options) {
+                Ok(Advanced::Channel(channel)) => return Ok(Some(channel)),
+                // Back in the list (at its end), with the same deadline.
+                Ok(Advanced::Waiting(stage)) => clients.greeting.push(Greeting { stage, deadline }),
                 Err(e) => clients.fail(e),
             }
         }
         Ok(None)
+    }
+
+    /// The next step of one client's set-up, from what it sent.
+    fn advance(
+        &self,
+        stage: Stage,
+        heard: Result<Heard, SetupError>,
+        options: &Options,
+    ) -> Result<Advanced, SetupError> {
+        let heard = match heard {
+            Ok(heard) => heard,
+            Err(e) => {
+                let _ = self.epoll.remove(stage.socket());
+                return Err(e);
+            }
+        };
+        match (stage, heard) {
+            (Stage::Hello { socket, .. }, Heard::Greeted(Greeted::Plain(prefix))) => {
+                // An old client, or anything else that speaks capnp's
+                // framing: a stream channel, with what it sent so far.
+                let _ = self.epoll.remove(socket.as_fd());
+                let stream = UnixStream::from(socket);
+                Channel::over_stream_with(Socket::Unix(stream), options, &prefix)
+                    .map(Advanced::Channel)
+            }
+            (Stage::Hello { socket, .. }, Heard::Greeted(Greeted::Hello(hello, fd))) => {
+                let _ = self.epoll.remove(socket.as_fd());
+                // Our hello only now, for a client that said hello.
+                let step = HalfOpen::start(UnixStream::from(socket), options)
+                    .and_then(|h| h.complete(hello, fd))?;
+                match step {
+                    Negotiated::Done(channel) => Ok(Advanced::Channel(channel)),
+                    Negotiated::Verdict(v) => {
+                        // Its verdict is due: watched again until it comes.
+                        self.epoll.add(v.socket())?;
+                        Ok(Advanced::Waiting(Stage::Verdict(Box::new(v))))
+                    }
+                }
+            }
+            (Stage::Verdict(v), Heard::Verdict(mapped)) => {
+                let _ = self.epoll.remove(v.socket());
+                v.conclude(mapped).map(Advanced::Channel)
+            }
+            (stage, _) => {
+                // A reader reports only what its own stage waits for.
+                let _ = self.epoll.remove(stage.socket());
+                Err(SetupError::Io(std::io::Error::other("set-up out of step")))
+            }
+        }
     }
 
     /// Waits for a connection and returns it before any set-up, with the

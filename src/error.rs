@@ -756,6 +756,9 @@ pub enum ProtocolError {
     },
     /// Bytes arrived on the socket after the handshake.
     UnexpectedSocketData,
+    /// The peer's verdict on our region (the handshake's last 8 bytes) is
+    /// neither "mapped" nor "refused".
+    BadVerdict,
     /// The peer's `published` counter went backwards or past the ring capacity.
     PublishedOutOfRange {
         /// Messages taken so far.
@@ -880,6 +883,7 @@ impl fmt::Display for ProtocolError {
             UnexpectedSocketData => {
                 f.write_str("unexpected bytes on the socket after the handshake")
             }
+            BadVerdict => f.write_str("the peer's verdict on our region is garbled"),
             PublishedOutOfRange {
                 consumed,
                 published,

@@ -132,6 +132,20 @@ impl FrameReader {
         }
     }
 
+    /// Bytes of the stream that were read before this reader existed (a
+    /// listener's look at a client's first bytes): they come first.
+    pub(crate) fn preload(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(MIN_READ) {
+            self.make_room();
+            let filled = self.filled;
+            let room = Word::words_to_bytes_mut(self.buffer_mut()).len() - filled;
+            let n = chunk.len().min(room);
+            Word::words_to_bytes_mut(self.buffer_mut())[filled..filled + n]
+                .copy_from_slice(&chunk[..n]);
+            self.filled += n;
+        }
+    }
+
     /// One read from `src` into the buffer (compacting or growing it first
     /// if the current frame needs room): how many bytes came, or the end.
     /// `WouldBlock` and `Interrupted` come back as errors for the caller's

@@ -1,19 +1,37 @@
-//! The hello each end sends once over the socket, and the checks on the
-//! peer's hello and descriptor.
+//! The handshake on a Unix socket: the hello each end sends once, the
+//! checks on the peer's hello and descriptor, and the verdicts that choose
+//! the transport.
 //!
 //! ```text
 //! offset  size  field
 //! 0       8     magic          "CAPNPSHM"
 //! 8       4     version        layout::VERSION
 //! 12      4     flags          bit 0: the region is a sealed memfd
-//! 16      8     region_size    bytes, multiple of 4096
-//! 24      4     ring_capacity  power of two
+//!                              bit 1: no region; use the stream transport
+//! 16      8     region_size    bytes, multiple of 4096 (0 with bit 1)
+//! 24      4     ring_capacity  power of two (0 with bit 1)
 //! 28      36    reserved       zero
 //! ```
 //!
-//! All integers little-endian. Exactly one descriptor, read-only, travels with
-//! the hello (`SCM_RIGHTS`). Both ends send first and then receive, so the
+//! All integers little-endian. A hello that offers a region carries exactly
+//! one descriptor, read-only (`SCM_RIGHTS`); a stream hello carries none.
+//! Then:
+//!
+//! - if either hello is a stream hello, both ends use the stream transport
+//!   on the socket from the next byte on (capnp's standard framing);
+//! - otherwise each end maps the peer's region and sends an 8-byte verdict,
+//!   `"CSHM-MAP"` (mapped) or `"CSHM-NOM"` (this end cannot or may not map
+//!   it: `mmap` refused, or an unsealed region this end does not accept);
+//!   two `"CSHM-MAP"`s mean shared memory, anything else the stream.
+//!
+//! A region that is wrong rather than unmappable (a wrong size or seals, a
+//! control block that disagrees, our own region) is a protocol error, not a
+//! reason to fall back. Both ends send first and then receive, so the
 //! exchange cannot deadlock; each waits at most until the set-up deadline.
+//! A listener waits for the client's first 8 bytes before it sends
+//! anything: a client that starts with anything but the magic speaks plain
+//! capnp framing (a segment count below 512 cannot read as `"CAPN"`), and
+//! gets a stream channel with no hello at all.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,7 +40,7 @@ use std::time::Duration;
 
 use crate::deadline::Deadline;
 use crate::error::{ProtocolError, SetupError};
-use crate::layout::{Geometry, FLAG_SEALED, MAGIC, VERSION};
+use crate::layout::{Geometry, FLAG_SEALED, FLAG_STREAM, MAGIC, VERSION};
 use crate::region::PeerRegion;
 use crate::sys::{file, socket};
 
@@ -34,15 +52,38 @@ pub(crate) const HELLO_LEN: usize = 64;
 pub(crate) struct Hello {
     pub(crate) geometry: Geometry,
     pub(crate) sealed: bool,
+    /// No region: the end asks for the stream transport.
+    pub(crate) stream: bool,
 }
 
+/// Bytes in a verdict.
+pub(crate) const VERDICT_LEN: usize = 8;
+const MAPPED: [u8; VERDICT_LEN] = *b"CSHM-MAP";
+const REFUSED: [u8; VERDICT_LEN] = *b"CSHM-NOM";
+
 impl Hello {
+    /// The hello of an end that offers no region.
+    pub(crate) fn stream() -> Hello {
+        Hello {
+            geometry: Geometry {
+                region_size: 0,
+                ring_capacity: 0,
+            },
+            sealed: false,
+            stream: true,
+        }
+    }
+
     /// The hello's bytes.
     pub(crate) fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        let flags = if self.sealed { FLAG_SEALED } else { 0 };
+        let flags = match (self.stream, self.sealed) {
+            (true, _) => FLAG_STREAM,
+            (false, true) => FLAG_SEALED,
+            (false, false) => 0,
+        };
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.geometry.region_size.to_le_bytes());
         b[24..28].copy_from_slice(&self.geometry.ring_capacity.to_le_bytes());
@@ -62,17 +103,33 @@ impl Hello {
             return Err(ProtocolError::BadVersion { found: version });
         }
         let flags = u32_at(12);
-        if flags & !FLAG_SEALED != 0 || b[28..].iter().any(|&x| x != 0) {
+        let known = if flags & FLAG_STREAM != 0 {
+            FLAG_STREAM
+        } else {
+            FLAG_SEALED
+        };
+        if flags & !known != 0 || b[28..].iter().any(|&x| x != 0) {
             return Err(ProtocolError::BadHelloFlags);
         }
+        let (region_size, ring_capacity) = (u64_at(16), u32_at(24));
+        if flags & FLAG_STREAM != 0 {
+            if region_size != 0 || ring_capacity != 0 {
+                return Err(ProtocolError::BadGeometry {
+                    region_size,
+                    ring_capacity,
+                });
+            }
+            return Ok(Hello::stream());
+        }
         let geometry = Geometry {
-            region_size: u64_at(16),
-            ring_capacity: u32_at(24),
+            region_size,
+            ring_capacity,
         }
         .validate()?;
         Ok(Hello {
             geometry,
             sealed: flags & FLAG_SEALED != 0,
+            stream: false,
         })
     }
 }
@@ -106,21 +163,42 @@ impl SetupDeadline {
     }
 }
 
-/// Sends our hello with `region_fd` attached, waiting for buffer space at most
-/// until `deadline`.
+/// Sends our hello with `region_fd` attached (none for a stream hello),
+/// waiting for buffer space at most until `deadline`.
 pub(crate) fn send_hello(
     sock: BorrowedFd<'_>,
     hello: &Hello,
-    region_fd: BorrowedFd<'_>,
+    region_fd: Option<BorrowedFd<'_>>,
     deadline: SetupDeadline,
 ) -> Result<(), SetupError> {
-    let bytes = hello.encode();
+    send_all(sock, &hello.encode(), region_fd, deadline)
+}
+
+/// Sends our verdict on the peer's region: mapped, or refused.
+pub(crate) fn send_verdict(
+    sock: BorrowedFd<'_>,
+    mapped: bool,
+    deadline: SetupDeadline,
+) -> Result<(), SetupError> {
+    send_all(
+        sock,
+        if mapped { &MAPPED } else { &REFUSED },
+        None,
+        deadline,
+    )
+}
+
+fn send_all(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    deadline: SetupDeadline,
+) -> Result<(), SetupError> {
     let mut sent = 0;
     while sent < bytes.len() {
-        let r = if sent == 0 {
-            socket::send_with_fd(sock, &bytes, region_fd)
-        } else {
-            socket::send(sock, &bytes[sent..])
+        let r = match fd {
+            Some(fd) if sent == 0 => socket::send_with_fd(sock, bytes, fd),
+            _ => socket::send(sock, &bytes[sent..]),
         };
         match r {
             Ok(n) => sent += n,
@@ -132,6 +210,16 @@ pub(crate) fn send_hello(
     Ok(())
 }
 
+/// What the peer opened with.
+#[derive(Debug)]
+pub(crate) enum Greeted {
+    /// A hello, checked, with its descriptor (none for a stream hello).
+    Hello(Hello, Option<OwnedFd>),
+    /// Not a hello: plain capnp framing (only when the reader sniffs), and
+    /// the bytes read so far, which begin the first frame.
+    Plain(Vec<u8>),
+}
+
 /// The peer's hello as it arrives, read without blocking, a piece at a
 /// time (a listener serves many half-open connections at once). Every
 /// descriptor that arrives is owned at once, so a rejected one closes.
@@ -141,30 +229,52 @@ pub(crate) struct HelloReader {
     filled: usize,
     fds: Vec<OwnedFd>,
     truncated: bool,
+    /// Whether a peer that does not start with the magic speaks plain
+    /// framing (a listener) rather than a broken hello.
+    sniff: bool,
 }
 
 impl HelloReader {
-    pub(crate) fn new() -> HelloReader {
+    /// A reader for a peer that must say hello (`sniff: false`), or may
+    /// speak plain capnp framing instead (`sniff: true`).
+    pub(crate) fn new(sniff: bool) -> HelloReader {
         HelloReader {
             buf: [0; HELLO_LEN],
             filled: 0,
             fds: Vec::new(),
             truncated: false,
+            sniff,
         }
     }
 
     /// Reads what has arrived: `Ok(Some(..))` once the hello is complete
-    /// and checked, `Ok(None)` while more is to come.
+    /// and checked (or, sniffing, once 8 bytes show plain framing),
+    /// `Ok(None)` while more is to come.
     ///
     /// # Errors
     ///
     /// A bad hello or descriptor, a peer that went away, a broken socket.
-    pub(crate) fn read(
-        &mut self,
-        sock: BorrowedFd<'_>,
-    ) -> Result<Option<(Hello, OwnedFd)>, SetupError> {
+    pub(crate) fn read(&mut self, sock: BorrowedFd<'_>) -> Result<Option<Greeted>, SetupError> {
         while self.filled < HELLO_LEN {
-            match socket::recv_with_fds(sock, &mut self.buf[self.filled..]) {
+            if self.sniff && self.filled >= 8 && self.buf[..8] != MAGIC.to_le_bytes() {
+                // A segment count capnp accepts (the raw count is one less):
+                // plain framing. Anything else is neither.
+                let raw = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                if raw as usize >= crate::framing::MAX_SEGMENTS {
+                    return Err(ProtocolError::BadMagic.into());
+                }
+                // Descriptors a plain peer sent close here.
+                self.fds.clear();
+                return Ok(Some(Greeted::Plain(self.buf[..self.filled].to_vec())));
+            }
+            // Sniffing, the first read stops at 8 bytes: a plain peer's
+            // frame is not consumed past what tells it apart.
+            let end = if self.sniff && self.filled < 8 {
+                8
+            } else {
+                HELLO_LEN
+            };
+            match socket::recv_with_fds(sock, &mut self.buf[self.filled..end]) {
                 Ok(r) if r.len == 0 => return Err(went_away(self.filled)),
                 Ok(r) => {
                     self.filled += r.len;
@@ -181,10 +291,65 @@ impl HelloReader {
         }
         let hello = Hello::decode(&self.buf)?;
         let mut fds = std::mem::take(&mut self.fds).into_iter();
-        match (fds.next(), fds.len()) {
-            (None, _) => Err(ProtocolError::MissingDescriptor.into()),
-            (Some(fd), 0) => Ok(Some((hello, fd))),
-            (Some(_), extra) => Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into()),
+        match (fds.next(), fds.len(), hello.stream) {
+            (None, _, true) => Ok(Some(Greeted::Hello(hello, None))),
+            (Some(_), extra, true) => {
+                Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into())
+            }
+            (None, _, false) => Err(ProtocolError::MissingDescriptor.into()),
+            (Some(fd), 0, false) => Ok(Some(Greeted::Hello(hello, Some(fd)))),
+            (Some(_), extra, false) => {
+                Err(ProtocolError::ExtraDescriptors { count: extra + 1 }.into())
+            }
+        }
+    }
+}
+
+/// The peer's verdict on our region as it arrives, without blocking.
+#[derive(Debug, Default)]
+pub(crate) struct VerdictReader {
+    buf: [u8; VERDICT_LEN],
+    filled: usize,
+}
+
+impl VerdictReader {
+    /// `Ok(Some(mapped))` once the verdict is in, `Ok(None)` before.
+    ///
+    /// # Errors
+    ///
+    /// A garbled verdict, a descriptor with it, a peer gone, a broken
+    /// socket.
+    pub(crate) fn read(&mut self, sock: BorrowedFd<'_>) -> Result<Option<bool>, SetupError> {
+        while self.filled < VERDICT_LEN {
+            match socket::recv_with_fds(sock, &mut self.buf[self.filled..]) {
+                Ok(r) if r.len == 0 => return Err(ProtocolError::HandshakeTruncated.into()),
+                Ok(r) if !r.fds.is_empty() => {
+                    return Err(ProtocolError::ExtraDescriptors { count: r.fds.len() }.into())
+                }
+                Ok(r) => self.filled += r.len,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if is_disconnect(&e) => return Err(ProtocolError::HandshakeTruncated.into()),
+                Err(e) => return Err(SetupError::Io(e)),
+            }
+        }
+        match self.buf {
+            MAPPED => Ok(Some(true)),
+            REFUSED => Ok(Some(false)),
+            _ => Err(ProtocolError::BadVerdict.into()),
+        }
+    }
+
+    /// Waits for the verdict, at most until `deadline`.
+    pub(crate) fn wait(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        deadline: SetupDeadline,
+    ) -> Result<bool, SetupError> {
+        loop {
+            if let Some(mapped) = self.read(sock)? {
+                return Ok(mapped);
+            }
+            wait(sock, false, deadline)?;
         }
     }
 }
@@ -195,7 +360,7 @@ pub(crate) fn recv_hello_with(
     sock: BorrowedFd<'_>,
     reader: &mut HelloReader,
     deadline: SetupDeadline,
-) -> Result<(Hello, OwnedFd), SetupError> {
+) -> Result<Greeted, SetupError> {
     loop {
         if let Some(done) = reader.read(sock)? {
             return Ok(done);
@@ -297,6 +462,7 @@ mod tests {
                 ring_capacity: 64,
             },
             sealed: true,
+            stream: false,
         }
     }
 
@@ -306,6 +472,25 @@ mod tests {
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         let unsealed = Hello { sealed: false, ..h };
         assert_eq!(Hello::decode(&unsealed.encode()), Ok(unsealed));
+        let stream = Hello::stream();
+        assert_eq!(Hello::decode(&stream.encode()), Ok(stream));
+    }
+
+    #[test]
+    fn a_stream_hello_announces_no_region_and_nothing_else() {
+        let good = Hello::stream().encode();
+        let mut b = good;
+        b[12] |= 1; // sealed as well
+        assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
+        let mut b = good;
+        b[16] = 1; // a region size
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(ProtocolError::BadGeometry { .. })
+        ));
+        // The magic read as a segment count is far beyond capnp's 512: a
+        // hello can never be mistaken for a frame.
+        assert!(u32::from_le_bytes(*b"CAPN") > 512);
     }
 
     #[test]
@@ -321,7 +506,7 @@ mod tests {
             Err(ProtocolError::BadVersion { found: 9 })
         );
         let mut b = good;
-        b[12] |= 2;
+        b[12] |= 4;
         assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
         let mut b = good;
         b[63] = 1;

@@ -32,9 +32,10 @@ use crate::error::ProtocolError;
 /// little-endian `u64`.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 
-/// The format version. Any change to this file changes it. (3: the
-/// control block's `owner` line.)
-pub(crate) const VERSION: u32 = 3;
+/// The format version. Any change to this file or to the handshake
+/// changes it. (3: the control block's `owner` line; 4: stream hellos and
+/// the verdicts that choose the transport.)
+pub(crate) const VERSION: u32 = 4;
 
 /// Bytes reserved for the control block at the start of a region.
 pub(crate) const CONTROL_BYTES: u64 = 1024;
@@ -67,6 +68,10 @@ pub(crate) const WORD_BYTES: usize = 8;
 
 /// Flag in [`Header::flags`] and in the hello: the region is a sealed memfd.
 pub(crate) const FLAG_SEALED: u32 = 1;
+
+/// Flag in the hello only: this end offers no region and asks for the
+/// stream transport (no descriptor travels with the hello).
+pub(crate) const FLAG_STREAM: u32 = 2;
 
 /// `rx_sleeping`: the owner is not asleep.
 pub(crate) const AWAKE: u32 = 0;

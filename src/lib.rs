@@ -132,6 +132,7 @@ mod spin;
 mod stats;
 mod stream;
 mod sys;
+mod tcp;
 mod wait;
 mod wake;
 mod word;
@@ -150,6 +151,7 @@ pub use options::{Backing, Options, Wire};
 pub use select::{poll_readable, wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
 pub use stats::{RecvStats, SendStats, Stats};
+pub use tcp::TcpListener;
 pub use wait::Readiness;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the

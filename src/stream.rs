@@ -553,11 +553,15 @@ pub(crate) struct StreamRecv {
 }
 
 impl StreamRecv {
-    pub(crate) fn new(link: Arc<StreamLink>) -> StreamRecv {
+    /// The receiving side over `link`, whose stream begins with `read`
+    /// (bytes already taken from the socket).
+    pub(crate) fn new(link: Arc<StreamLink>, read: &[u8]) -> StreamRecv {
         let limit = link.options.reader_options_for(0).traversal_limit_in_words;
+        let mut rx = StreamRx::new(limit);
+        rx.reader.preload(read);
         StreamRecv {
             link,
-            rx: RefCell::new(StreamRx::new(limit)),
+            rx: RefCell::new(rx),
             messages: Cell::new(0),
             bytes: Cell::new(0),
             sleeps: Cell::new(0),

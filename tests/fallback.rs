@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use capnp_shm::{Backing, Channel, Options, ProtocolError, RecvError, SetupError};
+use capnp_shm::{Backing, Channel, Options, RecvError, Transport};
 use common::{build, check, fork, shm_files, Watchdog};
 
 #[test]
@@ -45,20 +45,22 @@ fn round_trip_across_fork_over_dev_shm_files() {
 }
 
 #[test]
-fn a_sealed_end_refuses_an_unsealed_peer_unless_it_opts_in() {
+fn a_sealed_end_maps_an_unsealed_peer_only_if_it_opts_in_and_streams_otherwise() {
     let _serial = common::serial();
     let _w = Watchdog::new(Duration::from_secs(30));
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let unsealed = std::thread::spawn(move || {
         Channel::from_stream_with(a, &Options::new().backing(Backing::ShmFile))
     });
-    let err = Channel::from_stream_with(b, &Options::new().backing(Backing::Memfd)).unwrap_err();
-    assert!(
-        matches!(err, SetupError::Protocol(ProtocolError::UnsealedRegion)),
-        "{err:?}"
-    );
-    // The unsealed end accepted our sealed region, then sees us gone.
+    // Refused: no shared memory between them, but a working channel on the
+    // stream transport (the sealed end said "cannot map").
+    let sealed = Channel::from_stream_with(b, &Options::new().backing(Backing::Memfd)).unwrap();
     let other = unsealed.join().unwrap().unwrap();
+    assert_eq!(sealed.transport(), Transport::Stream);
+    assert_eq!(other.transport(), Transport::Stream);
+    other.send(build(&other, 7, 1, 10)).unwrap();
+    assert_eq!(check(&sealed.recv().unwrap()), 7);
+    drop(sealed);
     assert!(matches!(other.recv(), Err(RecvError::Disconnected)));
 
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();

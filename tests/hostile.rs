@@ -97,15 +97,6 @@ fn a_close_seen_by_a_send_is_sticky_for_receives_too() {
     ));
 }
 
-/// The set-up error when the hand peer answers with `hello` and `fd`.
-fn setup_error(hello: &peer::Hello, fd: std::os::fd::BorrowedFd<'_>) -> SetupError {
-    let mut p = HandPeer::start(&options());
-    p.send_hello(hello, &[fd]);
-    let error = p.setup_result().expect_err("set-up accepted a bad peer");
-    p.assert_hung_up();
-    error
-}
-
 /// A peer that sends back our own hello and our own region: refused, not
 /// a channel to ourselves.
 #[test]
@@ -122,43 +113,58 @@ fn our_own_region_sent_back_is_refused() {
     p.assert_hung_up();
 }
 
+/// The real end's answer to a region it cannot map: the verdict "cannot
+/// map", then a stream channel on the same socket, which carries a plain
+/// frame the hand peer writes.
+fn falls_back_to_the_stream(hello: &peer::Hello, fd: std::os::fd::BorrowedFd<'_>) {
+    let mut p = HandPeer::start(&options());
+    p.send_hello(hello, &[fd]);
+    assert_eq!(
+        &p.read_verdict(),
+        &peer::REFUSED,
+        "the real end refused the region"
+    );
+    p.send_verdict(&peer::MAPPED);
+    let channel = p.setup_result().expect("a stream channel");
+    assert_eq!(channel.transport(), capnp_shm::Transport::Stream);
+    let mut m = capnp::message::Builder::new_default();
+    m.set_root(capnp::text::Reader::from("framed")).unwrap();
+    let mut frame = Vec::new();
+    capnp::serialize::write_message(&mut frame, &m).unwrap();
+    p.send_bytes(&frame, &[]);
+    let got = channel.recv().unwrap();
+    assert_eq!(
+        got.get_root::<capnp::text::Reader<'_>>()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "framed"
+    );
+}
+
 /// A sealed region the peer opened write-only cannot be mapped for reading:
-/// the peer's mistake, named as such (not an i/o error of ours).
+/// not an i/o error of ours, and no channel over shared memory; both ends
+/// fall back to the stream transport.
 #[test]
-fn a_write_only_region_descriptor_is_the_peers_fault() {
+fn a_write_only_region_descriptor_falls_back_to_the_stream() {
     let _w = Watchdog::new(LIMIT);
     let region = Region::new(GEOMETRY);
     region.seal();
     let write_only = peer::reopen(region.read_only_fd().as_fd(), libc::O_WRONLY);
-    let error = setup_error(&peer::Hello::new(GEOMETRY, true), write_only.as_fd());
-    assert!(
-        matches!(
-            error,
-            SetupError::Protocol(ProtocolError::UnmappableRegion { os_error }) if os_error == libc::EACCES
-        ),
-        "{error:?}"
-    );
+    falls_back_to_the_stream(&peer::Hello::new(GEOMETRY, true), write_only.as_fd());
 }
 
 /// A hugetlb memfd, sealed and of the right size: `mmap` refuses it here
 /// (`ENOMEM` without huge pages; `EINVAL` at an address not aligned for
-/// them, as the guarded mapping's is), and that is the peer's mistake.
+/// them, as the guarded mapping's is): the stream instead.
 #[test]
-fn a_hugetlb_region_is_the_peers_fault() {
+fn a_hugetlb_region_falls_back_to_the_stream() {
     let _w = Watchdog::new(LIMIT);
     let huge = Geometry::new(2 << 20, 4);
     let fd = peer::memfd_create(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB);
     peer::ftruncate(fd.as_fd(), huge.region_size);
     peer::add_seals(fd.as_fd(), peer::REGION_SEALS);
-    let error = setup_error(&peer::Hello::new(huge, true), fd.as_fd());
-    assert!(
-        matches!(
-            error,
-            SetupError::Protocol(ProtocolError::UnmappableRegion { os_error })
-                if os_error == libc::ENOMEM || os_error == libc::EINVAL
-        ),
-        "{error:?}"
-    );
+    falls_back_to_the_stream(&peer::Hello::new(huge, true), fd.as_fd());
 }
 
 #[path = "../examples/bench/bench_capnp.rs"]

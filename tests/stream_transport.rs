@@ -23,11 +23,17 @@ use common::{build, check, fork, serial, Watchdog};
 enum Net {
     /// TCP on loopback.
     Tcp,
-    /// A Unix socket with plain framing (no shared memory).
+    /// A Unix socket with plain framing (no shared memory, no hello).
     Unix,
+    /// A Unix socket whose handshake chose the stream: one end asked for
+    /// it, as an end that cannot create or map a region does.
+    Negotiated,
 }
 
-const NETS: [Net; 2] = [Net::Tcp, Net::Unix];
+/// Where channel pairs are tested.
+const NETS: [Net; 3] = [Net::Tcp, Net::Unix, Net::Negotiated];
+/// Where a raw peer socket is (no hello on either).
+const RAW_NETS: [Net; 2] = [Net::Tcp, Net::Unix];
 
 fn tcp_sockets() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -47,6 +53,17 @@ fn pair_with(net: Net, options: &Options) -> (Channel, Channel) {
             )
         }
         Net::Unix => Channel::pair_with(&options.clone().wire(Wire::Plain)).unwrap(),
+        Net::Negotiated => {
+            // One end asks for the stream; the other is a default end.
+            let (a, b) = UnixStream::pair().unwrap();
+            let asks = options.clone().wire(Wire::Stream);
+            let other = std::thread::spawn({
+                let options = options.clone();
+                move || Channel::from_stream_with(b, &options).unwrap()
+            });
+            let a = Channel::from_stream_with(a, &asks).unwrap();
+            (a, other.join().unwrap())
+        }
     };
     assert_eq!(
         (a.transport(), b.transport()),
@@ -97,7 +114,7 @@ fn raw_pair_with(net: Net, options: &Options) -> (Channel, Raw) {
             b.set_nodelay(true).unwrap();
             (Channel::from_tcp_with(a, options).unwrap(), Raw::Tcp(b))
         }
-        Net::Unix => {
+        Net::Unix | Net::Negotiated => {
             let (a, b) = UnixStream::pair().unwrap();
             let options = options.clone().wire(Wire::Plain);
             (
@@ -453,7 +470,7 @@ fn wait_any_sees_shared_memory_and_stream_channels_alike() {
 fn wait_any_is_not_fooled_by_half_a_frame() {
     let _s = serial();
     let _w = Watchdog::new(Duration::from_secs(60));
-    for net in NETS {
+    for net in RAW_NETS {
         let (end, mut raw) = raw_pair(net);
         let mut frame = Vec::new();
         let mut m = capnp::message::Builder::new_default();
@@ -496,7 +513,7 @@ fn talks_to_a_peer_that_uses_nothing_but_capnp_serialize() {
     let _s = serial();
     let _w = Watchdog::new(Duration::from_secs(120));
     const N: u64 = 3000;
-    for net in NETS {
+    for net in RAW_NETS {
         let (end, raw) = raw_pair(net);
         let (mut end, mut raw) = (Some(end), Some(raw));
         // The peer: read a message, check it, answer with the next one.
@@ -566,7 +583,7 @@ fn protocol(r: &Result<u64, RecvError>) -> ProtocolError {
 #[test]
 fn bad_frames_fail_the_end_for_good_after_what_came_before() {
     let _s = serial();
-    for net in NETS {
+    for net in RAW_NETS {
         // A segment count over capnp's 511, after one good message.
         let mut bytes = frame_of(1);
         bytes.extend(words(&[600, 1, 0, 0]));
@@ -649,7 +666,7 @@ fn bad_frames_fail_the_end_for_good_after_what_came_before() {
 fn a_peer_that_dribbles_holds_each_receive_no_longer_than_its_timeout() {
     let _s = serial();
     let _w = Watchdog::new(Duration::from_secs(60));
-    for net in NETS {
+    for net in RAW_NETS {
         let (end, raw) = raw_pair(net);
         let frame = frame_of(42);
         let dribbler = std::thread::spawn(move || {

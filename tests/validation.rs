@@ -187,7 +187,7 @@ fn wrong_magic_is_bad_magic() {
 fn wrong_version_is_bad_version() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
-    for version in [0, 1, 2, 4, u32::MAX] {
+    for version in [0, 1, 2, 3, 5, u32::MAX] {
         let hello = Hello {
             version,
             ..valid_hello()
@@ -378,8 +378,9 @@ fn region_with_the_exec_seal_too_is_accepted() {
     region.seal();
     let mut peer = HandPeer::start(&options());
     peer.send_hello(&valid_hello(), &[region.read_only_fd().as_fd()]);
-    peer.setup_result()
-        .expect("the exec seal only takes rights away");
+    // The real end maps it ("mapped") and sets up shared memory.
+    let channel = peer.finish_shm();
+    assert_eq!(channel.transport(), capnp_shm::Transport::SharedMemory);
 }
 
 #[test]
@@ -387,14 +388,19 @@ fn unsealed_region_is_refused_by_default_and_accepted_on_request() {
     let _w = Watchdog::new(LIMIT);
     let hello = Hello::new(GEOMETRY, false);
     let region = Region::new(GEOMETRY);
-    assert_eq!(
-        setup_protocol_error(&hello, &[region.read_only_fd().as_fd()]),
-        ProtocolError::UnsealedRegion
-    );
+    // Refused: the real end says so ("cannot map") and both ends fall back
+    // to the stream transport on the socket.
+    let mut peer = HandPeer::start(&options());
+    peer.send_hello(&hello, &[region.read_only_fd().as_fd()]);
+    assert_eq!(&peer.read_verdict(), &peer::REFUSED);
+    peer.send_verdict(&peer::MAPPED);
+    let channel = peer.setup_result().expect("a stream channel");
+    assert_eq!(channel.transport(), capnp_shm::Transport::Stream);
+    drop(channel);
 
     let mut peer = HandPeer::start(&options().allow_unsealed_peer(true));
     peer.send_hello(&hello, &[region.read_only_fd().as_fd()]);
-    let channel = peer.setup_result().expect("an unsealed peer, accepted");
+    let channel = peer.finish_shm();
     // It works: a message written by hand arrives.
     region.write_message(0, 0, 0, &text_segments("unsealed"));
     region.publish(1);
@@ -412,7 +418,7 @@ fn control_block_disagreeing_with_the_hello_is_control_block_mismatch() {
             r.map()
                 .store_u64(header::MAGIC, u64::from_le_bytes(*b"CAPNPSHX"));
         }),
-        ("version", |r| r.map().store_u32(header::VERSION, 4)),
+        ("version", |r| r.map().store_u32(header::VERSION, 5)),
         ("flags", |r| r.map().store_u32(header::FLAGS, 0)),
         ("region size", |r| {
             r.map().store_u64(header::REGION_SIZE, 128 << 10);

@@ -199,3 +199,20 @@ pub fn set_address_space_limit(limit: &libc::rlimit) {
     let r = unsafe { libc::setrlimit(libc::RLIMIT_AS, limit) };
     assert_eq!(r, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
+
+/// In a forked child: no file may grow past 0 bytes (`RLIMIT_FSIZE`), and
+/// trying fails with `EFBIG` instead of raising `SIGXFSZ`. Every region
+/// (memfd or `/dev/shm` file) then fails to be sized: a policy that
+/// refuses shared memory. `setrlimit(2)`
+pub fn refuse_file_growth() {
+    // SAFETY: ignoring SIGXFSZ installs no handler; the over-limit
+    // ftruncate then fails with EFBIG instead of killing the process.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `limit` is a valid rlimit for the call.
+    let r = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) };
+    assert_eq!(r, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}

@@ -34,7 +34,11 @@ use capnp_shm::{Channel, Options, SetupError};
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
+/// The verdict on a peer's region that says "mapped": shared memory.
+pub const MAPPED: [u8; 8] = *b"CSHM-MAP";
+/// The verdict that says "cannot map": both ends use the stream.
+pub const REFUSED: [u8; 8] = *b"CSHM-NOM";
 /// Hello and header flag: the region is a sealed memfd.
 pub const FLAG_SEALED: u32 = 1;
 /// Bytes in a hello.
@@ -807,6 +811,33 @@ impl HandPeer {
         self.socket = None;
     }
 
+    /// Sends our verdict on the real end's region (after both hellos).
+    pub fn send_verdict(&self, verdict: &[u8; 8]) {
+        self.send_bytes(verdict, &[]);
+    }
+
+    /// Reads the real end's verdict on our region.
+    pub fn read_verdict(&self) -> [u8; 8] {
+        let mut verdict = [0u8; 8];
+        self.socket()
+            .read_exact(&mut verdict)
+            .expect("the real end's verdict");
+        verdict
+    }
+
+    /// For a hello the real end accepts: says "mapped", collects the
+    /// channel and checks the real end said "mapped" too.
+    pub fn finish_shm(&mut self) -> Channel {
+        self.send_verdict(&MAPPED);
+        let channel = self.setup_result().expect("a valid handshake");
+        assert_eq!(
+            &self.read_verdict(),
+            &MAPPED,
+            "the real end mapped our region"
+        );
+        channel
+    }
+
     /// Waits for the real end's set-up and returns its outcome.
     pub fn setup_result(&mut self) -> Result<Channel, SetupError> {
         self.real_end
@@ -854,7 +885,7 @@ impl Connected {
         mine.seal();
         let mut peer = HandPeer::start(options);
         peer.send_hello(&Hello::new(geometry, true), &[mine.read_only_fd().as_fd()]);
-        let channel = peer.setup_result().expect("a valid handshake");
+        let channel = peer.finish_shm();
         Connected {
             channel,
             theirs: peer.map_their_region(),
