@@ -851,6 +851,30 @@ impl Sender {
         }
     }
 
+    /// Writes what a [`try_send`](Sender::try_send) on a stream channel
+    /// left unsent (the socket took only part of the message), as far as
+    /// the socket takes it now. A stream sender that sent with `try_send`
+    /// and then waits for its peer's answer must flush first: until then
+    /// [`is_ready`](Sender::is_ready) is `false` and [`arm`](Sender::arm)
+    /// says [`Readiness::Writable`]. Blocking sends (`send`,
+    /// `send_timeout`) write whole messages and leave nothing. On a
+    /// shared-memory channel there is never anything to flush.
+    ///
+    /// # Errors
+    ///
+    /// [`TrySendError::Full`] while part remains; `Disconnected` and
+    /// `Failed` as for [`try_send`](Sender::try_send).
+    pub fn try_flush(&self) -> Result<(), TrySendError<()>> {
+        match &self.tx {
+            Tx::Shm(_) => Ok(()),
+            Tx::Stream(side) => side.flush(Deadline::Now).map_err(|halt| match halt {
+                Halt::Expired => TrySendError::Full(()),
+                Halt::Disconnected => TrySendError::Disconnected(()),
+                Halt::Failed(f) => TrySendError::Failed((), f),
+            }),
+        }
+    }
+
     /// Withdraws [`arm`](Sender::arm): the peer stops ringing.
     pub fn disarm(&self) {
         match &self.tx {

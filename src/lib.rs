@@ -148,7 +148,7 @@ pub use error::{
 };
 pub use message::{Detached, OwnedReceived, OwnedSegments, Received, Segments};
 pub use options::{Backing, Options, Wire};
-pub use select::{poll_readable, wait_any, wait_any_with, WaitAnyError, WaitMethod};
+pub use select::{poll_readable, poll_ready, wait_any, wait_any_with, WaitAnyError, WaitMethod};
 pub use spawn::{PendingChild, ENV_VAR};
 pub use stats::{RecvStats, SendStats, Stats};
 pub use tcp::TcpListener;

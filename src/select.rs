@@ -389,18 +389,37 @@ pub fn poll_readable(
     ready: &mut [bool],
     timeout: Option<Duration>,
 ) -> io::Result<usize> {
+    poll_ready(fds, &[], ready, timeout)
+}
+
+/// [`poll_readable`], where `writable[i]` also waits for descriptor `i` to
+/// take bytes: a [stream channel](crate::Transport::Stream)'s sender whose
+/// [`arm`](crate::Sender::arm) said [`Writable`](crate::Readiness::Writable).
+/// A descriptor beyond `writable`'s length waits for reading only.
+///
+/// # Errors
+///
+/// As [`poll_readable`].
+pub fn poll_ready(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    writable: &[bool],
+    ready: &mut [bool],
+    timeout: Option<Duration>,
+) -> io::Result<usize> {
     if ready.len() < fds.len() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     let mut polled: Vec<socket::PollFd<'_>> = fds
         .iter()
-        .map(|&fd| socket::PollFd::new(fd, false))
+        .enumerate()
+        .map(|(i, &fd)| socket::PollFd::new(fd, writable.get(i).copied().unwrap_or(false)))
         .collect();
     // About 24 days, `poll`'s longest: callers loop on their own deadline.
     let n = socket::poll(&mut polled, timeout.unwrap_or(Duration::MAX))?;
-    for (flag, fd) in ready.iter_mut().zip(&polled) {
+    for (i, (flag, fd)) in ready.iter_mut().zip(&polled).enumerate() {
         let seen = fd.ready();
-        *flag = seen.readable || seen.hung_up;
+        let wants_write = writable.get(i).copied().unwrap_or(false);
+        *flag = seen.readable || seen.hung_up || (wants_write && seen.writable);
     }
     Ok(n)
 }

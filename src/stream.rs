@@ -470,7 +470,21 @@ impl StreamSend {
         if !tx.is_drained() && deadline != Deadline::Now {
             self.sleeps.set(self.sleeps.get() + 1);
         }
-        match tx.send(&link.socket, segments, deadline) {
+        // A send that may wait writes the whole message (a peer waiting
+        // for it must not wait on us); one that may not leaves the rest for
+        // the next send or `try_flush`.
+        let sent = tx
+            .send(&link.socket, segments, deadline)
+            .and_then(|()| match deadline {
+                Deadline::Now => Ok(()),
+                // Past the deadline with part of it out, the message is still
+                // taken: the rest goes first next time.
+                _ => match tx.flush(&link.socket, deadline) {
+                    Err(StreamHalt::Expired) => Ok(()),
+                    other => other,
+                },
+            });
+        match sent {
             Ok(()) => {
                 self.messages.set(messages + 1);
                 let bytes: usize = segments.iter().map(|s| s.len()).sum();

@@ -765,3 +765,69 @@ fn an_event_loop_arms_and_polls_the_descriptor() {
         assert!(a.sender().is_ready());
     }
 }
+
+#[test]
+fn a_message_larger_than_the_socket_buffer_goes_whole_or_waits_for_a_flush() {
+    let _s = serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    for net in NETS {
+        let (ours, theirs) = pair(net);
+        let mut go = Go::new();
+        let (mut ours, mut theirs) = (Some(ours), Some(theirs));
+        // The peer answers each message with its size; before the second,
+        // it waits to be told.
+        let child = fork(|| {
+            drop(ours.take());
+            let end = theirs.take().unwrap();
+            let mut n = 0;
+            while let Ok(m) = end.recv() {
+                let len = m.len_bytes() as u64;
+                drop(m);
+                let mut reply = end.message();
+                set_u64(&mut reply, len);
+                if end.send(reply).is_err() {
+                    return 1;
+                }
+                n += 1;
+                if n == 1 {
+                    go.wait();
+                }
+            }
+            0
+        });
+        drop(theirs.take());
+        let end = ours.take().unwrap();
+        // A blocking send writes all of it before returning: the peer
+        // answers although we send nothing more.
+        let big = build(&end, 1, 1, 8 << 20);
+        let reply = end.request(big).unwrap();
+        assert!(u64_of(reply.reader()) > 8 << 20, "{net:?}");
+        drop(reply);
+        // A try_send may leave the tail behind: the sender says so, and
+        // try_flush sends it.
+        end.try_send(build(&end, 2, 1, 8 << 20)).unwrap();
+        // The peer is not reading: most of it is still here.
+        assert!(!end.sender().is_ready(), "{net:?}");
+        assert_eq!(end.sender().arm().unwrap(), Readiness::Writable);
+        assert!(matches!(
+            end.sender().try_flush(),
+            Err(TrySendError::Full(()))
+        ));
+        go.go();
+        loop {
+            match end.sender().try_flush() {
+                Ok(()) => break,
+                Err(TrySendError::Full(())) => {
+                    let mut ready = [false];
+                    let fd = [end.as_fd()];
+                    capnp_shm::poll_ready(&fd, &[true], &mut ready, None).unwrap();
+                }
+                Err(e) => panic!("{net:?}: {e}"),
+            }
+        }
+        assert!(end.sender().is_ready());
+        assert!(u64_of(end.recv().unwrap().reader()) > 8 << 20);
+        drop(end);
+        assert_eq!(child.wait(), 0, "{net:?}");
+    }
+}

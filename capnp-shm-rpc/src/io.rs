@@ -73,6 +73,11 @@ pub(crate) trait Watched {
     /// Arms what waits unarmed (the runner's last step before it sleeps);
     /// `true` when that found work after all.
     fn arm_for_sleep(&self) -> bool;
+    /// Whether the runner's sleep should also end when the descriptor
+    /// takes bytes (a stream channel's full socket).
+    fn wants_write(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]

@@ -271,6 +271,10 @@ impl Watched for Inner {
         &self.io
     }
 
+    fn wants_write(&self) -> bool {
+        self.tx_wait.writable.get()
+    }
+
     fn ready_hint(&self) -> bool {
         self.has_work()
     }
@@ -284,10 +288,11 @@ impl Watched for Inner {
             if wait.waiting.get() {
                 match self.arm(dir) {
                     Ok(Readiness::Armed) => wait.armed.set(true),
-                    // Something came, or a failure the task should see. A
-                    // stream channel's full socket (`Writable`) is retried:
-                    // the runner sleeps on readability only.
-                    Ok(Readiness::Ready | Readiness::Writable) | Err(_) => ready = true,
+                    // A stream channel's full socket: the runner waits for
+                    // it to become writable.
+                    Ok(Readiness::Writable) => wait.writable.set(true),
+                    // Something came, or a failure the task should see.
+                    Ok(Readiness::Ready) | Err(_) => ready = true,
                 }
             }
         }
@@ -314,6 +319,9 @@ struct Wait {
     waiting: Cell<bool>,
     /// The peer has been asked to ring.
     armed: Cell<bool>,
+    /// A stream channel's socket is full: the runner waits for it to take
+    /// bytes (`Readiness::Writable`).
+    writable: Cell<bool>,
 }
 
 impl Inner {
@@ -350,7 +358,15 @@ impl Inner {
         let mut queue = self.queue.borrow_mut();
         if queue.is_empty() {
             match self.try_send(&message) {
-                Ok(true) => return Promise::ok(()),
+                Ok(true) => {
+                    // A stream channel's socket may have taken only part
+                    // of it: the writer sends the rest.
+                    if !self.tx.is_ready() {
+                        drop(queue);
+                        self.wake_writer();
+                    }
+                    return Promise::ok(());
+                }
                 Ok(false) => {}
                 Err(e) => return Promise::err(e),
             }
@@ -402,7 +418,27 @@ impl Inner {
                 return Poll::Ready(Err(e));
             }
             let Some(front) = self.queue.borrow().front().map(|q| Rc::clone(&q.message)) else {
-                return Poll::Ready(Ok(()));
+                // Nothing queued; on a stream channel, the tail of the last
+                // message may still be waiting for the socket.
+                match self.tx.try_flush() {
+                    Ok(()) => return Poll::Ready(Ok(())),
+                    Err(TrySendError::Full(())) => match self.wait_for(Dir::Tx, cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    Err(TrySendError::Disconnected(())) => {
+                        return Poll::Ready(Err(self.fail(peer_gone())))
+                    }
+                    Err(TrySendError::Failed((), f)) => {
+                        return Poll::Ready(Err(self.fail(failure_error(&f))))
+                    }
+                    Err(e) => {
+                        return Poll::Ready(Err(
+                            self.fail(Error::failed(format!("capnp-shm-rpc: {e}")))
+                        ))
+                    }
+                }
             };
             match self.try_send(&front) {
                 Ok(true) => {
@@ -436,7 +472,8 @@ impl Inner {
         };
         if !arms_late && !wait.armed.get() {
             match self.arm(dir) {
-                // A stream channel's full socket is retried (see above).
+                // A stream channel's full socket: under tokio (which waits
+                // for readability only here) the writer tries again.
                 Ok(Readiness::Ready | Readiness::Writable) => return Poll::Ready(Ok(())),
                 Ok(Readiness::Armed) => wait.armed.set(true),
                 Err(f) => return Poll::Ready(Err(self.fail(failure_error(&f)))),
@@ -489,6 +526,7 @@ impl Inner {
 
     /// Withdraws the ask to ring, if made.
     fn disarm(&self, dir: Dir) {
+        self.wait_of(dir).writable.set(false);
         if self.wait_of(dir).armed.replace(false) {
             match dir {
                 Dir::Rx => self.rx.disarm(),

@@ -102,10 +102,13 @@ impl Reactor {
         let fds: Vec<BorrowedFd<'_>> = std::iter::once(wakeup)
             .chain(live.iter().map(|w| w.fd()))
             .collect();
+        let writes: Vec<bool> = std::iter::once(false)
+            .chain(live.iter().map(|w| w.wants_write()))
+            .collect();
         let mut ready = self.ready.borrow_mut();
         ready.clear();
         ready.resize(fds.len(), false);
-        capnp_shm::poll_readable(&fds, &mut ready, None)?;
+        capnp_shm::poll_ready(&fds, &writes, &mut ready, None)?;
         fired.extend(
             live.iter()
                 .zip(ready.iter().skip(1))

@@ -15,7 +15,8 @@ use futures::task::LocalSpawnExt;
 
 #[path = "../../../tests/common/mod.rs"]
 mod core_common;
-pub use core_common::{die_with_parent, fork, Child, Watchdog};
+#[allow(unused_imports)] // each test binary uses some
+pub use core_common::{die_with_parent, fork, serial, Child, Watchdog};
 
 use crate::kv_capnp::{key_value, watcher};
 use crate::kv_service::KeyValue;
