@@ -7,6 +7,17 @@
 //! ```text
 //! cargo run --release -p capnp-shm-rpc --example kv
 //! cargo run --release -p capnp-shm-rpc --example kv -- --two-party
+//! cargo run --release -p capnp-shm-rpc --example kv -- --tcp     # this crate's network over TCP
+//! cargo run --release -p capnp-shm-rpc --example kv -- --mixed   # one Unix socket, two kinds of client
+//! ```
+//!
+//! Or by address, across processes (and, with `tcp:`, hosts) of your own:
+//!
+//! ```text
+//! kv --serve unix:/tmp/kv.sock        # or tcp:0.0.0.0:7000; serves any number of clients
+//! kv --connect unix:/tmp/kv.sock      # this crate's client: shared memory on a Unix socket
+//! kv --connect tcp:server:7000        # ... or the stream transport over TCP
+//! kv --connect-two-party unix:/tmp/kv.sock   # capnp-rpc's own client: served on the same socket
 //! ```
 //!
 //! The client stores and reads keys, follows a chain of pipelined calls
@@ -41,8 +52,172 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some("--serve-shm") => serve_shm(),
         Some("--serve-two-party") => serve_two_party(&args[1]),
         Some("--two-party") => client_two_party(),
+        Some("--serve") => serve(&Addr::parse(args.get(1))?, None),
+        Some("--connect") => client_at(&Addr::parse(args.get(1))?),
+        Some("--connect-two-party") => client_two_party_at(&Addr::parse(args.get(1))?),
+        Some("--tcp") => demo_tcp(),
+        Some("--mixed") => demo_mixed(),
         None => client_shm(),
-        Some(other) => Err(format!("unknown argument {other:?}: try --two-party").into()),
+        Some(other) => Err(format!(
+            "unknown argument {other:?}: try --two-party, --tcp, --mixed, --serve ADDR, \
+             --connect ADDR or --connect-two-party ADDR (ADDR: unix:PATH or tcp:HOST:PORT)"
+        )
+        .into()),
+    }
+}
+
+// ---- addresses ----------------------------------------------------------
+
+/// Where a server listens or a client connects.
+enum Addr {
+    Unix(String),
+    Tcp(String),
+}
+
+impl Addr {
+    fn parse(arg: Option<&String>) -> Result<Addr, Box<dyn Error>> {
+        let arg = arg.ok_or("an address is needed: unix:PATH or tcp:HOST:PORT")?;
+        if let Some(path) = arg.strip_prefix("unix:") {
+            Ok(Addr::Unix(path.to_string()))
+        } else if let Some(host) = arg.strip_prefix("tcp:") {
+            Ok(Addr::Tcp(host.to_string()))
+        } else {
+            Err(format!("{arg:?} is not unix:PATH or tcp:HOST:PORT").into())
+        }
+    }
+
+    fn show(&self) -> String {
+        match self {
+            Addr::Unix(p) => format!("unix:{p}"),
+            Addr::Tcp(h) => format!("tcp:{h}"),
+        }
+    }
+}
+
+/// Serves every client that connects to `addr` (or only the first
+/// `clients`), each on a thread of its own with its own runner. On a Unix
+/// socket, this crate's clients get shared memory and capnp-rpc's own
+/// two-party clients (plain framing) the stream transport, on one socket.
+fn serve(addr: &Addr, clients: Option<usize>) -> Result<(), Box<dyn Error>> {
+    let listening = match addr {
+        Addr::Unix(path) => Listening::Unix(capnp_shm::Listener::bind(path)?),
+        Addr::Tcp(host) => Listening::Tcp(capnp_shm::TcpListener::bind(host.as_str())?),
+    };
+    serve_on(&listening, clients)
+}
+
+/// A listener of either kind.
+enum Listening {
+    Unix(capnp_shm::Listener),
+    Tcp(capnp_shm::TcpListener),
+}
+
+impl Listening {
+    fn accept(&self) -> std::io::Result<Channel> {
+        match self {
+            Listening::Unix(l) => l.accept(),
+            Listening::Tcp(l) => l.accept().map(|(channel, _)| channel),
+        }
+    }
+}
+
+fn serve_on(listening: &Listening, clients: Option<usize>) -> Result<(), Box<dyn Error>> {
+    let mut served = Vec::new();
+    for n in 0.. {
+        if clients.is_some_and(|c| n >= c) {
+            break;
+        }
+        let channel = listening.accept()?;
+        println!("server: client {n} over {:?}", channel.transport());
+        served.push(std::thread::spawn(move || -> Result<(), String> {
+            let network = ShmNetwork::new(channel, Side::Server);
+            Runner::new()
+                .run_until(RpcSystem::new(Box::new(network), Some(service())))
+                .map_err(|e| e.to_string())
+        }));
+    }
+    for s in served {
+        s.join().map_err(|_| "a server thread panicked")??;
+    }
+    Ok(())
+}
+
+/// This crate's client at `addr`.
+fn client_at(addr: &Addr) -> Result<(), Box<dyn Error>> {
+    let channel = match addr {
+        Addr::Unix(path) => Channel::connect(path)?,
+        Addr::Tcp(host) => Channel::connect_tcp(host.as_str())?,
+    };
+    let over = format!("{} ({:?})", addr.show(), channel.transport());
+    let network = ShmNetwork::new(channel, Side::Client);
+    Runner::new().run_until(client(Box::new(network), &over))
+}
+
+/// capnp-rpc's own two-party client at `addr`.
+fn client_two_party_at(addr: &Addr) -> Result<(), Box<dyn Error>> {
+    let rt = tokio_runtime()?;
+    let over = format!("{} (capnp-rpc's two-party network)", addr.show());
+    let network: Box<dyn capnp_rpc::VatNetwork<Side>> = match addr {
+        Addr::Unix(path) => two_party(UnixStream::connect(path)?, Side::Client, &rt)?,
+        Addr::Tcp(host) => {
+            let stream = std::net::TcpStream::connect(host.as_str())?;
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            let _entered = rt.enter();
+            let stream = tokio::net::TcpStream::from_std(stream)?;
+            let (reader, writer) =
+                tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+            Box::new(twoparty::VatNetwork::new(
+                futures::io::BufReader::new(reader),
+                futures::io::BufWriter::new(writer),
+                Side::Client,
+                Default::default(),
+            ))
+        }
+    };
+    rt.block_on(client(network, &over))
+}
+
+/// This crate's network over TCP on loopback: a child connects by address.
+fn demo_tcp() -> Result<(), Box<dyn Error>> {
+    let listener = capnp_shm::TcpListener::bind("127.0.0.1:0")?;
+    let addr = format!("tcp:{}", listener.local_addr()?);
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--connect", &addr])
+        .spawn()?;
+    serve_on(&Listening::Tcp(listener), Some(1))?;
+    check_exit(child.wait()?)
+}
+
+/// One Unix socket, two clients: this crate's (shared memory) and
+/// capnp-rpc's own (two-party, plain framing), served side by side.
+fn demo_mixed() -> Result<(), Box<dyn Error>> {
+    let dir = std::env::temp_dir().join(format!("capnp-shm-rpc-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("socket");
+    let listener = capnp_shm::Listener::bind(&path)?;
+    let addr = format!("unix:{}", path.display());
+    let mut children = Vec::new();
+    for how in ["--connect", "--connect-two-party"] {
+        children.push(
+            Command::new(std::env::current_exe()?)
+                .args([how, &addr])
+                .spawn()?,
+        );
+    }
+    serve_on(&Listening::Unix(listener), Some(2))?;
+    for mut c in children {
+        check_exit(c.wait()?)?;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn check_exit(status: std::process::ExitStatus) -> Result<(), Box<dyn Error>> {
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("a client failed: {status}").into())
     }
 }
 
