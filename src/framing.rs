@@ -1,7 +1,6 @@
-//! Cap'n Proto's standard stream framing, for the stream transport (issue
-//! 11: the same channel API over TCP, and over a Unix socket when shared
-//! memory is refused). This step is the codec alone, tested against
-//! `capnp::serialize`; the transport that uses it comes next.
+//! Cap'n Proto's standard stream framing, for the stream transport (the
+//! same channel API over TCP, and over a Unix socket when shared memory is
+//! not used; `stream.rs`). Tested against `capnp::serialize` both ways.
 //!
 //! The framing (the encoding spec's "stream" format, unpacked): a `u32`
 //! segment count minus one, a `u32` length in words per segment, zero
@@ -34,6 +33,10 @@ pub(crate) const MAX_SEGMENTS: usize = capnp::serialize::SEGMENTS_COUNT_LIMIT - 
 
 /// Bytes of buffer to start with.
 const MIN_READ: usize = 8 << 10;
+
+/// Frames longer than this are read to their end and no further (see
+/// [`FrameReader::fill`]).
+const LARGE_FRAME: usize = 64 << 10;
 
 const WORD: usize = 8;
 
@@ -153,8 +156,18 @@ impl FrameReader {
     pub(crate) fn fill(&mut self, src: &mut impl Read) -> io::Result<Filled> {
         self.make_room();
         let filled = self.filled;
+        // Small frames: read as much as has come (many frames a read). A
+        // large one: read to its end and no further, so the next frame
+        // starts at the front of the buffer instead of being moved there.
+        let end = match self.header() {
+            Ok(Some((header, words))) if header + words_to_bytes(words) > LARGE_FRAME => {
+                self.start + header + words_to_bytes(words)
+            }
+            _ => usize::MAX,
+        };
         let bytes = Word::words_to_bytes_mut(self.buffer_mut());
-        match src.read(&mut bytes[filled..])? {
+        let end = end.min(bytes.len());
+        match src.read(&mut bytes[filled..end])? {
             0 => Ok(Filled::End),
             n => {
                 self.filled += n;

@@ -1,4 +1,6 @@
-//! Zero-copy Cap'n Proto messages between processes on one Linux host.
+//! Zero-copy Cap'n Proto messages between processes on one Linux host, and
+//! the same API over Cap'n Proto's standard stream framing beyond it (TCP,
+//! or a Unix socket without shared memory: see [`Transport`]).
 //!
 //! Two processes share a Unix socket. Each end creates a sealed memfd, maps
 //! it read-write as its *outgoing region*, and hands the peer a read-only
@@ -85,12 +87,13 @@
 //! wake       the sleep/wake handshake, both halves, and why no wake is lost
 //! word       the Word trait the rings and waits run on (AtomicU32 + futex)
 //! region     typed views of our region (stores) and the peer's (loads only)
-//! layout     the frozen shared format        handshake  hellos and checks
-//! select     wait_any                        connect, spawn  topologies
-//! error      the error types                 options    Options
-//! framing    capnp's stream framing: incremental decoder, encoder; stream:
-//!            one framed socket end with deadlines (the stream transport,
-//!            being built)
+//! layout     the frozen shared format        handshake  hellos, verdicts, checks
+//! select     wait_any, poll_ready            connect, spawn  topologies
+//! error      the error types                 options    Options, Wire
+//! stream     the stream transport: a framed socket end (TCP or Unix) with
+//!            deadlines, and the sides Sender and Receiver drive over it
+//!   framing    capnp's stream framing: incremental decoder, encoder
+//! tcp        TcpListener, Channel::connect_tcp
 //! sys/       every libc call                 fault      broken variants (tests)
 //! ```
 //!

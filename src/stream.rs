@@ -44,8 +44,10 @@ pub(crate) enum Socket {
 }
 
 impl Socket {
-    fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        socket::send_vectored(self.as_fd(), bufs)
+    /// Writes from `bufs`: what the socket takes now, or (`wait`) all of it,
+    /// waiting in the kernel.
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
+        socket::send_vectored(self.as_fd(), bufs, wait)
     }
 
     fn shutdown(&self, how: Shutdown) {
@@ -152,8 +154,11 @@ impl StreamTx {
         }
         let mut left: usize = slices.iter().map(|s| s.len()).sum();
         let mut slices = slices;
+        // Without a deadline, the kernel waits until it has taken all of
+        // it, with no copy of ours (as a blocking `write_message` does).
+        let wait = deadline == Deadline::Never;
         while left > 0 {
-            match socket.write_vectored(slices) {
+            match socket.write_vectored(slices, wait) {
                 Ok(0) => return Err(StreamHalt::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     left -= n;
@@ -181,8 +186,9 @@ impl StreamTx {
     ///
     /// As [`send`](Self::send).
     pub(crate) fn flush(&mut self, socket: &Socket, deadline: Deadline) -> Result<(), StreamHalt> {
+        let wait = deadline == Deadline::Never;
         loop {
-            match self.write_some(socket) {
+            match self.write_some(socket, wait) {
                 Err(StreamHalt::Expired) => {}
                 other => return other,
             }
@@ -198,9 +204,10 @@ impl StreamTx {
 
     /// Writes until the buffer is empty (`Ok`) or the socket is full
     /// (`Expired`, to be waited for).
-    fn write_some(&mut self, socket: &Socket) -> Result<(), StreamHalt> {
+    fn write_some(&mut self, socket: &Socket, wait: bool) -> Result<(), StreamHalt> {
         while self.written < self.out.len() {
-            match socket.write_vectored(&[IoSlice::new(&self.out[self.written..])]) {
+            let rest = [IoSlice::new(&self.out[self.written..])];
+            match socket.write_vectored(&rest, wait) {
                 Ok(0) => return Err(StreamHalt::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(StreamHalt::Expired),

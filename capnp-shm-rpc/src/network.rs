@@ -40,7 +40,8 @@ pub struct NetworkOptions {
 
 impl NetworkOptions {
     /// Half the messages the peer may have in flight, and half its region
-    /// (found from the channel when the network is made).
+    /// (found from the channel when the network is made); no budget on a
+    /// stream channel, whose held messages are in our own receive buffer.
     pub fn new() -> NetworkOptions {
         NetworkOptions::default()
     }
@@ -166,12 +167,23 @@ impl ShmNetwork {
     pub fn with_options(channel: Channel, side: Side, options: NetworkOptions) -> ShmNetwork {
         let (tx, rx) = channel.split();
         let rx = rx.into_shared();
-        let held_messages = options
-            .held_messages
-            .unwrap_or_else(|| (tx.stats().held_limit / 2).max(1));
-        let held_bytes = options
-            .held_bytes
-            .unwrap_or_else(|| (rx.incoming_range().len() / 2) as u64);
+        // On a stream channel a held message is in our own receive buffer
+        // and holds nothing of the peer's: no budget is needed by default.
+        let stream = rx.transport() == capnp_shm::Transport::Stream;
+        let held_messages = options.held_messages.unwrap_or_else(|| {
+            if stream {
+                u32::MAX
+            } else {
+                (tx.stats().held_limit / 2).max(1)
+            }
+        });
+        let held_bytes = options.held_bytes.unwrap_or_else(|| {
+            if stream {
+                u64::MAX
+            } else {
+                (rx.incoming_range().len() / 2) as u64
+            }
+        });
         let counters = Counters(Rc::new(Cell::new(NetworkStats {
             held_messages_limit: held_messages,
             held_bytes_limit: held_bytes,
@@ -179,6 +191,7 @@ impl ShmNetwork {
         })));
         let inner = Rc::new(Inner {
             io: Io::new(),
+            stream,
             tx,
             rx,
             queue: RefCell::new(VecDeque::new()),
@@ -243,6 +256,8 @@ struct Queued {
 struct Inner {
     /// First, so that a tokio registration goes before the socket could.
     io: Io,
+    /// The channel is a stream channel (its messages are in our memory).
+    stream: bool,
     tx: Sender,
     rx: SharedReceiver,
     /// Sends that found no room, oldest first.
@@ -622,7 +637,9 @@ impl Inner {
     fn incoming(&self, message: OwnedReceived) -> Box<dyn capnp_rpc::IncomingMessage> {
         let bytes = message.len_bytes() as u64;
         let s = self.counters.get();
-        if message.is_copied()
+        // A stream channel's messages are in our own receive buffer (private
+        // memory, so `is_copied`), read in place there: held as they are.
+        if (message.is_copied() && !self.stream)
             || s.held >= s.held_messages_limit
             || s.held_bytes + bytes > s.held_bytes_limit
         {

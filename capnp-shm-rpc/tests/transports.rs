@@ -114,11 +114,18 @@ where
     }
 }
 
-/// This crate's client on `channel`.
+/// This crate's client on `channel`. On a stream channel, nothing is
+/// copied out: held messages cost the peer nothing, so there is no budget.
 fn shm_network_client(channel: Channel) {
+    let stream = channel.transport() == Transport::Stream;
     let mut c = client(channel, NetworkOptions::new(), None);
     let kv = c.kv.clone();
     c.runner.run_until(exercise(kv)).expect("calls");
+    let stats = c.counters.get();
+    assert!(stats.received_in_place > 60, "{stats:?}");
+    if stream {
+        assert_eq!(stats.copied_out, 0, "{stats:?}");
+    }
 }
 
 #[test]

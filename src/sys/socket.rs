@@ -81,12 +81,19 @@ pub(crate) fn send(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
     })
 }
 
-/// Sends what `bufs` hold, as far as the socket takes it now, without
-/// blocking and without raising `SIGPIPE`. `sendmsg(2)`
+/// Sends what `bufs` hold without raising `SIGPIPE`: as far as the socket
+/// takes it now, or (`wait`, on a blocking socket) waiting in the kernel
+/// until it has taken all of it. `sendmsg(2)`
 pub(crate) fn send_vectored(
     sock: BorrowedFd<'_>,
     bufs: &[std::io::IoSlice<'_>],
+    wait: bool,
 ) -> io::Result<usize> {
+    let flags = if wait {
+        libc::MSG_NOSIGNAL
+    } else {
+        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT
+    };
     // SAFETY: an all-zero msghdr is a valid empty message.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // `IoSlice` is ABI-compatible with `iovec` on Unix (std guarantees it);
@@ -96,13 +103,7 @@ pub(crate) fn send_vectored(
     retry_eintr(|| {
         // SAFETY: `msg` points at `bufs.len()` iovecs of live, readable
         // buffers, and has no name or control data.
-        cvt_size(unsafe {
-            libc::sendmsg(
-                sock.as_raw_fd(),
-                &msg,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        })
+        cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) })
     })
 }
 
