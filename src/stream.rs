@@ -295,7 +295,8 @@ pub(crate) struct StreamLink {
     options: Options,
 }
 
-/// Sends before a sender that never waits looks for the peer's close.
+/// Sends between two looks at the clock by a sender that never waits; it
+/// looks for the peer's close once a wait slice has passed since the last.
 const CLOSE_CHECK_EVERY: u64 = 64;
 
 impl StreamLink {
@@ -435,6 +436,8 @@ pub(crate) struct StreamSend {
     messages: Cell<u64>,
     bytes: Cell<u64>,
     sleeps: Cell<u64>,
+    /// When this side last looked for the peer's close.
+    looked: Cell<std::time::Instant>,
 }
 
 impl StreamSend {
@@ -445,11 +448,26 @@ impl StreamSend {
             messages: Cell::new(0),
             bytes: Cell::new(0),
             sleeps: Cell::new(0),
+            looked: Cell::new(std::time::Instant::now()),
         }
     }
 
     pub(crate) fn link(&self) -> &Arc<StreamLink> {
         &self.link
+    }
+
+    /// Whether the peer has shut down, looked for (with a system call) at
+    /// most once a wait slice, on every 64th send.
+    fn peer_closed_lately(&self, messages: u64) -> bool {
+        if messages % CLOSE_CHECK_EVERY != CLOSE_CHECK_EVERY - 1 {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        if now.duration_since(self.looked.get()) < self.link.options.wait_slice {
+            return false;
+        }
+        self.looked.set(now);
+        self.link.poll_peer()
     }
 
     /// Sends one message's segments, waiting for the socket until
@@ -470,7 +488,7 @@ impl StreamSend {
         let messages = self.messages.get();
         // A sender that never waits would not hear a peer that shut down
         // without reading: look now and then.
-        if messages % CLOSE_CHECK_EVERY == CLOSE_CHECK_EVERY - 1 && link.poll_peer() {
+        if self.peer_closed_lately(messages) {
             return Err(SendHalt::Halt(Halt::Disconnected));
         }
         let mut tx = self.tx.borrow_mut();
