@@ -138,14 +138,11 @@ impl FrameReader {
     /// Bytes of the stream that were read before this reader existed (a
     /// listener's look at a client's first bytes): they come first.
     pub(crate) fn preload(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(MIN_READ) {
-            self.make_room();
-            let filled = self.filled;
-            let room = Word::words_to_bytes_mut(self.buffer_mut()).len() - filled;
-            let n = chunk.len().min(room);
-            Word::words_to_bytes_mut(self.buffer_mut())[filled..filled + n]
-                .copy_from_slice(&chunk[..n]);
-            self.filled += n;
+        let mut rest = bytes;
+        // A slice reads what it has, and `fill` always makes room for a
+        // byte at least: every round takes some.
+        while !rest.is_empty() {
+            let _ = self.fill(&mut rest);
         }
     }
 

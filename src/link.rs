@@ -51,9 +51,10 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     options: Options,
 }
 
-/// Whether this process owns an end; see the module notes.
+/// Whether this process owns an end; see the module notes. The stream
+/// transport uses it too, over a word in process memory.
 #[derive(Debug)]
-struct Owner {
+pub(crate) struct Owner {
     /// The fork count ([`process::forks`]) at which this process last
     /// verified that it owns the end, or [`NEVER`].
     verified_at: AtomicU64,
@@ -65,9 +66,16 @@ const NEVER: u64 = u64::MAX;
 const UNKNOWN: u64 = u64::MAX;
 
 impl Owner {
+    /// No claim verified yet.
+    pub(crate) fn new() -> Owner {
+        Owner {
+            verified_at: AtomicU64::new(NEVER),
+        }
+    }
+
     /// Claims the end for this process, or checks the claim: `Ok` when it
     /// is ours (now or already).
-    fn claim<W: Word>(&self, word: Mine<'_, W>) -> Result<(), NotOwner> {
+    pub(crate) fn claim<W: Word>(&self, word: Mine<'_, W>) -> Result<(), NotOwner> {
         let forks = process::forks();
         if self.verified_at.load(Ordering::Relaxed) == forks {
             return Ok(());
@@ -83,7 +91,7 @@ impl Owner {
     }
 
     /// Whether this process has claimed the end (without claiming it).
-    fn holds<W: Word>(&self, word: Mine<'_, W>) -> bool {
+    pub(crate) fn holds<W: Word>(&self, word: Mine<'_, W>) -> bool {
         self.verified_at.load(Ordering::Relaxed) == process::forks()
             || word.load(Ordering::Relaxed) == sys::getpid()
     }
@@ -100,9 +108,7 @@ impl<W: Word> Link<W> {
             socket,
             own,
             peer,
-            owner: Owner {
-                verified_at: AtomicU64::new(NEVER),
-            },
+            owner: Owner::new(),
             failure: OnceLock::new(),
             peer_closed: AtomicBool::new(false),
             closed_at: AtomicU64::new(UNKNOWN),

@@ -25,16 +25,18 @@ use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, NotOwner, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::framing::{self, Filled, FrameError, FrameReader, HeldFrame, MAX_SEGMENTS};
+use crate::link::Owner;
 use crate::options::Options;
 use crate::stats::{RecvStats, SendStats};
-use crate::sys::{self, process, socket};
+use crate::sys::{process, socket};
 use crate::wait::Readiness;
+use crate::word::Mine;
 
 /// A connected stream socket.
 #[derive(Debug)]
@@ -280,12 +282,12 @@ impl StreamRx {
 #[derive(Debug)]
 pub(crate) struct StreamLink {
     socket: Socket,
-    /// The process that claimed the end (0: none yet), and the fork count
-    /// at which this process last verified it did. In this process's own
-    /// memory: an end unused before a `fork` can be claimed on both sides
-    /// of it (a shared-memory end cannot; see `link.rs`).
-    owner: AtomicU32,
-    verified_at: AtomicU64,
+    /// The process that claimed the end (0: none yet), as the owner word
+    /// of a region is (see `link.rs`), but in this process's own memory: an
+    /// end unused before a `fork` can be claimed on both sides of it (a
+    /// shared-memory end cannot).
+    owner_word: AtomicU32,
+    owner: Owner,
     /// The failure that ended this end (the first wins).
     failure: OnceLock<Failure>,
     /// The peer has closed, reset, or gone away (sticky).
@@ -306,8 +308,8 @@ impl StreamLink {
         process::watch_forks()?;
         Ok(Arc::new(StreamLink {
             socket,
-            owner: AtomicU32::new(0),
-            verified_at: AtomicU64::new(u64::MAX),
+            owner_word: AtomicU32::new(0),
+            owner: Owner::new(),
             failure: OnceLock::new(),
             peer_gone: AtomicBool::new(false),
             closed_here: AtomicBool::new(false),
@@ -325,26 +327,11 @@ impl StreamLink {
 
     /// Claims the end for this process, or checks the claim.
     fn claim(&self) -> Result<(), NotOwner> {
-        let forks = process::forks();
-        if self.verified_at.load(Ordering::Relaxed) == forks {
-            return Ok(());
-        }
-        let me = sys::getpid();
-        match self
-            .owner
-            .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => {}
-            Err(owner) if owner == me => {}
-            Err(owner) => return Err(NotOwner { owner, caller: me }),
-        }
-        self.verified_at.store(forks, Ordering::Relaxed);
-        Ok(())
+        self.owner.claim(Mine::new(&self.owner_word))
     }
 
     fn owned_here(&self) -> bool {
-        self.verified_at.load(Ordering::Relaxed) == process::forks()
-            || self.owner.load(Ordering::Relaxed) == sys::getpid()
+        self.owner.holds(Mine::new(&self.owner_word))
     }
 
     /// The check at the start of every operation, as `Link::enter`.

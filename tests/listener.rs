@@ -7,31 +7,10 @@ mod common;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use capnp_shm::{AcceptError, Channel, Listener, Options, ProtocolError, SetupError};
-use common::{build, check, fork, Watchdog};
-
-/// A socket path of this test's own, removed when dropped.
-struct SocketPath(PathBuf);
-
-impl SocketPath {
-    fn new(tag: &str) -> SocketPath {
-        let p = std::env::temp_dir().join(format!(
-            "capnp-shm-listener-{}-{tag}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&p);
-        SocketPath(p)
-    }
-}
-
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use common::{build, check, fork, SocketPath, Watchdog};
 
 /// A client that connects and says nothing holds up nobody: with set-up
 /// timeouts far beyond the watchdog, only a listener that serves clients

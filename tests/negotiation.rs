@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
@@ -16,27 +15,7 @@ use capnp_shm::{
     AcceptError, Backing, Channel, Listener, Options, RecvError, SetupError, TcpListener,
     Transport, Wire,
 };
-use common::{build, check, fork, serial, Watchdog};
-
-/// A socket path for one test, removed when done.
-struct SocketPath(PathBuf);
-
-impl SocketPath {
-    fn new(tag: &str) -> SocketPath {
-        let p = std::env::temp_dir().join(format!(
-            "capnp-shm-negotiation-{}-{tag}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&p);
-        SocketPath(p)
-    }
-}
-
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use common::{build, check, fork, serial, SocketPath, Watchdog};
 
 /// Sends `count` messages numbered from `first`, and checks each reply is
 /// the same number plus one.

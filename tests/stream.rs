@@ -5,21 +5,9 @@ mod common;
 use std::time::Duration;
 
 use capnp_shm::{Channel, Options, RecvError};
-use common::{build, check, fork, Watchdog};
+use common::{build, check, fork, shape, Watchdog};
 
 const MESSAGES: u64 = 100_000;
-
-/// Items and item length for message `n`: from one small item to many
-/// kilobytes, so that messages span one to several segments.
-fn shape(n: u64) -> (u32, usize) {
-    let items = 1 + (n % 7) as u32;
-    let len = match n % 10 {
-        0..=5 => (n % 64) as usize,
-        6..=8 => 200 + (n % 1000) as usize,
-        _ => 4000 + (n % 9000) as usize,
-    };
-    (items, len)
-}
 
 #[test]
 fn every_message_arrives_once_in_order_and_intact() {

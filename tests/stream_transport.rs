@@ -16,7 +16,7 @@ use capnp_shm::{
     wait_any, Channel, Failure, Options, ProtocolError, Readiness, RecvError, RecvTimeoutError,
     SendError, SendTimeoutError, Transport, TryRecvError, TrySendError, WaitAnyError, Wire,
 };
-use common::{build, check, fork, serial, Watchdog};
+use common::{build, check, fork, serial, shape, Watchdog};
 
 /// Where a stream channel runs.
 #[derive(Debug, Clone, Copy)]
@@ -138,18 +138,6 @@ fn u64_of<S: capnp::message::ReaderSegments>(r: &capnp::message::Reader<S>) -> u
     r.get_root::<capnp::primitive_list::Reader<'_, u64>>()
         .unwrap()
         .get(0)
-}
-
-/// Items and item length for message `n`: from one small item to many
-/// kilobytes, so that messages span one to several segments.
-fn shape(n: u64) -> (u32, usize) {
-    let items = 1 + (n % 7) as u32;
-    let len = match n % 10 {
-        0..=5 => (n % 64) as usize,
-        6..=8 => 200 + (n % 1000) as usize,
-        _ => 4000 + (n % 9000) as usize,
-    };
-    (items, len)
 }
 
 /// Small first segments: many messages have several segments.

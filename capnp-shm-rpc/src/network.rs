@@ -376,7 +376,7 @@ impl Inner {
                 Ok(true) => {
                     // A stream channel's socket may have taken only part
                     // of it: the writer sends the rest.
-                    if !self.tx.is_ready() {
+                    if self.stream && !self.tx.is_ready() {
                         drop(queue);
                         self.wake_writer();
                     }

@@ -128,11 +128,9 @@ fn shm_network_client(channel: Channel) {
     }
 }
 
-#[test]
-fn this_crates_network_runs_over_tcp() {
-    // A child forked by one test would hold copies of another's sockets.
-    let _serial = serial();
-    let _dog = Watchdog::new(LIMIT);
+/// This crate's key-value server in a forked child, on a TCP port of
+/// loopback: its address, and the child.
+fn spawn_tcp_server() -> (std::net::SocketAddr, common::Child) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let listener = RefCell::new(Some(listener));
@@ -142,6 +140,15 @@ fn this_crates_network_runs_over_tcp() {
         serve(channel, NetworkOptions::new())
     });
     drop(listener.take());
+    (addr, server)
+}
+
+#[test]
+fn this_crates_network_runs_over_tcp() {
+    // A child forked by one test would hold copies of another's sockets.
+    let _serial = serial();
+    let _dog = Watchdog::new(LIMIT);
+    let (addr, server) = spawn_tcp_server();
     let channel = Channel::connect_tcp(addr).unwrap();
     assert_eq!(channel.transport(), Transport::Stream);
     shm_network_client(channel);
@@ -153,15 +160,7 @@ fn a_two_party_client_over_tcp_calls_this_crates_server() {
     // A child forked by one test would hold copies of another's sockets.
     let _serial = serial();
     let _dog = Watchdog::new(LIMIT);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let listener = RefCell::new(Some(listener));
-    let server = fork(|| {
-        die_with_parent();
-        let (channel, _) = listener.take().unwrap().accept().unwrap();
-        serve(channel, NetworkOptions::new())
-    });
-    drop(listener.take());
+    let (addr, server) = spawn_tcp_server();
     assert_eq!(two_party_client(tokio::net::TcpStream::connect(addr)), 0);
     assert_eq!(server.wait(), 0);
 }

@@ -1106,6 +1106,19 @@ struct Run {
 }
 
 impl Run {
+    /// A run of table rows only (`--tcp`, `--rpc`): no chart series.
+    fn rows_only(rows: Vec<Row>) -> Run {
+        let empty = || Series {
+            shm: vec![],
+            socket: vec![],
+        };
+        Run {
+            rows,
+            latency: empty(),
+            bandwidth: empty(),
+        }
+    }
+
     /// Medians over runs, row by row (and point by point), with the spread
     /// of each row's advantage.
     fn summarise(runs: &[Run]) -> Run {
@@ -1175,38 +1188,18 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
 
     if args.tcp_only {
         progress.begin(TCP_STEPS);
-        return Run {
-            rows: tcp_rows(
-                &default,
-                rtt_count,
-                rtt_warmup,
-                small_count,
-                scale,
-                progress,
-            ),
-            latency: Series {
-                shm: vec![],
-                socket: vec![],
-            },
-            bandwidth: Series {
-                shm: vec![],
-                socket: vec![],
-            },
-        };
+        return Run::rows_only(tcp_rows(
+            &default,
+            rtt_count,
+            rtt_warmup,
+            small_count,
+            scale,
+            progress,
+        ));
     }
     if args.rpc_only {
         progress.begin(RPC_STEPS);
-        return Run {
-            rows: rpc_rows(args, progress),
-            latency: Series {
-                shm: vec![],
-                socket: vec![],
-            },
-            bandwidth: Series {
-                shm: vec![],
-                socket: vec![],
-            },
-        };
+        return Run::rows_only(rpc_rows(args, progress));
     }
     progress.begin(
         3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4 + TCP_STEPS + RPC_STEPS,

@@ -216,3 +216,34 @@ pub fn refuse_file_growth() {
     let r = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) };
     assert_eq!(r, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
+
+/// Items and item length for message `n`: from one small item to many
+/// kilobytes, so that messages span one to several segments.
+pub fn shape(n: u64) -> (u32, usize) {
+    let items = 1 + (n % 7) as u32;
+    let len = match n % 10 {
+        0..=5 => (n % 64) as usize,
+        6..=8 => 200 + (n % 1000) as usize,
+        _ => 4000 + (n % 9000) as usize,
+    };
+    (items, len)
+}
+
+/// A socket path of one test's own (under the temporary directory, named
+/// by the process and `tag`), removed when dropped.
+pub struct SocketPath(pub std::path::PathBuf);
+
+impl SocketPath {
+    pub fn new(tag: &str) -> SocketPath {
+        let p =
+            std::env::temp_dir().join(format!("capnp-shm-test-{}-{tag}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        SocketPath(p)
+    }
+}
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
