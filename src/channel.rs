@@ -160,6 +160,8 @@ pub(crate) struct AwaitingVerdict {
     own: OwnRegion,
     /// The peer's region, mapped; `None` when this end refused it.
     peer: Option<PeerRegion>,
+    /// The most bytes of our outgoing space the peer maps (its hello).
+    peer_accepts: u64,
     options: Options,
     deadline: SetupDeadline,
     verdict: VerdictReader,
@@ -190,6 +192,7 @@ impl HalfOpen {
                     geometry,
                     sealed: own.is_sealed(),
                     stream: false,
+                    accept_bytes: options.limits().incoming,
                 };
                 handshake::send_hello(socket.as_fd(), &hello, Some(peer_fd.as_fd()), deadline)?;
                 Some(own)
@@ -243,6 +246,7 @@ impl HalfOpen {
             socket: self.socket,
             own,
             peer,
+            peer_accepts: hello.accept_bytes,
             options: self.options,
             deadline: self.deadline,
             verdict: VerdictReader::default(),
@@ -295,7 +299,13 @@ impl AwaitingVerdict {
     pub(crate) fn conclude(self, mapped: bool) -> Result<Channel, SetupError> {
         match (self.peer, mapped) {
             (Some(peer), true) => {
-                let link = Arc::new(Link::new(self.socket, self.own, peer, self.options));
+                let link = Arc::new(Link::new(
+                    self.socket,
+                    self.own,
+                    peer,
+                    self.options,
+                    self.peer_accepts,
+                ));
                 Ok(Channel {
                     tx: Sender {
                         tx: Tx::Shm(SendSide::new(Arc::clone(&link), 0)),
@@ -317,14 +327,27 @@ fn geometry_for(options: &Options) -> Result<Geometry, SetupError> {
         .ok()
         .and_then(|r| r.checked_next_multiple_of(DATA_ALIGN))
         .unwrap_or(u64::MAX);
+    let held_capacity = match options.max_held {
+        Some(n) => n.clamp(1, MAX_RING).next_power_of_two(),
+        // The release ring takes at most 1/16 of the region: 65 536
+        // entries (512 KiB) from a 8 MiB region on.
+        None => {
+            let fits = (region_size / 128).clamp(1, u64::from(MAX_RING));
+            // A power of two at most 2^16: fits.
+            #[allow(clippy::cast_possible_truncation)]
+            let fits = 1u32 << (63 - fits.leading_zeros());
+            fits.max(ring_capacity)
+        }
+    };
     let geometry = Geometry {
         region_size,
         ring_capacity,
+        held_capacity,
     };
     geometry.validate().map_err(|_| {
         SetupError::InvalidOptions(InvalidOptions::RegionSize {
             requested: options.region_size,
-            min: Geometry::region_for(ring_capacity, DATA_ALIGN),
+            min: Geometry::region_for(ring_capacity, held_capacity, DATA_ALIGN),
             max: MAX_REGION,
         })
     })
@@ -777,9 +800,11 @@ impl Sender {
         }
     }
 
-    /// Bytes available for message data in the outgoing region; 0 on a
-    /// stream channel, which has no region (its messages are bounded by the
-    /// receiver's reader limits only).
+    /// Bytes available for message data in the outgoing region, the part of
+    /// the outgoing space that is always mapped (areas added on demand come
+    /// on top, up to [`Options::max_outgoing`]); 0 on a stream channel,
+    /// which has no region (its messages are bounded by the receiver's
+    /// reader limits only).
     pub fn capacity_bytes(&self) -> usize {
         match &self.tx {
             Tx::Shm(side) => usize::try_from(side.link().own().data_bytes()).unwrap_or(usize::MAX),

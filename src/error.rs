@@ -110,11 +110,13 @@ pub struct TooLarge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TooLargeKind {
-    /// Total words against the data area of the outgoing region.
+    /// Total words against what the outgoing space may hold: the limit on
+    /// it ([`Options::max_outgoing`](crate::Options::max_outgoing), and
+    /// what the peer accepts), less the region's rings.
     Words,
-    /// One segment against the largest contiguous space the data area can
-    /// offer while nothing is in flight (space held by other live builders
-    /// counts against it), so no release can make room.
+    /// One segment against the largest contiguous space the outgoing space
+    /// can offer, growth included, while nothing is in flight (space held by
+    /// other live builders counts against it), so no release can make room.
     Segment,
     /// Segment count against the protocol's maximum (512).
     Segments,
@@ -126,8 +128,8 @@ impl fmt::Display for TooLarge {
         match self.kind {
             TooLargeKind::Words => write!(
                 f,
-                "message too large: {} bytes, the region's data area holds {} \
-                 (raise Options::region_size)",
+                "message too large: {} bytes, the outgoing space may hold {} \
+                 (raise Options::max_outgoing here and Options::max_incoming at the peer)",
                 needed.saturating_mul(8),
                 limit.saturating_mul(8)
             ),
@@ -790,8 +792,31 @@ pub enum ProtocolError {
     SegmentsExceedArea {
         /// Total words of all segments.
         words: u64,
-        /// Words in the data area.
-        data_words: u32,
+        /// Words in the peer's data areas together.
+        data_words: u64,
+    },
+    /// A descriptor or segment table names an area the peer has not handed
+    /// over (never, or not since it retired it), or a retirement names one.
+    UnknownArea {
+        /// The area id named.
+        area: u32,
+    },
+    /// An area record on the socket is malformed: a wrong first byte, an id
+    /// out of range or already in use, a size that is not a whole number of
+    /// pages or too large, or not exactly one descriptor with it.
+    BadAreaRecord {
+        /// The area id announced.
+        area: u32,
+        /// The size announced, in bytes.
+        bytes: u64,
+    },
+    /// The peer's areas would take more than this end accepts
+    /// (`Options::max_incoming`, which the peer was told).
+    AreaLimit {
+        /// Bytes of the peer's region and areas, with the one announced.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
     },
     /// In copy mode, a message larger than the reader's traversal limit
     /// (`Options::reader_options`): it could not be read, and copying it
@@ -901,7 +926,19 @@ impl fmt::Display for ProtocolError {
             ),
             SegmentsExceedArea { words, data_words } => write!(
                 f,
-                "segments total {words} words, more than the {data_words}-word data area"
+                "segments total {words} words, more than the {data_words} words of data areas"
+            ),
+            UnknownArea { area } => write!(
+                f,
+                "the peer named area {area}, which it has not handed over"
+            ),
+            BadAreaRecord { area, bytes } => {
+                write!(f, "malformed area record (area {area}, {bytes} bytes)")
+            }
+            AreaLimit { bytes, limit } => write!(
+                f,
+                "the peer's areas would take {bytes} bytes, over the {limit} this end accepts \
+                 (Options::max_incoming)"
             ),
             ExceedsReadLimit { words, limit } => write!(
                 f,
@@ -983,7 +1020,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "message too large: 80 bytes, the region's data area holds 40 (raise Options::region_size)"
+            "message too large: 80 bytes, the outgoing space may hold 40 (raise Options::max_outgoing here and Options::max_incoming at the peer)"
         );
         assert_eq!(e.into_inner(), 8);
         let e = SendTimeoutError::Failed(

@@ -10,7 +10,11 @@
 //!                              bit 1: no region; use the stream transport
 //! 16      8     region_size    bytes, multiple of 4096 (0 with bit 1)
 //! 24      4     ring_capacity  power of two (0 with bit 1)
-//! 28      36    reserved       zero
+//! 28      4     held_capacity  power of two (0 with bit 1)
+//! 32      8     accept_bytes   the most bytes of the peer's outgoing space
+//!                              (region and areas) this end maps; the peer
+//!                              grows its space no further (0 with bit 1)
+//! 40      24    reserved       zero
 //! ```
 //!
 //! All integers little-endian. A hello that offers a region carries exactly
@@ -54,6 +58,8 @@ pub(crate) struct Hello {
     pub(crate) sealed: bool,
     /// No region: the end asks for the stream transport.
     pub(crate) stream: bool,
+    /// The most bytes of our outgoing space the end that sent this maps.
+    pub(crate) accept_bytes: u64,
 }
 
 /// Bytes in a verdict.
@@ -68,9 +74,11 @@ impl Hello {
             geometry: Geometry {
                 region_size: 0,
                 ring_capacity: 0,
+                held_capacity: 0,
             },
             sealed: false,
             stream: true,
+            accept_bytes: 0,
         }
     }
 
@@ -87,6 +95,8 @@ impl Hello {
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.geometry.region_size.to_le_bytes());
         b[24..28].copy_from_slice(&self.geometry.ring_capacity.to_le_bytes());
+        b[28..32].copy_from_slice(&self.geometry.held_capacity.to_le_bytes());
+        b[32..40].copy_from_slice(&self.accept_bytes.to_le_bytes());
         b
     }
 
@@ -108,12 +118,13 @@ impl Hello {
         } else {
             FLAG_SEALED
         };
-        if flags & !known != 0 || b[28..].iter().any(|&x| x != 0) {
+        if flags & !known != 0 || b[40..].iter().any(|&x| x != 0) {
             return Err(ProtocolError::BadHelloFlags);
         }
         let (region_size, ring_capacity) = (u64_at(16), u32_at(24));
+        let (held_capacity, accept_bytes) = (u32_at(28), u64_at(32));
         if flags & FLAG_STREAM != 0 {
-            if region_size != 0 || ring_capacity != 0 {
+            if region_size != 0 || ring_capacity != 0 || held_capacity != 0 || accept_bytes != 0 {
                 return Err(ProtocolError::BadGeometry {
                     region_size,
                     ring_capacity,
@@ -124,12 +135,14 @@ impl Hello {
         let geometry = Geometry {
             region_size,
             ring_capacity,
+            held_capacity,
         }
         .validate()?;
         Ok(Hello {
             geometry,
             sealed: flags & FLAG_SEALED != 0,
             stream: false,
+            accept_bytes,
         })
     }
 }
@@ -369,6 +382,47 @@ pub(crate) fn recv_hello_with(
     }
 }
 
+/// Checks a file the peer handed over (its region, or one of its areas): a
+/// regular file of exactly `size` bytes, not our own region (`own_file`),
+/// sealed exactly as a region must be when `sealed` (the peer's hello said
+/// so), or unsealed and accepted.
+pub(crate) fn check_peer_file(
+    fd: &OwnedFd,
+    size: u64,
+    sealed: bool,
+    accept_unsealed: bool,
+    own_file: (u64, u64),
+) -> Result<(), ProtocolError> {
+    // fstat first, for the most specific error. (On a regular file of a
+    // FUSE mount that the peer serves, fstat could block past the set-up
+    // deadline: a known limit, listed in the README.)
+    let kind = file::fstat(fd.as_fd()).map_err(|e| ProtocolError::UnmappableRegion {
+        os_error: e.raw_os_error().unwrap_or(0),
+    })?;
+    if !kind.regular {
+        return Err(ProtocolError::NotARegularFile);
+    }
+    if kind.size != size {
+        return Err(ProtocolError::WrongFileSize {
+            announced: size,
+            actual: kind.size,
+        });
+    }
+    if kind.id == own_file {
+        return Err(ProtocolError::OwnRegion);
+    }
+    if sealed {
+        let found = file::get_seals(fd.as_fd()).unwrap_or(0);
+        // The exec seal may come on top: it does not affect reads or writes.
+        if found & !file::EXEC_SEAL != file::REGION_SEALS {
+            return Err(ProtocolError::WrongSeals { found });
+        }
+    } else if !accept_unsealed {
+        return Err(ProtocolError::UnsealedRegion);
+    }
+    Ok(())
+}
+
 /// Checks the peer's descriptor against its hello and maps it read-only:
 /// a regular file of exactly the announced size, not our own region
 /// (`own_file`), sealed as announced (or unsealed and accepted), mappable,
@@ -379,32 +433,13 @@ pub(crate) fn map_peer_region(
     accept_unsealed: bool,
     own_file: (u64, u64),
 ) -> Result<PeerRegion, SetupError> {
-    // fstat first, for the most specific error. (On a regular file of a
-    // FUSE mount that the peer serves, fstat could block past the set-up
-    // deadline: a known limit, listed in the README.)
-    let kind = file::fstat(fd.as_fd())?;
-    if !kind.regular {
-        return Err(ProtocolError::NotARegularFile.into());
-    }
-    if kind.size != hello.geometry.region_size {
-        return Err(ProtocolError::WrongFileSize {
-            announced: hello.geometry.region_size,
-            actual: kind.size,
-        }
-        .into());
-    }
-    if kind.id == own_file {
-        return Err(ProtocolError::OwnRegion.into());
-    }
-    if hello.sealed {
-        let found = file::get_seals(fd.as_fd()).unwrap_or(0);
-        // The exec seal may come on top: it does not affect reads or writes.
-        if found & !file::EXEC_SEAL != file::REGION_SEALS {
-            return Err(ProtocolError::WrongSeals { found }.into());
-        }
-    } else if !accept_unsealed {
-        return Err(ProtocolError::UnsealedRegion.into());
-    }
+    check_peer_file(
+        fd,
+        hello.geometry.region_size,
+        hello.sealed,
+        accept_unsealed,
+        own_file,
+    )?;
     let region = PeerRegion::map(fd, hello.geometry).map_err(|e| match e.raw_os_error() {
         // The peer chose the file: one we cannot map is its mistake.
         Some(os_error) => SetupError::Protocol(ProtocolError::UnmappableRegion { os_error }),
@@ -417,6 +452,7 @@ pub(crate) fn map_peer_region(
         || header.flags.load(Ordering::Relaxed) != flags
         || header.region_size.load(Ordering::Relaxed) != hello.geometry.region_size
         || header.ring_capacity.load(Ordering::Relaxed) != hello.geometry.ring_capacity
+        || header.held_capacity.load(Ordering::Relaxed) != hello.geometry.held_capacity
     {
         return Err(ProtocolError::ControlBlockMismatch.into());
     }
@@ -460,9 +496,11 @@ mod tests {
             geometry: Geometry {
                 region_size: 1 << 20,
                 ring_capacity: 64,
+                held_capacity: 1024,
             },
             sealed: true,
             stream: false,
+            accept_bytes: 1 << 32,
         }
     }
 
@@ -511,6 +549,12 @@ mod tests {
         let mut b = good;
         b[63] = 1;
         assert_eq!(Hello::decode(&b), Err(ProtocolError::BadHelloFlags));
+        let mut b = good;
+        b[28] = 3; // held capacity not a power of two
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(ProtocolError::BadGeometry { .. })
+        ));
         let mut b = good;
         b[24] = 3;
         assert!(matches!(

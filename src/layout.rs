@@ -6,9 +6,14 @@
 //! 0                         control block (CONTROL_BYTES): header + counters,
 //!                           each on its own 128-byte line
 //! CONTROL_BYTES             descriptor ring: ring_capacity x DescriptorEntry (16 B)
-//! releases_offset()         release ring:    ring_capacity x ReleaseEntry (8 B)
+//! releases_offset()         release ring:    held_capacity x ReleaseEntry (8 B)
 //! data_offset()             data area, DATA_ALIGN aligned, to the end of the region
 //! ```
+//!
+//! Besides its region, an end may add *areas*: further sealed files of
+//! plain data, each handed to the peer once over the socket (see
+//! [`AREA_RECORD`]) and named by a small id in the descriptors that refer
+//! to it. Area 0 is the region's data area.
 //!
 //! Every field is a fixed-width atomic so that either process may read any
 //! field at any time without a data race, and any bit pattern is a valid value:
@@ -34,8 +39,9 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 
 /// The format version. Any change to this file or to the handshake
 /// changes it. (3: the control block's `owner` line; 4: stream hellos and
-/// the verdicts that choose the transport.)
-pub(crate) const VERSION: u32 = 4;
+/// the verdicts that choose the transport; 5: areas that grow, a release
+/// ring sized apart from the descriptor ring, limits in the hello.)
+pub(crate) const VERSION: u32 = 5;
 
 /// Bytes reserved for the control block at the start of a region.
 pub(crate) const CONTROL_BYTES: u64 = 1024;
@@ -56,6 +62,17 @@ pub(crate) const MAX_RING: u32 = 1 << 16;
 
 /// The largest region: keeps every word offset and length within `u32`.
 pub(crate) const MAX_REGION: u64 = 1 << 34;
+
+/// Area ids: 0 is the region's data area; grown areas are 1..=MAX_AREA.
+pub(crate) const MAX_AREA: u32 = 63;
+
+/// The first byte of an area record on the socket: 16 bytes, `[AREA_RECORD,
+/// id, 0, 0, 0, 0, 0, 0]` then the area's size in bytes (`u64` LE), with
+/// exactly one read-only descriptor of the area's file attached.
+pub(crate) const AREA_RECORD: u8 = 0x5E;
+
+/// Bytes in an area record.
+pub(crate) const AREA_RECORD_LEN: usize = 16;
 
 /// The smallest data area a region may have.
 pub(crate) const MIN_DATA: u64 = 4096;
@@ -100,7 +117,7 @@ pub(crate) struct Header {
     pub(crate) flags: AtomicU32,
     pub(crate) region_size: AtomicU64,
     pub(crate) ring_capacity: AtomicU32,
-    pub(crate) reserved: AtomicU32,
+    pub(crate) held_capacity: AtomicU32,
 }
 
 /// The control block at offset 0 of every region.
@@ -114,7 +131,9 @@ pub(crate) struct ControlBlock<W = AtomicU32> {
     /// Peer messages the owner has taken from the peer's descriptor ring.
     pub(crate) consumed: Line<W>,
     /// Entries the owner has appended to its release ring (wrapping). A futex
-    /// word: the peer's blocked sender sleeps on it.
+    /// word: the peer's blocked sender sleeps on it (and is woken on it,
+    /// unchanged, when its descriptor ring was full and the owner took a
+    /// message; see `recv.rs`).
     pub(crate) released: Line<W>,
     /// How the owner waits for the peer's messages: [`AWAKE`],
     /// [`SLEEPING_ON_FUTEX`] (on the peer's `published`, alone or with other
@@ -184,22 +203,26 @@ const _: () = {
 pub(crate) struct Geometry {
     /// Total bytes, a multiple of [`DATA_ALIGN`].
     pub(crate) region_size: u64,
-    /// Descriptor and release ring entries; a power of two.
+    /// Descriptor ring entries: the most messages published and not yet
+    /// taken by the peer. A power of two.
     pub(crate) ring_capacity: u32,
+    /// Release ring entries: the most of the *peer's* messages the owner
+    /// may hold (taken or not, not yet released). A power of two.
+    pub(crate) held_capacity: u32,
 }
 
 impl Geometry {
-    /// Checks that the geometry describes a usable region: ring capacity a
-    /// power of two in range, size a multiple of [`DATA_ALIGN`], at most
+    /// Checks that the geometry describes a usable region: ring capacities
+    /// powers of two in range, size a multiple of [`DATA_ALIGN`], at most
     /// [`MAX_REGION`], and room for a data area of at least [`MIN_DATA`].
     pub(crate) fn validate(self) -> Result<Geometry, ProtocolError> {
         let bad = ProtocolError::BadGeometry {
             region_size: self.region_size,
             ring_capacity: self.ring_capacity,
         };
-        if !self.ring_capacity.is_power_of_two()
-            || self.ring_capacity < MIN_RING
-            || self.ring_capacity > MAX_RING
+        let in_range = |c: u32| c.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&c);
+        if !in_range(self.ring_capacity)
+            || !in_range(self.held_capacity)
             || self.region_size % DATA_ALIGN != 0
             || self.region_size > MAX_REGION
         {
@@ -225,7 +248,7 @@ impl Geometry {
     /// Byte offset of the data area.
     pub(crate) fn data_offset(self) -> u64 {
         let end = self.releases_offset()
-            + u64::from(self.ring_capacity) * size_of::<ReleaseEntry>() as u64;
+            + u64::from(self.held_capacity) * size_of::<ReleaseEntry>() as u64;
         end.next_multiple_of(DATA_ALIGN)
     }
 
@@ -239,17 +262,23 @@ impl Geometry {
         u32::try_from(words).unwrap_or(0)
     }
 
-    /// The ring index of sequence number `seq`.
+    /// The descriptor ring index of sequence number `seq`.
     pub(crate) fn ring_index(self, seq: u32) -> u32 {
         seq & (self.ring_capacity - 1)
     }
 
-    /// The smallest region (rounded up to [`DATA_ALIGN`]) with this ring
-    /// capacity and a data area of at least `data_bytes`.
-    pub(crate) fn region_for(ring_capacity: u32, data_bytes: u64) -> u64 {
+    /// The release ring index of release number `n`.
+    pub(crate) fn release_index(self, n: u32) -> u32 {
+        n & (self.held_capacity - 1)
+    }
+
+    /// The smallest region (rounded up to [`DATA_ALIGN`]) with these ring
+    /// capacities and a data area of at least `data_bytes`.
+    pub(crate) fn region_for(ring_capacity: u32, held_capacity: u32, data_bytes: u64) -> u64 {
         let probe = Geometry {
             region_size: 0,
             ring_capacity,
+            held_capacity,
         };
         probe.data_offset() + data_bytes.next_multiple_of(DATA_ALIGN)
     }
@@ -263,6 +292,7 @@ mod tests {
         Geometry {
             region_size,
             ring_capacity,
+            held_capacity: ring_capacity.max(1),
         }
     }
 
@@ -274,6 +304,15 @@ mod tests {
         assert_eq!(g.data_offset(), (1024 + 256 * 24u64).next_multiple_of(4096));
         assert_eq!(u64::from(g.data_words()) * 8, (1 << 20) - g.data_offset());
         assert_eq!(g.ring_index(257), 1);
+        let g = Geometry {
+            held_capacity: 1024,
+            ..g
+        };
+        assert_eq!(
+            g.data_offset(),
+            (1024 + 256 * 16 + 1024 * 8u64).next_multiple_of(4096)
+        );
+        assert_eq!(g.release_index(1025), 1);
     }
 
     #[test]
@@ -297,7 +336,7 @@ mod tests {
 
     #[test]
     fn region_for_gives_room_for_the_data() {
-        let size = Geometry::region_for(64, 10_000);
+        let size = Geometry::region_for(64, 64, 10_000);
         let g = geo(size, 64).validate().unwrap();
         assert!(u64::from(g.data_words()) * 8 >= 10_000);
     }

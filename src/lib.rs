@@ -164,8 +164,8 @@ pub use wait::Readiness;
 #[doc(hidden)]
 pub mod fuzzing {
     use crate::handshake::{Hello, HELLO_LEN};
-    use crate::region::Extent;
-    use crate::ring::SegmentTable;
+    use crate::region::{Extent, Span};
+    use crate::ring::{Areas, SegmentTable};
 
     /// Parses a hello; `Ok((region_size, ring_capacity, sealed))` or the
     /// protocol error's text. Shorter input is padded with zeros.
@@ -179,9 +179,10 @@ pub mod fuzzing {
     }
 
     /// Validates a descriptor's segment table: `count` segments, inline pair
-    /// `(offset, len)`, a data area of `data_words` words whose words (for an
-    /// out-of-line table) come from `area` (missing words read as absent).
-    /// Returns the segments as `(start, len)` or the protocol error's text.
+    /// `(offset, len)`, in area 0 of `data_words` words whose words (for an
+    /// out-of-line table, two per segment) come from `area` (missing words
+    /// read as absent); no other area exists. Returns the segments as
+    /// `(start, len)` or the protocol error's text.
     pub fn read_segment_table(
         count: u32,
         offset: u32,
@@ -189,14 +190,34 @@ pub mod fuzzing {
         data_words: u32,
         area: &[u64],
     ) -> Result<Vec<(u32, u32)>, String> {
-        let first = Extent { start: offset, len };
-        let table = SegmentTable::read(count, first, data_words, |w| {
-            (w < data_words).then(|| area.get(w as usize).copied().unwrap_or(0))
-        })
-        .map_err(|e| e.to_string())?;
+        struct One<'a> {
+            words: u32,
+            area: &'a [u64],
+        }
+        impl Areas for One<'_> {
+            fn words(&self, id: u32) -> Option<u32> {
+                (id == 0).then_some(self.words)
+            }
+            fn read_word(&self, id: u32, offset: u32) -> Option<u64> {
+                (id == 0 && offset < self.words)
+                    .then(|| self.area.get(offset as usize).copied().unwrap_or(0))
+            }
+            fn total_words(&self) -> u64 {
+                u64::from(self.words)
+            }
+        }
+        let first = Span {
+            area: 0,
+            extent: Extent { start: offset, len },
+        };
+        let areas = One {
+            words: data_words,
+            area,
+        };
+        let table = SegmentTable::read(count, first, &areas).map_err(|e| e.to_string())?;
         Ok((0..table.len())
             .filter_map(|i| table.get(i))
-            .map(|e| (e.start, e.len))
+            .map(|s| (s.extent.start, s.extent.len))
             .collect())
     }
 }

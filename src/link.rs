@@ -19,13 +19,18 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use crate::error::{Failure, NotOwner, ProtocolError};
-use crate::layout::{DOORBELL, SLEEPING_ON_SOCKET};
+use crate::error::{Failure, Halt, NotOwner, ProtocolError};
+use crate::handshake;
+use crate::layout::{
+    AREA_RECORD, AREA_RECORD_LEN, DATA_ALIGN, DOORBELL, FLAG_SEALED, MAX_AREA, MAX_REGION,
+    SLEEPING_ON_SOCKET,
+};
 use crate::options::Options;
-use crate::region::{OwnRegion, PeerRegion};
+use crate::region::{OwnRegion, PeerArea, PeerRegion};
+use crate::ring::Areas;
 use crate::sys::{self, process, socket};
 use crate::wake;
 use crate::word::{Mine, Word};
@@ -49,6 +54,26 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// the drop): once only.
     closed_here: AtomicBool,
     options: Options,
+    /// The most bytes our outgoing space may take: our limit, and what the
+    /// peer accepts.
+    outgoing_limit: u64,
+    /// The areas the peer handed over, and the socket bytes read so far.
+    incoming: Mutex<Incoming>,
+    /// Words of the peer's region's data area and of its areas together.
+    incoming_words: AtomicU64,
+}
+
+/// What the socket brought besides doorbells: the peer's areas.
+#[derive(Debug)]
+struct Incoming {
+    /// By id - 1; `None`: not handed over, or retired.
+    areas: Vec<Option<Arc<PeerArea>>>,
+    /// Bytes of the peer's region and areas mapped here.
+    bytes: u64,
+    /// An area record read in part, and the descriptor that came with it.
+    record: [u8; AREA_RECORD_LEN],
+    have: usize,
+    fd: Option<OwnedFd>,
 }
 
 /// Whether this process owns an end; see the module notes. The stream
@@ -98,13 +123,27 @@ impl Owner {
 }
 
 impl<W: Word> Link<W> {
+    /// The link of an end whose peer accepts `peer_accepts` bytes of our
+    /// outgoing space (its hello).
     pub(crate) fn new(
         socket: OwnedFd,
         own: OwnRegion<W>,
         peer: PeerRegion<W>,
         options: Options,
+        peer_accepts: u64,
     ) -> Link<W> {
+        let peer_bytes = peer.geometry().region_size;
+        let peer_words = u64::from(peer.geometry().data_words());
         Link {
+            outgoing_limit: options.limits().outgoing.min(peer_accepts),
+            incoming: Mutex::new(Incoming {
+                areas: Vec::new(),
+                bytes: peer_bytes,
+                record: [0; AREA_RECORD_LEN],
+                have: 0,
+                fd: None,
+            }),
+            incoming_words: AtomicU64::new(peer_words),
             socket,
             own,
             peer,
@@ -238,26 +277,33 @@ impl<W: Word> Link<W> {
         self.peer_closed.store(true, Ordering::Relaxed);
     }
 
-    /// Reads the doorbell bytes waiting on the socket. End of stream or a
+    /// Reads what waits on the socket: doorbell bytes, and the records of
+    /// areas the peer hands over (each mapped at once). End of stream or a
     /// broken connection means the peer is gone (recorded).
     ///
     /// # Errors
     ///
-    /// [`Failure::Protocol`] for any byte that is not a doorbell.
+    /// [`Failure::Protocol`] for a byte that is neither, and for an area
+    /// record or area that fails its checks.
     pub(crate) fn drain_doorbells(&self) -> Result<(), Failure> {
         let mut buf = [0u8; 512];
+        let mut incoming = self.incoming();
         // Bounded: a peer that keeps ringing cannot keep us here. What is
         // left is read at the next check.
         for _ in 0..16 {
-            match socket::recv_nowait(self.socket.as_fd(), &mut buf) {
-                Ok(0) => {
+            match socket::recv_with_fds(self.socket.as_fd(), &mut buf) {
+                Ok(got) if got.len == 0 && got.fds.is_empty() => {
                     self.note_peer_gone();
                     return Ok(());
                 }
-                Ok(n) if buf[..n].iter().all(|&b| b == DOORBELL) => continue,
-                Ok(_) => {
-                    let bad = Failure::Protocol(ProtocolError::UnexpectedSocketData);
-                    return Err(self.fail(bad));
+                Ok(got) => {
+                    self.take_socket_bytes(
+                        &mut incoming,
+                        &buf[..got.len],
+                        got.fds,
+                        got.control_truncated,
+                    )
+                    .map_err(|p| self.fail(Failure::Protocol(p)))?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(_) => {
@@ -266,6 +312,214 @@ impl<W: Word> Link<W> {
                     return Ok(());
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn incoming(&self) -> MutexGuard<'_, Incoming> {
+        // Nothing panics while holding it; a poisoned lock's data is whole.
+        self.incoming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Parses bytes read from the socket (and the descriptors that came
+    /// with them): doorbells, and area records, each of which must bring
+    /// exactly one descriptor with its first byte.
+    fn take_socket_bytes(
+        &self,
+        incoming: &mut Incoming,
+        mut bytes: &[u8],
+        mut fds: Vec<OwnedFd>,
+        truncated: bool,
+    ) -> Result<(), ProtocolError> {
+        if truncated {
+            return Err(ProtocolError::ControlTruncated);
+        }
+        while let Some((&first, rest)) = bytes.split_first() {
+            if incoming.have == 0 {
+                if first == DOORBELL {
+                    bytes = rest;
+                    continue;
+                }
+                if first != AREA_RECORD {
+                    return Err(ProtocolError::UnexpectedSocketData);
+                }
+                // The descriptor comes with the record's first byte.
+                if fds.len() != 1 || incoming.fd.is_some() {
+                    return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+                }
+                incoming.fd = fds.pop();
+            }
+            let n = (AREA_RECORD_LEN - incoming.have).min(bytes.len());
+            let have = incoming.have;
+            incoming.record[have..have + n].copy_from_slice(&bytes[..n]);
+            incoming.have += n;
+            bytes = &bytes[n..];
+            if incoming.have == AREA_RECORD_LEN {
+                incoming.have = 0;
+                let fd = incoming.fd.take();
+                self.accept_area(incoming, fd)?;
+            }
+        }
+        if !fds.is_empty() {
+            // Descriptors with doorbells, or with the rest of a record.
+            return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+        }
+        Ok(())
+    }
+
+    /// Checks and maps the area a complete record in `incoming` announces:
+    /// an id not in use, a size the format allows and the limit leaves room
+    /// for, and the same file checks as the region's.
+    fn accept_area(
+        &self,
+        incoming: &mut Incoming,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), ProtocolError> {
+        let r = incoming.record;
+        let area = u32::from(r[1]);
+        let bytes = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+        let bad = ProtocolError::BadAreaRecord { area, bytes };
+        let index = (area as usize).wrapping_sub(1);
+        let in_use = incoming.areas.get(index).is_some_and(Option::is_some);
+        if area == 0
+            || area > MAX_AREA
+            || in_use
+            || r[2..8].iter().any(|&b| b != 0)
+            || bytes == 0
+            || bytes % DATA_ALIGN != 0
+            || bytes > MAX_REGION
+        {
+            return Err(bad);
+        }
+        let Some(fd) = fd else { return Err(bad) };
+        let limit = self.options.limits().incoming;
+        let total = incoming.bytes.saturating_add(bytes);
+        if total > limit {
+            return Err(ProtocolError::AreaLimit {
+                bytes: total,
+                limit,
+            });
+        }
+        let sealed = self.peer_sealed();
+        handshake::check_peer_file(&fd, bytes, sealed, true, self.own.file_id())?;
+        let mapped = PeerArea::map(&fd, bytes).map_err(|e| ProtocolError::UnmappableRegion {
+            os_error: e.raw_os_error().unwrap_or(0),
+        })?;
+        if incoming.areas.len() <= index {
+            incoming.areas.resize_with(index + 1, || None);
+        }
+        self.incoming_words
+            .fetch_add(u64::from(mapped.words()), Ordering::Relaxed);
+        incoming.bytes = total;
+        incoming.areas[index] = Some(Arc::new(mapped));
+        Ok(())
+    }
+
+    /// Whether the peer's region is sealed (its hello said so, and the
+    /// handshake checked the file).
+    fn peer_sealed(&self) -> bool {
+        self.peer.header().flags.load(Ordering::Relaxed) & FLAG_SEALED != 0
+    }
+
+    /// The peer's area `area` (1 and up), if it has handed it over and not
+    /// retired it.
+    pub(crate) fn peer_area(&self, area: u32) -> Option<Arc<PeerArea>> {
+        let index = (area as usize).checked_sub(1)?;
+        self.incoming().areas.get(index)?.clone()
+    }
+
+    /// Forgets the peer's area `area`, which it retired: unmapped once the
+    /// last message that lies in it is dropped.
+    ///
+    /// # Errors
+    ///
+    /// `UnknownArea` when the peer has no such area.
+    pub(crate) fn retire_peer_area(&self, area: u32) -> Result<(), ProtocolError> {
+        let mut incoming = self.incoming();
+        let gone = (area as usize)
+            .checked_sub(1)
+            .and_then(|i| incoming.areas.get_mut(i))
+            .and_then(Option::take)
+            .ok_or(ProtocolError::UnknownArea { area })?;
+        incoming.bytes -= gone.bytes();
+        self.incoming_words
+            .fetch_sub(u64::from(gone.words()), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The peer's data areas, for validating its descriptors.
+    pub(crate) fn peer_areas(&self) -> PeerAreas<'_, W> {
+        PeerAreas { link: self }
+    }
+
+    /// The most bytes our outgoing space may take.
+    pub(crate) fn outgoing_limit(&self) -> u64 {
+        self.outgoing_limit
+    }
+
+    /// Whether this end may add areas at all.
+    pub(crate) fn can_grow(&self) -> bool {
+        self.outgoing_limit > self.own.geometry().region_size
+    }
+
+    /// Sends the record of our area `area` of `bytes` bytes with its
+    /// read-only descriptor `fd`, calling `wait` while the socket is full.
+    ///
+    /// # Errors
+    ///
+    /// What `wait` returns; the socket's failure.
+    pub(crate) fn send_area_record(
+        &self,
+        area: u32,
+        bytes: u64,
+        fd: &OwnedFd,
+        mut wait: impl FnMut() -> Result<(), Halt>,
+    ) -> Result<(), Failure> {
+        let mut record = [0u8; AREA_RECORD_LEN];
+        record[0] = AREA_RECORD;
+        record[1] = u8::try_from(area).unwrap_or(0);
+        record[8..].copy_from_slice(&bytes.to_le_bytes());
+        let mut sent = 0;
+        while sent < AREA_RECORD_LEN {
+            let result = if sent == 0 {
+                socket::send_with_fd(self.socket.as_fd(), &record, fd.as_fd())
+            } else {
+                socket::send(self.socket.as_fd(), &record[sent..])
+            };
+            match result {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait().map_err(|h| match h {
+                        Halt::Failed(f) => f,
+                        Halt::Disconnected => {
+                            Failure::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+                        }
+                        Halt::Expired => Failure::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the peer does not read its socket: an area could not be handed over",
+                        )),
+                    })?;
+                }
+                Err(e) => return Err(Failure::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits at most `slice` for room on the socket, then looks for a peer
+    /// that is gone.
+    ///
+    /// # Errors
+    ///
+    /// `Disconnected` for a peer that is gone; the poll's failure.
+    pub(crate) fn wait_writable(&self, slice: Duration) -> Result<(), Halt> {
+        let ready = socket::poll_writable(self.socket.as_fd(), slice)
+            .map_err(|e| Halt::Failed(Failure::Io(e)))?;
+        if ready.hung_up {
+            self.note_peer_gone();
+            return Err(Halt::Disconnected);
         }
         Ok(())
     }
@@ -334,6 +588,33 @@ impl<W: Word> Drop for Link<W> {
         // wait slice. Then the fields drop: both mappings unmapped, the
         // socket closed.
         self.close_now();
+    }
+}
+
+/// The peer's data areas as [`Areas`]: area 0 is its region's, read
+/// without a lock; the others come from the socket (a lock, taken only for
+/// messages that lie in them).
+pub(crate) struct PeerAreas<'a, W: Word> {
+    link: &'a Link<W>,
+}
+
+impl<W: Word> Areas for PeerAreas<'_, W> {
+    fn words(&self, area: u32) -> Option<u32> {
+        match area {
+            0 => Some(self.link.peer.geometry().data_words()),
+            id => Some(self.link.peer_area(id)?.words()),
+        }
+    }
+
+    fn read_word(&self, area: u32, offset: u32) -> Option<u64> {
+        match area {
+            0 => self.link.peer.read_word(offset),
+            id => self.link.peer_area(id)?.read_word(offset),
+        }
+    }
+
+    fn total_words(&self) -> u64 {
+        self.link.incoming_words.load(Ordering::Relaxed)
     }
 }
 

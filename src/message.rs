@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 use capnp::traits::FromPointerReader;
@@ -11,6 +12,7 @@ use capnp::Word;
 use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
 use crate::recv::RecvSide;
+use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{SegmentTable, Taken};
 use crate::stream::StreamRecv;
 
@@ -222,6 +224,13 @@ enum Body<'c> {
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
     },
+    /// A message with segments in the peer's areas: each kept mapped by
+    /// its `Place` for as long as the message lives.
+    InAreas {
+        side: &'c RecvSide,
+        places: Vec<Place>,
+        release: Option<(u32, u32)>,
+    },
     /// A private copy, already released.
     Copied(Detached),
     /// A frame in a stream channel's receive buffer (shared with the
@@ -232,6 +241,53 @@ enum Body<'c> {
     },
 }
 
+/// Where one received segment lies: in the peer's region (`area: None`,
+/// read through the receiving side) or in one of its areas, which the
+/// `Arc` keeps mapped even after the peer retires it.
+struct Place {
+    area: Option<Arc<PeerArea>>,
+    extent: Extent,
+}
+
+impl Place {
+    /// The places of every segment of a validated table.
+    fn all(side: &RecvSide, table: &SegmentTable) -> Vec<Place> {
+        (0..table.len())
+            .filter_map(|i| table.get(i))
+            .map(|s| Place {
+                area: match s.area {
+                    0 => None,
+                    id => side.link().peer_area(id),
+                },
+                extent: s.extent,
+            })
+            .collect()
+    }
+
+    /// The segment's bytes in place. The table was validated against the
+    /// areas, so this succeeds; an empty slice would only make capnp report
+    /// an error.
+    fn bytes<'a>(&'a self, side: &'a RecvSide) -> &'a [u8] {
+        let found = match &self.area {
+            None => side.link().peer().segment(self.extent),
+            Some(area) => area.segment(self.extent),
+        };
+        found.unwrap_or(&[])
+    }
+}
+
+/// Copies segment `span` of a validated table from `side`'s peer into
+/// `dst` (see `PeerRegion::copy_segment`); `false` if it is not there.
+fn copy_span(side: &RecvSide, span: Span, dst: &mut [u8]) -> bool {
+    match span.area {
+        0 => side.link().peer().copy_segment(span.extent, dst),
+        id => side
+            .link()
+            .peer_area(id)
+            .is_some_and(|a| a.copy_segment(span.extent, dst)),
+    }
+}
+
 /// Copies the segments of `taken` out of `side`'s peer region, and releases
 /// the message (the copy no longer needs the shared words). What the copy
 /// may cost is bounded before anything is allocated: no more than the
@@ -239,7 +295,6 @@ enum Body<'c> {
 /// uncopied and the end fails.
 fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Detached, Failure> {
     let table: &SegmentTable = &taken.table;
-    let peer = side.link().peer();
     let refuse = |failure: Failure| {
         side.release(taken.slot, taken.seq);
         side.link().fail(failure)
@@ -272,9 +327,9 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
         // The table was validated: every extent lies in the data area and
         // together they fit in it, so `total` covers them all.
         if let Some(e) = table.get(i) {
-            let len = e.len as usize * 8;
+            let len = e.extent.len as usize * 8;
             if let Some(dst) = bytes.get_mut(at..at + len) {
-                if peer.copy_segment(e, dst) {
+                if copy_span(side, e, dst) {
                     at += len;
                 }
             }
@@ -289,9 +344,23 @@ impl<'c> Segments<'c> {
     fn in_place(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
         let peer = side.link().peer();
         let table = &taken.table;
+        if table.in_areas() {
+            return Segments {
+                body: Body::InAreas {
+                    side,
+                    places: Place::all(side, table),
+                    release: Some((taken.slot, taken.seq)),
+                },
+            };
+        }
         // The table was validated against the data area, so every lookup
         // succeeds; an empty slice would only make capnp report an error.
-        let slice = |i| table.get(i).and_then(|e| peer.segment(e)).unwrap_or(&[]);
+        let slice = |i| {
+            table
+                .get(i)
+                .and_then(|s| peer.segment(s.extent))
+                .unwrap_or(&[])
+        };
         Segments {
             body: Body::InPlace {
                 side,
@@ -320,6 +389,7 @@ impl ReaderSegments for Segments<'_> {
                 0 => Some(first),
                 i => more.get(i as usize - 1).copied(),
             },
+            Body::InAreas { side, places, .. } => Some(places.get(idx as usize)?.bytes(side)),
             Body::Copied(copy) => copy.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
@@ -328,6 +398,7 @@ impl ReaderSegments for Segments<'_> {
     fn len(&self) -> usize {
         match &self.body {
             Body::InPlace { more, .. } => 1 + more.len(),
+            Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
             Body::Framed { frame, .. } => frame.len(),
         }
@@ -337,7 +408,7 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         match &mut self.body {
-            Body::InPlace { side, release, .. } => {
+            Body::InPlace { side, release, .. } | Body::InAreas { side, release, .. } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
@@ -352,6 +423,7 @@ impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, seq) = match &self.body {
             Body::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
+            Body::InAreas { release, .. } => ("in place, areas", release.map(|(_, seq)| seq)),
             Body::Copied(_) => ("copied", None),
             Body::Framed { .. } => ("stream buffer", None),
         };
@@ -387,6 +459,11 @@ impl OwnedReceived {
         } else {
             OwnedBody::InPlace {
                 release: Some((taken.slot, taken.seq)),
+                places: if taken.table.in_areas() {
+                    Place::all(&side, &taken.table)
+                } else {
+                    Vec::new()
+                },
                 table: taken.table,
                 side,
             }
@@ -437,6 +514,9 @@ enum OwnedBody {
     InPlace {
         side: Rc<RecvSide>,
         table: SegmentTable,
+        /// For a message with segments in the peer's areas, every segment's
+        /// place (which keeps its area mapped); empty otherwise.
+        places: Vec<Place>,
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
     },
@@ -452,9 +532,17 @@ enum OwnedBody {
 impl ReaderSegments for OwnedSegments {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match &self.body {
-            OwnedBody::InPlace { side, table, .. } => {
-                let extent = table.get(idx)?;
-                side.link().peer().segment(extent)
+            OwnedBody::InPlace {
+                side,
+                table,
+                places,
+                ..
+            } => {
+                if places.is_empty() {
+                    side.link().peer().segment(table.get(idx)?.extent)
+                } else {
+                    Some(places.get(idx as usize)?.bytes(side))
+                }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
             OwnedBody::Framed { frame, .. } => frame.get_segment(idx),

@@ -161,8 +161,9 @@ impl Word for ModelWord {
 /// data area.
 fn geometry(capacity: u32) -> Geometry {
     let g = Geometry {
-        region_size: Geometry::region_for(capacity, 4096),
+        region_size: Geometry::region_for(capacity, capacity, 4096),
         ring_capacity: capacity,
+        held_capacity: capacity,
     };
     g.validate().expect("a valid model geometry")
 }
@@ -238,7 +239,13 @@ fn pair(capacity: u32) -> (End, End) {
         .spin(Duration::ZERO)
         .wait_slice(Duration::from_secs(3600));
     let end = |socket: UnixStream, peer_socket, own, peer| {
-        let link = Arc::new(Link::new(OwnedFd::from(socket), own, peer, options.clone()));
+        let link = Arc::new(Link::new(
+            OwnedFd::from(socket),
+            own,
+            peer,
+            options.clone(),
+            0,
+        ));
         End {
             tx: SendSide::new(Arc::clone(&link), START),
             rx: RecvSide::new(link, START),
@@ -275,7 +282,7 @@ fn recv(end: &End, n: u32) -> Option<(u32, u32)> {
         Ok(taken) => {
             assert_eq!(taken.seq, START.wrapping_add(n), "message out of order");
             assert_eq!(taken.table.len(), 1);
-            let extent: Extent = taken.table.get(0).unwrap();
+            let extent: Extent = taken.table.get(0).unwrap().extent;
             let bytes = end.rx.link().peer().segment(extent).unwrap();
             assert_eq!(bytes, &message(n), "message {n} corrupted");
             Some((taken.slot, taken.seq))

@@ -39,10 +39,14 @@ pub enum Wire {
 /// Settings for one end of a channel. Each end chooses its own: the region
 /// size and ring capacity describe the region this end *sends* through.
 ///
-/// Messages a receiver holds (has not dropped yet) occupy the *sender's*
-/// region and ring: the sender waits once the receiver holds as many as the
-/// smaller of the two [`ring_capacity`](Options::ring_capacity)s, or once
-/// they fill its [`region_size`](Options::region_size).
+/// Nothing needs sizing. An end's outgoing space starts as its region and
+/// grows by further shared-memory *areas* when a message does not fit (up
+/// to [`max_outgoing`](Options::max_outgoing), and to what the peer
+/// accepts, its [`max_incoming`](Options::max_incoming)); an area empty for
+/// [`area_idle`](Options::area_idle) is given back. A sender waits only
+/// while the peer has [`ring_capacity`](Options::ring_capacity) messages it
+/// has not taken yet (backpressure), or holds as many as the peer's
+/// [`max_held`](Options::max_held), or when the limits leave no room.
 ///
 /// ```
 /// use std::time::Duration;
@@ -68,6 +72,21 @@ pub struct Options {
     pub(crate) backing: Backing,
     pub(crate) allow_unsealed_peer: bool,
     pub(crate) wire: Wire,
+    /// `None`: from the region size (see `max_held`).
+    pub(crate) max_held: Option<u32>,
+    /// `None`: a quarter of physical memory (see [`Limits`]).
+    pub(crate) max_outgoing: Option<u64>,
+    pub(crate) max_incoming: Option<u64>,
+    pub(crate) area_idle: Duration,
+}
+
+/// The memory limits in force for one end, defaults resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// The most bytes of outgoing space (region and areas) this end creates.
+    pub(crate) outgoing: u64,
+    /// The most bytes of the peer's outgoing space this end maps.
+    pub(crate) incoming: u64,
 }
 
 impl Default for Options {
@@ -84,41 +103,95 @@ impl Default for Options {
             backing: Backing::Auto,
             allow_unsealed_peer: false,
             wire: Wire::Negotiate,
+            max_held: None,
+            max_outgoing: None,
+            max_incoming: None,
+            area_idle: Duration::from_secs(1),
         }
     }
 }
 
 impl Options {
-    /// The defaults: a 16 MiB region, 256 messages in flight, 8 KiB first
-    /// segments, 50 µs of spinning before sleeping, 100 ms wait slices, 5 s
-    /// set-up timeout, capnp's default reader limits, zero-copy receive,
-    /// [`Backing::Auto`], unsealed peer regions refused.
+    /// The defaults: a 16 MiB region, 256 messages queued, up to 65 536
+    /// held, outgoing and incoming space each up to a quarter of physical
+    /// memory, areas given back after 1 s empty, 8 KiB first segments, 50 µs
+    /// of spinning before sleeping, 100 ms wait slices, 5 s set-up timeout,
+    /// capnp's default reader limits, zero-copy receive, [`Backing::Auto`],
+    /// unsealed peer regions refused.
     pub fn new() -> Options {
         Options::default()
     }
 
     /// Size in bytes of the outgoing region (control block, rings and data
-    /// area), rounded up to 4 KiB. A message larger than the data area
-    /// cannot be sent. Memory is touched only as messages use it.
+    /// area), rounded up to 4 KiB: the memory that is always mapped. What
+    /// does not fit goes to areas added on demand (see
+    /// [`max_outgoing`](Options::max_outgoing)). Memory is touched only as
+    /// messages use it.
     pub fn region_size(mut self, bytes: usize) -> Options {
         self.region_size = bytes;
         self
     }
 
-    /// How many messages may be in flight (sent and not yet released by the
-    /// peer), rounded up to a power of two, at most 65 536.
-    ///
-    /// The limit in force is the *smaller* of the two ends' capacities: a
-    /// receiver that keeps more received messages than that (not dropped)
-    /// makes the sender wait, until it drops one. To hold many messages,
-    /// raise this on **both** ends. [`SendStats::held_by_peer`] and
-    /// [`SendStats::held_limit`](crate::SendStats::held_limit) show it
-    /// (`Sender::stats`).
-    ///
-    /// [`SendStats::held_by_peer`]: crate::SendStats::held_by_peer
+    /// How many messages this end may have sent that the peer has not taken
+    /// yet (its queue), rounded up to a power of two, at most 65 536. A
+    /// sender that gets this far ahead waits: that is the backpressure.
+    /// Messages the peer has taken and still holds do not count here (see
+    /// [`max_held`](Options::max_held)).
     pub fn ring_capacity(mut self, messages: u32) -> Options {
         self.ring_capacity = messages;
         self
+    }
+
+    /// How many of the *peer's* messages this end may hold at once (sent to
+    /// it and not yet dropped, taken or not), rounded up to a power of two,
+    /// at most 65 536; the peer's sender waits beyond it.
+    /// [`SendStats::held_by_peer`] and
+    /// [`SendStats::held_limit`](crate::SendStats::held_limit) show it on
+    /// the sending side (`Sender::stats`). Default: 65 536, or less for a
+    /// region under 8 MiB (the release ring, 8 bytes per message, takes at
+    /// most 1/16 of the region).
+    ///
+    /// [`SendStats::held_by_peer`]: crate::SendStats::held_by_peer
+    pub fn max_held(mut self, messages: u32) -> Options {
+        self.max_held = Some(messages);
+        self
+    }
+
+    /// The most memory, in bytes, this end's outgoing space may take: its
+    /// region plus the areas it adds when a message does not fit. Growth
+    /// also stops at what the peer accepts (its
+    /// [`max_incoming`](Options::max_incoming)). A message that cannot fit
+    /// within the limit is [`TooLarge`](crate::TooLarge). Default: a quarter
+    /// of physical memory.
+    pub fn max_outgoing(mut self, bytes: u64) -> Options {
+        self.max_outgoing = Some(bytes);
+        self
+    }
+
+    /// The most memory, in bytes, of the peer's outgoing space this end
+    /// maps: its region plus its areas. The peer is told, and grows no
+    /// further; a peer that offers more is a protocol error. Default: a
+    /// quarter of physical memory.
+    pub fn max_incoming(mut self, bytes: u64) -> Options {
+        self.max_incoming = Some(bytes);
+        self
+    }
+
+    /// How long an added area must stay empty before the sender gives it
+    /// back (unmapped on both ends). Checked as messages are sent. Default
+    /// 1 s; zero gives areas back as soon as they are empty.
+    pub fn area_idle(mut self, idle: Duration) -> Options {
+        self.area_idle = idle;
+        self
+    }
+
+    /// The limits in force, defaults resolved.
+    pub(crate) fn limits(&self) -> Limits {
+        let default = || crate::sys::physical_memory() / 4;
+        Limits {
+            outgoing: self.max_outgoing.unwrap_or_else(default),
+            incoming: self.max_incoming.unwrap_or_else(default),
+        }
     }
 
     /// Size of the first segment of each message, in 8-byte words. Unused

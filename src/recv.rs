@@ -6,10 +6,11 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use crate::deadline::Deadline;
+use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
 use crate::layout::{AWAKE, SLEEPING_ON_SOCKET, WORD};
 use crate::link::Link;
-use crate::ring::{DescriptorConsumer, ReleaseProducer, Taken};
+use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake::{self, withdraw};
@@ -111,6 +112,7 @@ impl<W: Word> RecvSide<W> {
             sleeps: state.waiter.sleeps(),
             wakes: state.wakes.get(),
             held: state.held.get(),
+            held_limit: self.link.own().geometry().held_capacity,
         }
     }
 
@@ -126,14 +128,17 @@ impl<W: Word> RecvSide<W> {
         let state = self.state.borrow();
         let take = || -> Result<Option<Taken>, Failure> {
             link.enter()?;
-            let taken = state
-                .descriptors
-                .take(link.peer(), link.own())
+            let taken = self
+                .take_message(&state)
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
             if let Some(t) = &taken {
                 state.messages.set(state.messages.get() + 1);
                 state.bytes.set(state.bytes.get() + t.table.words() * WORD);
-                state.held.set(state.held.get() + 1);
+                let held = state.held.get();
+                state.held.set(held + 1);
+                if held > 0 {
+                    self.wake_after_take();
+                }
             }
             Ok(taken)
         };
@@ -159,6 +164,50 @@ impl<W: Word> RecvSide<W> {
                 descriptors: &state.descriptors,
             };
             state.waiter.wait(link, &cond, deadline)?;
+        }
+    }
+
+    /// Takes the peer's next message, handling the retirements before it.
+    /// A descriptor that names an area not handed over yet makes us read
+    /// the socket first: the peer queued the area's record there before it
+    /// published the descriptor.
+    fn take_message(&self, state: &RecvState) -> Result<Option<Taken>, ProtocolError> {
+        let link = &*self.link;
+        let mut looked = false;
+        loop {
+            let entry = state
+                .descriptors
+                .take(link.peer(), link.own(), &link.peer_areas());
+            match entry {
+                Ok(None) => return Ok(None),
+                Ok(Some(Entry::Message(taken))) => return Ok(Some(taken)),
+                Ok(Some(Entry::Retire { slot, seq, area })) => {
+                    link.retire_peer_area(area)?;
+                    self.release_entry(state, slot, seq);
+                }
+                Err(ProtocolError::UnknownArea { .. }) if !looked => {
+                    looked = true;
+                    if let Err(Failure::Protocol(p)) = link.drain_doorbells() {
+                        return Err(p);
+                    }
+                }
+                Err(p) => return Err(p),
+            }
+        }
+    }
+
+    /// After taking a message while holding others: a sender that found
+    /// the descriptor ring full waits on our `released` word, and the
+    /// release of this message may not come soon; wake it (the Dekker pair
+    /// of `wake.rs`, with `consumed`, stored by the take, as the store).
+    /// A receiver that holds nothing releases each message it takes, and
+    /// that release wakes the sender: the common case pays nothing here.
+    fn wake_after_take(&self) {
+        let link = &*self.link;
+        let own = link.own();
+        let how = wake::wake_peer(|| {}, own.released(), link.peer().tx_sleeping());
+        if how == SLEEPING_ON_SOCKET {
+            link.ring_doorbell();
         }
     }
 
@@ -227,12 +276,18 @@ impl<W: Word> RecvSide<W> {
     /// it if it sleeps waiting for space. In a process that does not own the
     /// end (a message inherited through fork), does nothing.
     pub(crate) fn release(&self, slot: u32, seq: u32) {
-        let link = &*self.link;
-        if !link.owned_here() {
+        if !self.link.owned_here() {
             return;
         }
-        let own = link.own();
         let state = self.state.borrow();
+        self.release_entry(&state, slot, seq);
+        state.held.set(state.held.get().saturating_sub(1));
+    }
+
+    /// Appends the release of `(slot, seq)` and wakes the peer if it waits.
+    fn release_entry(&self, state: &RecvState, slot: u32, seq: u32) {
+        let link = &*self.link;
+        let own = link.own();
         state.releases.release(own, slot, seq);
         let how = wake::wake_peer(
             || state.releases.store_count(own),
@@ -243,7 +298,6 @@ impl<W: Word> RecvSide<W> {
         if how == SLEEPING_ON_SOCKET {
             link.ring_doorbell();
         }
-        state.held.set(state.held.get().saturating_sub(1));
         state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }
 }

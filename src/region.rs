@@ -45,6 +45,14 @@ impl Extent {
     }
 }
 
+/// A run of words in one of an end's data areas: area 0 is the region's,
+/// the others the areas added to it (see `layout.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) area: u32,
+    pub(crate) extent: Extent,
+}
+
 /// The words of one descriptor ring entry, as views of one kind.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DescriptorWords<V> {
@@ -77,15 +85,15 @@ enum Memory {
 ///
 /// Invariant: every pointer points into `memory`, which does not move or
 /// unmap while `self` lives: `control` to one `ControlBlock<W>`,
-/// `descriptors` and `releases` to `geometry.ring_capacity` entries each,
-/// `data` to `geometry.data_words()` words, 8-byte aligned. All of it but
-/// the data area is `W` words and plain integers, valid for any bits.
+/// `descriptors` to `geometry.ring_capacity` entries, `releases` to
+/// `geometry.held_capacity`, `area` to `geometry.data_words()` words. All of
+/// it but the data area is `W` words and plain integers, valid for any bits.
 #[derive(Debug)]
 struct Parts<W> {
     control: NonNull<ControlBlock<W>>,
     descriptors: NonNull<DescriptorEntry<W>>,
     releases: NonNull<ReleaseEntry<W>>,
-    data: NonNull<u8>,
+    area: Area,
     geometry: Geometry,
     /// Held for its `Drop` (the unmap), after every use of the pointers.
     _memory: Memory,
@@ -120,7 +128,10 @@ impl Parts<AtomicU32> {
             control: at(0).cast(),
             descriptors: at(geometry.descriptors_offset()).cast(),
             releases: at(geometry.releases_offset()).cast(),
-            data: at(geometry.data_offset()),
+            area: Area {
+                data: at(geometry.data_offset()),
+                words: geometry.data_words(),
+            },
             geometry,
             _memory: Memory::Mapped(map),
         }
@@ -145,28 +156,132 @@ impl<W: Word> Parts<W> {
     }
 
     fn release_entry(&self, n: u32) -> &ReleaseEntry<W> {
-        let index = self.geometry.ring_index(n) as usize;
-        // SAFETY: `index < ring_capacity`, so the entry lies inside the
-        // release ring.
+        let index = self.geometry.release_index(n) as usize;
+        // SAFETY: `index < held_capacity` (release_index masks with
+        // capacity - 1), so the entry lies inside the release ring.
         let entry = unsafe { self.releases.add(index) };
         // SAFETY: a live, aligned entry of atomics; see `control`.
         unsafe { entry.as_ref() }
     }
+}
 
-    /// Whether `extent` lies inside the data area.
-    fn contains(&self, extent: Extent) -> bool {
-        u64::from(extent.start) + u64::from(extent.len) <= u64::from(self.geometry.data_words())
+/// Where one data area lies: `words` words from `data`, 8-byte aligned.
+///
+/// Invariant: the memory stays mapped while the holder of the `Area` lives
+/// (a region's [`Parts`], an [`OwnArea`], a [`PeerArea`]), so the methods
+/// below may form pointers into it; who may write which words, and for how
+/// long a slice of it stays valid, are the duties of their `unsafe fn`s.
+#[derive(Debug, Clone, Copy)]
+struct Area {
+    data: NonNull<u8>,
+    words: u32,
+}
+
+impl Area {
+    /// Whether `extent` lies inside the area.
+    fn contains(self, extent: Extent) -> bool {
+        u64::from(extent.start) + u64::from(extent.len) <= u64::from(self.words)
     }
 
-    /// The address of word `offset` of the data area, for an `offset` at
-    /// most the area's length.
-    fn data_ptr(&self, offset: u32) -> *mut u8 {
-        assert!(
-            offset <= self.geometry.data_words(),
-            "outside the data area"
-        );
-        // SAFETY: at most one past the end of the data area (asserted).
+    /// The address of word `offset`, for an `offset` at most the area's
+    /// length.
+    fn ptr(self, offset: u32) -> *mut u8 {
+        assert!(offset <= self.words, "outside the data area");
+        // SAFETY: at most one past the end of the area (asserted).
         unsafe { self.data.as_ptr().add(offset as usize * WORD_BYTES) }
+    }
+
+    /// The word offset of `ptr`, when it is a word-aligned address inside.
+    fn offset_of(self, ptr: *const u8) -> Option<u32> {
+        let base = self.data.as_ptr() as usize;
+        let byte = u64::try_from((ptr as usize).checked_sub(base)?).ok()?;
+        let word = u32::try_from(byte / WORD).ok()?;
+        (byte % WORD == 0 && word < self.words).then_some(word)
+    }
+
+    /// The address of the first word of `extent` (inside: checked).
+    fn extent_ptr(self, extent: Extent) -> NonNull<u8> {
+        assert!(self.contains(extent), "extent outside the data area");
+        NonNull::new(self.ptr(extent.start)).unwrap_or(NonNull::dangling())
+    }
+
+    /// Zeroes `extent` (inside: checked).
+    ///
+    /// # Safety
+    ///
+    /// The area is writable here, no reference into `extent` is alive, and
+    /// nobody else writes it meanwhile.
+    unsafe fn zero(self, extent: Extent) {
+        assert!(self.contains(extent), "zeroing outside the data area");
+        let dst = self.ptr(extent.start);
+        // SAFETY: inside the area (asserted), writable and unaliased (the
+        // caller's duties); bytes have no invalid values.
+        unsafe { std::ptr::write_bytes(dst, 0, extent.len as usize * WORD_BYTES) };
+    }
+
+    /// Copies `bytes` (at most `extent.len` words, checked) to the start of
+    /// `extent` (inside: checked).
+    ///
+    /// # Safety
+    ///
+    /// As for [`zero`](Self::zero); `bytes` does not overlap `extent`.
+    unsafe fn write(self, extent: Extent, bytes: &[u8]) {
+        assert!(
+            self.contains(extent) && bytes.len() <= extent.len as usize * WORD_BYTES,
+            "write outside its extent"
+        );
+        let dst = self.ptr(extent.start);
+        // SAFETY: the destination lies inside `extent` (asserted), writable
+        // and unaliased, and `bytes` lies elsewhere (the caller's duties).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    }
+
+    /// The bytes of `extent` in place, or `None` outside the area.
+    ///
+    /// # Safety
+    ///
+    /// The area stays mapped for `'a`.
+    unsafe fn slice<'a>(self, extent: Extent) -> Option<&'a [u8]> {
+        if !self.contains(extent) {
+            return None;
+        }
+        let ptr = self.ptr(extent.start);
+        // SAFETY: inside the area, mapped for 'a (the caller's duty), any
+        // bytes valid; this process never writes a peer's area (see
+        // `PeerRegion::segment` for what the peer may do).
+        Some(unsafe { std::slice::from_raw_parts(ptr, extent.len as usize * WORD_BYTES) })
+    }
+
+    /// A `Relaxed` atomic load of word `offset`, which lies inside.
+    fn load_word(self, offset: u32) -> u64 {
+        debug_assert!(offset < self.words);
+        let ptr = self.ptr(offset).cast::<u64>();
+        // SAFETY: an aligned word inside the area, mapped while its holder
+        // lives (the invariant); a Relaxed 8-byte atomic load is allowed on
+        // read-only memory.
+        let word = unsafe { AtomicU64::from_ptr(ptr) };
+        word.load(Ordering::Relaxed)
+    }
+
+    /// Word `offset` (a `Relaxed` load), or `None` outside the area.
+    fn read_word(self, offset: u32) -> Option<u64> {
+        let inside = self.contains(Extent {
+            start: offset,
+            len: 1,
+        });
+        inside.then(|| self.load_word(offset))
+    }
+
+    /// Copies `extent` into `dst` (exactly as long) with `Relaxed` loads;
+    /// `false` outside the area or for a wrong length.
+    fn copy_segment(self, extent: Extent, dst: &mut [u8]) -> bool {
+        if !self.contains(extent) || dst.len() != extent.len as usize * WORD_BYTES {
+            return false;
+        }
+        for (i, out) in (extent.start..extent.end()).zip(dst.chunks_exact_mut(WORD_BYTES)) {
+            out.copy_from_slice(&self.load_word(i).to_ne_bytes());
+        }
+        true
     }
 }
 
@@ -245,6 +360,9 @@ impl OwnRegion<AtomicU32> {
         header
             .ring_capacity
             .store(geometry.ring_capacity, Ordering::Relaxed);
+        header
+            .held_capacity
+            .store(geometry.held_capacity, Ordering::Relaxed);
         // The peer reads the header only after receiving our hello over the
         // socket; the sendmsg system call orders these stores before it.
         Ok((region, peer_fd))
@@ -335,17 +453,13 @@ impl<W: Word> OwnRegion<W> {
     /// The word offset of `ptr` in the data area, when `ptr` is a word-aligned
     /// address inside it.
     pub(crate) fn offset_of(&self, ptr: *const u8) -> Option<u32> {
-        let base = self.parts.data.as_ptr() as usize;
-        let byte = u64::try_from((ptr as usize).checked_sub(base)?).ok()?;
-        let word = u32::try_from(byte / WORD).ok()?;
-        (byte % WORD == 0 && word < self.parts.geometry.data_words()).then_some(word)
+        self.parts.area.offset_of(ptr)
     }
 
     /// The address of the first word of `extent`, for handing to capnp.
     /// `extent` lies inside the data area (checked).
     pub(crate) fn extent_ptr(&self, extent: Extent) -> NonNull<u8> {
-        assert!(self.parts.contains(extent), "extent outside the data area");
-        NonNull::new(self.parts.data_ptr(extent.start)).unwrap_or(NonNull::dangling())
+        self.parts.area.extent_ptr(extent)
     }
 
     /// Zeroes the words of `extent`, which must lie inside the data area
@@ -359,12 +473,9 @@ impl<W: Word> OwnRegion<W> {
     /// - This process owns the end (a forked copy must not write words its
     ///   parent uses).
     pub(crate) unsafe fn zero(&self, extent: Extent) {
-        assert!(self.parts.contains(extent), "zeroing outside the data area");
-        let dst = self.parts.data_ptr(extent.start);
-        // SAFETY: the extent lies inside our writable data area (asserted);
-        // no reference into it exists and nobody writes it meanwhile (the
-        // caller's duties); bytes have no invalid values.
-        unsafe { std::ptr::write_bytes(dst, 0, extent.len as usize * WORD_BYTES) };
+        // SAFETY: our own data area, mapped writable; the rest is the
+        // caller's duty, passed on.
+        unsafe { self.parts.area.zero(extent) }
     }
 
     /// Copies `bytes` (at most `extent.len` words, checked) to the start of
@@ -372,21 +483,16 @@ impl<W: Word> OwnRegion<W> {
     ///
     /// # Safety
     ///
-    /// As for [`zero`](Self::zero): the caller owns the words of `extent`.
+    /// As for [`zero`](Self::zero): the caller owns the words of `extent`,
+    /// and `bytes` lies elsewhere.
     pub(crate) unsafe fn write(&self, extent: Extent, bytes: &[u8]) {
-        assert!(
-            self.parts.contains(extent) && bytes.len() <= extent.len as usize * WORD_BYTES,
-            "write outside its extent"
-        );
-        let dst = self.parts.data_ptr(extent.start);
-        // SAFETY: the destination lies inside `extent` (asserted), which the
-        // caller owns; `bytes` is private or another region's, so no overlap.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        // SAFETY: as for `zero`.
+        unsafe { self.parts.area.write(extent, bytes) }
     }
 
     /// Bytes in the data area.
     pub(crate) fn data_bytes(&self) -> u64 {
-        u64::from(self.parts.geometry.data_words()) * WORD
+        u64::from(self.parts.area.words) * WORD
     }
 }
 
@@ -410,11 +516,6 @@ impl PeerRegion<AtomicU32> {
         })
     }
 
-    /// The header, as the peer wrote it, for the handshake's checks.
-    pub(crate) fn header(&self) -> &crate::layout::Header {
-        &self.parts.control().header.0
-    }
-
     /// The address range of the mapping.
     pub(crate) fn address_range(&self) -> std::ops::Range<usize> {
         let base = self.parts.control.as_ptr() as usize;
@@ -425,6 +526,11 @@ impl PeerRegion<AtomicU32> {
 
 impl<W: Word> PeerRegion<W> {
     counters!(Theirs: published, consumed, released, rx_sleeping, tx_sleeping, closed);
+
+    /// The header, as the peer wrote it, for the handshake's checks.
+    pub(crate) fn header(&self) -> &crate::layout::Header {
+        &self.parts.control().header.0
+    }
 
     pub(crate) fn geometry(&self) -> Geometry {
         self.parts.geometry
@@ -462,13 +568,8 @@ impl<W: Word> PeerRegion<W> {
     /// (see [`copy_segment`](Self::copy_segment)) exists for peers not
     /// trusted with this.
     pub(crate) fn segment(&self, extent: Extent) -> Option<&[u8]> {
-        if !self.parts.contains(extent) {
-            return None;
-        }
-        let ptr = self.parts.data_ptr(extent.start);
-        // SAFETY: inside the data area, alive as long as `self`, any bytes
-        // valid; only the peer writes it, and not while the message is ours.
-        Some(unsafe { std::slice::from_raw_parts(ptr, extent.len as usize * WORD_BYTES) })
+        // SAFETY: the data area stays mapped as long as `self`.
+        unsafe { self.parts.area.slice(extent) }
     }
 
     /// Copies a segment into `dst` (exactly `extent.len` words long) with
@@ -477,36 +578,175 @@ impl<W: Word> PeerRegion<W> {
     /// words, never anything worse. Returns `false` when the extent lies
     /// outside the data area or `dst` has the wrong length.
     pub(crate) fn copy_segment(&self, extent: Extent, dst: &mut [u8]) -> bool {
-        if !self.parts.contains(extent) || dst.len() != extent.len as usize * WORD_BYTES {
-            return false;
-        }
-        for (i, out) in (extent.start..extent.end()).zip(dst.chunks_exact_mut(WORD_BYTES)) {
-            out.copy_from_slice(&self.load_word(i).to_ne_bytes());
-        }
-        true
+        self.parts.area.copy_segment(extent, dst)
     }
 
     /// Reads word `offset` of the data area (for out-of-line segment
     /// tables), or `None` outside it.
     pub(crate) fn read_word(&self, offset: u32) -> Option<u64> {
-        let inside = self.parts.contains(Extent {
-            start: offset,
-            len: 1,
-        });
-        inside.then(|| self.load_word(offset))
-    }
-
-    /// A `Relaxed` atomic load of word `offset` of the data area, which
-    /// lies inside it.
-    fn load_word(&self, offset: u32) -> u64 {
-        debug_assert!(offset < self.parts.geometry.data_words());
-        let ptr = self.parts.data_ptr(offset).cast::<u64>();
-        // SAFETY: an aligned word inside the data area, alive as long as
-        // `self`; a Relaxed 8-byte atomic load is allowed on read-only memory.
-        let word = unsafe { AtomicU64::from_ptr(ptr) };
-        word.load(Ordering::Relaxed)
+        self.parts.area.read_word(offset)
     }
 }
+
+// ---- areas ----------------------------------------------------------------------
+
+/// An area this end added to its outgoing space: a file of plain data
+/// (sealed like the region, or not when the region is not), mapped
+/// read-write. Only this end's owner process writes it.
+#[derive(Debug)]
+pub(crate) struct OwnArea {
+    area: Area,
+    /// Held for its `Drop` (the unmap), after every use of `area`.
+    _map: Mapping,
+    bytes: u64,
+}
+
+impl OwnArea {
+    /// Creates an area of `bytes` (a multiple of [`DATA_ALIGN`](crate::layout::DATA_ALIGN), at most
+    /// [`MAX_REGION`](crate::layout::MAX_REGION)): a sealed memfd when `sealed`, else a `/dev/shm` file
+    /// as the unsealed region is. Returns it and a read-only descriptor for
+    /// the peer.
+    pub(crate) fn create(bytes: u64, sealed: bool) -> io::Result<(OwnArea, OwnedFd)> {
+        let len =
+            usize::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let words = u32::try_from(bytes / WORD)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let (map, peer_fd) = if sealed {
+            let fd = file::memfd_create(c"capnp-shm-area")?;
+            file::ftruncate(fd.as_fd(), bytes)?;
+            let map = Mapping::map(fd.as_fd(), len, true)?;
+            file::add_seals(fd.as_fd(), file::REGION_SEALS)?;
+            (map, file::reopen_read_only(fd.as_fd()).unwrap_or(fd))
+        } else {
+            let (rw, ro) = file::create_shm_file(bytes)?;
+            (Mapping::map(rw.as_fd(), len, true)?, ro)
+        };
+        let data = NonNull::new(map.as_ptr()).unwrap_or(NonNull::dangling());
+        Ok((
+            OwnArea {
+                area: Area { data, words },
+                _map: map,
+                bytes,
+            },
+            peer_fd,
+        ))
+    }
+
+    /// Bytes in the area.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Words in the area.
+    pub(crate) fn words(&self) -> u32 {
+        self.area.words
+    }
+
+    /// As [`OwnRegion::offset_of`].
+    pub(crate) fn offset_of(&self, ptr: *const u8) -> Option<u32> {
+        self.area.offset_of(ptr)
+    }
+
+    /// As [`OwnRegion::extent_ptr`].
+    pub(crate) fn extent_ptr(&self, extent: Extent) -> NonNull<u8> {
+        self.area.extent_ptr(extent)
+    }
+
+    /// As [`OwnRegion::zero`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`OwnRegion::zero`].
+    pub(crate) unsafe fn zero(&self, extent: Extent) {
+        // SAFETY: our own area, mapped writable; the rest is the caller's
+        // duty, passed on.
+        unsafe { self.area.zero(extent) }
+    }
+
+    /// As [`OwnRegion::write`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`OwnRegion::write`].
+    pub(crate) unsafe fn write(&self, extent: Extent, bytes: &[u8]) {
+        // SAFETY: as for `zero`.
+        unsafe { self.area.write(extent, bytes) }
+    }
+}
+
+/// An area the peer added to its outgoing space, mapped read-only with the
+/// same guard zone as its region. Shared (`Arc`) by the end's table of the
+/// peer's areas and by every received message that lies in it, so that the
+/// mapping outlives both: the peer retiring an area unmaps nothing a
+/// message still reads.
+#[derive(Debug)]
+pub(crate) struct PeerArea {
+    area: Area,
+    /// Held for its `Drop` (the unmap), after every use of `area`.
+    _map: Mapping,
+    bytes: u64,
+}
+
+impl PeerArea {
+    /// Maps `bytes` of the peer's area file read-only. The caller has
+    /// checked the file (regular, exactly `bytes` long, sealed as the
+    /// region is).
+    ///
+    /// # Errors
+    ///
+    /// What `mmap` reports, and `InvalidInput` for a size that does not fit
+    /// the format (the caller checked it).
+    pub(crate) fn map(fd: &OwnedFd, bytes: u64) -> io::Result<PeerArea> {
+        let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+        let len = usize::try_from(bytes).map_err(|_| invalid())?;
+        let words = u32::try_from(bytes / WORD).map_err(|_| invalid())?;
+        let map = Mapping::map_with_guard(fd.as_fd(), len, GUARD_BYTES)?;
+        let data = NonNull::new(map.as_ptr()).unwrap_or(NonNull::dangling());
+        Ok(PeerArea {
+            area: Area { data, words },
+            _map: map,
+            bytes,
+        })
+    }
+
+    /// Bytes in the area.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Words in the area.
+    pub(crate) fn words(&self) -> u32 {
+        self.area.words
+    }
+
+    /// As [`PeerRegion::segment`].
+    pub(crate) fn segment(&self, extent: Extent) -> Option<&[u8]> {
+        // SAFETY: the area stays mapped as long as `self`.
+        unsafe { self.area.slice(extent) }
+    }
+
+    /// As [`PeerRegion::copy_segment`].
+    pub(crate) fn copy_segment(&self, extent: Extent, dst: &mut [u8]) -> bool {
+        self.area.copy_segment(extent, dst)
+    }
+
+    /// As [`PeerRegion::read_word`].
+    pub(crate) fn read_word(&self, offset: u32) -> Option<u64> {
+        self.area.read_word(offset)
+    }
+}
+
+// SAFETY: as for `Parts`: the pointer refers to the mapping, which moves
+// with the value; a shared `OwnArea` writes only through its `unsafe fn`s,
+// whose callers own the words.
+unsafe impl Send for OwnArea {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for OwnArea {}
+// SAFETY: as for `Parts`: a shared `PeerArea` only reads (atomically, or
+// bytes this process never writes).
+unsafe impl Send for PeerArea {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for PeerArea {}
 
 /// Regions in heap memory, for the model checker: the same views over
 /// words of any [`Word`] type.
@@ -531,8 +771,8 @@ pub(crate) mod model {
     unsafe impl<W: Send> Send for Memory<W> {}
 
     fn parts<W: Word>(memory: &Arc<Memory<W>>, geometry: Geometry) -> Parts<W> {
-        let capacity = geometry.ring_capacity as usize;
-        assert!(memory.descriptors.len() == capacity && memory.releases.len() == capacity);
+        assert!(memory.descriptors.len() == geometry.ring_capacity as usize);
+        assert!(memory.releases.len() == geometry.held_capacity as usize);
         assert!(memory.data.len() == geometry.data_words() as usize);
         let keep: Arc<dyn std::any::Any + Send + Sync> = memory.clone();
         Parts {
@@ -543,8 +783,11 @@ pub(crate) mod model {
                 .expect("a boxed slice is not null"),
             // UnsafeCell<u64> is transparent: the slice's cells, as bytes,
             // writable through the shared reference.
-            data: NonNull::new(UnsafeCell::raw_get(memory.data.as_ptr()).cast::<u8>())
-                .expect("a boxed slice is not null"),
+            area: super::Area {
+                data: NonNull::new(UnsafeCell::raw_get(memory.data.as_ptr()).cast::<u8>())
+                    .expect("a boxed slice is not null"),
+                words: geometry.data_words(),
+            },
             geometry,
             _memory: super::Memory::Model(keep),
         }

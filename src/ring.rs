@@ -50,40 +50,63 @@ use std::sync::atomic::Ordering;
 
 use crate::error::ProtocolError;
 use crate::fault::{self, Fault};
-use crate::layout::{INLINE_SEGMENTS, MAX_RING, MAX_SEGMENTS};
-use crate::region::{Extent, OwnRegion, PeerRegion};
+use crate::layout::{INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS};
+use crate::region::{Extent, OwnRegion, PeerRegion, Span};
 use crate::word::Word;
 
 // ---- the descriptor entry ------------------------------------------------------
 
 /// What a descriptor entry says about one message: the sender's slot, the
 /// number of segments, and either the one segment (inline) or, with more
-/// segments, the out-of-line table (`count` words in the data area, one per
-/// segment, see [`table_word`]).
+/// segments, the out-of-line table (two words per segment, see
+/// [`table_words`]), in area `span.area`.
+///
+/// A count of 0 is not a message but a *retirement*: the sender has given
+/// back area `span.area` (extent empty) and will not name it again until it
+/// hands over a new area of that id. The receiver unmaps it and releases
+/// the entry's slot at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Descriptor {
     pub(crate) slot: u32,
     pub(crate) count: u32,
-    /// The segment, or the table.
-    pub(crate) extent: Extent,
+    /// The segment, or the table, or (count 0) the area retired.
+    pub(crate) span: Span,
 }
 
 impl Descriptor {
-    /// `slot_count`: the slot below 2^16 (rings hold at most 2^16), the
-    /// segment count above.
+    /// `slot_count`: the slot in bits 0..16 (slots are below 2^16), the
+    /// segment count in bits 16..26 (at most 512), the area in bits 26..32.
     fn slot_count(self) -> u32 {
-        debug_assert!(self.slot < MAX_RING && self.count >= 1 && self.count <= MAX_SEGMENTS);
-        (self.slot & 0xffff) | (self.count << 16)
+        debug_assert!(self.slot < MAX_RING && self.count <= MAX_SEGMENTS);
+        debug_assert!(self.span.area <= MAX_AREA);
+        (self.slot & 0xffff) | ((self.count & 0x3ff) << 16) | (self.span.area << 26)
     }
 
     fn from_words(slot_count: u32, offset: u32, len: u32) -> Descriptor {
         Descriptor {
             slot: slot_count & 0xffff,
-            count: slot_count >> 16,
-            extent: Extent { start: offset, len },
+            count: (slot_count >> 16) & 0x3ff,
+            span: Span {
+                area: slot_count >> 26,
+                extent: Extent { start: offset, len },
+            },
+        }
+    }
+
+    /// The retirement of area `area` (see the type's notes).
+    pub(crate) fn retire(slot: u32, area: u32) -> Descriptor {
+        Descriptor {
+            slot,
+            count: 0,
+            span: Span {
+                area,
+                extent: Extent { start: 0, len: 0 },
+            },
         }
     }
 }
+
+const _: () = assert!(MAX_SEGMENTS < 1 << 10 && MAX_AREA < 1 << 6);
 
 /// The tag that marks the entry of message `seq` complete: `seq + 1`, so
 /// that a fresh, zeroed ring holds no message 0.
@@ -91,18 +114,42 @@ fn tag(seq: u32) -> u32 {
     seq.wrapping_add(1)
 }
 
-/// One word of an out-of-line segment table: `offset | len << 32`.
-pub(crate) fn table_word(segment: Extent) -> u64 {
-    u64::from(segment.start) | (u64::from(segment.len) << 32)
+/// Words per segment in an out-of-line table.
+pub(crate) const TABLE_WORDS: u32 = 2;
+
+/// The two words of an out-of-line segment table entry: `offset | len <<
+/// 32`, then the area id.
+pub(crate) fn table_words(segment: Span) -> [u64; 2] {
+    let e = segment.extent;
+    [
+        u64::from(e.start) | (u64::from(e.len) << 32),
+        u64::from(segment.area),
+    ]
 }
 
-/// The segment a table word describes (unchecked).
-fn table_extent(word: u64) -> Extent {
-    let [a, b, c, d, e, f, g, h] = word.to_le_bytes();
-    Extent {
-        start: u32::from_le_bytes([a, b, c, d]),
-        len: u32::from_le_bytes([e, f, g, h]),
-    }
+/// The segment a table entry describes (unchecked), `None` for an area id
+/// beyond any.
+fn table_span(first: u64, second: u64) -> Option<Span> {
+    let [a, b, c, d, e, f, g, h] = first.to_le_bytes();
+    Some(Span {
+        area: u32::try_from(second).ok().filter(|&a| a <= MAX_AREA)?,
+        extent: Extent {
+            start: u32::from_le_bytes([a, b, c, d]),
+            len: u32::from_le_bytes([e, f, g, h]),
+        },
+    })
+}
+
+/// The data areas a receiver can read segments from: area 0 (the peer's
+/// region) and the areas the peer handed over. Implemented by the receiving
+/// side; a plain slice of sizes in tests and fuzzing.
+pub(crate) trait Areas {
+    /// Words in area `area`, or `None` when the peer has not handed it over.
+    fn words(&self, area: u32) -> Option<u32>;
+    /// Word `offset` of area `area`, or `None` outside it.
+    fn read_word(&self, area: u32, offset: u32) -> Option<u64>;
+    /// Words in all areas together.
+    fn total_words(&self) -> u64;
 }
 
 /// Whether a message of `count` segments needs an out-of-line table.
@@ -111,13 +158,13 @@ pub(crate) fn needs_table(count: usize) -> bool {
 }
 
 /// A message's segments, copied out of the shared descriptor and validated:
-/// every extent lies inside the peer's data area, and together they fit in
-/// it. Up to [`INLINE_SEGMENTS`] live inline (no allocation).
+/// every extent lies inside an area the peer handed over, and together they
+/// fit in the areas. Up to [`INLINE_SEGMENTS`] live inline (no allocation).
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentTable {
     count: u32,
-    inline: [Extent; INLINE_SEGMENTS],
-    more: Vec<Extent>,
+    inline: [Span; INLINE_SEGMENTS],
+    more: Vec<Span>,
 }
 
 impl SegmentTable {
@@ -127,7 +174,7 @@ impl SegmentTable {
     }
 
     /// Segment `i`.
-    pub(crate) fn get(&self, i: u32) -> Option<Extent> {
+    pub(crate) fn get(&self, i: u32) -> Option<Span> {
         if i >= self.count {
             return None;
         }
@@ -143,26 +190,36 @@ impl SegmentTable {
     pub(crate) fn words(&self) -> u64 {
         (0..self.count)
             .filter_map(|i| self.get(i))
-            .map(|e| u64::from(e.len))
+            .map(|s| u64::from(s.extent.len))
             .sum()
     }
 
-    /// Validates the segments a descriptor describes. `data_words` is the
-    /// size of the data area; `read_word` reads a word of it (for
-    /// out-of-line tables). Pure apart from those reads, so it is tested and
+    /// Whether any segment lies outside the peer's region (in an area).
+    pub(crate) fn in_areas(&self) -> bool {
+        (0..self.count)
+            .filter_map(|i| self.get(i))
+            .any(|s| s.area != 0)
+    }
+
+    /// Validates the segments a descriptor describes: `count` (1 to 512)
+    /// segments, inline or in the out-of-line table at `first`, each inside
+    /// an area of `areas`. Pure apart from those reads, so it is tested and
     /// fuzzed alone.
     pub(crate) fn read(
         count: u32,
-        first: Extent,
-        data_words: u32,
-        mut read_word: impl FnMut(u32) -> Option<u64>,
+        first: Span,
+        areas: &dyn Areas,
     ) -> Result<SegmentTable, ProtocolError> {
         if count == 0 || count > MAX_SEGMENTS {
             return Err(ProtocolError::BadSegmentCount { count });
         }
-        let check = |e: Extent| {
-            if u64::from(e.start) + u64::from(e.len) <= u64::from(data_words) {
-                Ok(e)
+        let check = |s: Span| {
+            let words = areas
+                .words(s.area)
+                .ok_or(ProtocolError::UnknownArea { area: s.area })?;
+            let e = s.extent;
+            if u64::from(e.start) + u64::from(e.len) <= u64::from(words) {
+                Ok(s)
             } else {
                 Err(ProtocolError::SegmentOutOfBounds {
                     offset: e.start,
@@ -170,34 +227,44 @@ impl SegmentTable {
                 })
             }
         };
+        let none = Span {
+            area: 0,
+            extent: Extent { start: 0, len: 0 },
+        };
         let mut table = SegmentTable {
             count,
-            inline: [Extent { start: 0, len: 0 }; INLINE_SEGMENTS],
+            inline: [none; INLINE_SEGMENTS],
             more: Vec::new(),
         };
         if !needs_table(count as usize) {
             table.inline[0] = check(first)?;
         } else {
             let out_of_bounds = ProtocolError::SegmentOutOfBounds {
-                offset: first.start,
-                len: first.len,
+                offset: first.extent.start,
+                len: first.extent.len,
             };
-            if first.len != count {
+            if first.extent.len != count * TABLE_WORDS {
                 return Err(out_of_bounds);
             }
             let t = check(first)?;
             table.more.reserve_exact(count as usize);
             for i in 0..count {
-                // t.start + i < t.end() <= data_words: no overflow.
-                let word = read_word(t.start + i).ok_or(out_of_bounds)?;
-                table.more.push(check(table_extent(word))?);
+                // t.start + 2i + 1 < t.end() <= the area's words: no overflow.
+                let at = t.extent.start + i * TABLE_WORDS;
+                let word = |w| areas.read_word(t.area, w).ok_or(out_of_bounds);
+                let (a, b) = (word(at)?, word(at + 1)?);
+                let span = table_span(a, b).ok_or(ProtocolError::UnknownArea {
+                    area: u32::try_from(b).unwrap_or(u32::MAX),
+                })?;
+                table.more.push(check(span)?);
             }
         }
         // An honest sender's segments never overlap, so together they fit
-        // in the data area. Checking it bounds what a copy of the message
-        // may cost (a hostile table could name the whole area 512 times).
+        // in the areas. Checking it bounds what a copy of the message may
+        // cost (a hostile table could name a whole area 512 times).
         let words = table.words();
-        if words > u64::from(data_words) {
+        let data_words = areas.total_words();
+        if words > data_words {
             return Err(ProtocolError::SegmentsExceedArea { words, data_words });
         }
         Ok(table)
@@ -211,6 +278,10 @@ impl SegmentTable {
 pub(crate) struct DescriptorProducer {
     /// Messages published so far (wrapping); equals our `published` counter.
     published: Cell<u32>,
+    /// The peer's `consumed` counter as last loaded and validated: entries
+    /// below it are free to rewrite. Loaded again only when the cached value
+    /// says the ring is full.
+    known_consumed: Cell<u32>,
 }
 
 impl DescriptorProducer {
@@ -219,12 +290,50 @@ impl DescriptorProducer {
     pub(crate) fn new(start: u32) -> DescriptorProducer {
         DescriptorProducer {
             published: Cell::new(start),
+            known_consumed: Cell::new(start),
         }
+    }
+
+    /// Whether the ring has an entry free for the next message: fewer than
+    /// `capacity` published messages the peer has not taken. Loads the
+    /// peer's `consumed` only when the cached copy says the ring is full.
+    ///
+    /// # Errors
+    ///
+    /// `ConsumedOutOfRange` for a counter that went backwards or past what
+    /// was published.
+    pub(crate) fn has_room<W: Word>(
+        &self,
+        peer: &PeerRegion<W>,
+        capacity: u32,
+    ) -> Result<bool, ProtocolError> {
+        let published = self.published.get();
+        let before = published.wrapping_sub(self.known_consumed.get());
+        if before < capacity {
+            return Ok(true);
+        }
+        let consumed = peer.consumed().load();
+        // Acquire: pairs with the consumer's Release store of `consumed`
+        // after it read the entries it counts, so rewriting them is safe.
+        W::fence(Ordering::Acquire);
+        let now = published.wrapping_sub(consumed);
+        if now > before {
+            return Err(ProtocolError::ConsumedOutOfRange { consumed });
+        }
+        self.known_consumed.set(consumed);
+        Ok(now < capacity)
     }
 
     /// Messages published so far (wrapping).
     pub(crate) fn published(&self) -> u32 {
         self.published.get()
+    }
+
+    /// The peer's `consumed` counter as loaded when the ring was last found
+    /// full, if the cache says it is full (`has_room` refreshes it then).
+    pub(crate) fn full_at(&self, capacity: u32) -> Option<u32> {
+        let consumed = self.known_consumed.get();
+        (self.published.get().wrapping_sub(consumed) >= capacity).then_some(consumed)
     }
 
     /// Describes the next message, `d`, whose bytes (and table, if any) are
@@ -233,17 +342,16 @@ impl DescriptorProducer {
     /// [`store_count`](Self::store_count), as the store half of waking the
     /// peer (`wake::wake_peer`).
     ///
-    /// The caller keeps at most `ring_capacity` messages unreleased (every
-    /// message holds a slot until released, and there are no more slots than
-    /// entries), so the entry written here was released, hence taken, before.
+    /// The caller has checked [`has_room`](Self::has_room), so the entry
+    /// written here was taken (its `consumed` seen, with its fence) before.
     pub(crate) fn publish<W: Word>(&self, own: &OwnRegion<W>, d: Descriptor) -> u32 {
         let seq = self.published.get();
         let next = seq.wrapping_add(1);
         let entry = own.descriptor(seq);
         // Relaxed: published by the Release store of the tag.
         entry.slot_count.store(d.slot_count(), Ordering::Relaxed);
-        entry.offset.store(d.extent.start, Ordering::Relaxed);
-        entry.len.store(d.extent.len, Ordering::Relaxed);
+        entry.offset.store(d.span.extent.start, Ordering::Relaxed);
+        entry.len.store(d.span.extent.len, Ordering::Relaxed);
         if fault::active(Fault::CounterBeforeTag) {
             own.published().store(next, Ordering::Release);
         }
@@ -271,6 +379,16 @@ pub(crate) struct Taken {
     pub(crate) slot: u32,
     pub(crate) seq: u32,
     pub(crate) table: SegmentTable,
+}
+
+/// One entry taken from the peer's ring.
+#[derive(Debug)]
+pub(crate) enum Entry {
+    /// A message.
+    Message(Taken),
+    /// The peer retired area `area` (see [`Descriptor`]); release
+    /// `(slot, seq)` once it is unmapped.
+    Retire { slot: u32, seq: u32, area: u32 },
 }
 
 /// The receiving side's half of the peer's descriptor ring.
@@ -343,13 +461,16 @@ impl DescriptorConsumer {
         Ok(available)
     }
 
-    /// Takes the next message, if the peer has published one, and stores
-    /// our `consumed` counter.
+    /// Takes the next entry, if the peer has published one, and stores our
+    /// `consumed` counter. A message's segments must lie in `areas`; on an
+    /// error nothing is taken (so the caller may look for areas the peer
+    /// has just handed over, and try again).
     pub(crate) fn take<W: Word>(
         &self,
         peer: &PeerRegion<W>,
         own: &OwnRegion<W>,
-    ) -> Result<Option<Taken>, ProtocolError> {
+        areas: &dyn Areas,
+    ) -> Result<Option<Entry>, ProtocolError> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {
@@ -375,18 +496,32 @@ impl DescriptorConsumer {
             entry.offset.load(),
             entry.len.load(),
         );
-        let table = SegmentTable::read(d.count, d.extent, peer.geometry().data_words(), |w| {
-            peer.read_word(w)
-        })?;
+        let entry = if d.count == 0 {
+            let area = d.span.area;
+            if area == 0 || d.span.extent.len != 0 || d.span.extent.start != 0 {
+                return Err(ProtocolError::BadSegmentCount { count: 0 });
+            }
+            if areas.words(area).is_none() {
+                return Err(ProtocolError::UnknownArea { area });
+            }
+            Entry::Retire {
+                slot: d.slot,
+                seq,
+                area,
+            }
+        } else {
+            Entry::Message(Taken {
+                slot: d.slot,
+                seq,
+                table: SegmentTable::read(d.count, d.span, areas)?,
+            })
+        };
         let next = seq.wrapping_add(1);
         self.consumed.set(next);
-        // Release: the peer reads it to validate releases, which come after.
+        // Release: the peer reads it to validate releases, which come after,
+        // and to know which entries it may rewrite.
         own.consumed().store(next, Ordering::Release);
-        Ok(Some(Taken {
-            slot: d.slot,
-            seq,
-            table,
-        }))
+        Ok(Some(entry))
     }
 }
 
@@ -412,8 +547,8 @@ impl ReleaseProducer {
     /// [`store_count`](Self::store_count), as the store half of waking the
     /// peer (`wake::wake_peer`).
     ///
-    /// The peer keeps at most `ring_capacity` (ours) messages in flight, and
-    /// each is released once, so the entry written here was read before.
+    /// The peer keeps at most `held_capacity` (ours) messages in flight,
+    /// and each is released once, so the entry written here was read before.
     pub(crate) fn release<W: Word>(&self, own: &OwnRegion<W>, slot: u32, seq: u32) {
         let n = self.released.get();
         let entry = own.release_entry(n);
@@ -549,17 +684,48 @@ mod tests {
         Extent { start, len }
     }
 
-    fn no_words(_: u32) -> Option<u64> {
-        None
+    fn span(area: u32, start: u32, len: u32) -> Span {
+        Span {
+            area,
+            extent: ext(start, len),
+        }
     }
 
-    /// Reads words of a table stored at word 50.
-    fn table_at_50(words: &[u64]) -> impl Fn(u32) -> Option<u64> + Copy + '_ {
-        move |w| words.get(w.checked_sub(50)? as usize).copied()
+    /// Areas of the given sizes (index = id); area 0's words from 50 on
+    /// are `table`, and read as absent elsewhere.
+    struct Sizes<'a> {
+        words: &'a [u32],
+        table: &'a [u64],
     }
 
-    fn pair(offset: u32, len: u32) -> u64 {
-        table_word(ext(offset, len))
+    impl Areas for Sizes<'_> {
+        fn words(&self, area: u32) -> Option<u32> {
+            self.words.get(area as usize).copied().filter(|&w| w > 0)
+        }
+        fn read_word(&self, area: u32, offset: u32) -> Option<u64> {
+            if area != 0 || offset >= self.words[0] {
+                return None;
+            }
+            self.table.get(offset.checked_sub(50)? as usize).copied()
+        }
+        fn total_words(&self) -> u64 {
+            self.words.iter().map(|&w| u64::from(w)).sum()
+        }
+    }
+
+    fn one(words: u32) -> Sizes<'static> {
+        Sizes {
+            words: Box::leak(Box::new([words])),
+            table: &[],
+        }
+    }
+
+    /// The words of a table of `segments` (area, offset, len).
+    fn table(segments: &[(u32, u32, u32)]) -> Vec<u64> {
+        segments
+            .iter()
+            .flat_map(|&(a, o, l)| table_words(span(a, o, l)))
+            .collect()
     }
 
     #[test]
@@ -567,43 +733,94 @@ mod tests {
         let d = Descriptor {
             slot: 65_535,
             count: MAX_SEGMENTS,
-            extent: ext(7, 9),
+            span: span(MAX_AREA, 7, 9),
         };
         assert_eq!(Descriptor::from_words(d.slot_count(), 7, 9), d);
-        assert_eq!(table_extent(table_word(ext(u32::MAX, 3))), ext(u32::MAX, 3));
+        let r = Descriptor::retire(3, 5);
+        assert_eq!(Descriptor::from_words(r.slot_count(), 0, 0), r);
+        let [a, b] = table_words(span(9, u32::MAX, 3));
+        assert_eq!(table_span(a, b), Some(span(9, u32::MAX, 3)));
+        assert_eq!(table_span(a, u64::from(MAX_AREA) + 1), None);
         assert_eq!(tag(u32::MAX), 0);
     }
 
     #[test]
     fn inline_segment() {
-        let t = SegmentTable::read(1, ext(10, 6), 100, no_words).unwrap();
+        let t = SegmentTable::read(1, span(0, 10, 6), &one(100)).unwrap();
         assert_eq!(t.len(), 1);
-        assert_eq!(t.get(0), Some(ext(10, 6)));
+        assert_eq!(t.get(0), Some(span(0, 10, 6)));
         assert_eq!(t.get(1), None);
         assert_eq!(t.words(), 6);
+        assert!(!t.in_areas());
+    }
+
+    #[test]
+    fn segments_in_areas() {
+        let areas = Sizes {
+            words: &[100, 0, 1000],
+            table: &[],
+        };
+        let t = SegmentTable::read(1, span(2, 900, 100), &areas).unwrap();
+        assert!(t.in_areas());
+        assert_eq!(
+            SegmentTable::read(1, span(2, 901, 100), &areas).unwrap_err(),
+            ProtocolError::SegmentOutOfBounds {
+                offset: 901,
+                len: 100
+            }
+        );
+        assert_eq!(
+            SegmentTable::read(1, span(1, 0, 1), &areas).unwrap_err(),
+            ProtocolError::UnknownArea { area: 1 }
+        );
+        assert_eq!(
+            SegmentTable::read(1, span(3, 0, 1), &areas).unwrap_err(),
+            ProtocolError::UnknownArea { area: 3 }
+        );
+        // An out-of-line table in area 0 naming area 2 and an unknown one.
+        let words = table(&[(0, 0, 10), (2, 0, 1000)]);
+        let areas = Sizes {
+            words: &[100, 0, 1000],
+            table: &words,
+        };
+        let t = SegmentTable::read(2, span(0, 50, 4), &areas).unwrap();
+        assert_eq!(t.get(1), Some(span(2, 0, 1000)));
+        let words = table(&[(0, 0, 10), (1, 0, 1)]);
+        let areas = Sizes {
+            words: &[100, 0, 1000],
+            table: &words,
+        };
+        assert_eq!(
+            SegmentTable::read(2, span(0, 50, 4), &areas).unwrap_err(),
+            ProtocolError::UnknownArea { area: 1 }
+        );
     }
 
     #[test]
     fn rejects_bad_counts_and_bounds() {
         assert_eq!(
-            SegmentTable::read(0, ext(0, 0), 100, no_words).unwrap_err(),
+            SegmentTable::read(0, span(0, 0, 0), &one(100)).unwrap_err(),
             ProtocolError::BadSegmentCount { count: 0 }
         );
         assert_eq!(
-            SegmentTable::read(513, ext(0, 0), 100, no_words).unwrap_err(),
+            SegmentTable::read(513, span(0, 0, 0), &one(100)).unwrap_err(),
             ProtocolError::BadSegmentCount { count: 513 }
         );
         assert_eq!(
-            SegmentTable::read(1, ext(96, 5), 100, no_words).unwrap_err(),
+            SegmentTable::read(1, span(0, 96, 5), &one(100)).unwrap_err(),
             ProtocolError::SegmentOutOfBounds { offset: 96, len: 5 }
         );
         // offset + length overflowing u32
-        assert!(SegmentTable::read(1, ext(u32::MAX, 2), u32::MAX, no_words).is_err());
-        assert!(SegmentTable::read(1, ext(100, 0), 100, no_words).is_ok());
+        assert!(SegmentTable::read(1, span(0, u32::MAX, 2), &one(u32::MAX)).is_err());
+        assert!(SegmentTable::read(1, span(0, 100, 0), &one(100)).is_ok());
         // Each in bounds, together more than the area: overlapping.
-        let words = [pair(0, 40), pair(10, 40), pair(0, 41)];
+        let words = table(&[(0, 0, 40), (0, 10, 40), (0, 0, 41)]);
+        let areas = Sizes {
+            words: &[100],
+            table: &words,
+        };
         assert_eq!(
-            SegmentTable::read(3, ext(50, 3), 100, table_at_50(&words)).unwrap_err(),
+            SegmentTable::read(3, span(0, 50, 6), &areas).unwrap_err(),
             ProtocolError::SegmentsExceedArea {
                 words: 121,
                 data_words: 100
@@ -613,24 +830,34 @@ mod tests {
 
     #[test]
     fn out_of_line_table() {
-        let words: Vec<u64> = (0..8u32).map(|i| pair(i * 5, 5)).collect();
-        let read = table_at_50(&words);
-        let t = SegmentTable::read(8, ext(50, 8), 100, read).unwrap();
+        let segments: Vec<_> = (0..8u32).map(|i| (0, i * 5, 5)).collect();
+        let words = table(&segments);
+        let areas = Sizes {
+            words: &[100],
+            table: &words,
+        };
+        let t = SegmentTable::read(8, span(0, 50, 16), &areas).unwrap();
         assert_eq!(t.len(), 8);
-        assert_eq!(t.get(7), Some(ext(35, 5)));
-        // The table must be as long as the count, and in bounds.
-        assert!(SegmentTable::read(8, ext(50, 7), 100, read).is_err());
-        assert!(SegmentTable::read(8, ext(95, 8), 100, read).is_err());
+        assert_eq!(t.get(7), Some(span(0, 35, 5)));
+        // The table must be two words a segment, and in bounds.
+        assert!(SegmentTable::read(8, span(0, 50, 15), &areas).is_err());
+        assert!(SegmentTable::read(8, span(0, 90, 16), &areas).is_err());
         // An entry out of bounds.
-        let bad = |w: u32| Some(if w == 53 { pair(99, 5) } else { pair(w, 1) });
+        let mut bad = segments.clone();
+        bad[3] = (0, 99, 5);
+        let words = table(&bad);
+        let areas = Sizes {
+            words: &[100],
+            table: &words,
+        };
         assert_eq!(
-            SegmentTable::read(8, ext(50, 8), 100, bad).unwrap_err(),
+            SegmentTable::read(8, span(0, 50, 16), &areas).unwrap_err(),
             ProtocolError::SegmentOutOfBounds { offset: 99, len: 5 }
         );
     }
 
     /// Deterministic sweep: whatever the descriptor holds, the table either
-    /// is rejected or describes only extents inside the data area.
+    /// is rejected or describes only extents inside known areas.
     #[test]
     fn random_descriptors_stay_in_bounds() {
         let mut seed = 0x1234_5678_9abc_def1u64;
@@ -640,19 +867,26 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let data_words = 4096;
-        for _ in 0..50_000 {
+        let sizes = [4096, 0, 512];
+        for _ in 0..20_000 {
             let small = |v: u64| u32::try_from(v % 5000).unwrap();
             let count = small(next()) % 600;
-            let first = ext(small(next()), small(next()) % 64);
-            let fill = next();
-            let read = |w: u32| (w < data_words).then(|| fill.rotate_left(w) % (1 << 40));
-            if let Ok(t) = SegmentTable::read(count, first, data_words, read) {
+            let first = span(small(next()) % 4, small(next()), small(next()) % 1300);
+            let words: Vec<u64> = (0..1200).map(|_| next() % (1 << 40)).collect();
+            let words: Vec<u64> = words.chunks(2).flat_map(|p| [p[0], p[1] % 4]).collect();
+            let areas = Sizes {
+                words: &sizes,
+                table: &words,
+            };
+            if let Ok(t) = SegmentTable::read(count, first, &areas) {
                 assert!((1..=MAX_SEGMENTS).contains(&t.len()));
-                assert!(t.words() <= u64::from(data_words));
+                assert!(t.words() <= areas.total_words());
                 for i in 0..t.len() {
-                    let e = t.get(i).unwrap();
-                    assert!(u64::from(e.start) + u64::from(e.len) <= u64::from(data_words));
+                    let s = t.get(i).unwrap();
+                    let limit = areas.words(s.area).expect("a known area");
+                    assert!(
+                        u64::from(s.extent.start) + u64::from(s.extent.len) <= u64::from(limit)
+                    );
                 }
             }
         }

@@ -28,25 +28,35 @@
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
+use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::free::FreeList;
-use crate::layout::{Geometry, AWAKE, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD, WORD_BYTES};
+use crate::layout::{
+    Geometry, AWAKE, DATA_ALIGN, MAX_AREA, MAX_REGION, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD,
+    WORD_BYTES,
+};
 use crate::link::Link;
-use crate::region::{Extent, OwnRegion, PeerRegion};
-use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer};
+use crate::region::{Extent, OwnArea, OwnRegion, PeerRegion, Span};
+use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer, TABLE_WORDS};
 use crate::stats::SendStats;
 use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake;
 use crate::word::{Mine, Theirs, Word};
 
 /// How often (in sends) a sender that never waits checks the socket for
-/// hang-up, subject to at most one check per wait slice.
+/// hang-up, subject to at most one check per wait slice, and looks for
+/// areas to give back.
 const SENDS_PER_LIVENESS_CHECK: u32 = 64;
+
+/// Slots made before a sender with none free first reads the peer's
+/// releases (see `Books::try_publish`).
+const EAGER_SLOTS: usize = 256;
 
 /// One message in flight, or a free place for one.
 #[derive(Debug)]
@@ -56,16 +66,40 @@ struct Slot {
     in_flight: bool,
     /// Every extent the message occupies: segments and out-of-line table,
     /// each exactly the words written.
-    extents: Vec<Extent>,
+    extents: Vec<Span>,
+    /// For a retirement (not a message): the area id it gives back, free to
+    /// reuse once the peer releases the entry (it has unmapped the area).
+    retires: Option<u32>,
 }
 
 /// Where one segment of a message being sent comes from.
 #[derive(Debug, Clone, Copy)]
 enum Placement {
-    /// Already in our data area: open extent `open`, `used` words written.
-    InRegion { open: Extent, used: u32 },
-    /// On the heap (or another region): copied into `to` at send.
-    Copied { to: Extent },
+    /// Already in our outgoing space: open span `open`, `used` words written.
+    InPlace { open: Span, used: u32 },
+    /// On the heap (or another channel's region): copied into `to` at send.
+    Copied { to: Span },
+}
+
+/// An area added to the outgoing space, and its free words.
+#[derive(Debug)]
+struct Grown {
+    area: OwnArea,
+    free: FreeList,
+    /// When the area was first seen empty (nothing open, nothing in flight)
+    /// since it was last used.
+    empty_since: Option<Instant>,
+}
+
+/// Why a message could not be published now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoRoom {
+    /// Every slot is in flight, or the descriptor ring is full: only the
+    /// peer (taking or releasing) can help.
+    Peer,
+    /// No free extent of `words` words for a copied segment or the table:
+    /// a release, or a new area, can help.
+    Space { words: u32 },
 }
 
 /// The sender's books. Every method runs to completion without calling
@@ -74,21 +108,32 @@ enum Placement {
 #[derive(Debug)]
 struct Books {
     geometry: Geometry,
-    /// The most messages in flight at once: our ring capacity, or the
-    /// peer's if smaller, since the peer's release ring (in its region, sized
-    /// by its capacity) must hold a release for every message in flight.
+    /// The most messages in flight at once: the peer's release ring
+    /// capacity (its `held_capacity`), which must hold a release for every
+    /// message in flight. Slots are made as needed, up to this many.
     max_in_flight: u32,
+    /// The free words of area 0, the region's data area.
     free: FreeList,
-    /// End of the highest word ever handed out. Below it, pages are already
-    /// faulted in and likely cached; an allocation that would cross it first
-    /// reclaims what the peer has released (see `allocate`).
+    /// End of the highest word of area 0 ever handed out. Below it, pages
+    /// are already faulted in and likely cached; an allocation that would
+    /// cross it first reclaims what the peer has released (see `allocate`).
     high_water: u32,
-    /// Extents lent to live builders, in allocation order.
-    open: Vec<Extent>,
+    /// The areas added, by id - 1 (`None`: id free, or retiring).
+    grown: Vec<Option<Grown>>,
+    /// Ids retired whose retirement the peer has not released yet (bit
+    /// `id`): not to be reused until it has.
+    retiring: u64,
+    /// The most bytes the outgoing space may take (region included), and
+    /// what the areas take now.
+    limit_bytes: u64,
+    grown_bytes: u64,
+    areas_added: u64,
+    areas_retired: u64,
+    /// Spans lent to live builders, in allocation order.
+    open: Vec<Span>,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
-    /// Messages sent and not yet released: `max_in_flight` minus the free
-    /// slots.
+    /// Messages sent and not yet released: the slots in use.
     in_flight: u32,
     /// Words the messages in flight occupy.
     in_flight_words: u64,
@@ -99,23 +144,21 @@ struct Books {
 }
 
 impl Books {
-    fn new(geometry: Geometry, peer_ring_capacity: u32, start: u32) -> Books {
-        let cap = geometry.ring_capacity.min(peer_ring_capacity);
+    fn new(geometry: Geometry, peer_held_capacity: u32, limit_bytes: u64, start: u32) -> Books {
         Books {
             geometry,
-            max_in_flight: cap,
+            max_in_flight: peer_held_capacity,
             free: FreeList::new(geometry.data_words()),
             high_water: 0,
+            grown: Vec::new(),
+            retiring: 0,
+            limit_bytes,
+            grown_bytes: 0,
+            areas_added: 0,
+            areas_retired: 0,
             open: Vec::with_capacity(16),
-            slots: (0..cap)
-                .map(|_| Slot {
-                    seq: 0,
-                    in_flight: false,
-                    extents: Vec::new(),
-                })
-                .collect(),
-            // Popped from the back: slot 0 first.
-            free_slots: (0..cap).rev().collect(),
+            slots: Vec::with_capacity(EAGER_SLOTS.min(peer_held_capacity as usize)),
+            free_slots: Vec::with_capacity(EAGER_SLOTS.min(peer_held_capacity as usize)),
             in_flight: 0,
             in_flight_words: 0,
             plan: Vec::with_capacity(1),
@@ -128,25 +171,132 @@ impl Books {
     fn in_flight(&self) -> u32 {
         debug_assert_eq!(
             u64::from(self.in_flight) + self.free_slots.len() as u64,
-            u64::from(self.max_in_flight)
+            self.slots.len() as u64
         );
         self.in_flight
     }
 
-    /// Lends an extent of at least `min` (ideally `want`) words to a builder.
+    /// A free slot for the next message, making one if all are in flight
+    /// and the peer may hold more. Not taken yet: see `take_slot`.
+    fn next_slot(&mut self) -> Option<u32> {
+        if let Some(&slot) = self.free_slots.last() {
+            return Some(slot);
+        }
+        let made = u32::try_from(self.slots.len()).ok()?;
+        if made >= self.max_in_flight {
+            return None;
+        }
+        self.slots.push(Slot {
+            seq: 0,
+            in_flight: false,
+            extents: Vec::new(),
+            retires: None,
+        });
+        self.free_slots.push(made);
+        Some(made)
+    }
+
+    /// The free list of area `area`, if it exists.
+    fn free_list(&mut self, area: u32) -> Option<&mut FreeList> {
+        match area {
+            0 => Some(&mut self.free),
+            id => Some(&mut self.grown.get_mut(id as usize - 1)?.as_mut()?.free),
+        }
+    }
+
+    /// Returns `span` to its area's free list. Its words are zero.
+    fn free_span(&mut self, span: Span) {
+        if let Some(free) = self.free_list(span.area) {
+            free.free(span.extent);
+        }
+    }
+
+    /// Zeroes `span`'s words.
     ///
-    /// Releases are read lazily, to keep the peer's `released` line out of
-    /// the hot path: only when the free list cannot serve the request from
-    /// memory already used (below `high_water`). So a steady stream keeps
-    /// reusing the same warm pages instead of walking the whole region, and
-    /// pages are faulted in once, not once per lap.
+    /// # Safety
+    ///
+    /// As for [`OwnRegion::zero`]: the books give the caller these words.
+    unsafe fn zero<W: Word>(&self, own: &OwnRegion<W>, span: Span) {
+        match span.area {
+            // SAFETY: passed on from the caller.
+            0 => unsafe { own.zero(span.extent) },
+            id => {
+                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                    // SAFETY: passed on from the caller.
+                    unsafe { g.area.zero(span.extent) }
+                }
+            }
+        }
+    }
+
+    /// Copies `bytes` to the start of `span`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`OwnRegion::write`]: the books give the caller these words.
+    unsafe fn write<W: Word>(&self, own: &OwnRegion<W>, span: Span, bytes: &[u8]) {
+        match span.area {
+            // SAFETY: passed on from the caller.
+            0 => unsafe { own.write(span.extent, bytes) },
+            id => {
+                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                    // SAFETY: passed on from the caller.
+                    unsafe { g.area.write(span.extent, bytes) }
+                }
+            }
+        }
+    }
+
+    /// The address of `span`'s first word, for capnp.
+    fn span_ptr<W: Word>(&self, own: &OwnRegion<W>, span: Span) -> NonNull<u8> {
+        match span.area {
+            0 => own.extent_ptr(span.extent),
+            id => match self.grown.get(id as usize - 1) {
+                Some(Some(g)) => g.area.extent_ptr(span.extent),
+                _ => NonNull::dangling(),
+            },
+        }
+    }
+
+    /// The area and word offset of `ptr`, when it lies in our outgoing
+    /// space (word aligned).
+    fn locate<W: Word>(&self, own: &OwnRegion<W>, ptr: *const u8) -> Option<(u32, u32)> {
+        if let Some(start) = own.offset_of(ptr) {
+            return Some((0, start));
+        }
+        (1u32..).zip(&self.grown).find_map(|(id, g)| {
+            let start = g.as_ref()?.area.offset_of(ptr)?;
+            Some((id, start))
+        })
+    }
+
+    /// Takes a free extent of at least `min` (ideally `want`) words from
+    /// the areas added, lowest id first.
+    fn allocate_grown(&mut self, min: u32, want: u32) -> Option<Span> {
+        (1u32..).zip(&mut self.grown).find_map(|(id, g)| {
+            let g = g.as_mut()?;
+            let extent = g.free.allocate(min, want)?;
+            g.empty_since = None;
+            Some(Span { area: id, extent })
+        })
+    }
+
+    /// Lends a span of at least `min` (ideally `want`) words to a builder.
+    ///
+    /// Area 0 first. Releases are read lazily, to keep the peer's
+    /// `released` line out of the hot path: only when area 0 cannot serve
+    /// the request from memory already used (below `high_water`). So a
+    /// steady stream keeps reusing the same warm pages instead of walking
+    /// the whole region, and pages are faulted in once, not once per lap.
+    /// Then the areas added; `None` when nothing has room (the caller may
+    /// add an area).
     fn allocate<W: Word>(
         &mut self,
         own: &OwnRegion<W>,
         peer: &PeerRegion<W>,
         min: u32,
         want: u32,
-    ) -> Result<Option<Extent>, ProtocolError> {
+    ) -> Result<Option<Span>, ProtocolError> {
         let mut extent = self.free.allocate(min, want);
         // Only the first `min` words are sure to be written; the rest of a
         // generous segment is usually trimmed away at send.
@@ -159,32 +309,50 @@ impl Books {
             self.reclaim(own, peer)?;
             extent = self.free.allocate(min, want);
         }
-        let Some(extent) = extent else {
-            return Ok(None);
+        let span = match extent {
+            Some(extent) => {
+                self.high_water = self.high_water.max(extent.end());
+                Span { area: 0, extent }
+            }
+            None => match self.allocate_grown(min, want) {
+                Some(span) => span,
+                None => return Ok(None),
+            },
         };
-        self.high_water = self.high_water.max(extent.end());
-        self.open.push(extent);
-        Ok(Some(extent))
+        self.open.push(span);
+        Ok(Some(span))
     }
 
-    /// Takes back the open extent starting at `start` from a builder dropped
+    /// Takes back the open span at `(area, start)` from a builder dropped
     /// unsent: zeroes the `used` words and frees it. Returns `false` when no
-    /// open extent starts there (the message was sent, or the pointer is not
-    /// ours).
-    fn deallocate<W: Word>(&mut self, own: &OwnRegion<W>, start: u32, used: u32) -> bool {
-        let Some(i) = self.open.iter().rposition(|e| e.start == start) else {
+    /// open span starts there (the message was sent).
+    fn deallocate<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        area: u32,
+        start: u32,
+        used: u32,
+    ) -> bool {
+        let Some(i) = self
+            .open
+            .iter()
+            .rposition(|s| s.area == area && s.extent.start == start)
+        else {
             return false;
         };
-        let extent = self.open.swap_remove(i);
-        let written = Extent {
-            start,
-            len: used.min(extent.len),
+        let span = self.open.swap_remove(i);
+        let written = Span {
+            area,
+            extent: Extent {
+                start,
+                len: used.min(span.extent.len),
+            },
         };
-        // SAFETY: `extent` was open, lent to the builder now giving it back:
+        // SAFETY: `span` was open, lent to the builder now giving it back:
         // capnp is done with it and nothing else refers to it; our caller
         // holds the end.
-        unsafe { own.zero(written) };
-        self.free.free(extent);
+        unsafe { self.zero(own, written) };
+        self.free_span(span);
         true
     }
 
@@ -196,32 +364,44 @@ impl Books {
     ) -> Result<u32, ProtocolError> {
         let in_flight = self.in_flight();
         let published = self.descriptors.published();
-        let (slots, free, free_slots) = (&mut self.slots, &mut self.free, &mut self.free_slots);
-        let count = &mut self.in_flight;
-        let words = &mut self.in_flight_words;
-        self.releases
-            .reclaim(peer, published, in_flight, |Release { slot, seq }| {
-                let bad = ProtocolError::BadRelease { slot, seq };
-                let s = slots.get_mut(slot as usize).ok_or(bad)?;
-                if !s.in_flight || s.seq != seq {
-                    return Err(bad);
-                }
-                for e in s.extents.drain(..) {
-                    *words -= u64::from(e.len);
-                    // SAFETY: message `seq`'s extent, released by the peer
-                    // (validated): nobody reads or refers to it any more.
-                    unsafe { own.zero(e) };
-                    free.free(e);
-                }
-                s.in_flight = false;
-                free_slots.push(slot);
-                *count -= 1;
-                Ok(())
-            })
+        let releases = std::mem::replace(&mut self.releases, ReleaseConsumer::new(0));
+        let result = releases.reclaim(peer, published, in_flight, |Release { slot, seq }| {
+            let bad = ProtocolError::BadRelease { slot, seq };
+            let s = self.slots.get_mut(slot as usize).ok_or(bad)?;
+            if !s.in_flight || s.seq != seq {
+                return Err(bad);
+            }
+            s.in_flight = false;
+            if let Some(id) = s.retires.take() {
+                self.retiring &= !(1u64 << id);
+            }
+            let mut extents = std::mem::take(&mut s.extents);
+            for e in extents.drain(..) {
+                self.in_flight_words -= u64::from(e.extent.len);
+                // SAFETY: message `seq`'s span, released by the peer
+                // (validated): nobody reads or refers to it any more.
+                unsafe { self.zero(own, e) };
+                self.free_span(e);
+            }
+            self.slots[slot as usize].extents = extents;
+            self.free_slots.push(slot);
+            self.in_flight -= 1;
+            Ok(())
+        });
+        self.releases = releases;
+        result
+    }
+
+    /// Words the outgoing space may hold: area 0, and what the limit leaves
+    /// for areas.
+    fn capacity_words(&self) -> u64 {
+        let for_areas = self.limit_bytes.saturating_sub(self.geometry.region_size);
+        u64::from(self.geometry.data_words()) + for_areas / WORD
     }
 
     /// Checks what no amount of waiting can fix: too many segments, or more
-    /// words than the data area holds. Returns the number of segments.
+    /// words than the outgoing space may hold. Returns the number of
+    /// segments.
     fn check_fits(&self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
         let too_many = TooLarge {
             needed: segments.len() as u64,
@@ -232,16 +412,16 @@ impl Books {
         if n > MAX_SEGMENTS {
             return Err(too_many);
         }
-        let count = u64::from(n);
         let table = if ring::needs_table(segments.len()) {
-            count
+            u64::from(n * TABLE_WORDS)
         } else {
             0
         };
         // capnp's segments are whole words.
         let words: u64 = segments.iter().map(|s| s.len() as u64 / WORD).sum::<u64>() + table;
-        let limit = u64::from(self.geometry.data_words());
-        if words > limit {
+        let limit = self.capacity_words();
+        let largest = segments.iter().map(|s| s.len() as u64 / WORD).max();
+        if words > limit || largest.is_some_and(|w| w * WORD > MAX_REGION) {
             return Err(TooLarge {
                 needed: words,
                 limit,
@@ -251,9 +431,9 @@ impl Books {
         Ok(n)
     }
 
-    /// The error to give when a message cannot be placed and nothing is in
-    /// flight, so no release will ever make room: the largest segment to copy
-    /// against the largest free extent.
+    /// The error to give when a message cannot be placed, nothing is in
+    /// flight (so no release will ever make room) and no area can be added:
+    /// the largest segment to copy against the largest free extent.
     fn cannot_place<W: Word>(&self, own: &OwnRegion<W>, segments: &[&[u8]]) -> TooLarge {
         let needed = segments
             .iter()
@@ -261,81 +441,132 @@ impl Books {
             .map(|s| s.len() as u64 / WORD)
             .max()
             .unwrap_or(0);
+        let largest = self
+            .grown
+            .iter()
+            .flatten()
+            .map(|g| g.free.largest())
+            .chain([self.free.largest()])
+            .max()
+            .unwrap_or(0);
         TooLarge {
             needed,
-            limit: u64::from(self.free.largest()),
+            limit: u64::from(largest),
             kind: TooLargeKind::Segment,
         }
     }
 
-    /// The open extent a segment lies at the start of, if any.
-    fn find_open<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> Option<Extent> {
-        let start = own.offset_of(segment.as_ptr())?;
-        let e = *self.open.iter().rev().find(|e| e.start == start)?;
-        (segment.len() as u64 <= u64::from(e.len) * WORD).then_some(e)
+    /// The open span a segment lies at the start of, if any.
+    fn find_open<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> Option<Span> {
+        let (area, start) = self.locate(own, segment.as_ptr())?;
+        let s = *self
+            .open
+            .iter()
+            .rev()
+            .find(|s| s.area == area && s.extent.start == start)?;
+        (segment.len() as u64 <= u64::from(s.extent.len) * WORD).then_some(s)
     }
 
-    /// Publishes a message if a slot and space for its copied segments (and
-    /// out-of-line table) are free now; otherwise changes nothing and returns
-    /// `false`. `segments` passed [`check_fits`](Self::check_fits), which
-    /// counted `count` of them, and is not empty.
-    fn try_publish<W: Word>(&mut self, own: &OwnRegion<W>, segments: &[&[u8]], count: u32) -> bool {
+    /// Takes a free extent of exactly `words` words from any area.
+    fn take_exact(&mut self, words: u32) -> Option<Span> {
+        match self.free.allocate(words, words) {
+            Some(extent) => Some(Span { area: 0, extent }),
+            None => self.allocate_grown(words, words),
+        }
+    }
+
+    /// Publishes a message if a slot, an entry of the ring and space for its
+    /// copied segments (and out-of-line table) are free now; otherwise
+    /// changes nothing and says what is missing. `segments` passed
+    /// [`check_fits`](Self::check_fits), which counted `count` of them, and
+    /// is not empty.
+    fn try_publish<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        peer: &PeerRegion<W>,
+        segments: &[&[u8]],
+        count: u32,
+    ) -> Result<Result<(), NoRoom>, ProtocolError> {
         debug_assert!(!segments.is_empty() && segments.len() == count as usize);
-        let Some(&slot) = self.free_slots.last() else {
-            return false;
+        if !self
+            .descriptors
+            .has_room(peer, self.geometry.ring_capacity)?
+        {
+            return Ok(Err(NoRoom::Peer));
+        }
+        // Up to EAGER_SLOTS slots are made as needed; beyond, only while the
+        // peer has released nothing: a stream reuses a few hundred slots (and
+        // their warm words), a receiver that holds gets as many as it may.
+        if self.free_slots.is_empty()
+            && self.slots.len() >= EAGER_SLOTS
+            && self.releases.pending(peer)
+        {
+            self.reclaim(own, peer)?;
+        }
+        let Some(slot) = self.next_slot() else {
+            return Ok(Err(NoRoom::Peer));
         };
         // Plan: find each segment's place, taking space for the copies. The
-        // unused tails of in-region segments are freed first (never written,
+        // unused tails of in-place segments are freed first (never written,
         // so still zero): a copy may need that space.
         let mut plan = std::mem::take(&mut self.plan);
         plan.clear();
         for s in segments {
             let words = words_of(s);
             if let Some(open) = self.find_open(own, s) {
-                self.free.free(tail(open, words));
-                plan.push(Placement::InRegion { open, used: words });
+                self.free_span(tail(open, words));
+                plan.push(Placement::InPlace { open, used: words });
             } else {
                 plan.push(Placement::Copied {
-                    to: Extent { start: 0, len: 0 },
+                    to: Span {
+                        area: 0,
+                        extent: Extent { start: 0, len: 0 },
+                    },
                 });
             }
         }
-        let mut complete = true;
+        let mut missing = None;
         for (p, s) in plan.iter_mut().zip(segments) {
             if let Placement::Copied { to } = p {
                 let words = words_of(s).max(1);
-                match self.free.allocate(words, words) {
-                    Some(e) => *to = e,
+                match self.take_exact(words) {
+                    Some(span) => *to = span,
                     None => {
-                        complete = false;
+                        missing = Some(words);
                         break;
                     }
                 }
             }
         }
-        let table = if !complete || !ring::needs_table(segments.len()) {
+        let table = if missing.is_some() || !ring::needs_table(segments.len()) {
             None
         } else {
-            let t = self.free.allocate(count, count);
-            complete = t.is_some();
+            let words = count * TABLE_WORDS;
+            let t = self.take_exact(words);
+            if t.is_none() {
+                missing = Some(words);
+            }
             t
         };
-        if !complete {
+        if let Some(words) = missing {
             // Undo in reverse: the copy targets were never written (still
             // zero), and once they are back the tails are free to re-take.
             for p in &plan {
                 if let Placement::Copied { to } = *p {
-                    self.free.free(to);
+                    if to.extent.len > 0 {
+                        self.free_span(to);
+                    }
                 }
             }
             for p in &plan {
-                if let Placement::InRegion { open, used } = *p {
-                    let taken = self.free.take(tail(open, used));
+                if let Placement::InPlace { open, used } = *p {
+                    let t = tail(open, used);
+                    let taken = self.free_list(t.area).is_some_and(|f| f.take(t.extent));
                     debug_assert!(taken, "a freed tail was not free again");
                 }
             }
             self.plan = plan;
-            return false;
+            return Ok(Err(NoRoom::Space { words }));
         }
 
         // Commit: nothing below can fail.
@@ -344,39 +575,51 @@ impl Books {
         let seq = self.descriptors.published();
         let index = slot as usize;
         let mut extents = std::mem::take(&mut self.slots[index].extents);
-        let mut described = Extent { start: 0, len: 0 };
+        let mut described = Span {
+            area: 0,
+            extent: Extent { start: 0, len: 0 },
+        };
         for (i, (p, s)) in (0u32..).zip(plan.iter().zip(segments)) {
             let placed = match *p {
-                Placement::InRegion { open, used } => {
+                Placement::InPlace { open, used } => {
                     if let Some(k) = self.open.iter().rposition(|e| *e == open) {
                         self.open.swap_remove(k);
                     }
-                    Extent {
-                        start: open.start,
-                        len: used,
+                    Span {
+                        area: open.area,
+                        extent: Extent {
+                            start: open.extent.start,
+                            len: used,
+                        },
                     }
                 }
                 Placement::Copied { to } => {
-                    // SAFETY: `to` was just taken from the free list for this
+                    // SAFETY: `to` was just taken from a free list for this
                     // message: nothing else refers to it; `s` is the
                     // builder's memory (heap or another region), not ours.
-                    unsafe { own.write(to, s) };
+                    unsafe { self.write(own, to, s) };
                     to
                 }
             };
-            if placed.len > 0 {
+            if placed.extent.len > 0 {
                 extents.push(placed);
             }
             match table {
                 Some(t) => {
-                    let at = Extent {
-                        start: t.start + i,
-                        len: 1,
+                    let at = Span {
+                        area: t.area,
+                        extent: Extent {
+                            start: t.extent.start + i * TABLE_WORDS,
+                            len: TABLE_WORDS,
+                        },
                     };
-                    let word = ring::table_word(placed).to_le_bytes();
-                    // SAFETY: word `i` of the table extent, just taken from
-                    // the free list for this message (i < count = t.len).
-                    unsafe { own.write(at, &word) };
+                    let [a, b] = ring::table_words(placed);
+                    let mut entry = [0u8; 16];
+                    entry[..8].copy_from_slice(&a.to_le_bytes());
+                    entry[8..].copy_from_slice(&b.to_le_bytes());
+                    // SAFETY: entry `i` of the table span, just taken from
+                    // a free list for this message (i < count).
+                    unsafe { self.write(own, at, &entry) };
                 }
                 None => described = placed,
             }
@@ -386,8 +629,17 @@ impl Books {
             described = t;
         }
         self.plan = plan;
+        for e in &extents {
+            if let Some(Some(g)) = e
+                .area
+                .checked_sub(1)
+                .and_then(|i| self.grown.get_mut(i as usize))
+            {
+                g.empty_since = None;
+            }
+        }
         let s = &mut self.slots[index];
-        self.in_flight_words += extents.iter().map(|e| u64::from(e.len)).sum::<u64>();
+        self.in_flight_words += extents.iter().map(|e| u64::from(e.extent.len)).sum::<u64>();
         s.extents = extents;
         s.seq = seq;
         s.in_flight = true;
@@ -396,31 +648,144 @@ impl Books {
             Descriptor {
                 slot,
                 count,
-                extent: described,
+                span: described,
             },
         );
         debug_assert_eq!(published, seq);
-        true
+        Ok(Ok(()))
+    }
+
+    /// Total bytes of outgoing space now: the region and the areas.
+    fn space_bytes(&self) -> u64 {
+        self.geometry.region_size + self.grown_bytes
+    }
+
+    /// The size of a new area for a need of `words` words, within the
+    /// limit, and a free id for it; `None` when the limit (or the ids)
+    /// leave no room. Areas at least double the outgoing space, so there
+    /// are few of them; a need larger than that gets an area of its size.
+    fn plan_area(&self, words: u32) -> Option<(u32, u64)> {
+        let needed = (u64::from(words) * WORD).next_multiple_of(DATA_ALIGN);
+        let remaining = self.limit_bytes.checked_sub(self.space_bytes())?;
+        if needed > remaining || needed > MAX_REGION {
+            return None;
+        }
+        let size = self
+            .space_bytes()
+            .min(remaining)
+            .min(MAX_REGION)
+            .max(needed)
+            .next_multiple_of(DATA_ALIGN);
+        let size = if size > remaining { needed } else { size };
+        let id = (1..=MAX_AREA).find(|&id| {
+            self.retiring & (1u64 << id) == 0
+                && self
+                    .grown
+                    .get(id as usize - 1)
+                    .map_or(true, Option::is_none)
+        })?;
+        Some((id, size))
+    }
+
+    /// Records a new area, handed over to the peer already.
+    fn add_area(&mut self, id: u32, area: OwnArea) {
+        let index = id as usize - 1;
+        if self.grown.len() <= index {
+            self.grown.resize_with(index + 1, || None);
+        }
+        self.grown_bytes += area.bytes();
+        self.areas_added += 1;
+        let free = FreeList::new(area.words());
+        self.grown[index] = Some(Grown {
+            area,
+            free,
+            empty_since: None,
+        });
+    }
+
+    /// Whether any area has been added and not given back.
+    fn has_areas(&self) -> bool {
+        self.grown_bytes > 0
+    }
+
+    /// The next area that has been empty for `idle` (as of `now`), noting
+    /// when each empty one was first seen empty.
+    fn idle_area(&mut self, idle: Duration, now: Instant) -> Option<u32> {
+        let mut found = None;
+        for (id, g) in (1u32..).zip(&mut self.grown) {
+            let Some(g) = g else { continue };
+            if g.free.free_words() != u64::from(g.area.words()) {
+                g.empty_since = None;
+                continue;
+            }
+            let since = *g.empty_since.get_or_insert(now);
+            if found.is_none() && now.duration_since(since) >= idle {
+                found = Some(id);
+            }
+        }
+        found
+    }
+
+    /// Publishes the retirement of empty area `id` and unmaps it here, if
+    /// a slot and an entry of the ring are free; `false` otherwise.
+    fn retire<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        peer: &PeerRegion<W>,
+        id: u32,
+    ) -> Result<bool, ProtocolError> {
+        if !self
+            .descriptors
+            .has_room(peer, self.geometry.ring_capacity)?
+        {
+            return Ok(false);
+        }
+        let Some(slot) = self.next_slot() else {
+            return Ok(false);
+        };
+        let Some(g) = self.grown.get_mut(id as usize - 1).and_then(Option::take) else {
+            return Ok(false);
+        };
+        debug_assert_eq!(g.free.free_words(), u64::from(g.area.words()));
+        self.grown_bytes -= g.area.bytes();
+        self.areas_retired += 1;
+        self.retiring |= 1u64 << id;
+        self.free_slots.pop();
+        self.in_flight += 1;
+        let seq = self.descriptors.published();
+        let s = &mut self.slots[slot as usize];
+        s.seq = seq;
+        s.in_flight = true;
+        s.retires = Some(id);
+        self.descriptors.publish(own, Descriptor::retire(slot, id));
+        // Unmapped here: nothing of ours refers to it (it was empty). The
+        // peer unmaps its view when it takes the entry.
+        drop(g);
+        Ok(true)
     }
 }
 
 /// The words of `segment`, a segment of a message that passed
-/// [`Books::check_fits`]: at most the data area's words, which fit a `u32`.
+/// [`Books::check_fits`]: at most [`MAX_REGION`] bytes, so the words fit a
+/// `u32`.
 fn words_of(segment: &[u8]) -> u32 {
     let words = segment.len() / WORD_BYTES;
     debug_assert!(u32::try_from(words).is_ok(), "check_fits let it through");
-    // Cannot truncate: checked against the data area (see above).
+    // Cannot truncate: checked against MAX_REGION (see above).
     #[allow(clippy::cast_possible_truncation)]
     let words = words as u32;
     words
 }
 
-/// The words of open extent `open` after its first `used`.
-fn tail(open: Extent, used: u32) -> Extent {
-    debug_assert!(used <= open.len);
-    Extent {
-        start: open.start + used,
-        len: open.len - used,
+/// The words of open span `open` after its first `used`.
+fn tail(open: Span, used: u32) -> Span {
+    debug_assert!(used <= open.extent.len);
+    Span {
+        area: open.area,
+        extent: Extent {
+            start: open.extent.start + used,
+            len: open.extent.len - used,
+        },
     }
 }
 
@@ -450,10 +815,25 @@ pub(crate) struct SendState {
 }
 
 /// What a blocked sender waits for: the peer's `released` counter moving
-/// past `seen`.
+/// past `seen`, or, when the descriptor ring was full, its `consumed`
+/// counter moving past the value the full ring was seen with (a peer that
+/// takes a message while holding others wakes the `released` word, see
+/// `recv.rs`). Both values are from the failed attempt to publish, so that
+/// whatever the peer did since counts.
 struct SpaceFreed<'a, W: Word> {
     link: &'a Link<W>,
     seen: u32,
+    ring_full_at: Option<u32>,
+}
+
+impl<'a, W: Word> SpaceFreed<'a, W> {
+    fn new(link: &'a Link<W>, books: &Books) -> SpaceFreed<'a, W> {
+        SpaceFreed {
+            link,
+            seen: books.releases.reclaimed(),
+            ring_full_at: books.descriptors.full_at(books.geometry.ring_capacity),
+        }
+    }
 }
 
 impl<W: Word> Condition<W> for SpaceFreed<'_, W> {
@@ -470,7 +850,11 @@ impl<W: Word> Condition<W> for SpaceFreed<'_, W> {
     }
 
     fn ready(&self) -> bool {
-        self.link.peer().released().load() != self.seen
+        let peer = self.link.peer();
+        peer.released().load() != self.seen
+            || self
+                .ring_full_at
+                .is_some_and(|consumed| peer.consumed().load() != consumed)
     }
 }
 
@@ -479,12 +863,13 @@ impl<W: Word> SendSide<W> {
     /// (0 for a new channel).
     pub(crate) fn new(link: Arc<Link<W>>, start: u32) -> SendSide<W> {
         let geometry = link.own().geometry();
-        let peer_capacity = link.peer().geometry().ring_capacity;
+        let peer_capacity = link.peer().geometry().held_capacity;
         let options = link.options();
         let waiter = Waiter::new(options.spin, options.wait_slice);
+        let limit = link.outgoing_limit();
         SendSide {
             state: RefCell::new(SendState {
-                books: Books::new(geometry, peer_capacity, start),
+                books: Books::new(geometry, peer_capacity, limit, start),
                 waiter,
                 sends: 0,
                 spilled: 0,
@@ -515,6 +900,12 @@ impl<W: Word> SendSide<W> {
             }
         }
         let books = &state.books;
+        let grown_free: u64 = books
+            .grown
+            .iter()
+            .flatten()
+            .map(|g| g.free.free_words())
+            .sum();
         SendStats {
             messages: state.messages,
             bytes: state.bytes,
@@ -524,7 +915,11 @@ impl<W: Word> SendSide<W> {
             held_by_peer: books.in_flight(),
             held_by_peer_bytes: books.in_flight_words * WORD,
             held_limit: books.max_in_flight,
-            free_bytes: books.free.free_words() * WORD,
+            free_bytes: (books.free.free_words() + grown_free) * WORD,
+            areas: u32::try_from(books.grown.iter().flatten().count()).unwrap_or(u32::MAX),
+            area_bytes: books.grown_bytes,
+            areas_added: books.areas_added,
+            areas_retired: books.areas_retired,
         }
     }
 
@@ -537,8 +932,9 @@ impl<W: Word> SendSide<W> {
         self.link.enter().is_ok()
     }
 
-    /// A zeroed extent of at least `min` words for a builder, reclaiming
-    /// released messages if the free list is short. `None`: use the heap.
+    /// A zeroed span of at least `min` words for a builder, reclaiming
+    /// released messages if area 0 is short, and adding an area if nothing
+    /// has room. `None`: use the heap.
     pub(crate) fn allocate_segment(&self, min: u32, want: u32) -> Option<(NonNull<u8>, u32)> {
         if self.link.enter().is_err() {
             return None;
@@ -546,14 +942,20 @@ impl<W: Word> SendSide<W> {
         let link = &self.link;
         // Not borrowed elsewhere: no send runs while capnp builds.
         let mut state = self.state.try_borrow_mut().ok()?;
-        let extent = state
+        let state = &mut *state;
+        let mut span = state
             .books
             .allocate(link.own(), link.peer(), min, want)
             .map_err(|p| drop(link.fail(Failure::Protocol(p))))
-            .ok()
-            .flatten();
-        match extent {
-            Some(e) => Some((link.own().extent_ptr(e), e.len)),
+            .ok()?;
+        if span.is_none() && self.grow(&mut state.books, &state.waiter, want.max(min)) {
+            span = state.books.allocate_grown(min, want);
+            if let Some(s) = span {
+                state.books.open.push(s);
+            }
+        }
+        match span {
+            Some(s) => Some((state.books.span_ptr(link.own(), s), s.extent.len)),
             None => {
                 state.spilled += 1;
                 None
@@ -562,10 +964,16 @@ impl<W: Word> SendSide<W> {
     }
 
     /// Takes back a builder's segment. Returns `false` when `ptr` is not in
-    /// our region (a heap segment, for the caller to free).
+    /// our outgoing space (a heap segment, for the caller to free).
     pub(crate) fn deallocate_segment(&self, ptr: NonNull<u8>, words_used: u32) -> bool {
         let own = self.link.own();
-        let Some(start) = own.offset_of(ptr.as_ptr()) else {
+        let Ok(mut state) = self.state.try_borrow_mut() else {
+            // Never happens (no builder drops while this side is busy); if
+            // it did, claiming the pointer leaks a heap segment, where
+            // disowning it could free memory of an area.
+            return true;
+        };
+        let Some((area, start)) = state.books.locate(own, ptr.as_ptr()) else {
             return false;
         };
         // In a process that does not own the end (a builder inherited
@@ -574,10 +982,87 @@ impl<W: Word> SendSide<W> {
             return true;
         }
         // A segment that was sent is no longer open; `deallocate` leaves it.
-        if let Ok(mut state) = self.state.try_borrow_mut() {
-            state.books.deallocate(own, start, words_used);
-        }
+        state.books.deallocate(own, area, start, words_used);
         true
+    }
+
+    /// Adds an area with room for `words` words and hands it to the peer,
+    /// if the limits allow (first giving back areas idle long enough).
+    /// `false` when no area could be added: the limits, the ids, or the
+    /// system (a descriptor, memory) said no.
+    fn grow(&self, books: &mut Books, waiter: &Waiter, words: u32) -> bool {
+        let link = &*self.link;
+        if !link.can_grow() {
+            return false;
+        }
+        let _ = self.retire_idle(books);
+        let Some((id, bytes)) = books.plan_area(words) else {
+            return false;
+        };
+        let Ok((area, fd)) = OwnArea::create(bytes, link.own().is_sealed()) else {
+            return false;
+        };
+        if self.hand_over(waiter, id, bytes, &fd).is_err() {
+            return false;
+        }
+        books.add_area(id, area);
+        true
+    }
+
+    /// Sends the record of area `id` with its descriptor on the socket,
+    /// waiting (in slices, watching for a dead peer) while the socket is
+    /// full. The peer reads it before any descriptor that names the area:
+    /// `sendmsg` has queued it on the peer's socket before we publish.
+    fn hand_over(&self, waiter: &Waiter, id: u32, bytes: u64, fd: &OwnedFd) -> Result<(), Failure> {
+        let link = &*self.link;
+        let deadline = Deadline::after(link.options().setup_timeout);
+        let sent = link.send_area_record(id, bytes, fd, || {
+            let slice = deadline.slice(waiter.slice()).ok_or(Halt::Expired)?;
+            link.wait_writable(slice)
+        });
+        sent.map_err(|e| link.fail(e))
+    }
+
+    /// Gives back the areas empty for `Options::area_idle` (reading the
+    /// peer's releases first, so that an area emptied by them counts).
+    fn retire_idle(&self, books: &mut Books) -> Result<(), Failure> {
+        let link = &*self.link;
+        if !books.has_areas() {
+            return Ok(());
+        }
+        if books.releases.pending(link.peer()) {
+            books
+                .reclaim(link.own(), link.peer())
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+        }
+        let idle = link.options().area_idle;
+        let now = Instant::now();
+        while let Some(id) = books.idle_area(idle, now) {
+            let retired = books
+                .retire(link.own(), link.peer(), id)
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+            if !retired {
+                break;
+            }
+            self.announce(books);
+        }
+        Ok(())
+    }
+
+    /// Makes everything published count, and wakes the peer if it sleeps.
+    /// Returns how it slept.
+    fn announce(&self, books: &Books) -> u32 {
+        let link = &*self.link;
+        let own = link.own();
+        let how = wake::wake_peer(
+            || books.descriptors.store_count(own),
+            own.published(),
+            link.peer().rx_sleeping(),
+        );
+        if how == SLEEPING_ON_SOCKET {
+            link.ring_doorbell();
+        }
+        how
     }
 
     // ---- readiness for event loops -----------------------------------------
@@ -595,10 +1080,7 @@ impl<W: Word> SendSide<W> {
         link.enter()?;
         link.poll_peer()?;
         let state = self.state.borrow();
-        let cond = SpaceFreed {
-            link,
-            seen: state.books.releases.reclaimed(),
-        };
+        let cond = SpaceFreed::new(link, &state.books);
         Ok(state.waiter.arm(link, &cond))
     }
 
@@ -610,15 +1092,12 @@ impl<W: Word> SendSide<W> {
     }
 
     /// Whether a send that found no room could find some now: the peer
-    /// released a message not yet reclaimed, or the end closed or failed.
-    /// Loads only.
+    /// released (or took) a message not yet seen, or the end closed or
+    /// failed. Loads only.
     pub(crate) fn ready(&self) -> bool {
         let link = &*self.link;
         let state = self.state.borrow();
-        let cond = SpaceFreed {
-            link,
-            seen: state.books.releases.reclaimed(),
-        };
+        let cond = SpaceFreed::new(link, &state.books);
         cond.ready() || link.peer_closed() || link.enter().is_err()
     }
 
@@ -643,40 +1122,45 @@ impl<W: Word> SendSide<W> {
         let state = &mut *guard;
         // A sender that never has to wait would not notice a killed peer
         // until the ring filled: every so many sends, look for hang-up (at
-        // most once per wait slice, so a stream pays nothing measurable).
+        // most once per wait slice, so a stream pays nothing measurable),
+        // and for areas to give back.
         state.sends = state.sends.wrapping_add(1);
         if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
             state.waiter.poll_peer_if_due(link)?;
             if link.peer_closed() {
                 return Err(Halt::Disconnected.into());
             }
+            self.retire_idle(&mut state.books)?;
+        } else if state.books.has_areas() && link.options().area_idle.is_zero() {
+            self.retire_idle(&mut state.books)?;
         }
         let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
-        while !books.try_publish(link.own(), segments, count) {
+        loop {
+            let missing = books
+                .try_publish(link.own(), link.peer(), segments, count)
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+            let Err(missing) = missing else { break };
             let reclaimed = books
                 .reclaim(link.own(), link.peer())
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
             if reclaimed > 0 {
                 continue;
             }
-            if books.in_flight() == 0 {
-                // Nothing will ever be released: no wait can help.
-                return Err(SendHalt::TooLarge(books.cannot_place(link.own(), segments)));
+            if let NoRoom::Space { words } = missing {
+                if self.grow(books, &state.waiter, words) {
+                    continue;
+                }
+                if books.in_flight() == 0 {
+                    // Nothing will ever be released: no wait can help.
+                    return Err(SendHalt::TooLarge(books.cannot_place(link.own(), segments)));
+                }
             }
-            let seen = books.releases.reclaimed();
-            wait_for_release(link, &state.waiter, seen, deadline)?;
+            let cond = SpaceFreed::new(link, books);
+            wait_for_release(link, &state.waiter, &cond, deadline)?;
         }
         // The message counts from here on; wake the peer if it sleeps.
-        let own = link.own();
-        let how = wake::wake_peer(
-            || books.descriptors.store_count(own),
-            own.published(),
-            link.peer().rx_sleeping(),
-        );
-        if how == SLEEPING_ON_SOCKET {
-            link.ring_doorbell();
-        }
+        let how = self.announce(books);
         state.messages += 1;
         state.bytes += segments.iter().map(|s| s.len() as u64).sum::<u64>();
         state.wakes += u64::from(how != AWAKE);
@@ -684,20 +1168,20 @@ impl<W: Word> SendSide<W> {
     }
 }
 
-/// Waits until the peer releases something past `seen` (or the deadline
-/// passes, or the peer goes away).
+/// Waits until the peer releases or takes something past what `cond` saw
+/// (or the deadline passes, or the peer goes away).
 fn wait_for_release<W: Word>(
     link: &Link<W>,
     waiter: &Waiter,
-    seen: u32,
+    cond: &SpaceFreed<'_, W>,
     deadline: Deadline,
 ) -> Result<(), Halt> {
     if let Deadline::Now = deadline {
         waiter.poll_peer_if_due(link)?;
     } else {
-        waiter.wait(link, &SpaceFreed { link, seen }, deadline)?;
+        waiter.wait(link, cond, deadline)?;
     }
-    if link.peer().released().load() == seen && link.peer_closed() {
+    if !cond.ready() && link.peer_closed() {
         return Err(Halt::Disconnected);
     }
     match deadline {

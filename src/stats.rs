@@ -22,11 +22,20 @@ pub struct SendStats {
     pub held_by_peer: u32,
     /// Bytes of the region those messages occupy.
     pub held_by_peer_bytes: u64,
-    /// The most messages the peer may hold before a send waits: the smaller
-    /// of the two ends' ring capacities.
+    /// The most messages the peer may hold before a send waits: the peer's
+    /// [`Options::max_held`](crate::Options::max_held).
     pub held_limit: u32,
-    /// Free bytes in the outgoing region's data area.
+    /// Free bytes in the outgoing space (the region's data area and the
+    /// areas added to it).
     pub free_bytes: u64,
+    /// Areas added to the outgoing space and not yet given back.
+    pub areas: u32,
+    /// Bytes of those areas.
+    pub area_bytes: u64,
+    /// Areas added so far, and given back so far.
+    pub areas_added: u64,
+    /// See [`areas_added`](Self::areas_added).
+    pub areas_retired: u64,
 }
 
 /// The receiving half's counters; see
@@ -43,8 +52,12 @@ pub struct RecvStats {
     /// Wake-ups sent to a peer that slept waiting for room.
     pub wakes: u64,
     /// Received messages not yet dropped (each pins its space in the peer's
-    /// region: beyond the peer's `held_limit`, its sends wait).
+    /// outgoing space: beyond `held_limit`, its sends wait).
     pub held: u32,
+    /// The most of the peer's messages this end may hold:
+    /// [`Options::max_held`](crate::Options::max_held) as rounded (0 on a
+    /// stream channel, which has no such limit).
+    pub held_limit: u32,
 }
 
 /// Both halves' counters; see [`Channel::stats`](crate::Channel::stats).

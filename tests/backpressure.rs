@@ -13,7 +13,7 @@ use common::{build, check, Watchdog};
 #[test]
 fn try_send_reports_full_and_returns_the_message() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let options = Options::new().ring_capacity(4);
+    let options = Options::new().max_held(4);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     for n in 0..4 {
         tx.try_send(build(&tx, n, 1, 10)).unwrap();
@@ -36,7 +36,7 @@ fn try_send_reports_full_and_returns_the_message() {
 #[test]
 fn send_blocks_until_the_receiver_drops_messages() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let options = Options::new().ring_capacity(8).spin(Duration::ZERO);
+    let options = Options::new().max_held(8).spin(Duration::ZERO);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     let dropped = Arc::new(AtomicBool::new(false));
     let (full_tx, full_rx) = mpsc::channel();
@@ -56,11 +56,11 @@ fn send_blocks_until_the_receiver_drops_messages() {
     for n in 0..8 {
         tx.send(build(&tx, n, 1, 100)).unwrap();
     }
-    // The ring is full once the receiver holds all eight.
+    // No more may be in flight once the receiver holds all eight.
     let message = match tx.try_send(build(&tx, 8, 1, 100)) {
         Err(TrySendError::Full(message)) => message,
         Err(e) => panic!("{e:?}"),
-        Ok(()) => panic!("a ninth message fit in a ring of eight"),
+        Ok(()) => panic!("a ninth message went to a receiver that may hold eight"),
     };
     full_tx.send(()).unwrap();
     tx.send(message).unwrap();
@@ -76,8 +76,12 @@ fn data_area_backpressure_with_large_messages() {
     let _w = Watchdog::new(Duration::from_secs(60));
     // Room for about three 40 KB messages at a time; the receiver keeps up to
     // three while more are waiting, so the sender keeps running out of data
-    // space (not slots) and waits for releases.
-    let options = Options::new().region_size(160 << 10).ring_capacity(64);
+    // space (not slots) and waits for releases: the limit leaves no room
+    // for areas.
+    let options = Options::new()
+        .region_size(160 << 10)
+        .max_outgoing(160 << 10)
+        .ring_capacity(64);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     let receiver = thread::spawn(move || {
         let mut held = Vec::new();

@@ -107,7 +107,7 @@ fn a_killed_peer_is_noticed_while_waiting_in_recv() {
 fn a_killed_peer_is_noticed_by_a_blocked_sender() {
     let _serial = common::serial();
     let _w = Watchdog::new(Duration::from_secs(60));
-    let options = Options::new().ring_capacity(2);
+    let options = Options::new().max_held(2);
     let (parent, child_end) = Channel::pair_with(&options).unwrap();
     let (mut parent, mut child_end) = (Some(parent), Some(child_end));
     let child = fork(|| {

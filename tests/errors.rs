@@ -92,7 +92,10 @@ fn bind_tells_a_live_server_from_a_stale_file() {
 #[test]
 fn too_large_speaks_in_bytes() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let (a, _b) = Channel::pair_with(&Options::new().region_size(256 << 10)).unwrap();
+    let options = Options::new()
+        .region_size(256 << 10)
+        .max_outgoing(256 << 10);
+    let (a, _b) = Channel::pair_with(&options).unwrap();
     let mut m = a.message();
     m.set_root::<capnp::data::Owned>(&vec![1u8; 512 << 10][..])
         .unwrap();
@@ -101,7 +104,7 @@ fn too_large_speaks_in_bytes() {
             assert_eq!(t.kind, TooLargeKind::Words);
             let text = t.to_string();
             assert!(text.contains(&format!("{} bytes", t.needed * 8)), "{text}");
-            assert!(text.contains("region_size"), "{text}");
+            assert!(text.contains("max_outgoing"), "{text}");
         }
         other => panic!("expected TooLarge, got {other:?}"),
     };

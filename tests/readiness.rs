@@ -54,7 +54,7 @@ fn a_receiver_armed_is_rung_when_a_message_comes() {
 #[test]
 fn a_sender_armed_is_rung_when_space_is_freed() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let (a, b) = Channel::pair_with(&Options::new().ring_capacity(1)).unwrap();
+    let (a, b) = Channel::pair_with(&Options::new().max_held(1)).unwrap();
     a.send(build(&a, 1, 1, 8)).unwrap();
     let held = b.recv().unwrap();
     let waiting = match a.try_send(build(&a, 2, 1, 8)) {
@@ -85,7 +85,7 @@ fn a_close_rings_armed_ends_in_both_directions() {
     assert!(matches!(b.try_recv(), Err(TryRecvError::Disconnected)));
 
     // A sender waiting for room.
-    let (a, b) = Channel::pair_with(&Options::new().ring_capacity(1)).unwrap();
+    let (a, b) = Channel::pair_with(&Options::new().max_held(1)).unwrap();
     a.send(build(&a, 1, 1, 8)).unwrap();
     let _held = b.recv().unwrap();
     assert!(matches!(
@@ -107,7 +107,7 @@ fn an_event_loop_loses_no_wake_up_in_either_direction() {
     let _serial = common::serial();
     let _w = Watchdog::new(Duration::from_secs(120));
     const MESSAGES: u64 = 20_000;
-    let options = Options::new().ring_capacity(4).spin(Duration::ZERO);
+    let options = Options::new().max_held(4).spin(Duration::ZERO);
     let (parent, child_end) = Channel::pair_with(&options).unwrap();
     let (mut parent, mut child_end) = (Some(parent), Some(child_end));
     let child = fork(|| {
@@ -221,7 +221,7 @@ fn is_ready_tells_a_message_and_the_end_without_a_system_call() {
 #[test]
 fn try_send_copy_says_full_and_sends_once_room_is_freed() {
     let _dog = Watchdog::new(Duration::from_secs(30));
-    let (a, b) = Channel::pair_with(&Options::new().ring_capacity(2)).unwrap();
+    let (a, b) = Channel::pair_with(&Options::new().max_held(2)).unwrap();
     let mut kept = capnp::message::Builder::new_default();
     kept.set_root(capnp::text::Reader::from("again")).unwrap();
     let tx = a.sender();

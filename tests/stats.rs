@@ -31,7 +31,8 @@ fn counters_follow_what_was_sent_received_and_held() {
         sent.held_by_peer_bytes > 0 && sent.held_by_peer_bytes < bytes,
         "{sent:?}"
     );
-    assert_eq!(sent.held_limit, 256);
+    assert_eq!(sent.held_limit, 65_536);
+    assert_eq!((sent.areas, sent.area_bytes, sent.areas_added), (0, 0, 0));
     assert_eq!(sent.spilled_segments, 0);
     let got = b.receiver().stats();
     assert_eq!((got.messages, got.bytes, got.held), (10, bytes, 4));
@@ -44,16 +45,16 @@ fn counters_follow_what_was_sent_received_and_held() {
     assert!(format!("{a:?}").contains("held_by_peer"));
 }
 
-/// A receiver that holds as many messages as the smaller ring makes the
-/// sender wait: the timeout comes back, and the counters say why.
+/// A receiver that holds as many messages as it may (its `max_held`) makes
+/// the sender wait: the timeout comes back, and the counters say why.
 #[test]
 fn a_send_that_waits_for_held_messages_shows_why() {
     let _w = Watchdog::new(Duration::from_secs(30));
     let (a, b) = Channel::pair_with(&Options::new().ring_capacity(1024)).unwrap();
-    // The receiving end's ring is the smaller one: it sets the limit.
+    // The receiving end's release ring sets the limit.
     let (c, d) = std::os::unix::net::UnixStream::pair().unwrap();
     let small = std::thread::spawn(move || {
-        Channel::from_stream_with(d, &Options::new().ring_capacity(4)).unwrap()
+        Channel::from_stream_with(d, &Options::new().max_held(4)).unwrap()
     });
     let big = Channel::from_stream_with(c, &Options::new().ring_capacity(1024)).unwrap();
     let small = small.join().unwrap();

@@ -9,7 +9,10 @@ use common::{build, check, Watchdog};
 #[test]
 fn too_large_message_is_refused_and_the_channel_goes_on() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let options = Options::new().region_size(256 << 10);
+    // No growth: the region is all the outgoing space there is.
+    let options = Options::new()
+        .region_size(256 << 10)
+        .max_outgoing(256 << 10);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     let capacity = tx.capacity_bytes();
 
@@ -47,7 +50,9 @@ fn too_large_message_is_refused_and_the_channel_goes_on() {
 #[test]
 fn space_held_by_an_unsent_builder_is_reported_not_waited_for() {
     let _w = Watchdog::new(Duration::from_secs(30));
-    let options = Options::new().region_size(128 << 10);
+    let options = Options::new()
+        .region_size(128 << 10)
+        .max_outgoing(128 << 10);
     let (tx, _rx) = Channel::pair_with(&options).unwrap();
     let capacity = tx.capacity_bytes();
     // One builder keeps most of the region; another needs more than is left,

@@ -187,7 +187,7 @@ fn wrong_magic_is_bad_magic() {
 fn wrong_version_is_bad_version() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
-    for version in [0, 1, 2, 3, 5, u32::MAX] {
+    for version in [0, 1, 2, 3, 4, 6, u32::MAX] {
         let hello = Hello {
             version,
             ..valid_hello()
@@ -204,7 +204,7 @@ fn unknown_flags_or_reserved_bytes_are_bad_hello_flags() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
     let mut reserved_set = valid_hello();
-    reserved_set.reserved[35] = 1;
+    reserved_set.reserved[23] = 1;
     let hellos = [
         Hello {
             flags: 2 | 1,
@@ -413,18 +413,21 @@ type Corruption = fn(&Region);
 #[test]
 fn control_block_disagreeing_with_the_hello_is_control_block_mismatch() {
     let _w = Watchdog::new(LIMIT);
-    let corruptions: [(&str, Corruption); 5] = [
+    let corruptions: [(&str, Corruption); 6] = [
         ("magic", |r| {
             r.map()
                 .store_u64(header::MAGIC, u64::from_le_bytes(*b"CAPNPSHX"));
         }),
-        ("version", |r| r.map().store_u32(header::VERSION, 5)),
+        ("version", |r| r.map().store_u32(header::VERSION, 4)),
         ("flags", |r| r.map().store_u32(header::FLAGS, 0)),
         ("region size", |r| {
             r.map().store_u64(header::REGION_SIZE, 128 << 10);
         }),
         ("ring capacity", |r| {
             r.map().store_u32(header::RING_CAPACITY, 8);
+        }),
+        ("held capacity", |r| {
+            r.map().store_u32(header::HELD_CAPACITY, 8);
         }),
     ];
     for (field, corrupt) in corruptions {
@@ -563,8 +566,9 @@ fn descriptor_with_the_wrong_seq_is_descriptor_sequence() {
 #[test]
 fn zero_or_too_many_segments_is_bad_segment_count() {
     let _w = Watchdog::new(LIMIT);
-    // The count is 16 bits on the wire: 65535 is the largest expressible.
-    for count in [0, 513, 0xffff] {
+    // The count is 10 bits on the wire: 1023 is the largest expressible.
+    // (0 in area 0 is no retirement either: area 0 is the region's.)
+    for count in [0, 513, 0x3ff] {
         let conn = connected();
         let mut d = Descriptor::inline(0, 0, &[(0, 1)]);
         d.seg_count = count;
@@ -624,35 +628,35 @@ fn out_of_line_table_outside_the_data_area_is_segment_out_of_bounds() {
         // The table runs past the end of the data area.
         TableCase {
             offset: words - 4,
-            len: count,
+            len: 2 * count,
             entries: Vec::new(),
-            expected: (words - 4, count),
+            expected: (words - 4, 2 * count),
         },
         // The table's offset + length overflows u32.
         TableCase {
             offset: u32::MAX - 2,
-            len: count,
+            len: 2 * count,
             entries: Vec::new(),
-            expected: (u32::MAX - 2, count),
+            expected: (u32::MAX - 2, 2 * count),
         },
-        // The table is shorter than the segment count.
+        // The table is shorter than two words a segment.
         TableCase {
             offset: 0,
-            len: count - 1,
+            len: 2 * count - 1,
             entries: in_bounds.clone(),
-            expected: (0, count - 1),
+            expected: (0, 2 * count - 1),
         },
         // An entry lies past the end.
         TableCase {
             offset: 0,
-            len: count,
+            len: 2 * count,
             entries: with_entry(5, (words, 1)),
             expected: (words, 1),
         },
         // An entry's offset + length overflows u32.
         TableCase {
             offset: 0,
-            len: count,
+            len: 2 * count,
             entries: with_entry(7, (u32::MAX, 1)),
             expected: (u32::MAX, 1),
         },
@@ -772,7 +776,12 @@ const SENT: [&str; 2] = ["one", "two"];
 /// A real end that sends through a ring of two and has sent two messages,
 /// and their descriptors as the hand peer reads them from its region.
 fn sender_with_two_in_flight() -> (Connected, [Descriptor; 2]) {
-    let conn = Connected::new(&options().ring_capacity(2), GEOMETRY);
+    // We hold at most two of its messages (our release ring): two slots.
+    let ours = Geometry {
+        held_capacity: 2,
+        ..GEOMETRY
+    };
+    let conn = Connected::new(&options().ring_capacity(2), ours);
     assert_eq!(conn.their_geometry.ring_capacity, 2);
     for text in SENT {
         let mut message = conn.channel.message();

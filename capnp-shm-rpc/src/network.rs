@@ -39,8 +39,9 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
-    /// Half the messages the peer may have in flight, and half its region
-    /// (found from the channel when the network is made); no budget on a
+    /// Half the messages this end may hold (its channel's
+    /// `Options::max_held`), and half the peer's region (found from the
+    /// channel when the network is made); no budget on a
     /// stream channel, whose held messages are in our own receive buffer.
     pub fn new() -> NetworkOptions {
         NetworkOptions::default()
@@ -174,7 +175,7 @@ impl ShmNetwork {
             if stream {
                 u32::MAX
             } else {
-                (tx.stats().held_limit / 2).max(1)
+                (rx.stats().held_limit / 2).max(1)
             }
         });
         let held_bytes = options.held_bytes.unwrap_or_else(|| {

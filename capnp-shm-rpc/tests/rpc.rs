@@ -272,11 +272,11 @@ fn large_results() {
     assert_eq!(child.wait(), 0);
 }
 
-/// `count` gather calls at once to a server on an 8-slot ring: the server
+/// `count` gather calls at once to a server that may hold 8: the server
 /// holds every call's parameters until the last arrives. Returns whether
 /// they all returned within `wait`, and the server's counters if so.
 fn gather(server: NetworkOptions, count: u32, wait: Duration) -> Option<(u32, u64, u64)> {
-    let channel = Options::new().ring_capacity(8);
+    let channel = Options::new().max_held(8);
     let (channel, child) = spawn_server(&channel, server);
     let mut c = client(channel, NetworkOptions::new(), None);
     let kv = c.kv.clone();
@@ -329,15 +329,15 @@ fn held_calls_beyond_the_budget_are_copied_out() {
     let (arrived, in_place, copied) =
         gather(NetworkOptions::new(), 40, LIMIT).expect("all 40 calls returned");
     assert_eq!(arrived, 40);
-    // The default budget is half the 8 slots: 4 held in place at a time.
+    // The default budget is half the 8 it may hold: 4 in place at a time.
     assert!(copied >= 36, "in place {in_place}, copied {copied}");
 }
 
 #[test]
 fn without_the_budget_the_same_calls_stall() {
     let _dog = Watchdog::new(LIMIT);
-    // What the budget prevents: the server holds 8 calls in the peer's
-    // 8-slot ring and the ninth can never be sent.
+    // What the budget prevents: the server holds the 8 calls it may, and
+    // the ninth can never be sent.
     let outcome = gather(
         NetworkOptions::new().unlimited(),
         40,

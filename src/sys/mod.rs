@@ -87,3 +87,16 @@ pub(crate) fn sched_yield() {
     // SAFETY: sched_yield has no preconditions; it cannot fail on Linux.
     unsafe { libc::sched_yield() };
 }
+
+/// Bytes of physical memory (`_SC_PHYS_PAGES` pages of `_SC_PAGESIZE`),
+/// or 1 GiB when the kernel does not say. `sysconf(3)`
+pub(crate) fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    match (u64::try_from(pages), u64::try_from(page)) {
+        (Ok(pages), Ok(page)) if pages > 0 && page > 0 => pages.saturating_mul(page),
+        _ => 1 << 30,
+    }
+}

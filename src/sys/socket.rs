@@ -442,19 +442,3 @@ pub(crate) fn is_unix_stream(fd: BorrowedFd<'_>) -> io::Result<bool> {
     };
     Ok(get(libc::SO_DOMAIN)? == libc::AF_UNIX && get(libc::SO_TYPE)? == libc::SOCK_STREAM)
 }
-
-/// Reads whatever bytes are waiting, without blocking, into `buf`. `Ok(0)`
-/// means the peer closed; `WouldBlock` means nothing was waiting. `recv(2)`
-pub(crate) fn recv_nowait(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    retry_eintr(|| {
-        // SAFETY: `buf` is writable for its length.
-        cvt_size(unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        })
-    })
-}

@@ -34,7 +34,7 @@ use capnp_shm::{Channel, Options, SetupError};
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The verdict on a peer's region that says "mapped": shared memory.
 pub const MAPPED: [u8; 8] = *b"CSHM-MAP";
 /// The verdict that says "cannot map": both ends use the stream.
@@ -66,8 +66,10 @@ pub mod header {
     pub const FLAGS: u64 = 12;
     /// `u64`, total bytes of the region.
     pub const REGION_SIZE: u64 = 16;
-    /// `u32`, entries in each ring.
+    /// `u32`, entries in the descriptor ring.
     pub const RING_CAPACITY: u64 = 24;
+    /// `u32`, entries in the release ring.
+    pub const HELD_CAPACITY: u64 = 28;
 }
 
 /// Byte offsets of the control block counters (`u32`), each on its own
@@ -99,16 +101,20 @@ pub const REGION_SEALS: libc::c_int =
 pub struct Geometry {
     /// Total bytes.
     pub region_size: u64,
-    /// Entries in the descriptor ring and in the release ring.
+    /// Entries in the descriptor ring.
     pub ring_capacity: u32,
+    /// Entries in the release ring.
+    pub held_capacity: u32,
 }
 
 impl Geometry {
-    /// A geometry; nothing is checked (tests announce bad ones on purpose).
+    /// A geometry with rings of one capacity; nothing is checked (tests
+    /// announce bad ones on purpose).
     pub const fn new(region_size: u64, ring_capacity: u32) -> Geometry {
         Geometry {
             region_size,
             ring_capacity,
+            held_capacity: ring_capacity,
         }
     }
 
@@ -124,7 +130,7 @@ impl Geometry {
 
     /// Byte offset of the data area.
     pub fn data_offset(self) -> u64 {
-        (self.releases_offset() + u64::from(self.ring_capacity) * RELEASE_BYTES)
+        (self.releases_offset() + u64::from(self.held_capacity) * RELEASE_BYTES)
             .next_multiple_of(DATA_ALIGN)
     }
 
@@ -134,9 +140,14 @@ impl Geometry {
         u32::try_from(words).expect("data area larger than u32 words")
     }
 
-    /// The ring position of message (or release) number `n`.
+    /// The descriptor ring position of message number `n`.
     pub fn ring_index(self, n: u32) -> u32 {
         n & (self.ring_capacity - 1)
+    }
+
+    /// The release ring position of release number `n`.
+    pub fn release_index(self, n: u32) -> u32 {
+        n & (self.held_capacity - 1)
     }
 }
 
@@ -155,8 +166,13 @@ pub struct Hello {
     pub region_size: u64,
     /// Bytes 24..28.
     pub ring_capacity: u32,
-    /// Bytes 28..64, zero in a valid hello.
-    pub reserved: [u8; 36],
+    /// Bytes 28..32.
+    pub held_capacity: u32,
+    /// Bytes 32..40: the most bytes of the real end's outgoing space we
+    /// map (0: it may add no areas).
+    pub accept_bytes: u64,
+    /// Bytes 40..64, zero in a valid hello.
+    pub reserved: [u8; 24],
 }
 
 impl Hello {
@@ -168,7 +184,9 @@ impl Hello {
             flags: if sealed { FLAG_SEALED } else { 0 },
             region_size: geometry.region_size,
             ring_capacity: geometry.ring_capacity,
-            reserved: [0; 36],
+            held_capacity: geometry.held_capacity,
+            accept_bytes: 0,
+            reserved: [0; 24],
         }
     }
 
@@ -180,7 +198,9 @@ impl Hello {
         b[12..16].copy_from_slice(&self.flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.region_size.to_le_bytes());
         b[24..28].copy_from_slice(&self.ring_capacity.to_le_bytes());
-        b[28..].copy_from_slice(&self.reserved);
+        b[28..32].copy_from_slice(&self.held_capacity.to_le_bytes());
+        b[32..40].copy_from_slice(&self.accept_bytes.to_le_bytes());
+        b[40..].copy_from_slice(&self.reserved);
         b
     }
 
@@ -194,13 +214,19 @@ impl Hello {
             flags: u32_at(12),
             region_size: u64_at(16),
             ring_capacity: u32_at(24),
-            reserved: b[28..].try_into().expect("36 bytes"),
+            held_capacity: u32_at(28),
+            accept_bytes: u64_at(32),
+            reserved: b[40..].try_into().expect("24 bytes"),
         }
     }
 
     /// The geometry it announces.
     pub fn geometry(&self) -> Geometry {
-        Geometry::new(self.region_size, self.ring_capacity)
+        Geometry {
+            region_size: self.region_size,
+            ring_capacity: self.ring_capacity,
+            held_capacity: self.held_capacity,
+        }
     }
 }
 
@@ -525,8 +551,10 @@ pub struct Descriptor {
     pub seq: u32,
     /// The sender's token for it, echoed back on release.
     pub slot: u32,
-    /// Number of segments.
+    /// Number of segments (0: the retirement of area `area`).
     pub seg_count: u32,
+    /// The area the segment (or table) lies in; 0 is the region's.
+    pub area: u32,
     /// `(offset, len)` in words, relative to the data area; with more than
     /// [`INLINE_SEGMENTS`] segments, pair 0 locates the out-of-line table.
     pub segments: [(u32, u32); INLINE_SEGMENTS],
@@ -539,6 +567,7 @@ impl Descriptor {
             seq,
             slot,
             seg_count: u32::try_from(segments.len()).expect("a few segments"),
+            area: 0,
             segments: [(0, 0); INLINE_SEGMENTS],
         };
         d.segments[..segments.len()].copy_from_slice(segments);
@@ -547,7 +576,7 @@ impl Descriptor {
 
     /// A descriptor of `seg_count` segments listed in an out-of-line table of
     /// `table_len` words at word `table_offset` (a valid one has
-    /// `table_len == seg_count`).
+    /// `table_len == 2 * seg_count`: two words a segment).
     pub fn out_of_line(
         seq: u32,
         slot: u32,
@@ -559,6 +588,7 @@ impl Descriptor {
             seq,
             slot,
             seg_count,
+            area: 0,
             segments: [(0, 0); INLINE_SEGMENTS],
         };
         d.segments[0] = (table_offset, table_len);
@@ -621,6 +651,8 @@ impl Region {
             .store_u64(header::REGION_SIZE, geometry.region_size);
         self.map
             .store_u32(header::RING_CAPACITY, geometry.ring_capacity);
+        self.map
+            .store_u32(header::HELD_CAPACITY, geometry.held_capacity);
     }
 
     /// Seals the file as a sealed region must be and sets the header's flag.
@@ -655,9 +687,11 @@ impl Region {
     pub fn write_descriptor(&self, at: u32, d: &Descriptor) {
         let base = self.geometry.descriptors_offset()
             + u64::from(self.geometry.ring_index(at)) * DESCRIPTOR_BYTES;
-        // slot in the low 16 bits, segment count in the high 16 bits
-        self.map
-            .store_u32(base + 4, (d.slot & 0xffff) | (d.seg_count << 16));
+        // slot in bits 0..16, segment count in 16..26, area in 26..32
+        self.map.store_u32(
+            base + 4,
+            (d.slot & 0xffff) | ((d.seg_count & 0x3ff) << 16) | (d.area << 26),
+        );
         let (offset, len) = d.segments[0];
         self.map.store_u32(base + 8, offset);
         self.map.store_u32(base + 12, len);
@@ -671,12 +705,13 @@ impl Region {
         self.map.write_bytes(offset, bytes);
     }
 
-    /// Writes an out-of-line segment table at word `word`: one word per
-    /// segment, `offset | len << 32`.
+    /// Writes an out-of-line segment table at word `word`: two words per
+    /// segment, `offset | len << 32` and the area (0 here).
     pub fn write_table(&self, word: u32, segments: &[(u32, u32)]) {
         for (i, &(offset, len)) in (0u32..).zip(segments) {
             let entry = u64::from(offset) | (u64::from(len) << 32);
-            self.write_data(word + i, &entry.to_le_bytes());
+            self.write_data(word + 2 * i, &entry.to_le_bytes());
+            self.write_data(word + 2 * i + 1, &0u64.to_le_bytes());
         }
     }
 
@@ -705,7 +740,7 @@ impl Region {
             Descriptor::inline(seq, slot, &extents)
         } else {
             self.write_table(at, &extents);
-            Descriptor::out_of_line(seq, slot, count, at, count)
+            Descriptor::out_of_line(seq, slot, count, at, 2 * count)
         };
         self.write_descriptor(seq, &d);
         d
@@ -714,7 +749,7 @@ impl Region {
     /// Writes release ring entry `n`: we dropped the peer's message `(slot, seq)`.
     pub fn write_release(&self, n: u32, slot: u32, seq: u32) {
         let base = self.geometry.releases_offset()
-            + u64::from(self.geometry.ring_index(n)) * RELEASE_BYTES;
+            + u64::from(self.geometry.release_index(n)) * RELEASE_BYTES;
         self.map.store_u32(base, slot);
         self.map.store_u32(base + 4, seq);
     }
@@ -908,7 +943,8 @@ impl Connected {
         Descriptor {
             seq: self.theirs.load_u32(base).wrapping_sub(1),
             slot: slot_count & 0xffff,
-            seg_count: slot_count >> 16,
+            seg_count: (slot_count >> 16) & 0x3ff,
+            area: slot_count >> 26,
             segments: [(
                 self.theirs.load_u32(base + 8),
                 self.theirs.load_u32(base + 12),
@@ -932,7 +968,7 @@ impl Connected {
     /// The real end's release ring entry `n`: `(slot, seq)`.
     pub fn their_release(&self, n: u32) -> (u32, u32) {
         let g = self.their_geometry;
-        let base = g.releases_offset() + u64::from(g.ring_index(n)) * RELEASE_BYTES;
+        let base = g.releases_offset() + u64::from(g.release_index(n)) * RELEASE_BYTES;
         (self.theirs.load_u32(base), self.theirs.load_u32(base + 4))
     }
 }
