@@ -289,8 +289,10 @@ impl<W: Word> Link<W> {
         let mut buf = [0u8; 512];
         let mut incoming = self.incoming();
         // Bounded: a peer that keeps ringing cannot keep us here. What is
-        // left is read at the next check.
-        for _ in 0..16 {
+        // left is read at the next check. Each read stops after a record
+        // (the kernel ends a read at a descriptor), so there is room for one
+        // record of every area id besides.
+        for _ in 0..16 + MAX_AREA {
             match socket::recv_with_fds(self.socket.as_fd(), &mut buf) {
                 Ok(got) if got.len == 0 && got.fds.is_empty() => {
                     self.note_peer_gone();

@@ -72,6 +72,49 @@ trait Link {
     fn send_order(&mut self, seq: u64);
     /// Receives an order; returns `(seq, checksum over every field)`.
     fn recv_order(&mut self) -> Option<(u64, u64)>;
+    /// Sends a payload of any size, in blobs (see [`fill_chunks`]).
+    fn send_chunks(&mut self, seq: u64, payload: &[u8]);
+    /// Receives one; returns `(seq, checksum of the payload)`.
+    fn recv_chunks(&mut self) -> Option<(u64, u64)>;
+}
+
+/// A capnp blob holds less than 512 MiB: larger payloads go in pieces of
+/// this many bytes (a multiple of 8, so the checksums of the pieces add up
+/// to the checksum of the whole).
+const CHUNK: usize = 256 << 20;
+
+/// A list of byte lists written in place: list 0 holds `seq`, the others
+/// the payload in pieces of at most [`CHUNK`] bytes.
+type Chunks<'a> = capnp::list_list::Builder<'a, capnp::primitive_list::Owned<u8>>;
+type ChunksReader<'a> = capnp::list_list::Reader<'a, capnp::primitive_list::Owned<u8>>;
+
+fn fill_chunks<A: capnp::message::Allocator>(
+    m: &mut capnp::message::Builder<A>,
+    seq: u64,
+    payload: &[u8],
+) {
+    let pieces = u32::try_from(payload.len().div_ceil(CHUNK)).expect("pieces");
+    let mut root = m.initn_root::<Chunks<'_>>(pieces + 1);
+    let mut write = |i: u32, bytes: &[u8]| {
+        let len = u32::try_from(bytes.len()).expect("a piece");
+        let mut list = root.reborrow().init(i, len);
+        list.as_slice().expect("bytes").copy_from_slice(bytes);
+    };
+    write(0, &seq.to_le_bytes());
+    for (i, piece) in (1..).zip(payload.chunks(CHUNK)) {
+        write(i, piece);
+    }
+}
+
+fn read_chunks<S: capnp::message::ReaderSegments>(m: &capnp::message::Reader<S>) -> (u64, u64) {
+    let root: ChunksReader<'_> = m.get_root().expect("chunks");
+    let mut pieces = root.iter().map(|p| p.expect("piece"));
+    let seq = pieces.next().expect("seq");
+    let seq = u64::from_le_bytes(seq.as_slice().expect("bytes").try_into().expect("8 bytes"));
+    let sum = pieces.fold(0u64, |sum, p| {
+        sum.wrapping_add(checksum(p.as_slice().expect("bytes")))
+    });
+    (seq, sum)
 }
 
 /// Sum of the payload as little-endian words: touches every byte.
@@ -179,6 +222,15 @@ impl Link for ShmLink {
         let m = self.0.recv().ok()?;
         Some(read_order(m.reader()))
     }
+    fn send_chunks(&mut self, seq: u64, payload: &[u8]) {
+        let mut m = self.0.message();
+        fill_chunks(&mut m, seq, payload);
+        self.0.send(m).expect("shm send");
+    }
+    fn recv_chunks(&mut self) -> Option<(u64, u64)> {
+        let m = self.0.recv().ok()?;
+        Some(read_chunks(m.reader()))
+    }
 }
 
 /// Plain capnp over a socket: a `BufWriter` flushed per message, a
@@ -238,6 +290,14 @@ impl<S: Read + Write> Link for SocketLink<S> {
     }
     fn recv_order(&mut self) -> Option<(u64, u64)> {
         self.read().map(|m| read_order(&m))
+    }
+    fn send_chunks(&mut self, seq: u64, payload: &[u8]) {
+        let mut m = capnp::message::Builder::new_default();
+        fill_chunks(&mut m, seq, payload);
+        self.write(&m);
+    }
+    fn recv_chunks(&mut self) -> Option<(u64, u64)> {
+        self.read().map(|m| read_chunks(&m))
     }
 }
 
@@ -596,6 +656,55 @@ fn throughput(transport: Transport, options: &Options, size: usize, count: u64) 
             let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_before;
             let n = (count - 1) as f64;
             (n / secs, n * size as f64 / secs, allocations as f64 / n)
+        },
+    )
+}
+
+/// Large messages, in pieces (see [`fill_chunks`]): round-trip latencies
+/// in nanoseconds (we send, the peer checksums and answers with a small
+/// message), then one-way bytes per second over `count` messages.
+fn large(
+    transport: Transport,
+    options: &Options,
+    size: usize,
+    trips: u64,
+    count: u64,
+) -> (Vec<u64>, f64) {
+    let payload = payload(size);
+    let expected = checksum(&payload);
+    with_peer(
+        transport,
+        options,
+        |link| {
+            for _ in 0..trips {
+                let Some((seq, sum)) = link.recv_chunks() else {
+                    return;
+                };
+                link.send_chunks(seq ^ sum, &[]);
+            }
+            for seq in 0..count {
+                link.send_chunks(seq, &payload);
+            }
+        },
+        |link| {
+            let mut samples = Vec::new();
+            for seq in 0..trips {
+                let t = Instant::now();
+                link.send_chunks(seq, &payload);
+                let (answer, _) = link.recv_chunks().expect("reply");
+                let elapsed = t.elapsed();
+                assert_eq!(answer, seq ^ expected, "peer read wrong bytes");
+                samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+            }
+            let (first, sum) = link.recv_chunks().expect("first");
+            assert_eq!((first, sum), (0, expected));
+            let start = Instant::now();
+            for seq in 1..count {
+                let (got, sum) = link.recv_chunks().expect("message");
+                assert_eq!((got, sum), (seq, expected), "lost or corrupted");
+            }
+            let n = (count - 1) as f64;
+            (samples, n * size as f64 / start.elapsed().as_secs_f64())
         },
     )
 }
@@ -1184,6 +1293,11 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             .region_size((4 * size + (4 << 20)).max(64 << 20))
     };
     let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
+    let large_sizes: &[usize] = if args.quick {
+        &[64 << 20]
+    } else {
+        &[64 << 20, 256 << 20, 1 << 30]
+    };
     let latency_sizes: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 
     if args.tcp_only {
@@ -1202,7 +1316,14 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         return Run::rows_only(rpc_rows(args, progress));
     }
     progress.begin(
-        3 + 2 * (latency_sizes.len() - 1) + 2 * sizes.len() + 3 + 8 + 4 + TCP_STEPS + RPC_STEPS,
+        3 + 2 * (latency_sizes.len() - 1)
+            + 2 * sizes.len()
+            + 2 * large_sizes.len()
+            + 3
+            + 8
+            + 4
+            + TCP_STEPS
+            + RPC_STEPS,
     );
     let mut rows = Vec::new();
     let mut latency = Series {
@@ -1298,6 +1419,36 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         });
         bandwidth.shm.push((size as f64, s_bytes / 1e9));
         bandwidth.socket.push((size as f64, k_bytes / 1e9));
+    }
+
+    // Messages larger than the region: the outgoing space grows (default
+    // options: a 16 MiB region).
+    for &size in large_sizes {
+        let label = size_label(size);
+        let trips = if size >= 1 << 30 { 3 } else { 5 };
+        let count = ((4u64 << 30) / scale / size as u64).max(3);
+        progress.show(&format!("large {label} shm"));
+        let (mut s, s_bytes) = large(Transport::Shm, &Options::new(), size, trips, count);
+        progress.show(&format!("large {label} socket"));
+        let (mut k, k_bytes) = large(Transport::Socket, &default, size, trips, count);
+        s.sort_unstable();
+        k.sort_unstable();
+        rows.push(Row {
+            workload: format!("round trip {label} (grown), p50"),
+            unit: "ms",
+            lower_is_better: true,
+            shm: percentile(&s, 50.0) / 1000.0,
+            socket: percentile(&k, 50.0) / 1000.0,
+            spread: None,
+        });
+        rows.push(Row {
+            workload: format!("one-way {label} (grown) bandwidth"),
+            unit: "GB/s",
+            lower_is_better: false,
+            shm: s_bytes / 1e9,
+            socket: k_bytes / 1e9,
+            spread: None,
+        });
     }
 
     // Untrusted-peer mode: what copying each received message costs.
@@ -1555,7 +1706,9 @@ fn rpc_rows(args: &Args, progress: &mut Progress) -> Vec<Row> {
 }
 
 fn size_label(size: usize) -> String {
-    if size >= 1 << 20 {
+    if size >= 1 << 30 {
+        format!("{} GiB", size >> 30)
+    } else if size >= 1 << 20 {
         format!("{} MiB", size >> 20)
     } else if size >= 1 << 10 {
         format!("{} KiB", size >> 10)

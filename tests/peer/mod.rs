@@ -767,6 +767,56 @@ impl Region {
     }
 }
 
+// ---- areas -----------------------------------------------------------------
+
+/// The first byte of an area record.
+pub const AREA_RECORD: u8 = 0x5E;
+
+/// The 16 bytes that hand over area `id` of `bytes` bytes (its descriptor
+/// goes with them): `[0x5E, id, 0, 0, 0, 0, 0, 0]`, then `bytes` (LE).
+pub fn area_record(id: u8, bytes: u64) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r[0] = AREA_RECORD;
+    r[1] = id;
+    r[8..].copy_from_slice(&bytes.to_le_bytes());
+    r
+}
+
+/// An area of the hand peer's outgoing space: a memfd of plain data,
+/// mapped read-write.
+#[derive(Debug)]
+pub struct Area {
+    file: OwnedFd,
+    map: Mapping,
+}
+
+impl Area {
+    /// A memfd of `bytes` bytes that accepts seals (not sealed yet).
+    pub fn new(bytes: u64) -> Area {
+        let file = memfd_create(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        ftruncate(file.as_fd(), bytes);
+        let map = Mapping::map(file.as_fd(), bytes, true);
+        Area { file, map }
+    }
+
+    /// A sealed area, as a sealed region's areas must be.
+    pub fn sealed(bytes: u64) -> Area {
+        let area = Area::new(bytes);
+        add_seals(area.file.as_fd(), REGION_SEALS);
+        area
+    }
+
+    /// A read-only descriptor of the file, to hand over.
+    pub fn read_only_fd(&self) -> OwnedFd {
+        reopen_read_only(self.file.as_fd())
+    }
+
+    /// Copies `bytes` to word `word` of the area.
+    pub fn write_data(&self, word: u32, bytes: &[u8]) {
+        self.map.write_bytes(u64::from(word) * WORD, bytes);
+    }
+}
+
 // ---- the handshake ---------------------------------------------------------
 
 /// How long our reads on the socket wait before the test fails instead of
@@ -839,6 +889,18 @@ impl HandPeer {
     pub fn send_bytes(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
         let sent = send_with_fds(self.socket().as_fd(), bytes, fds);
         assert_eq!(sent, bytes.len(), "a short send on an empty socket");
+    }
+
+    /// Whether no byte waits on our end of the socket (nothing sent since
+    /// the handshake). Reads one if there is.
+    pub fn nothing_to_read(&self) -> bool {
+        let mut socket = self.socket();
+        socket.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let got = socket.read(&mut byte);
+        let empty = matches!(got, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        socket.set_nonblocking(false).expect("blocking");
+        empty
     }
 
     /// Closes our end of the socket (a peer that goes away mid-handshake).
@@ -933,6 +995,11 @@ impl Connected {
     /// Our end of the socket.
     pub fn peer(&self) -> &HandPeer {
         &self.peer
+    }
+
+    /// Hands over area `id` of `bytes` bytes with descriptor `fd`.
+    pub fn send_area(&self, id: u8, bytes: u64, fd: BorrowedFd<'_>) {
+        self.peer.send_bytes(&area_record(id, bytes), &[fd]);
     }
 
     /// The real end's descriptor ring entry for message `seq`.
