@@ -4,7 +4,9 @@
 //!
 //! Two processes share a Unix socket. Each end creates a sealed memfd, maps
 //! it read-write as its *outgoing region*, and hands the peer a read-only
-//! descriptor; the peer maps it read-only. A message is built directly in the
+//! descriptor; the peer maps it read-only. A message that does not fit gets
+//! further sealed *areas*, added and given back as needed within limits
+//! ([`Options::max_outgoing`]): nothing needs sizing. A message is built directly in the
 //! outgoing region by a capnp allocator, its segment table travels through a
 //! ring in shared memory, `futex(2)` wakes a receiver that sleeps, and the
 //! receiver reads the message where it lies. When the receiver drops the
@@ -59,9 +61,10 @@
 //!
 //! The peer can never write this process's memory (its view of our region is
 //! read-only and the memfd is sealed against new writable mappings), never
-//! shrink a region under us, and never make us read outside its region: every
-//! counter, offset and length it publishes is checked, and a violation ends
-//! the channel with [`Failure::Protocol`]. Reading in place does assume the
+//! shrink a region under us, and never make us read outside its region and
+//! the areas it handed over: every counter, offset and length it publishes,
+//! and every area (at most 63, within [`Options::max_incoming`]), is checked,
+//! and a violation ends the channel with [`Failure::Protocol`]. Reading in place does assume the
 //! peer leaves a message alone between sending it and our release, as this
 //! crate does; for a peer not trusted with that, [`Options::copy_received`]
 //! copies each message into private memory first.
@@ -81,12 +84,14 @@
 //!   alloc        the capnp Allocator over the sending side (free list: free)
 //!   recv       the receiving side: take, receive loop, release
 //!   message      Received, reading in place over the receiving side
-//!   link       what both sides share: socket, regions, owner claim, failure
+//!   link       what both sides share: socket, regions, the peer's areas,
+//!              owner claim, failure
 //! ring       descriptor ring and release ring: both halves of each, encodings
 //! wait       the Waiter: spin (spin), announce, sleep, liveness; deadline
 //! wake       the sleep/wake handshake, both halves, and why no wake is lost
 //! word       the Word trait the rings and waits run on (AtomicU32 + futex)
-//! region     typed views of our region (stores) and the peer's (loads only)
+//! region     typed views of our region and areas (stores) and the peer's
+//!            (loads only)
 //! layout     the frozen shared format        handshake  hellos, verdicts, checks
 //! select     wait_any, poll_ready            connect, spawn  topologies
 //! error      the error types                 options    Options, Wire

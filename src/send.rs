@@ -1,6 +1,7 @@
-//! The sending side of one end: our region's data area, the free list, the
-//! books of messages in flight, the backend of the capnp allocator, and the
-//! send loop.
+//! The sending side of one end: our outgoing space (the region's data area
+//! and the areas added to it), a free list per area, the books of messages
+//! in flight, the backend of the capnp allocator, growth and retirement of
+//! areas, and the send loop.
 //!
 //! # Message life cycle (sender's view)
 //!
@@ -18,7 +19,20 @@
 //!    words that were written) and frees them and the slot.
 //!
 //! Slots are independent of ring positions, so a message the peer holds
-//! forever pins one slot and its own words, nothing else.
+//! forever pins one slot and its own words, nothing else. The descriptor
+//! ring bounds only messages the peer has not taken (`has_room`); slots are
+//! made as needed, up to the peer's release ring capacity.
+//!
+//! # Areas
+//!
+//! When nothing has room for a segment, the sending side adds an area
+//! (`grow`): a new file, mapped here, handed to the peer on the socket
+//! *before* any descriptor names it, and recorded under a free id. An area
+//! found empty (every word free, so nothing open or in flight) for
+//! `Options::area_idle` is retired (`retire_idle`): unmapped here, then a
+//! descriptor of count 0 tells the peer, which unmaps its view and releases
+//! the entry like a message; only then may the id be reused, so the peer
+//! never sees an id handed over twice while it still maps it.
 //!
 //! The books decide which words of the data area are free, lent to a
 //! builder, or in flight, so they are what makes every write into the data

@@ -1,6 +1,7 @@
 //! Outgoing space that grows: messages larger than the region, receivers
 //! that hold many messages, areas given back when idle, and nothing left
 //! mapped or open afterwards.
+#![allow(unsafe_code)] // getrusage(2)
 mod common;
 
 use std::thread;
@@ -291,4 +292,44 @@ fn a_peer_killed_mid_growth_leaves_nothing_mapped_or_open() {
     drop(rx);
     drop(ready_r);
     assert_eq!(footprint(), base);
+}
+
+/// Minor page faults of the calling thread so far.
+fn thread_faults() -> i64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid rusage to write; RUSAGE_THREAD is Linux's.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    assert_eq!(rc, 0);
+    usage.ru_minflt
+}
+
+#[test]
+fn after_growth_small_messages_reuse_their_pages() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(120));
+    let (tx, rx) = Channel::pair().unwrap();
+    // Grow, and warm up the small-message path (slots, free list, pages).
+    tx.send(big_message(&tx, 1, 32)).unwrap();
+    check_big(&rx.recv().unwrap(), 1, 32);
+    for n in 0..2_000 {
+        tx.send(build(&tx, n, 1, 200)).unwrap();
+        assert_eq!(check(&rx.recv().unwrap()), n);
+    }
+    // Both ends in this thread: its faults are all the channel's.
+    let before = thread_faults();
+    for n in 0..20_000 {
+        tx.send(build(&tx, n, 1, 200)).unwrap();
+        assert_eq!(check(&rx.recv().unwrap()), n);
+    }
+    let faults = thread_faults() - before;
+    assert!(
+        faults < 100,
+        "{faults} page faults for 20 000 small messages"
+    );
+    assert_eq!(
+        tx.stats().send.areas_added,
+        1,
+        "small messages grew the space"
+    );
 }

@@ -259,12 +259,16 @@ fn large_results() {
     let kv = c.kv.clone();
     c.runner
         .run_until(async move {
-            let mut req = kv.blob_request();
-            req.get().set_bytes(1 << 20);
-            let reply = req.send().promise.await?;
-            let data = reply.get()?.get_data()?;
-            assert_eq!(data.len(), 1 << 20);
-            assert!(data.iter().enumerate().all(|(i, &b)| b == blob_byte(i)));
+            // 1 MiB, and 40 MiB: more than the server's 16 MiB region, so
+            // its outgoing space grows for the reply.
+            for bytes in [1u32 << 20, 40 << 20] {
+                let mut req = kv.blob_request();
+                req.get().set_bytes(bytes);
+                let reply = req.send().promise.await?;
+                let data = reply.get()?.get_data()?;
+                assert_eq!(data.len(), bytes as usize);
+                assert!(data.iter().enumerate().all(|(i, &b)| b == blob_byte(i)));
+            }
             Ok::<(), capnp::Error>(())
         })
         .expect("blob");
