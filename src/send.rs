@@ -962,7 +962,11 @@ impl<W: Word> SendSide<W> {
             .allocate(link.own(), link.peer(), min, want)
             .map_err(|p| drop(link.fail(Failure::Protocol(p))))
             .ok()?;
-        if span.is_none() && self.grow(&mut state.books, &state.waiter, want.max(min)) {
+        // Room for what capnp would like, or failing that for what it needs.
+        let grown = span.is_none()
+            && (self.grow(&mut state.books, &state.waiter, want.max(min))
+                || (want > min && self.grow(&mut state.books, &state.waiter, min)));
+        if grown {
             span = state.books.allocate_grown(min, want);
             if let Some(s) = span {
                 state.books.open.push(s);
