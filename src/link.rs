@@ -603,7 +603,7 @@ pub(crate) struct PeerAreas<'a, W: Word> {
 impl<W: Word> Areas for PeerAreas<'_, W> {
     fn words(&self, area: u32) -> Option<u32> {
         match area {
-            0 => Some(self.link.peer.geometry().data_words()),
+            0 => Some(self.link.peer.data_words()),
             id => Some(self.link.peer_area(id)?.words()),
         }
     }

@@ -527,6 +527,12 @@ impl PeerRegion<AtomicU32> {
 impl<W: Word> PeerRegion<W> {
     counters!(Theirs: published, consumed, released, rx_sleeping, tx_sleeping, closed);
 
+    /// Words in the data area (area 0).
+    #[inline]
+    pub(crate) fn data_words(&self) -> u32 {
+        self.parts.area.words
+    }
+
     /// The header, as the peer wrote it, for the handshake's checks.
     pub(crate) fn header(&self) -> &crate::layout::Header {
         &self.parts.control().header.0
