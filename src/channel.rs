@@ -162,6 +162,8 @@ pub(crate) struct AwaitingVerdict {
     peer: Option<PeerRegion>,
     /// The most bytes of our outgoing space the peer maps (its hello).
     peer_accepts: u64,
+    /// Whether the peer's hello said its region is sealed.
+    peer_sealed: bool,
     options: Options,
     deadline: SetupDeadline,
     verdict: VerdictReader,
@@ -247,6 +249,7 @@ impl HalfOpen {
             own,
             peer,
             peer_accepts: hello.accept_bytes,
+            peer_sealed: hello.sealed,
             options: self.options,
             deadline: self.deadline,
             verdict: VerdictReader::default(),
@@ -305,6 +308,7 @@ impl AwaitingVerdict {
                     peer,
                     self.options,
                     self.peer_accepts,
+                    self.peer_sealed,
                 ));
                 Ok(Channel {
                     tx: Sender {

@@ -25,8 +25,7 @@ use std::time::Duration;
 use crate::error::{Failure, Halt, NotOwner, ProtocolError};
 use crate::handshake;
 use crate::layout::{
-    AREA_RECORD, AREA_RECORD_LEN, DATA_ALIGN, DOORBELL, FLAG_SEALED, MAX_AREA, MAX_REGION,
-    SLEEPING_ON_SOCKET,
+    AREA_RECORD, AREA_RECORD_LEN, DATA_ALIGN, DOORBELL, MAX_AREA, MAX_REGION, SLEEPING_ON_SOCKET,
 };
 use crate::options::Options;
 use crate::region::{OwnRegion, PeerArea, PeerRegion};
@@ -57,6 +56,13 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// The most bytes our outgoing space may take: our limit, and what the
     /// peer accepts.
     outgoing_limit: u64,
+    /// Whether the peer's region is sealed, as its hello said (and the
+    /// handshake checked); its areas must be too. Kept here, not read from
+    /// the peer's header, which the peer can rewrite.
+    peer_sealed: bool,
+    /// Whether this end accepts unsealed files from the peer (as for the
+    /// region at the handshake).
+    accept_unsealed: bool,
     /// The areas the peer handed over, and the socket bytes read so far.
     incoming: Mutex<Incoming>,
     /// Words of the peer's region's data area and of its areas together.
@@ -131,10 +137,14 @@ impl<W: Word> Link<W> {
         peer: PeerRegion<W>,
         options: Options,
         peer_accepts: u64,
+        peer_sealed: bool,
     ) -> Link<W> {
         let peer_bytes = peer.geometry().region_size;
         let peer_words = u64::from(peer.geometry().data_words());
+        let accept_unsealed = options.allow_unsealed_peer || !own.is_sealed();
         Link {
+            peer_sealed,
+            accept_unsealed,
             outgoing_limit: options.limits().outgoing.min(peer_accepts),
             incoming: Mutex::new(Incoming {
                 areas: Vec::new(),
@@ -404,8 +414,13 @@ impl<W: Word> Link<W> {
                 limit,
             });
         }
-        let sealed = self.peer_sealed();
-        handshake::check_peer_file(&fd, bytes, sealed, true, self.own.file_id())?;
+        handshake::check_peer_file(
+            &fd,
+            bytes,
+            self.peer_sealed,
+            self.accept_unsealed,
+            self.own.file_id(),
+        )?;
         let mapped = PeerArea::map(&fd, bytes).map_err(|e| ProtocolError::UnmappableRegion {
             os_error: e.raw_os_error().unwrap_or(0),
         })?;
@@ -417,12 +432,6 @@ impl<W: Word> Link<W> {
         incoming.bytes = total;
         incoming.areas[index] = Some(Arc::new(mapped));
         Ok(())
-    }
-
-    /// Whether the peer's region is sealed (its hello said so, and the
-    /// handshake checked the file).
-    fn peer_sealed(&self) -> bool {
-        self.peer.header().flags.load(Ordering::Relaxed) & FLAG_SEALED != 0
     }
 
     /// The peer's area `area` (1 and up), if it has handed it over and not

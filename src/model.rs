@@ -245,6 +245,7 @@ fn pair(capacity: u32) -> (End, End) {
             peer,
             options.clone(),
             0,
+            true,
         ));
         End {
             tx: SendSide::new(Arc::clone(&link), START),
