@@ -535,6 +535,22 @@ impl<W: Word> Link<W> {
         Ok(())
     }
 
+    /// The waker's half of `wake.rs` on one of our counters: `store`, then
+    /// wake the peer if `peer_flag` says it sleeps, with a doorbell too if
+    /// it sleeps on the socket. Returns how it slept.
+    pub(crate) fn wake_peer(
+        &self,
+        store: impl FnOnce(),
+        counter: Mine<'_, W>,
+        peer_flag: crate::word::Theirs<'_, W>,
+    ) -> u32 {
+        let how = wake::wake_peer(store, counter, peer_flag);
+        if how == SLEEPING_ON_SOCKET {
+            self.ring_doorbell();
+        }
+        how
+    }
+
     /// Writes one doorbell byte, for a peer that waits in `poll` (see
     /// `wait_any`). A full socket buffer already holds plenty of doorbells,
     /// so that is not an error; nor is a peer gone (its death shows

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use crate::deadline::Deadline;
 use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
-use crate::layout::{AWAKE, SLEEPING_ON_SOCKET, WORD};
+use crate::layout::{AWAKE, WORD};
 use crate::link::Link;
 use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
-use crate::wake::{self, withdraw};
+use crate::wake::withdraw;
 use crate::word::{Mine, Theirs, Word};
 
 /// The receiving side of one end.
@@ -205,10 +205,7 @@ impl<W: Word> RecvSide<W> {
     fn wake_after_take(&self) {
         let link = &*self.link;
         let own = link.own();
-        let how = wake::wake_peer(|| {}, own.released(), link.peer().tx_sleeping());
-        if how == SLEEPING_ON_SOCKET {
-            link.ring_doorbell();
-        }
+        link.wake_peer(|| {}, own.released(), link.peer().tx_sleeping());
     }
 
     /// After the peer closed or died: the next of the messages it published
@@ -289,15 +286,13 @@ impl<W: Word> RecvSide<W> {
         let link = &*self.link;
         let own = link.own();
         state.releases.release(own, slot, seq);
-        let how = wake::wake_peer(
+        // A sender armed for space in an event loop waits in poll: the
+        // link rings it too.
+        let how = link.wake_peer(
             || state.releases.store_count(own),
             own.released(),
             link.peer().tx_sleeping(),
         );
-        // A sender armed for space in an event loop waits in poll.
-        if how == SLEEPING_ON_SOCKET {
-            link.ring_doorbell();
-        }
         state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }
 }

@@ -52,8 +52,7 @@ use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::free::FreeList;
 use crate::layout::{
-    Geometry, AWAKE, DATA_ALIGN, MAX_AREA, MAX_REGION, MAX_SEGMENTS, SLEEPING_ON_SOCKET, WORD,
-    WORD_BYTES,
+    Geometry, AWAKE, DATA_ALIGN, MAX_AREA, MAX_REGION, MAX_SEGMENTS, WORD, WORD_BYTES,
 };
 use crate::link::Link;
 use crate::region::{Extent, OwnArea, OwnRegion, PeerRegion, Span};
@@ -1072,15 +1071,11 @@ impl<W: Word> SendSide<W> {
     fn announce(&self, books: &Books) -> u32 {
         let link = &*self.link;
         let own = link.own();
-        let how = wake::wake_peer(
+        link.wake_peer(
             || books.descriptors.store_count(own),
             own.published(),
             link.peer().rx_sleeping(),
-        );
-        if how == SLEEPING_ON_SOCKET {
-            link.ring_doorbell();
-        }
-        how
+        )
     }
 
     // ---- readiness for event loops -----------------------------------------
