@@ -1,16 +1,26 @@
-//! The work per message, for `scripts/msg-cost` to count under callgrind:
-//! `N` 64-byte echoes between the two ends of one channel, both in this
-//! thread (so no wait ever happens and the count repeats exactly).
+//! The work per message, for `scripts/msg-cost` to count under callgrind.
+//! Both ends of one channel run in this thread, so no wait ever happens and
+//! the count repeats exactly.
+//!
+//! - `echo N`: N 64-byte echoes (a request one way, the reply back);
+//! - `stream N`: N 64-byte messages one way, sent in bursts of 64 and
+//!   received after each burst (a stream, where releases come in batches).
 //!
 //! ```text
-//! cargo run --release --example msg_cost -- 10000
+//! cargo run --release --example msg_cost -- echo 10000
+//! cargo run --release --example msg_cost -- stream 10000
 //! ```
 
 use capnp_shm::{Channel, Options};
 
+/// Messages a stream sends before the receiver takes them.
+const BURST: u64 = 64;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: u64 = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "echo".into());
+    let n: u64 = args
+        .next()
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
@@ -18,20 +28,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (a, b) = Channel::pair_with(&options)?;
     let payload = [7u8; 64];
     let mut sum = 0u64;
-    for seq in 0..n {
-        let mut request = a.message();
-        request.set_root::<capnp::data::Owned>(&payload[..])?;
-        a.send(request).map_err(|e| e.into_error())?;
-        let got = b.recv()?;
-        let data: capnp::data::Reader<'_> = got.get_root()?;
-        let mut reply = b.message();
-        reply.set_root::<capnp::data::Owned>(data)?;
-        drop(got);
-        b.send(reply).map_err(|e| e.into_error())?;
-        let echoed = a.recv()?;
-        let data: capnp::data::Reader<'_> = echoed.get_root()?;
-        sum = sum.wrapping_add(u64::from(data[0]) + seq);
+    match mode.as_str() {
+        "echo" => {
+            for seq in 0..n {
+                let mut request = a.message();
+                request.set_root::<capnp::data::Owned>(&payload[..])?;
+                a.send(request).map_err(|e| e.into_error())?;
+                let got = b.recv()?;
+                let data: capnp::data::Reader<'_> = got.get_root()?;
+                let mut reply = b.message();
+                reply.set_root::<capnp::data::Owned>(data)?;
+                drop(got);
+                b.send(reply).map_err(|e| e.into_error())?;
+                let echoed = a.recv()?;
+                let data: capnp::data::Reader<'_> = echoed.get_root()?;
+                sum = sum.wrapping_add(u64::from(data[0]) + seq);
+            }
+        }
+        "stream" => {
+            let mut sent = 0;
+            while sent < n {
+                let burst = BURST.min(n - sent);
+                for _ in 0..burst {
+                    let mut m = a.message();
+                    m.set_root::<capnp::data::Owned>(&payload[..])?;
+                    a.send(m).map_err(|e| e.into_error())?;
+                }
+                for _ in 0..burst {
+                    let got = b.recv()?;
+                    let data: capnp::data::Reader<'_> = got.get_root()?;
+                    sum = sum.wrapping_add(u64::from(data[0]));
+                }
+                sent += burst;
+            }
+        }
+        other => return Err(format!("mode {other:?}: echo or stream").into()),
     }
-    println!("{n} echoes, check {sum}");
+    println!("{n} messages ({mode}), check {sum}");
     Ok(())
 }

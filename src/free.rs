@@ -120,6 +120,26 @@ impl FreeList {
         if extent.len == 0 {
             return;
         }
+        self.free_words += u64::from(extent.len);
+        // A stream frees next to the lowest free extent: the tail of the
+        // message just sent, or the oldest message, released first.
+        if let Some(first) = self.extents.first_mut() {
+            if extent.end() == first.start {
+                first.start = extent.start;
+                first.len += extent.len;
+                return;
+            }
+            if first.end() == extent.start {
+                first.len += extent.len;
+                let end = first.end();
+                if self.extents.get(1).is_some_and(|next| next.start == end) {
+                    let next = self.extents.remove(1);
+                    self.extents[0].len += next.len;
+                }
+                debug_assert!(!self.extents.get(1).is_some_and(|n| n.start <= end));
+                return;
+            }
+        }
         // First free extent that starts after `extent`.
         let i = self.extents.partition_point(|e| e.start < extent.start);
         debug_assert!(i == self.extents.len() || extent.end() <= self.extents[i].start);
@@ -138,7 +158,6 @@ impl FreeList {
             }
             (false, false) => self.extents.insert(i, extent),
         }
-        self.free_words += u64::from(extent.len);
     }
 }
 
@@ -158,6 +177,28 @@ mod tests {
         f.free(ext(0, 10));
         assert_eq!(f.allocate(1, 5), Some(ext(0, 5)), "reuses the lowest words");
         assert_eq!(f.free_words(), 85);
+    }
+
+    #[test]
+    fn frees_next_to_the_lowest_extent_merge() {
+        let mut f = FreeList::new(100);
+        let a = f.allocate(1, 10).unwrap();
+        let b = f.allocate(1, 10).unwrap();
+        let c = f.allocate(1, 10).unwrap();
+        f.free(a); // [0,10) [30,100)
+        f.free(b); // after the lowest: [0,20) [30,100)
+        assert_eq!(f.extents, vec![ext(0, 20), ext(30, 70)]);
+        f.free(c); // after the lowest, touching the next: one extent
+        assert_eq!(f.extents, vec![ext(0, 100)]);
+        let d = f.allocate(1, 40).unwrap();
+        let tail = Extent {
+            start: 10,
+            len: 30,
+        };
+        assert_eq!(d, ext(0, 40));
+        f.free(tail); // before the lowest: [10,100)
+        assert_eq!(f.extents, vec![ext(10, 90)]);
+        assert_eq!(f.free_words(), 90);
     }
 
     #[test]

@@ -365,7 +365,11 @@ impl<'c> Segments<'c> {
             body: Body::InPlace {
                 side,
                 first: slice(0),
-                more: (1..table.len()).map(slice).collect(),
+                more: if table.len() > 1 {
+                    (1..table.len()).map(slice).collect()
+                } else {
+                    Vec::new()
+                },
                 release: Some((taken.slot, taken.seq)),
             },
         }

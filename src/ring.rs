@@ -188,6 +188,14 @@ impl SegmentTable {
 
     /// Total words in all segments.
     pub(crate) fn words(&self) -> u64 {
+        if self.more.is_empty() {
+            return self
+                .inline
+                .iter()
+                .take(self.count as usize)
+                .map(|s| u64::from(s.extent.len))
+                .sum();
+        }
         (0..self.count)
             .filter_map(|i| self.get(i))
             .map(|s| u64::from(s.extent.len))
@@ -196,6 +204,13 @@ impl SegmentTable {
 
     /// Whether any segment lies outside the peer's region (in an area).
     pub(crate) fn in_areas(&self) -> bool {
+        if self.more.is_empty() {
+            return self
+                .inline
+                .iter()
+                .take(self.count as usize)
+                .any(|s| s.area != 0);
+        }
         (0..self.count)
             .filter_map(|i| self.get(i))
             .any(|s| s.area != 0)
@@ -237,7 +252,9 @@ impl SegmentTable {
             more: Vec::new(),
         };
         if !needs_table(count as usize) {
+            // One segment inside an area fits the areas: nothing to add up.
             table.inline[0] = check(first)?;
+            return Ok(table);
         } else {
             let out_of_bounds = ProtocolError::SegmentOutOfBounds {
                 offset: first.extent.start,

@@ -71,15 +71,23 @@ const SENDS_PER_LIVENESS_CHECK: u32 = 64;
 /// releases (see `Books::try_publish`).
 const EAGER_SLOTS: usize = 256;
 
+/// No span: a slot's empty `first`, a placeholder.
+const NO_SPAN: Span = Span {
+    area: 0,
+    extent: Extent { start: 0, len: 0 },
+};
+
 /// One message in flight, or a free place for one.
 #[derive(Debug)]
 struct Slot {
     /// Sequence number of the message occupying the slot.
     seq: u32,
     in_flight: bool,
-    /// Every extent the message occupies: segments and out-of-line table,
-    /// each exactly the words written.
-    extents: Vec<Span>,
+    /// The extents the message occupies (segments and out-of-line table,
+    /// each exactly the words written): the first inline (`NO_SPAN` for
+    /// none), so that a one-segment message touches no `Vec`.
+    first: Span,
+    more: Vec<Span>,
     /// For a retirement (not a message): the area id it gives back, free to
     /// reuse once the peer releases the entry (it has unmapped the area).
     retires: Option<u32>,
@@ -121,6 +129,8 @@ enum NoRoom {
 #[derive(Debug)]
 struct Books {
     geometry: Geometry,
+    /// Words of area 0 (`geometry.data_words()`, which computes).
+    data_words: u32,
     /// The most messages in flight at once: the peer's release ring
     /// capacity (its `held_capacity`), which must hold a release for every
     /// message in flight. Slots are made as needed, up to this many.
@@ -160,6 +170,7 @@ impl Books {
     fn new(geometry: Geometry, peer_held_capacity: u32, limit_bytes: u64, start: u32) -> Books {
         Books {
             geometry,
+            data_words: geometry.data_words(),
             max_in_flight: peer_held_capacity,
             free: FreeList::new(geometry.data_words()),
             high_water: 0,
@@ -202,7 +213,8 @@ impl Books {
         self.slots.push(Slot {
             seq: 0,
             in_flight: false,
-            extents: Vec::new(),
+            first: NO_SPAN,
+            more: Vec::new(),
             retires: None,
         });
         self.free_slots.push(made);
@@ -388,21 +400,39 @@ impl Books {
             if let Some(id) = s.retires.take() {
                 self.retiring &= !(1u64 << id);
             }
-            let mut extents = std::mem::take(&mut s.extents);
-            for e in extents.drain(..) {
-                self.in_flight_words -= u64::from(e.extent.len);
-                // SAFETY: message `seq`'s span, released by the peer
-                // (validated): nobody reads or refers to it any more.
-                unsafe { self.zero(own, e) };
-                self.free_span(e);
+            let first = std::mem::replace(&mut s.first, NO_SPAN);
+            let more = (!s.more.is_empty()).then(|| std::mem::take(&mut s.more));
+            // SAFETY: message `seq`'s span, released by the peer
+            // (validated): nobody reads or refers to it any more.
+            unsafe { self.give_back(own, first) };
+            if let Some(mut more) = more {
+                for e in more.drain(..) {
+                    // SAFETY: the message's other spans, released with it.
+                    unsafe { self.give_back(own, e) };
+                }
+                self.slots[slot as usize].more = more;
             }
-            self.slots[slot as usize].extents = extents;
             self.free_slots.push(slot);
             self.in_flight -= 1;
             Ok(())
         });
         self.releases = releases;
         result
+    }
+
+    /// Zeroes and frees `span` of a released message (nothing, if empty).
+    ///
+    /// # Safety
+    ///
+    /// As for [`zero`](Self::zero): nothing refers to `span` any more.
+    unsafe fn give_back<W: Word>(&mut self, own: &OwnRegion<W>, span: Span) {
+        if span.extent.len == 0 {
+            return;
+        }
+        self.in_flight_words -= u64::from(span.extent.len);
+        // SAFETY: passed on from the caller.
+        unsafe { self.zero(own, span) };
+        self.free_span(span);
     }
 
     /// Words the outgoing space may hold: area 0, and what the limit leaves
@@ -416,6 +446,12 @@ impl Books {
     /// words than the outgoing space may hold. Returns the number of
     /// segments.
     fn check_fits(&self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
+        // The common case, one segment that fits area 0, in a few compares.
+        if let [only] = segments {
+            if only.len() as u64 <= u64::from(self.data_words) * WORD {
+                return Ok(1);
+            }
+        }
         let too_many = TooLarge {
             needed: segments.len() as u64,
             limit: u64::from(MAX_SEGMENTS),
@@ -519,6 +555,11 @@ impl Books {
         let Some(slot) = self.next_slot() else {
             return Ok(Err(NoRoom::Peer));
         };
+        if let [segment] = segments {
+            if self.publish_in_place(own, segment, slot) {
+                return Ok(Ok(()));
+            }
+        }
         // Plan: find each segment's place, taking space for the copies. The
         // unused tails of in-place segments are freed first (never written,
         // so still zero): a copy may need that space.
@@ -587,7 +628,7 @@ impl Books {
         self.in_flight += 1;
         let seq = self.descriptors.published();
         let index = slot as usize;
-        let mut extents = std::mem::take(&mut self.slots[index].extents);
+        let mut extents = std::mem::take(&mut self.slots[index].more);
         let mut described = Span {
             area: 0,
             extent: Extent { start: 0, len: 0 },
@@ -653,7 +694,12 @@ impl Books {
         }
         let s = &mut self.slots[index];
         self.in_flight_words += extents.iter().map(|e| u64::from(e.extent.len)).sum::<u64>();
-        s.extents = extents;
+        s.first = if extents.is_empty() {
+            NO_SPAN
+        } else {
+            extents.swap_remove(0)
+        };
+        s.more = extents;
         s.seq = seq;
         s.in_flight = true;
         let published = self.descriptors.publish(
@@ -666,6 +712,56 @@ impl Books {
         );
         debug_assert_eq!(published, seq);
         Ok(Ok(()))
+    }
+
+    /// The common case of [`try_publish`](Self::try_publish), which has
+    /// found room in the ring and free `slot`: a one-segment message built
+    /// in the span lent last. Publishes it and returns `true`; `false`
+    /// (nothing changed) for any other message.
+    fn publish_in_place<W: Word>(&mut self, own: &OwnRegion<W>, segment: &[u8], slot: u32) -> bool {
+        let Some(&open) = self.open.last() else {
+            return false;
+        };
+        let words = words_of(segment);
+        if words > open.extent.len
+            || self.locate(own, segment.as_ptr()) != Some((open.area, open.extent.start))
+        {
+            return false;
+        }
+        self.open.pop();
+        // The tail was never written: still zero.
+        self.free_span(tail(open, words));
+        let placed = Span {
+            area: open.area,
+            extent: Extent {
+                start: open.extent.start,
+                len: words,
+            },
+        };
+        if placed.area != 0 {
+            if let Some(Some(g)) = self.grown.get_mut(placed.area as usize - 1) {
+                g.empty_since = None;
+            }
+        }
+        self.free_slots.pop();
+        self.in_flight += 1;
+        self.in_flight_words += u64::from(words);
+        let seq = self.descriptors.published();
+        let s = &mut self.slots[slot as usize];
+        // An empty segment occupies nothing (it is described all the same).
+        s.first = if words > 0 { placed } else { NO_SPAN };
+        s.seq = seq;
+        s.in_flight = true;
+        let published = self.descriptors.publish(
+            own,
+            Descriptor {
+                slot,
+                count: 1,
+                span: placed,
+            },
+        );
+        debug_assert_eq!(published, seq);
+        true
     }
 
     /// Total bytes of outgoing space now: the region and the areas.
@@ -993,6 +1089,10 @@ impl<W: Word> SendSide<W> {
         let Some((area, start)) = state.books.locate(own, ptr.as_ptr()) else {
             return false;
         };
+        // A sent message's segment: nothing is open once it is published.
+        if state.books.open.is_empty() {
+            return true;
+        }
         // In a process that does not own the end (a builder inherited
         // through fork), the words are the owner's: touch nothing.
         if !self.link.owned_here() {
