@@ -191,10 +191,7 @@ mod tests {
         f.free(c); // after the lowest, touching the next: one extent
         assert_eq!(f.extents, vec![ext(0, 100)]);
         let d = f.allocate(1, 40).unwrap();
-        let tail = Extent {
-            start: 10,
-            len: 30,
-        };
+        let tail = Extent { start: 10, len: 30 };
         assert_eq!(d, ext(0, 40));
         f.free(tail); // before the lowest: [10,100)
         assert_eq!(f.extents, vec![ext(10, 90)]);

@@ -344,6 +344,17 @@ impl<'c> Segments<'c> {
     fn in_place(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
         let peer = side.link().peer();
         let table = &taken.table;
+        // The common case: one segment in the peer's region.
+        if let Some(Span { area: 0, extent }) = table.single() {
+            return Segments {
+                body: Body::InPlace {
+                    side,
+                    first: peer.segment(extent).unwrap_or(&[]),
+                    more: Vec::new(),
+                    release: Some((taken.slot, taken.seq)),
+                },
+            };
+        }
         if table.in_areas() {
             return Segments {
                 body: Body::InAreas {

@@ -168,6 +168,20 @@ pub(crate) struct SegmentTable {
 }
 
 impl SegmentTable {
+    /// A table of one segment, `span`, validated by the caller.
+    fn one(span: Span) -> SegmentTable {
+        SegmentTable {
+            count: 1,
+            inline: [span],
+            more: Vec::new(),
+        }
+    }
+
+    /// The only segment, when there is one.
+    pub(crate) fn single(&self) -> Option<Span> {
+        (self.count == 1).then_some(self.inline[0])
+    }
+
     /// Number of segments.
     pub(crate) fn len(&self) -> u32 {
         self.count
@@ -440,6 +454,41 @@ impl DescriptorConsumer {
         ahead == 0 || ahead == u32::MAX
     }
 
+    /// The next message, if it is there and of the common kind: one segment
+    /// inside the peer's region. `None` for anything else (nothing there, a
+    /// table, an area, a retirement, a bad entry), which [`take`](Self::take)
+    /// then reads again in full: nothing is consumed here unless it is taken.
+    fn take_simple<W: Word>(&self, peer: &PeerRegion<W>, own: &OwnRegion<W>) -> Option<Taken> {
+        let seq = self.consumed.get();
+        let entry = peer.descriptor(seq);
+        if entry.tag.load() != tag(seq) {
+            return None;
+        }
+        // Acquire: as in `take`.
+        W::fence(Ordering::Acquire);
+        let d = Descriptor::from_words(
+            entry.slot_count.load(),
+            entry.offset.load(),
+            entry.len.load(),
+        );
+        let e = d.span.extent;
+        if d.count != 1
+            || d.span.area != 0
+            || u64::from(e.start) + u64::from(e.len) > u64::from(peer.data_words())
+        {
+            return None;
+        }
+        let next = seq.wrapping_add(1);
+        self.consumed.set(next);
+        // Release: as in `take`.
+        own.consumed().store(next, Ordering::Release);
+        Some(Taken {
+            slot: d.slot,
+            seq,
+            table: SegmentTable::one(d.span),
+        })
+    }
+
     /// Whether the next message's tag is there: the cheap check to spin on
     /// (no fence: [`take`](Self::take) loads it again and validates).
     pub(crate) fn next_ready<W: Word>(&self, peer: &PeerRegion<W>) -> bool {
@@ -488,6 +537,9 @@ impl DescriptorConsumer {
         own: &OwnRegion<W>,
         areas: &dyn Areas,
     ) -> Result<Option<Entry>, ProtocolError> {
+        if let Some(taken) = self.take_simple(peer, own) {
+            return Ok(Some(Entry::Message(taken)));
+        }
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {

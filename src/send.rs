@@ -445,6 +445,7 @@ impl Books {
     /// Checks what no amount of waiting can fix: too many segments, or more
     /// words than the outgoing space may hold. Returns the number of
     /// segments.
+    #[inline]
     fn check_fits(&self, segments: &[&[u8]]) -> Result<u32, TooLarge> {
         // The common case, one segment that fits area 0, in a few compares.
         if let [only] = segments {
@@ -560,6 +561,21 @@ impl Books {
                 return Ok(Ok(()));
             }
         }
+        Ok(self.publish_planned(own, segments, count, slot))
+    }
+
+    /// The general case of [`try_publish`](Self::try_publish), which has
+    /// found room in the ring and free `slot`: segments in place or to copy,
+    /// in any area, with an out-of-line table when there are several. Kept
+    /// out of line so the common case stays small.
+    #[inline(never)]
+    fn publish_planned<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        segments: &[&[u8]],
+        count: u32,
+        slot: u32,
+    ) -> Result<(), NoRoom> {
         // Plan: find each segment's place, taking space for the copies. The
         // unused tails of in-place segments are freed first (never written,
         // so still zero): a copy may need that space.
@@ -620,7 +636,7 @@ impl Books {
                 }
             }
             self.plan = plan;
-            return Ok(Err(NoRoom::Space { words }));
+            return Err(NoRoom::Space { words });
         }
 
         // Commit: nothing below can fail.
@@ -711,7 +727,7 @@ impl Books {
             },
         );
         debug_assert_eq!(published, seq);
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// The common case of [`try_publish`](Self::try_publish), which has
