@@ -41,7 +41,7 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// changes it. (3: the control block's `owner` line; 4: stream hellos and
 /// the verdicts that choose the transport; 5: areas that grow, a release
 /// ring sized apart from the descriptor ring, limits in the hello.)
-pub(crate) const VERSION: u32 = 5;
+pub(crate) const VERSION: u32 = 6;
 
 /// Bytes reserved for the control block at the start of a region.
 pub(crate) const CONTROL_BYTES: u64 = 1024;
@@ -90,6 +90,11 @@ pub(crate) const FLAG_SEALED: u32 = 1;
 /// stream transport (no descriptor travels with the hello).
 pub(crate) const FLAG_STREAM: u32 = 2;
 
+/// The low bits of `rx_sleeping` and `tx_sleeping`: how the owner sleeps
+/// ([`AWAKE`], [`SLEEPING_ON_FUTEX`], [`SLEEPING_ON_SOCKET`]). The bits
+/// above hold the low 30 bits of the peer counter value the owner sleeps
+/// on, so that the waker wakes each sleep once (see `wake.rs`).
+pub(crate) const SLEEP_MODE: u32 = 3;
 /// `rx_sleeping`: the owner is not asleep.
 pub(crate) const AWAKE: u32 = 0;
 /// `rx_sleeping`: the owner sleeps on the peer's `published` futex.

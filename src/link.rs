@@ -52,6 +52,10 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// This end has announced its close ([`close_now`](Self::close_now) or
     /// the drop): once only.
     closed_here: AtomicBool,
+    /// The peer's `rx_sleeping` and `tx_sleeping` values last woken by our
+    /// sender and our receiver (see [`Wakes`]).
+    woke_receiver: AtomicU32,
+    woke_sender: AtomicU32,
     options: Options,
     /// The most bytes our outgoing space may take: our limit, and what the
     /// peer accepts.
@@ -162,6 +166,8 @@ impl<W: Word> Link<W> {
             peer_closed: AtomicBool::new(false),
             closed_at: AtomicU64::new(UNKNOWN),
             closed_here: AtomicBool::new(false),
+            woke_receiver: AtomicU32::new(0),
+            woke_sender: AtomicU32::new(0),
             options,
         }
     }
@@ -536,15 +542,22 @@ impl<W: Word> Link<W> {
     }
 
     /// The waker's half of `wake.rs` on one of our counters: `store`, then
-    /// wake the peer if `peer_flag` says it sleeps, with a doorbell too if
-    /// it sleeps on the socket. Returns how it slept.
+    /// wake the peer if `peer_flag` says it sleeps (once per sleep: see
+    /// [`Wakes`]), with a doorbell too if it sleeps on the socket. Returns
+    /// how it slept (`AWAKE` when no wake was needed).
     pub(crate) fn wake_peer(
         &self,
         store: impl FnOnce(),
         counter: Mine<'_, W>,
         peer_flag: crate::word::Theirs<'_, W>,
+        wakes: Wakes,
     ) -> u32 {
-        let how = wake::wake_peer(store, counter, peer_flag);
+        let woken = match wakes {
+            Wakes::Receiver => Some(&self.woke_receiver),
+            Wakes::Sender => Some(&self.woke_sender),
+            Wakes::Always => None,
+        };
+        let how = wake::wake_peer(store, counter, peer_flag, woken);
         if how == SLEEPING_ON_SOCKET {
             self.ring_doorbell();
         }
@@ -592,10 +605,11 @@ impl<W: Word> Link<W> {
             || closed.store(1, Ordering::Release),
             closed,
             self.peer.rx_sleeping(),
+            None,
         );
         // After wake_peer's fence, as its load of `rx_sleeping`: a sender
         // armed for space hears the close too.
-        let tx_how = self.peer.tx_sleeping().load();
+        let tx_how = wake::sleep_mode(self.peer.tx_sleeping().load());
         // A peer waiting in a poll (`wait_any`, an armed end) hears it at once.
         if how == SLEEPING_ON_SOCKET || tx_how == SLEEPING_ON_SOCKET {
             self.ring_doorbell();
@@ -604,6 +618,17 @@ impl<W: Word> Link<W> {
         self.own.published().wake();
         self.own.released().wake();
     }
+}
+
+/// Whose sleep a [`Link::wake_peer`] ends, for waking each sleep once
+/// (`wake.rs`): the peer's receiver (our sender published), the peer's
+/// sender (our receiver released), or whoever sleeps, whatever was woken
+/// before (a wake that stores nothing proves nothing to later wakes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wakes {
+    Receiver,
+    Sender,
+    Always,
 }
 
 impl<W: Word> Drop for Link<W> {

@@ -9,7 +9,7 @@ use crate::deadline::Deadline;
 use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
 use crate::layout::{AWAKE, WORD};
-use crate::link::Link;
+use crate::link::{Link, Wakes};
 use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
@@ -205,7 +205,12 @@ impl<W: Word> RecvSide<W> {
     fn wake_after_take(&self) {
         let link = &*self.link;
         let own = link.own();
-        link.wake_peer(|| {}, own.released(), link.peer().tx_sleeping());
+        link.wake_peer(
+            || {},
+            own.released(),
+            link.peer().tx_sleeping(),
+            Wakes::Always,
+        );
     }
 
     /// After the peer closed or died: the next of the messages it published
@@ -292,6 +297,7 @@ impl<W: Word> RecvSide<W> {
             || state.releases.store_count(own),
             own.released(),
             link.peer().tx_sleeping(),
+            Wakes::Sender,
         );
         state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }

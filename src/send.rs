@@ -54,7 +54,7 @@ use crate::free::FreeList;
 use crate::layout::{
     Geometry, AWAKE, DATA_ALIGN, MAX_AREA, MAX_REGION, MAX_SEGMENTS, WORD, WORD_BYTES,
 };
-use crate::link::Link;
+use crate::link::{Link, Wakes};
 use crate::region::{Extent, OwnArea, OwnRegion, PeerRegion, Span};
 use crate::ring::{self, Descriptor, DescriptorProducer, Release, ReleaseConsumer, TABLE_WORDS};
 use crate::stats::SendStats;
@@ -1191,6 +1191,7 @@ impl<W: Word> SendSide<W> {
             || books.descriptors.store_count(own),
             own.published(),
             link.peer().rx_sleeping(),
+            Wakes::Receiver,
         )
     }
 

@@ -5,9 +5,9 @@
 //! more busy processes than cores, a spinning waiter steals the very CPU its
 //! peer needs. So the budget adapts: a wait that ends during the spin doubles
 //! it (up to `Options::spin`), a wait that has to sleep halves it (down to
-//! zero). At zero, one wait in [`PROBE_EVERY`] still spins the full budget,
-//! and a probe that pays restores it, so the budget comes back once spinning
-//! pays again. While spinning, a waiter past the first [`FLOOR`] yields the
+//! zero). At zero, a wait still spins [`FLOOR`] (a sleep costs more), one
+//! wait in [`PROBE_EVERY`] spins the full budget, and a probe that pays
+//! restores it, so the budget comes back once spinning pays again. While spinning, a waiter past the first [`FLOOR`] yields the
 //! CPU each round, so an overloaded machine loses little to it.
 
 use std::cell::Cell;
@@ -89,7 +89,14 @@ impl SpinBudget {
     pub(crate) fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
         let budget = self.take_budget();
         if budget.is_zero() {
-            return ready();
+            // Even at zero, a wait spins the floor before it sleeps (unless
+            // spinning is off): a sleep and its wake cost both ends several
+            // microseconds and a system call each, and a stream whose
+            // receiver slept at every gap ran at half its speed.
+            if self.max.is_zero() {
+                return ready();
+            }
+            return spin_for(FLOOR, &mut ready) || ready();
         }
         let start = Instant::now();
         loop {
@@ -113,6 +120,23 @@ impl SpinBudget {
             if elapsed >= FLOOR {
                 crate::sys::sched_yield();
             }
+        }
+    }
+}
+
+/// Spins on `ready` for at most `span`, without yielding. Whether it
+/// became ready.
+fn spin_for(span: Duration, ready: &mut impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= span {
+            return false;
         }
     }
 }
@@ -154,6 +178,24 @@ mod tests {
             Duration::from_micros(50),
             "never above the maximum"
         );
+    }
+
+    #[test]
+    fn a_zero_budget_still_spins_the_floor() {
+        let b = SpinBudget::new(Duration::from_micros(50));
+        for _ in 0..10 {
+            b.wasted();
+        }
+        assert_eq!(b.current.get(), Duration::ZERO);
+        let mut calls = 0;
+        assert!(
+            b.spin(|| {
+                calls += 1;
+                calls == 3
+            }),
+            "caught within the floor"
+        );
+        assert!(calls >= 3);
     }
 
     #[test]

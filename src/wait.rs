@@ -27,7 +27,7 @@ use crate::fault::{self, Fault};
 use crate::layout::{SLEEPING_ON_FUTEX, SLEEPING_ON_SOCKET};
 use crate::link::Link;
 use crate::spin::SpinBudget;
-use crate::wake::{announce, withdraw};
+use crate::wake::{self, announce, withdraw};
 use crate::word::{Mine, Theirs, Word};
 
 /// What one direction waits for.
@@ -175,7 +175,13 @@ impl Waiter {
             return Some(before);
         }
         let seen = announce(cond.flag(), mode, cond.counter());
-        if cond.idle(seen) && !cond.ready() && !link.peer_closed() {
+        // Only a sleep on the value announced (`wake.rs`): a counter that
+        // moved meanwhile means something new anyway.
+        if wake::announced_for(cond.flag().load(Ordering::Relaxed), seen)
+            && cond.idle(seen)
+            && !cond.ready()
+            && !link.peer_closed()
+        {
             Some(seen)
         } else {
             withdraw(cond.flag());

@@ -34,7 +34,7 @@ use capnp_shm::{Channel, Options, SetupError};
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The verdict on a peer's region that says "mapped": shared memory.
 pub const MAPPED: [u8; 8] = *b"CSHM-MAP";
 /// The verdict that says "cannot map": both ends use the stream.
