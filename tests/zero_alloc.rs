@@ -37,6 +37,59 @@ fn count(f: impl FnOnce()) -> u64 {
     ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
+/// Waits that sleep in the kernel allocate nothing either: a receiver that
+/// sleeps for every message, and a sender that sleeps for every release.
+#[test]
+fn sleeping_allocates_nothing() {
+    let _s = common::serial(); // the other tests count process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 200;
+    let options = capnp_shm::Options::new().spin(Duration::ZERO).max_held(1);
+    let (a, b) = Channel::pair_with(&options).unwrap();
+    let (tx, _a_rx) = a.split();
+    let (_b_tx, rx) = b.split();
+    let receiver = std::thread::spawn(move || {
+        // Warm up; then every receive finds nothing and sleeps.
+        drop(rx.recv().unwrap());
+        let before = counting_alloc::this_thread();
+        for n in 0..N {
+            let got = rx.recv().unwrap();
+            if n % 2 == 1 {
+                // Held: the sender (one message in flight at most) sleeps.
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            drop(got);
+        }
+        (counting_alloc::this_thread() - before, rx.stats().sleeps)
+    });
+    let send_one = |n: u64| {
+        let mut m = tx.message();
+        m.set_root::<capnp::data::Owned>(&n.to_le_bytes()[..])
+            .unwrap();
+        tx.send(m).unwrap();
+    };
+    send_one(0);
+    std::thread::sleep(Duration::from_millis(20));
+    let before = counting_alloc::this_thread();
+    for n in 0..N {
+        if n % 2 == 0 {
+            // Nothing to receive: the receiver sleeps.
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        send_one(n);
+    }
+    let sent = counting_alloc::this_thread() - before;
+    let (received, rx_sleeps) = receiver.join().unwrap();
+    let tx_sleeps = tx.stats().sleeps;
+    assert!(rx_sleeps > 0, "the receiver slept ({rx_sleeps} sleeps)");
+    assert!(tx_sleeps > 0, "the sender slept ({tx_sleeps} sleeps)");
+    assert_eq!(received, 0, "a sleeping receiver allocated");
+    assert!(
+        sent <= N,
+        "a sleeping sender allocated beyond capnp's one builder vector per message: {sent} for {N}"
+    );
+}
+
 #[test]
 fn steady_state_adds_no_allocations_to_capnps_own() {
     let _s = common::serial(); // the count is process-wide
