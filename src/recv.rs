@@ -126,19 +126,21 @@ impl<W: Word> RecvSide<W> {
     pub(crate) fn recv(&self, deadline: Deadline) -> Result<Taken, Halt> {
         let link = &*self.link;
         let state = self.state.borrow();
+        // The common case first: a one-segment message is there.
+        if !link.has_seen_close() {
+            link.enter()?;
+            if let Some(taken) = state.descriptors.take_simple(link.peer(), link.own()) {
+                self.count_taken(&state, &taken);
+                return Ok(taken);
+            }
+        }
         let take = || -> Result<Option<Taken>, Failure> {
             link.enter()?;
             let taken = self
                 .take_message(&state)
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
             if let Some(t) = &taken {
-                state.messages.set(state.messages.get() + 1);
-                state.bytes.set(state.bytes.get() + t.table.words() * WORD);
-                let held = state.held.get();
-                state.held.set(held + 1);
-                if held > 0 {
-                    self.wake_after_take();
-                }
+                self.count_taken(&state, t);
             }
             Ok(taken)
         };
@@ -164,6 +166,19 @@ impl<W: Word> RecvSide<W> {
                 descriptors: &state.descriptors,
             };
             state.waiter.wait(link, &cond, deadline)?;
+        }
+    }
+
+    /// Counts a message taken, and wakes a sender that may wait for it.
+    fn count_taken(&self, state: &RecvState, taken: &Taken) {
+        state.messages.set(state.messages.get() + 1);
+        state
+            .bytes
+            .set(state.bytes.get() + taken.table.words() * WORD);
+        let held = state.held.get();
+        state.held.set(held + 1);
+        if held > 0 {
+            self.wake_after_take();
         }
     }
 

@@ -458,7 +458,11 @@ impl DescriptorConsumer {
     /// inside the peer's region. `None` for anything else (nothing there, a
     /// table, an area, a retirement, a bad entry), which [`take`](Self::take)
     /// then reads again in full: nothing is consumed here unless it is taken.
-    fn take_simple<W: Word>(&self, peer: &PeerRegion<W>, own: &OwnRegion<W>) -> Option<Taken> {
+    pub(crate) fn take_simple<W: Word>(
+        &self,
+        peer: &PeerRegion<W>,
+        own: &OwnRegion<W>,
+    ) -> Option<Taken> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {
