@@ -16,8 +16,26 @@
 //! Messages are real Cap'n Proto structs (`bench.capnp`). The receiver reads
 //! every byte it is sent (a checksum over the payload, checked against the
 //! sender's) on both transports.
+//!
+//! Beside them, the same run measures physical floors ([`floors`]), the
+//! best any transport could do here, and shows `shm/floor` for the rows
+//! that have one:
+//!
+//! - spin floor: one cache line bounced between two spinning processes
+//!   (parent and forked child, as above), for "round trip 64 B";
+//! - futex floor: the same ping-pong with a `FUTEX_WAIT` and a `FUTEX_WAKE`
+//!   on every hop, for "round trip 64 B no spin";
+//! - memcpy of 1 MiB into a reused buffer in one process, for the one-way
+//!   bandwidth rows; and "sum", the receiver's checksum over 1 MiB alone.
+//!
+//! The core rows (round trip 64 B with and without spinning, one-way 64 B
+//! messages, one-way 1 MiB, and the floors) run in several repetitions,
+//! interleaved (floor, shm, socket, floor, ...); the table shows their
+//! median and the spread of the shm figure (highest over lowest). Where the
+//! spin floor's two processes ran (`sched_getcpu`) is printed under the
+//! table, with what the floor suggests about the host's cores.
 
-#![allow(unsafe_code)] // fork and waitpid.
+#![allow(unsafe_code)] // fork and waitpid; the floors' mmap and futex.
 
 #[allow(
     missing_docs,
@@ -36,6 +54,7 @@ mod bench_capnp;
 #[allow(clippy::all, unused, missing_docs, missing_debug_implementations)]
 #[rustfmt::skip]
 mod kv_capnp;
+mod floors;
 #[path = "../../capnp-shm-rpc/schema/kv_service.rs"]
 #[allow(dead_code)]
 mod kv_service;
@@ -758,12 +777,57 @@ struct Row {
     /// Whether a lower figure is better (latencies, allocations).
     lower_is_better: bool,
     shm: f64,
+    /// NaN for the floor rows, which have no socket figure.
     socket: f64,
+    /// What the hardware allows for this workload, in the same unit (see
+    /// [`floors`]); `None` when it has no natural floor.
+    floor: Option<f64>,
+    /// The shm figure of each interleaved repetition (of every run, once
+    /// summarised); empty when the row is measured once per run.
+    shm_reps: Vec<f64>,
     /// Over several runs: the lowest and highest advantage.
-    spread: Option<(f64, f64)>,
+    advantage_range: Option<(f64, f64)>,
 }
 
 impl Row {
+    /// A row where a lower figure is better (latencies, allocations).
+    fn lower(workload: impl Into<String>, unit: &'static str, shm: f64, socket: f64) -> Row {
+        Row {
+            workload: workload.into(),
+            unit,
+            lower_is_better: true,
+            shm,
+            socket,
+            floor: None,
+            shm_reps: Vec::new(),
+            advantage_range: None,
+        }
+    }
+
+    /// A row where a higher figure is better (rates, bandwidth).
+    fn higher(workload: impl Into<String>, unit: &'static str, shm: f64, socket: f64) -> Row {
+        Row {
+            lower_is_better: false,
+            ..Row::lower(workload, unit, shm, socket)
+        }
+    }
+
+    /// Sets the floor this row's shm figure is compared with.
+    fn with_floor(self, floor: f64) -> Row {
+        Row {
+            floor: Some(floor),
+            ..self
+        }
+    }
+
+    /// Records the shm figure of each repetition.
+    fn with_reps(self, shm: &Repeated) -> Row {
+        Row {
+            shm_reps: shm.0.clone(),
+            ..self
+        }
+    }
+
     fn ratio(&self) -> f64 {
         self.shm / self.socket
     }
@@ -776,6 +840,51 @@ impl Row {
             self.shm / self.socket
         }
     }
+
+    /// shm over its floor: above 1 for latencies, below 1 for bandwidth.
+    fn floor_ratio(&self) -> Option<f64> {
+        self.floor.map(|f| self.shm / f)
+    }
+
+    /// The highest shm figure of the repetitions over the lowest: 1.00 is
+    /// steady; `None` when measured once.
+    fn spread(&self) -> Option<f64> {
+        if self.shm_reps.len() < 2 {
+            return None;
+        }
+        let lo = self.shm_reps.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = self
+            .shm_reps
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        Some(hi / lo)
+    }
+}
+
+/// One figure measured in several interleaved repetitions, one value each.
+#[derive(Debug, Clone, Default)]
+struct Repeated(Vec<f64>);
+
+impl Repeated {
+    fn median(&self) -> f64 {
+        median(self.0.clone())
+    }
+}
+
+/// The middle value (the upper middle of an even count); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// p50, p99 and p99.9 of latencies in nanoseconds, in microseconds.
+fn percentiles(mut samples: Vec<u64>) -> [f64; 3] {
+    samples.sort_unstable();
+    [50.0, 99.0, 99.9].map(|p| percentile(&samples, p))
 }
 
 fn fmt_figure(v: f64) -> String {
@@ -795,40 +904,65 @@ fn fmt_figure(v: f64) -> String {
 fn print_table(rows: &[Row], runs: usize) {
     println!();
     println!(
-        "{:<36} {:>12} {:>12} {:<9} {:>10} {:>12} {:>15}",
+        "{:<36} {:>12} {:>12} {:<9} {:>10} {:>10} {:>9} {:>6} {:>15}",
         "workload",
         "shm",
         "socket",
         "unit",
         "shm/socket",
         "shm better",
-        if runs > 1 { "spread" } else { "" }
+        "shm/floor",
+        "spread",
+        if runs > 1 { "over runs" } else { "" }
     );
-    println!("{}", "-".repeat(if runs > 1 { 112 } else { 96 }));
+    println!("{}", "-".repeat(if runs > 1 { 126 } else { 110 }));
     for r in rows {
-        let spread = match r.spread {
+        let over_runs = match r.advantage_range {
             Some((lo, hi)) if runs > 1 => {
                 format!("{}-{}", fmt_advantage(lo), fmt_advantage(hi))
             }
             _ => String::new(),
         };
         println!(
-            "{:<36} {:>12} {:>12} {:<9} {:>10.3} {:>12} {:>15}",
+            "{:<36} {:>12} {:>12} {:<9} {:>10} {:>10} {:>9} {:>6} {:>15}",
             r.workload,
             fmt_figure(r.shm),
             fmt_figure(r.socket),
             r.unit,
-            r.ratio(),
+            fmt_ratio(r.ratio()),
             fmt_advantage(r.advantage()),
-            spread
+            r.floor_ratio().map_or("-".into(), fmt_ratio),
+            r.spread().map_or("-".into(), fmt_spread),
+            over_runs
         );
     }
     println!();
 }
 
-/// "12.3x"; "1000x+" past that (an allocation count near zero, say).
+/// "1.08"; "123" from 100 up.
+fn fmt_spread(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// "0.123"; "-" when there is nothing to divide by.
+fn fmt_ratio(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "-".into()
+    }
+}
+
+/// "12.3x"; "1000x+" past that (an allocation count near zero, say); "-"
+/// when there is no socket figure.
 fn fmt_advantage(v: f64) -> String {
-    if !v.is_finite() || v >= 1000.0 {
+    if v.is_nan() {
+        "-".into()
+    } else if v >= 1000.0 {
         "1000x+".into()
     } else {
         format!("{v:.1}x")
@@ -859,6 +993,10 @@ fn json_number(v: f64) -> String {
     }
 }
 
+fn json_option(v: Option<f64>) -> String {
+    v.map_or("null".into(), json_number)
+}
+
 fn to_json(rows: &[Row], quick: bool, runs: usize) -> String {
     let mut s = String::from("{\n");
     let _ = writeln!(s, "  \"quick\": {quick},");
@@ -867,7 +1005,7 @@ fn to_json(rows: &[Row], quick: bool, runs: usize) -> String {
     for (i, r) in rows.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"workload\": {}, \"unit\": {}, \"lower_is_better\": {}, \"shm\": {}, \"socket\": {}, \"ratio_shm_over_socket\": {}, \"shm_advantage\": {}, \"shm_advantage_min\": {}, \"shm_advantage_max\": {}}}",
+            "    {{\"workload\": {}, \"unit\": {}, \"lower_is_better\": {}, \"shm\": {}, \"socket\": {}, \"ratio_shm_over_socket\": {}, \"shm_advantage\": {}, \"shm_advantage_min\": {}, \"shm_advantage_max\": {}, \"floor\": {}, \"ratio_shm_over_floor\": {}, \"shm_repetitions\": [{}], \"spread\": {}}}",
             json_string(&r.workload),
             json_string(r.unit),
             r.lower_is_better,
@@ -875,8 +1013,16 @@ fn to_json(rows: &[Row], quick: bool, runs: usize) -> String {
             json_number(r.socket),
             json_number(r.ratio()),
             json_number(r.advantage()),
-            json_number(r.spread.map_or(r.advantage(), |s| s.0)),
-            json_number(r.spread.map_or(r.advantage(), |s| s.1)),
+            json_number(r.advantage_range.map_or(r.advantage(), |s| s.0)),
+            json_number(r.advantage_range.map_or(r.advantage(), |s| s.1)),
+            json_option(r.floor),
+            json_option(r.floor_ratio()),
+            r.shm_reps
+                .iter()
+                .map(|&v| json_number(v))
+                .collect::<Vec<_>>()
+                .join(", "),
+            json_option(r.spread()),
         );
         s.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
     }
@@ -1177,19 +1323,10 @@ fn main() {
     progress.done(started);
     let summary = Run::summarise(&runs);
     print_table(&summary.rows, args.runs);
-    println!(
-        "shm: capnp-shm, default options (64 MiB region, spin 50 µs) unless noted; socket: \
-         capnp::serialize over a buffered UnixStream, flushed per message.\n\
-         {} The machine is shared: compare columns, not runs.",
-        if args.runs > 1 {
-            format!(
-                "Medians of {} runs; the spread is the lowest and highest shm/socket advantage.",
-                args.runs
-            )
-        } else {
-            "One run; --runs N gives medians and spread.".to_string()
-        }
-    );
+    print_footer(&args);
+    if let Some(line) = describe_placement(&summary.placements, summary.spin_p50.median()) {
+        println!("{line}");
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, to_json(&summary.rows, args.quick, args.runs)).expect("write json");
         println!("wrote {path}");
@@ -1207,15 +1344,102 @@ fn main() {
     }
 }
 
+/// The notes under the table.
+fn print_footer(args: &Args) {
+    println!(
+        "shm: capnp-shm, default options (64 MiB region, spin 50 µs) unless noted; socket: \
+         capnp::serialize over a buffered UnixStream, flushed per message."
+    );
+    if !(args.tcp_only || args.rpc_only) {
+        println!(
+            "floor: what the hardware allows, measured in this run: a cache line bounced \
+             between two spinning processes (for round trip 64 B), the same with a futex wait \
+             and wake on every hop (for no spin), memcpy of 1 MiB in one process (for one-way \
+             bandwidth); sum is the receiver's checksum over 1 MiB in one process.\n\
+             Rows with a spread ran {} times, interleaved (floor, shm, socket, ...): the \
+             median, and the spread of the shm figure (highest over lowest repetition).",
+            repetitions(args.quick)
+        );
+    }
+    println!(
+        "{} The machine is shared: compare columns, not runs.",
+        if args.runs > 1 {
+            format!(
+                "Medians of {} runs (a spread is over the repetitions of every run); over \
+                 runs: the lowest and highest shm/socket advantage.",
+                args.runs
+            )
+        } else {
+            "One run; --runs N gives medians of N runs.".to_string()
+        }
+    );
+}
+
+/// Below this spin floor (µs) two processes on different vCPUs are likely
+/// on hyperthreads of one physical core: a line bounced between physical
+/// cores takes about 0.35 µs on this kind of host, between hyperthreads
+/// about 0.09 µs.
+const SHARED_CORE_BELOW_US: f64 = 0.2;
+
+/// "placement: parent on cpu 0, peer on cpu 1 (different vCPUs; ...)",
+/// from the CPUs sampled during the spin floor (`spin_p50` in µs); `None`
+/// when the run measured no floor (`--tcp`, `--rpc`).
+fn describe_placement(placements: &[floors::Placement], spin_p50: f64) -> Option<String> {
+    let first = *placements.first()?;
+    let cpu = |c: Option<u32>| c.map_or("?".to_string(), |c| c.to_string());
+    let cpus = if placements.iter().all(|p| *p == first) {
+        format!(
+            "parent on cpu {}, peer on cpu {}",
+            cpu(first.parent),
+            cpu(first.peer)
+        )
+    } else {
+        let each: Vec<String> = placements
+            .iter()
+            .map(|p| format!("{}/{}", cpu(p.parent), cpu(p.peer)))
+            .collect();
+        format!("parent/peer cpu by repetition {}", each.join(", "))
+    };
+    let known = placements
+        .iter()
+        .filter(|p| p.parent.is_some() && p.peer.is_some())
+        .count();
+    let same = placements
+        .iter()
+        .filter(|p| p.parent.is_some() && p.parent == p.peer)
+        .count();
+    let vcpus = match same {
+        _ if known == 0 => "vCPUs unknown".to_string(),
+        0 => "different vCPUs".to_string(),
+        n if n == placements.len() => "same vCPU".to_string(),
+        n => format!("same vCPU in {n} of {} repetitions", placements.len()),
+    };
+    let inference = if known > 0 && same == placements.len() {
+        "the floor measures the scheduler, not the cache"
+    } else if spin_p50 < SHARED_CORE_BELOW_US {
+        "the vCPUs likely share a physical core"
+    } else {
+        "separate physical cores"
+    };
+    Some(format!(
+        "placement: {cpus} ({vcpus}; spin floor {spin_p50:.2} µs: {inference})"
+    ))
+}
+
 /// What one run of every workload measured.
 struct Run {
     rows: Vec<Row>,
     latency: Series,
     bandwidth: Series,
+    /// Where the spin floor's two processes ran, one per repetition.
+    placements: Vec<floors::Placement>,
+    /// The spin floor's p50 of each repetition, in µs.
+    spin_p50: Repeated,
 }
 
 impl Run {
-    /// A run of table rows only (`--tcp`, `--rpc`): no chart series.
+    /// A run of table rows only (`--tcp`, `--rpc`): no chart series, no
+    /// floors.
     fn rows_only(rows: Vec<Row>) -> Run {
         let empty = || Series {
             shm: vec![],
@@ -1225,31 +1449,43 @@ impl Run {
             rows,
             latency: empty(),
             bandwidth: empty(),
+            placements: Vec::new(),
+            spin_p50: Repeated::default(),
         }
     }
 
-    /// Medians over runs, row by row (and point by point), with the spread
-    /// of each row's advantage.
+    /// Medians over runs, row by row (and point by point), with the range
+    /// of each row's advantage; the repetitions of every run pooled.
     fn summarise(runs: &[Run]) -> Run {
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let first = &runs[0];
         let rows = (0..first.rows.len())
             .map(|i| {
                 let all: Vec<&Row> = runs.iter().map(|r| &r.rows[i]).collect();
-                let advantages: Vec<f64> = all.iter().map(|r| r.advantage()).collect();
+                // None for the floor rows: no socket figure, no advantage.
+                let advantages: Vec<f64> = all
+                    .iter()
+                    .map(|r| r.advantage())
+                    .filter(|a| !a.is_nan())
+                    .collect();
                 Row {
                     workload: all[0].workload.clone(),
                     unit: all[0].unit,
                     lower_is_better: all[0].lower_is_better,
                     shm: median(all.iter().map(|r| r.shm).collect()),
                     socket: median(all.iter().map(|r| r.socket).collect()),
-                    spread: Some((
-                        advantages.iter().copied().fold(f64::INFINITY, f64::min),
-                        advantages.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                    )),
+                    floor: all[0]
+                        .floor
+                        .map(|_| median(all.iter().filter_map(|r| r.floor).collect())),
+                    shm_reps: all
+                        .iter()
+                        .flat_map(|r| r.shm_reps.iter().copied())
+                        .collect(),
+                    advantage_range: (!advantages.is_empty()).then(|| {
+                        (
+                            advantages.iter().copied().fold(f64::INFINITY, f64::min),
+                            advantages.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        )
+                    }),
                 }
             })
             .collect();
@@ -1273,8 +1509,131 @@ impl Run {
                 shm: points(|r| &r.bandwidth.shm),
                 socket: points(|r| &r.bandwidth.socket),
             },
+            placements: runs.iter().flat_map(|r| r.placements.clone()).collect(),
+            spin_p50: Repeated(runs.iter().flat_map(|r| r.spin_p50.0.clone()).collect()),
         }
     }
+}
+
+/// Repetitions of the core rows in one run.
+fn repetitions(quick: bool) -> u64 {
+    if quick {
+        3
+    } else {
+        5
+    }
+}
+
+const MIB: usize = 1 << 20;
+
+/// Steps of one repetition of [`measure_core`], for the progress line.
+const CORE_STEPS: usize = 10;
+
+/// How much work the core rows do in one run, shared out over `reps`
+/// repetitions.
+struct CoreCounts {
+    reps: u64,
+    rtt_warmup: u64,
+    rtt_count: u64,
+    /// 64-byte messages, one way.
+    small_count: u64,
+    /// Bytes of the 1 MiB one-way rows and of each memory floor.
+    bytes: u64,
+}
+
+/// The core rows' figures and their floors, one value per repetition.
+/// Latencies are p50, p99, p99.9 in µs; bandwidths in GB/s.
+#[derive(Default)]
+struct Core {
+    spin: [Repeated; 3],
+    futex: [Repeated; 3],
+    shm_rtt: [Repeated; 3],
+    shm_no_spin: [Repeated; 3],
+    socket_rtt: [Repeated; 3],
+    /// One-way 64-byte messages per second.
+    shm_small: Repeated,
+    socket_small: Repeated,
+    /// Heap allocations per received 64-byte message (shm, socket), of the
+    /// last repetition.
+    allocations: (f64, f64),
+    memcpy: Repeated,
+    sum: Repeated,
+    shm_mib: Repeated,
+    socket_mib: Repeated,
+    /// Where the spin floor's processes ran.
+    placements: Vec<floors::Placement>,
+}
+
+/// Adds one repetition's p50, p99 and p99.9 (of samples in nanoseconds).
+fn push_percentiles(into: &mut [Repeated; 3], samples: Vec<u64>) {
+    for (r, p) in into.iter_mut().zip(percentiles(samples)) {
+        r.0.push(p);
+    }
+}
+
+/// Measures the core rows and their floors in `counts.reps` repetitions,
+/// interleaved (floor, shm, socket, floor, shm, socket, ...), so that a
+/// slow spell of the shared machine hits every column alike. `mib` holds
+/// the options of the 1 MiB shm row.
+fn measure_core(
+    counts: &CoreCounts,
+    default: &Options,
+    sleepy: &Options,
+    mib: &Options,
+    progress: &mut Progress,
+) -> Core {
+    let per = |n: u64| (n / counts.reps).max(1);
+    let (warmup, trips) = (per(counts.rtt_warmup), per(counts.rtt_count));
+    let small = per(counts.small_count).max(2);
+    let mib_count = per(counts.bytes / MIB as u64).max(32);
+    let mut core = Core::default();
+    for rep in 1..=counts.reps {
+        let reps = counts.reps;
+        let mut step = |what: &str| progress.show(&format!("{what} ({rep}/{reps})"));
+
+        step("spin floor");
+        let (samples, placement) = floors::ping_pong(floors::Hop::Spin, warmup, trips);
+        push_percentiles(&mut core.spin, samples);
+        core.placements.push(placement);
+        step("round trip 64 B shm");
+        push_percentiles(
+            &mut core.shm_rtt,
+            round_trips(Transport::Shm, default, 64, warmup, trips),
+        );
+        step("futex floor");
+        let (samples, _) = floors::ping_pong(floors::Hop::Futex, warmup, trips);
+        push_percentiles(&mut core.futex, samples);
+        step("round trip 64 B, no spin shm");
+        push_percentiles(
+            &mut core.shm_no_spin,
+            round_trips(Transport::Shm, sleepy, 64, warmup, trips),
+        );
+        step("round trip 64 B socket");
+        push_percentiles(
+            &mut core.socket_rtt,
+            round_trips(Transport::Socket, default, 64, warmup, trips),
+        );
+
+        step("throughput 64 B shm");
+        let (s_msgs, _, s_alloc) = throughput(Transport::Shm, default, 64, small);
+        step("throughput 64 B socket");
+        let (k_msgs, _, k_alloc) = throughput(Transport::Socket, default, 64, small);
+        core.shm_small.0.push(s_msgs);
+        core.socket_small.0.push(k_msgs);
+        core.allocations = (s_alloc, k_alloc);
+
+        step("memory floors");
+        let (copy, sum) = floors::memory_floors(per(counts.bytes));
+        core.memcpy.0.push(copy / 1e9);
+        core.sum.0.push(sum / 1e9);
+        step("throughput 1 MiB shm");
+        let (_, s_bytes, _) = throughput(Transport::Shm, mib, MIB, mib_count);
+        step("throughput 1 MiB socket");
+        let (_, k_bytes, _) = throughput(Transport::Socket, default, MIB, mib_count);
+        core.shm_mib.0.push(s_bytes / 1e9);
+        core.socket_mib.0.push(k_bytes / 1e9);
+    }
+    core
 }
 
 /// Runs every workload once.
@@ -1292,7 +1651,7 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             .clone()
             .region_size((4 * size + (4 << 20)).max(64 << 20))
     };
-    let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, 1 << 20, 16 << 20];
+    let sizes: [usize; 5] = [64, 4 << 10, 64 << 10, MIB, 16 << 20];
     let large_sizes: &[usize] = if args.quick {
         &[64 << 20]
     } else {
@@ -1316,8 +1675,9 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         return Run::rows_only(rpc_rows(args, progress));
     }
     progress.begin(
-        3 + 2 * (latency_sizes.len() - 1)
-            + 2 * sizes.len()
+        CORE_STEPS * usize::try_from(repetitions(args.quick)).unwrap_or(0)
+            + 2 * (latency_sizes.len() - 1)
+            + 2 * (sizes.len() - 2)
             + 2 * large_sizes.len()
             + 3
             + 8
@@ -1335,91 +1695,136 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         socket: vec![],
     };
 
+    // 0. The core rows and their floors, interleaved repetitions.
+    let counts = CoreCounts {
+        reps: repetitions(args.quick),
+        rtt_warmup,
+        rtt_count,
+        small_count,
+        bytes: (2u64 << 30) / scale,
+    };
+    let core = measure_core(&counts, &default, &sleepy, &big(MIB), progress);
+    let memcpy = core.memcpy.median();
+    for (name, floor) in [("spin", &core.spin), ("futex", &core.futex)] {
+        for (i, p) in ["p50", "p99"].iter().enumerate() {
+            let workload = format!("floor: {name} ping-pong, {p}");
+            rows.push(Row::lower(workload, "µs", floor[i].median(), f64::NAN).with_reps(&floor[i]));
+        }
+    }
+    rows.push(
+        Row::higher("floor: memcpy 1 MiB, one process", "GB/s", memcpy, f64::NAN)
+            .with_reps(&core.memcpy),
+    );
+    rows.push(
+        Row::higher(
+            "floor: sum 1 MiB, one process",
+            "GB/s",
+            core.sum.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.sum),
+    );
+
     // 1. Round-trip latency, 64-byte payload: default options and no spin.
+    let socket = core.socket_rtt.each_ref().map(Repeated::median);
+    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        let shm = &core.shm_rtt[i];
+        rows.push(
+            Row::lower(
+                format!("round trip 64 B, {p}"),
+                "µs",
+                shm.median(),
+                socket[i],
+            )
+            .with_floor(core.spin[i].median())
+            .with_reps(shm),
+        );
+    }
+    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        let shm = &core.shm_no_spin[i];
+        rows.push(
+            Row::lower(
+                format!("round trip 64 B no spin, {p}"),
+                "µs",
+                shm.median(),
+                socket[i],
+            )
+            .with_floor(core.futex[i].median())
+            .with_reps(shm),
+        );
+    }
+    latency.shm.push((64.0, core.shm_rtt[0].median()));
+    latency.socket.push((64.0, socket[0]));
     let mut rtt = |t: Transport, options: &Options, size: usize, label: &str| {
         progress.show(&format!("round trip {label} {}", t.name()));
         let count = rtt_count / if size >= 64 << 10 { 20 } else { 1 } as u64;
-        let mut s = round_trips(t, options, size, rtt_warmup.min(count), count);
-        s.sort_unstable();
-        [50.0, 99.0, 99.9].map(|p| percentile(&s, p))
+        percentiles(round_trips(t, options, size, rtt_warmup.min(count), count))
     };
-    let shm = rtt(Transport::Shm, &default, 64, "64 B");
-    let sleeping = rtt(Transport::Shm, &sleepy, 64, "64 B, no spin");
-    let socket = rtt(Transport::Socket, &default, 64, "64 B");
-    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
-        rows.push(Row {
-            workload: format!("round trip 64 B, {p}"),
-            unit: "µs",
-            lower_is_better: true,
-            shm: shm[i],
-            socket: socket[i],
-            spread: None,
-        });
-    }
-    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
-        rows.push(Row {
-            workload: format!("round trip 64 B no spin, {p}"),
-            unit: "µs",
-            lower_is_better: true,
-            shm: sleeping[i],
-            socket: socket[i],
-            spread: None,
-        });
-    }
-    latency.shm.push((64.0, shm[0]));
-    latency.socket.push((64.0, socket[0]));
     for &size in &latency_sizes[1..] {
         let label = size_label(size);
         let s = rtt(Transport::Shm, &big(size), size, &label);
         let k = rtt(Transport::Socket, &default, size, &label);
-        rows.push(Row {
-            workload: format!("round trip {label}, p50"),
-            unit: "µs",
-            lower_is_better: true,
-            shm: s[0],
-            socket: k[0],
-            spread: None,
-        });
+        rows.push(Row::lower(
+            format!("round trip {label}, p50"),
+            "µs",
+            s[0],
+            k[0],
+        ));
         latency.shm.push((size as f64, s[0]));
         latency.socket.push((size as f64, k[0]));
     }
 
-    // 2-3. One-way throughput by payload size; 5. allocations per message.
-    let mut allocations = (f64::NAN, f64::NAN);
+    // 2-3. One-way throughput by payload size (64 B and 1 MiB: the core
+    // rows); 5. allocations per message.
     for &size in &sizes {
         let label = size_label(size);
-        let count = if size <= 64 {
-            small_count
-        } else {
-            // About 2 GiB per run (100 MiB quick), at least 32 messages.
-            ((2u64 << 30) / scale / size as u64).max(32)
+        // GB/s on each transport; whether the figure is a repeated core one.
+        let (shm, socket, repeated) = match size {
+            64 => {
+                rows.push(
+                    Row::higher(
+                        "one-way 64 B messages",
+                        "msg/s",
+                        core.shm_small.median(),
+                        core.socket_small.median(),
+                    )
+                    .with_reps(&core.shm_small),
+                );
+                let gb = |r: &Repeated| Repeated(r.0.iter().map(|m| m * 64.0 / 1e9).collect());
+                (gb(&core.shm_small), gb(&core.socket_small), true)
+            }
+            MIB => (core.shm_mib.clone(), core.socket_mib.clone(), true),
+            _ => {
+                // About 2 GiB per run (100 MiB quick), at least 32 messages.
+                let count = ((2u64 << 30) / scale / size as u64).max(32);
+                progress.show(&format!("throughput {label} shm"));
+                let (_, s_bytes, _) = throughput(Transport::Shm, &big(size), size, count);
+                progress.show(&format!("throughput {label} socket"));
+                let (_, k_bytes, _) = throughput(Transport::Socket, &default, size, count);
+                (
+                    Repeated(vec![s_bytes / 1e9]),
+                    Repeated(vec![k_bytes / 1e9]),
+                    false,
+                )
+            }
         };
-        progress.show(&format!("throughput {label} shm"));
-        let (s_msgs, s_bytes, s_alloc) = throughput(Transport::Shm, &big(size), size, count);
-        progress.show(&format!("throughput {label} socket"));
-        let (k_msgs, k_bytes, k_alloc) = throughput(Transport::Socket, &default, size, count);
-        if size <= 64 {
-            rows.push(Row {
-                workload: format!("one-way {label} messages"),
-                unit: "msg/s",
-                lower_is_better: false,
-                shm: s_msgs,
-                socket: k_msgs,
-                spread: None,
-            });
-            allocations = (s_alloc, k_alloc);
+        let mut row = Row::higher(
+            format!("one-way {label} bandwidth"),
+            "GB/s",
+            shm.median(),
+            socket.median(),
+        );
+        if repeated {
+            row = row.with_reps(&shm);
         }
-        rows.push(Row {
-            workload: format!("one-way {label} bandwidth"),
-            unit: "GB/s",
-            lower_is_better: false,
-            shm: s_bytes / 1e9,
-            socket: k_bytes / 1e9,
-            spread: None,
-        });
-        bandwidth.shm.push((size as f64, s_bytes / 1e9));
-        bandwidth.socket.push((size as f64, k_bytes / 1e9));
+        if size > 64 {
+            row = row.with_floor(memcpy);
+        }
+        rows.push(row);
+        bandwidth.shm.push((size as f64, shm.median()));
+        bandwidth.socket.push((size as f64, socket.median()));
     }
+    let allocations = core.allocations;
 
     // Messages larger than the region: the outgoing space grows (default
     // options: a 16 MiB region).
@@ -1433,22 +1838,18 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         let (mut k, k_bytes) = large(Transport::Socket, &default, size, trips, count);
         s.sort_unstable();
         k.sort_unstable();
-        rows.push(Row {
-            workload: format!("round trip {label} (grown), p50"),
-            unit: "ms",
-            lower_is_better: true,
-            shm: percentile(&s, 50.0) / 1000.0,
-            socket: percentile(&k, 50.0) / 1000.0,
-            spread: None,
-        });
-        rows.push(Row {
-            workload: format!("one-way {label} (grown) bandwidth"),
-            unit: "GB/s",
-            lower_is_better: false,
-            shm: s_bytes / 1e9,
-            socket: k_bytes / 1e9,
-            spread: None,
-        });
+        rows.push(Row::lower(
+            format!("round trip {label} (grown), p50"),
+            "ms",
+            percentile(&s, 50.0) / 1000.0,
+            percentile(&k, 50.0) / 1000.0,
+        ));
+        rows.push(Row::higher(
+            format!("one-way {label} (grown) bandwidth"),
+            "GB/s",
+            s_bytes / 1e9,
+            k_bytes / 1e9,
+        ));
     }
 
     // Untrusted-peer mode: what copying each received message costs.
@@ -1456,15 +1857,13 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
     progress.show("copy mode: round trip 64 B shm");
     let mut c = round_trips(Transport::Shm, &copying(64), 64, rtt_warmup, rtt_count);
     c.sort_unstable();
-    rows.push(Row {
-        workload: "round trip 64 B copy mode, p50".into(),
-        unit: "µs",
-        lower_is_better: true,
-        shm: percentile(&c, 50.0),
-        socket: socket[0],
-        spread: None,
-    });
-    for size in [64 << 10, 1 << 20] {
+    rows.push(Row::lower(
+        "round trip 64 B copy mode, p50",
+        "µs",
+        percentile(&c, 50.0),
+        socket[0],
+    ));
+    for size in [64 << 10, MIB] {
         let label = size_label(size);
         progress.show(&format!("copy mode: throughput {label} shm"));
         let count = ((2u64 << 30) / scale / size as u64).max(32);
@@ -1474,14 +1873,15 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             .iter()
             .find(|p| p.0 == size as f64)
             .map_or(f64::NAN, |p| p.1);
-        rows.push(Row {
-            workload: format!("one-way {label} copy mode"),
-            unit: "GB/s",
-            lower_is_better: false,
-            shm: c_bytes / 1e9,
-            socket,
-            spread: None,
-        });
+        rows.push(
+            Row::higher(
+                format!("one-way {label} copy mode"),
+                "GB/s",
+                c_bytes / 1e9,
+                socket,
+            )
+            .with_floor(memcpy),
+        );
     }
 
     // A pool of workers served by one process waiting on all at once.
@@ -1491,14 +1891,12 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         let s_rate = worker_pool(Transport::Shm, &default, workers, per_worker);
         progress.show(&format!("worker pool x{workers} socket"));
         let k_rate = worker_pool(Transport::Socket, &default, workers, per_worker);
-        rows.push(Row {
-            workload: format!("worker pool, {workers} workers"),
-            unit: "req/s",
-            lower_is_better: false,
-            shm: s_rate,
-            socket: k_rate,
-            spread: None,
-        });
+        rows.push(Row::higher(
+            format!("worker pool, {workers} workers"),
+            "req/s",
+            s_rate,
+            k_rate,
+        ));
     }
 
     // 4. A structured message: an order with 50 line items.
@@ -1509,42 +1907,34 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         order_round_trips(Transport::Socket, &default, rtt_warmup, rtt_count / 4);
     s.sort_unstable();
     k.sort_unstable();
-    rows.push(Row {
-        workload: format!("order ({ITEMS} items) round trip, p50"),
-        unit: "µs",
-        lower_is_better: true,
-        shm: percentile(&s, 50.0),
-        socket: percentile(&k, 50.0),
-        spread: None,
-    });
+    rows.push(Row::lower(
+        format!("order ({ITEMS} items) round trip, p50"),
+        "µs",
+        percentile(&s, 50.0),
+        percentile(&k, 50.0),
+    ));
     progress.show("orders one-way shm");
     let s_rate = order_throughput(Transport::Shm, &default, order_count);
     progress.show("orders one-way socket");
     let k_rate = order_throughput(Transport::Socket, &default, order_count);
-    rows.push(Row {
-        workload: format!("order ({ITEMS} items) one-way"),
-        unit: "msg/s",
-        lower_is_better: false,
-        shm: s_rate,
-        socket: k_rate,
-        spread: None,
-    });
-    rows.push(Row {
-        workload: "heap allocs / received 64 B msg".into(),
-        unit: "allocs",
-        lower_is_better: true,
-        shm: allocations.0,
-        socket: allocations.1,
-        spread: None,
-    });
-    rows.push(Row {
-        workload: "heap allocs / order round trip".into(),
-        unit: "allocs",
-        lower_is_better: true,
-        shm: s_alloc,
-        socket: k_alloc,
-        spread: None,
-    });
+    rows.push(Row::higher(
+        format!("order ({ITEMS} items) one-way"),
+        "msg/s",
+        s_rate,
+        k_rate,
+    ));
+    rows.push(Row::lower(
+        "heap allocs / received 64 B msg",
+        "allocs",
+        allocations.0,
+        allocations.1,
+    ));
+    rows.push(Row::lower(
+        "heap allocs / order round trip",
+        "allocs",
+        s_alloc,
+        k_alloc,
+    ));
     rows.extend(tcp_rows(
         &default,
         rtt_count,
@@ -1558,6 +1948,8 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         rows,
         latency,
         bandwidth,
+        placements: core.placements,
+        spin_p50: core.spin[0].clone(),
     }
 }
 
@@ -1586,14 +1978,12 @@ fn tcp_rows(
     let ours = rtt(Transport::TcpStream);
     let plain = rtt(Transport::TcpPlain);
     for (i, p) in ["p50", "p99"].iter().enumerate() {
-        rows.push(Row {
-            workload: format!("TCP: round trip 64 B, {p}"),
-            unit: "µs",
-            lower_is_better: true,
-            shm: ours[i],
-            socket: plain[i],
-            spread: None,
-        });
+        rows.push(Row::lower(
+            format!("TCP: round trip 64 B, {p}"),
+            "µs",
+            ours[i],
+            plain[i],
+        ));
     }
     for size in [64, 1 << 20] {
         let label = size_label(size);
@@ -1607,23 +1997,19 @@ fn tcp_rows(
         progress.show(&format!("throughput {label} tcp plain"));
         let (p_msgs, p_bytes, _) = throughput(Transport::TcpPlain, options, size, count);
         rows.push(if size <= 64 {
-            Row {
-                workload: format!("TCP: one-way {label} messages"),
-                unit: "msg/s",
-                lower_is_better: false,
-                shm: o_msgs,
-                socket: p_msgs,
-                spread: None,
-            }
+            Row::higher(
+                format!("TCP: one-way {label} messages"),
+                "msg/s",
+                o_msgs,
+                p_msgs,
+            )
         } else {
-            Row {
-                workload: format!("TCP: one-way {label} bandwidth"),
-                unit: "GB/s",
-                lower_is_better: false,
-                shm: o_bytes / 1e9,
-                socket: p_bytes / 1e9,
-                spread: None,
-            }
+            Row::higher(
+                format!("TCP: one-way {label} bandwidth"),
+                "GB/s",
+                o_bytes / 1e9,
+                p_bytes / 1e9,
+            )
         });
     }
     rows
@@ -1651,57 +2037,47 @@ fn rpc_rows(args: &Args, progress: &mut Progress) -> Vec<Row> {
     let (shm_tokio, _) = trivial(Net::ShmTokio);
     let (two, two_allocs) = trivial(Net::TwoParty);
     for (i, p) in ["p50", "p99"].iter().enumerate() {
-        rows.push(Row {
-            workload: format!("RPC trivial call, {p}"),
-            unit: "µs",
-            lower_is_better: true,
-            shm: shm[i],
-            socket: two[i],
-            spread: None,
-        });
+        rows.push(Row::lower(
+            format!("RPC trivial call, {p}"),
+            "µs",
+            shm[i],
+            two[i],
+        ));
     }
-    rows.push(Row {
-        workload: "RPC trivial call under tokio, p50".into(),
-        unit: "µs",
-        lower_is_better: true,
-        shm: shm_tokio[0],
-        socket: two[0],
-        spread: None,
-    });
+    rows.push(Row::lower(
+        "RPC trivial call under tokio, p50",
+        "µs",
+        shm_tokio[0],
+        two[0],
+    ));
     let mut window = |net: Net| {
         progress.show(&format!("RPC pipelined calls {}", net.name()));
         rpc::pipelined_calls(net, 100, pipelined)
     };
-    rows.push(Row {
-        workload: "RPC pipelined calls (100 in flight)".into(),
-        unit: "calls/s",
-        lower_is_better: false,
-        shm: window(Net::Shm),
-        socket: window(Net::TwoParty),
-        spread: None,
-    });
+    rows.push(Row::higher(
+        "RPC pipelined calls (100 in flight)",
+        "calls/s",
+        window(Net::Shm),
+        window(Net::TwoParty),
+    ));
     let mut blob = |net: Net| {
         progress.show(&format!("RPC 1 MiB results {}", net.name()));
         let mut t = rpc::large_results(net, 1 << 20, big);
         t.sort_unstable();
         percentile(&t, 50.0)
     };
-    rows.push(Row {
-        workload: "RPC call with 1 MiB result, p50".into(),
-        unit: "µs",
-        lower_is_better: true,
-        shm: blob(Net::Shm),
-        socket: blob(Net::TwoParty),
-        spread: None,
-    });
-    rows.push(Row {
-        workload: "RPC heap allocs / trivial call".into(),
-        unit: "allocs",
-        lower_is_better: true,
-        shm: shm_allocs,
-        socket: two_allocs,
-        spread: None,
-    });
+    rows.push(Row::lower(
+        "RPC call with 1 MiB result, p50",
+        "µs",
+        blob(Net::Shm),
+        blob(Net::TwoParty),
+    ));
+    rows.push(Row::lower(
+        "RPC heap allocs / trivial call",
+        "allocs",
+        shm_allocs,
+        two_allocs,
+    ));
     rows
 }
 

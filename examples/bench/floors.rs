@@ -1,0 +1,327 @@
+//! Physical floors: what the hardware and the kernel allow, measured in the
+//! same run as the transports.
+//!
+//! - spin floor: one cache line bounced between two spinning processes (a
+//!   parent and a forked child, as for every other row);
+//! - futex floor: the same ping-pong where every hop sleeps in `futex(2)` and
+//!   is woken, the floor of a transport that never spins;
+//! - memory floors: `memcpy` and the bench's checksum over 1 MiB in one
+//!   process, the floor of a one-way transfer that the receiver reads.
+//!
+//! # Notes about memory ordering
+//!
+//! The ball is passed with a `Release` store and seen with an `Acquire` load,
+//! as a real transport would publish a message with it; no other data rides
+//! on it here. On x86 both are plain moves, so the floor is not inflated by
+//! fences.
+
+use std::hint::{black_box, spin_loop};
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{checksum, fork_peer, payload};
+
+/// How long one side waits for the other before it gives up: the
+/// ping-pong has no other way to notice a peer that died.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Spins of a waiting spin-floor side before it starts yielding the CPU as
+/// well: only reached when both processes share one vCPU, where spinning
+/// alone would wait for the scheduler's time slice on every hop.
+const SPINS_BEFORE_YIELD: u32 = 1 << 16;
+
+/// How long one `FUTEX_WAIT` sleeps before the waiter looks again.
+const FUTEX_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A word alone on its 128 bytes (two cache lines, as crossbeam's
+/// `CachePadded`, so the adjacent-line prefetcher does not couple them).
+#[repr(C, align(128))]
+struct CacheLine<T>(T);
+
+/// The shared page of a ping-pong. Every field is an atomic, so the zeroed
+/// page the kernel hands out is a valid value.
+#[repr(C)]
+struct PingPong {
+    /// The spin floor's ball: odd when the parent has served it, even when
+    /// the peer has returned it.
+    spin: CacheLine<AtomicU64>,
+    /// The futex floor's ball, as `spin`; 32 bits, as `futex(2)` needs.
+    futex: CacheLine<AtomicU32>,
+    /// The peer's CPU plus one, sampled mid-measurement; 0 until it writes
+    /// it, or when it could not tell. Written by the peer only.
+    peer_cpu: CacheLine<AtomicU32>,
+}
+
+const _: () = assert!(std::mem::size_of::<PingPong>() == 384);
+
+/// A [`PingPong`] in its own `MAP_SHARED | MAP_ANONYMOUS` mapping, so a
+/// forked child shares it; unmapped on drop.
+struct SharedPingPong {
+    ptr: NonNull<PingPong>,
+}
+
+impl SharedPingPong {
+    /// Maps a zeroed page.
+    fn new() -> SharedPingPong {
+        // SAFETY: a fresh anonymous mapping: no address hint, no descriptor;
+        // it overlaps nothing of ours.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                std::mem::size_of::<PingPong>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "mmap failed: {}",
+            io::Error::last_os_error()
+        );
+        let ptr = NonNull::new(p.cast::<PingPong>()).expect("mmap returned null");
+        // Page-aligned, so aligned for the 128-byte lines.
+        assert!(ptr.as_ptr().is_aligned(), "mmap returned an unaligned page");
+        SharedPingPong { ptr }
+    }
+
+    fn get(&self) -> &PingPong {
+        // SAFETY: the mapping is live until `self` drops (the reference
+        // borrows `self`), aligned (checked in `new`), zero-filled by the
+        // kernel, and all-zero bytes are a valid `PingPong` (atomics only);
+        // only shared references are ever made.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for SharedPingPong {
+    fn drop(&mut self) {
+        // SAFETY: this is exactly the range `new` mapped, and no reference
+        // into it outlives `self`. A failure would leave a page mapped:
+        // nothing to do about it here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<PingPong>()) };
+    }
+}
+
+/// How a side waits for the ball.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hop {
+    /// Spins on the cache line (`std::hint::spin_loop`).
+    Spin,
+    /// Sleeps in `FUTEX_WAIT`; the passer always calls `FUTEX_WAKE`.
+    Futex,
+}
+
+impl Hop {
+    /// Hands the ball over: stores `value` (and, for the futex, wakes the
+    /// other side, every time).
+    fn pass(self, line: &PingPong, value: u32) {
+        match self {
+            // Release: publishes, as a transport's store would (see the
+            // module notes).
+            Hop::Spin => line.spin.0.store(u64::from(value), Ordering::Release),
+            Hop::Futex => {
+                // Release: as above.
+                line.futex.0.store(value, Ordering::Release);
+                futex_wake(&line.futex.0);
+            }
+        }
+    }
+
+    /// Waits until the ball holds `value`.
+    ///
+    /// # Panics
+    ///
+    /// If the other side has not passed it within [`STALL`].
+    fn wait(self, line: &PingPong, value: u32) {
+        match self {
+            Hop::Spin => {
+                // Acquire: pairs with the Release in `pass`.
+                let arrived = || line.spin.0.load(Ordering::Acquire) == u64::from(value);
+                let mut spins = 0u32;
+                let mut since = None;
+                while !arrived() {
+                    if spins < SPINS_BEFORE_YIELD {
+                        spins += 1;
+                        spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                        let since = *since.get_or_insert_with(Instant::now);
+                        assert!(since.elapsed() < STALL, "spin ping-pong stalled");
+                    }
+                }
+            }
+            Hop::Futex => {
+                let since = Instant::now();
+                loop {
+                    // Acquire: pairs with the Release in `pass`.
+                    let seen = line.futex.0.load(Ordering::Acquire);
+                    if seen == value {
+                        break;
+                    }
+                    futex_wait(&line.futex.0, seen, FUTEX_TIMEOUT);
+                    assert!(since.elapsed() < STALL, "futex ping-pong stalled");
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps while `*word == expected`, for at most `timeout` (`futex(2)`,
+/// `FUTEX_WAIT`; shared, not private: the word is in memory two processes
+/// map). Returns on a wake, a signal, a timeout, or at once when the word
+/// already differs: the caller re-checks in every case.
+///
+/// # Panics
+///
+/// If the kernel refuses the call (`ENOSYS`, a seccomp filter): there is no
+/// futex floor to measure then.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    // c_long is 32 bits on 32-bit targets; nanoseconds always fit.
+    #[allow(clippy::unnecessary_fallible_conversions)]
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        // Always below 1e9, so it fits.
+        tv_nsec: libc::c_long::try_from(timeout.subsec_nanos()).unwrap_or(0),
+    };
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call and
+    // FUTEX_WAIT only reads it; `ts` is a valid relative timeout; the last two
+    // arguments are ignored by FUTEX_WAIT.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR)
+            ),
+            "FUTEX_WAIT failed: {e}"
+        );
+    }
+}
+
+/// Wakes the waiter on `word` (`futex(2)`, `FUTEX_WAKE`, shared).
+///
+/// # Panics
+///
+/// If the kernel refuses the call.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not access it
+    // beyond computing its key; the last three arguments are ignored.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            1,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    assert!(r >= 0, "FUTEX_WAKE failed: {}", io::Error::last_os_error());
+}
+
+/// The CPU this thread runs on now (`sched_getcpu(3)`), if it can tell.
+fn current_cpu() -> Option<u32> {
+    // SAFETY: no arguments; returns -1 on failure.
+    let cpu = unsafe { libc::sched_getcpu() };
+    u32::try_from(cpu).ok()
+}
+
+/// Where the two processes of one ping-pong ran, sampled half-way through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) parent: Option<u32>,
+    pub(crate) peer: Option<u32>,
+}
+
+/// Ping-pong round trips between this process and a forked child, in
+/// nanoseconds, timed exactly as `round_trips` times the transports: we
+/// pass the ball (odd), the peer waits for it and passes it back (even).
+/// `warmup` trips first, not recorded. Also returns where both sides ran.
+pub(crate) fn ping_pong(hop: Hop, warmup: u64, count: u64) -> (Vec<u64>, Placement) {
+    let page = SharedPingPong::new();
+    let trips = u32::try_from(warmup + count).expect("fewer than 2^31 round trips");
+    assert!(trips < u32::MAX / 2, "fewer than 2^31 round trips");
+    let middle = warmup + count / 2;
+    let (samples, parent) = fork_peer(
+        page.get(),
+        page.get(),
+        |line| {
+            for i in 0..trips {
+                hop.wait(line, 2 * i + 1);
+                hop.pass(line, 2 * i + 2);
+                // After the pass, so the sample is not on the timed path.
+                if u64::from(i) == middle {
+                    let cpu = current_cpu().map_or(0, |c| c.saturating_add(1));
+                    // Relaxed: read only after the peer has exited (waitpid).
+                    line.peer_cpu.0.store(cpu, Ordering::Relaxed);
+                }
+            }
+            0
+        },
+        |line| {
+            let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            let mut parent = None;
+            for i in 0..trips {
+                let t = Instant::now();
+                hop.pass(line, 2 * i + 1);
+                hop.wait(line, 2 * i + 2);
+                let elapsed = t.elapsed();
+                if u64::from(i) == middle {
+                    parent = current_cpu();
+                }
+                if u64::from(i) >= warmup {
+                    samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+                }
+            }
+            (samples, parent)
+        },
+        "ping-pong peer",
+    );
+    // The peer has exited: what it wrote is final. It is our own child, but
+    // still data: 0 means it could not tell.
+    let peer = page.get().peer_cpu.0.load(Ordering::Relaxed).checked_sub(1);
+    (samples, Placement { parent, peer })
+}
+
+/// Size of the buffers of the memory floors.
+const MEMORY_BUFFER: usize = 1 << 20;
+
+/// One-process memory floors, each over about `total` bytes in 1 MiB
+/// passes: (memcpy into another, reused buffer; the bench's `checksum`),
+/// in bytes per second. Each is timed after one untimed pass, so page
+/// faults are not counted.
+pub(crate) fn memory_floors(total: u64) -> (f64, f64) {
+    let src = payload(MEMORY_BUFFER);
+    let mut dst = vec![0u8; MEMORY_BUFFER];
+    let passes = (total / MEMORY_BUFFER as u64).max(1);
+    let bytes = (passes * MEMORY_BUFFER as u64) as f64;
+    let timed = |pass: &mut dyn FnMut()| {
+        pass();
+        let start = Instant::now();
+        for _ in 0..passes {
+            pass();
+        }
+        bytes / start.elapsed().as_secs_f64()
+    };
+    let copy = timed(&mut || black_box(&mut dst[..]).copy_from_slice(black_box(&src)));
+    let sum = timed(&mut || {
+        black_box(checksum(black_box(&src)));
+    });
+    (copy, sum)
+}
