@@ -157,13 +157,13 @@ impl Word for ModelWord {
 
 // ---- building two ends ------------------------------------------------------
 
-/// The geometry of both model regions: a ring of `capacity`, the smallest
-/// data area.
-fn geometry(capacity: u32) -> Geometry {
+/// The geometry of both model regions: a ring of `capacity`, a release
+/// ring for `held` messages, the smallest data area.
+fn geometry(capacity: u32, held: u32) -> Geometry {
     let g = Geometry {
-        region_size: Geometry::region_for(capacity, capacity, 4096),
+        region_size: Geometry::region_for(capacity, held, 4096),
         ring_capacity: capacity,
-        held_capacity: capacity,
+        held_capacity: held,
     };
     g.validate().expect("a valid model geometry")
 }
@@ -188,7 +188,7 @@ fn memory(g: Geometry) -> Arc<region::model::Memory<ModelWord>> {
             len: ModelWord::new(0),
         })
         .collect();
-    let releases = (0..capacity)
+    let releases = (0..g.held_capacity)
         .map(|_| ReleaseEntry {
             slot: ModelWord::new(0),
             seq: ModelWord::new(0),
@@ -222,7 +222,12 @@ struct End {
 
 /// Two connected ends over model regions with ring `capacity`.
 fn pair(capacity: u32) -> (End, End) {
-    let g = geometry(capacity);
+    pair_held(capacity, capacity)
+}
+
+/// As [`pair`], with release rings for `held` messages.
+fn pair_held(capacity: u32, held: u32) -> (End, End) {
+    let g = geometry(capacity, held);
     let (a, b) = (memory(g), memory(g));
     let (a_own, a_peer) = region::model::views(&a, g);
     let (b_own, b_peer) = region::model::views(&b, g);
@@ -381,11 +386,29 @@ fn two_in_flight() {
     drop((a, b));
 }
 
+/// A ring of one, and room to hold two: the receiver holds the first
+/// message, so the sender's wait for the second is for the receiver to
+/// *take* (not release) the first, and only the take can wake it.
+fn full_ring_while_receiver_holds() {
+    let (a, b) = pair_held(1, 2);
+    let sender = loom::thread::spawn(move || {
+        send(&a, 0).unwrap();
+        send(&a, 1).unwrap();
+        a
+    });
+    let first = recv(&b, 0).unwrap();
+    let second = recv(&b, 1).unwrap();
+    b.rx.release(first.0, first.1);
+    b.rx.release(second.0, second.1);
+    let a = sender.join().unwrap();
+    drop((a, b));
+}
+
 /// Each scenario, and the most preemptions its check explores (`None`:
 /// every interleaving). The bounds keep `cargo test` to seconds; deeper
 /// runs (`LOOM_MAX_PREEMPTIONS=4`, minutes) are for changes to the
 /// protocol.
-const SCENARIOS: [(&str, Scenario, Option<usize>); 4] = [
+const SCENARIOS: [(&str, Scenario, Option<usize>); 5] = [
     ("stream_then_close", stream_then_close, Some(3)),
     (
         "close_while_sender_waits",
@@ -398,6 +421,11 @@ const SCENARIOS: [(&str, Scenario, Option<usize>); 4] = [
         None,
     ),
     ("two_in_flight", two_in_flight, Some(3)),
+    (
+        "full_ring_while_receiver_holds",
+        full_ring_while_receiver_holds,
+        Some(3),
+    ),
 ];
 
 #[test]

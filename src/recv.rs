@@ -96,6 +96,7 @@ impl<W: Word> RecvSide<W> {
     /// (for `wait_any`).
     pub(crate) fn with_waiter<R>(&self, f: impl FnOnce(&Waiter, &dyn Condition<W>) -> R) -> R {
         let state = self.state.borrow();
+        self.before_waiting(&state);
         let cond = MessageReady {
             link: &self.link,
             descriptors: &state.descriptors,
@@ -161,11 +162,24 @@ impl<W: Word> RecvSide<W> {
                 }
                 return Err(Halt::Expired);
             }
+            self.before_waiting(&state);
             let cond = MessageReady {
                 link,
                 descriptors: &state.descriptors,
             };
             state.waiter.wait(link, &cond, deadline)?;
+        }
+    }
+
+    /// Before this receiver waits while it holds messages: a sender that
+    /// found the descriptor ring full may be waiting for a take it was not
+    /// woken for (the first take after holding nothing wakes no one, as its
+    /// release usually follows), and would otherwise wait its whole slice
+    /// while we wait for its next message. loom found this one
+    /// (`model.rs`, `full_ring_while_receiver_holds`).
+    fn before_waiting(&self, state: &RecvState) {
+        if state.held.get() > 0 {
+            self.wake_after_take();
         }
     }
 
@@ -220,9 +234,11 @@ impl<W: Word> RecvSide<W> {
     fn wake_after_take(&self) {
         let link = &*self.link;
         let own = link.own();
+        // The take stored `consumed` already (before the fence in
+        // `wake_peer`); a sender that found the ring full sleeps on it too.
         link.wake_peer(
             || {},
-            own.released(),
+            own.consumed(),
             link.peer().tx_sleeping(),
             Wakes::Always,
         );
@@ -260,6 +276,7 @@ impl<W: Word> RecvSide<W> {
         link.enter()?;
         link.poll_peer()?;
         let state = self.state.borrow();
+        self.before_waiting(&state);
         let cond = MessageReady {
             link,
             descriptors: &state.descriptors,

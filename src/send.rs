@@ -974,6 +974,13 @@ impl<W: Word> Condition<W> for SpaceFreed<'_, W> {
         seen == self.seen
     }
 
+    /// The ring was full: the peer's take, which stores `consumed`, ends
+    /// the wait too (slept on, so a take that wakes us before we sleep is
+    /// not lost).
+    fn also(&self) -> Option<(Theirs<'_, W>, u32)> {
+        Some((self.link.peer().consumed(), self.ring_full_at?))
+    }
+
     fn ready(&self) -> bool {
         let peer = self.link.peer();
         peer.released().load() != self.seen

@@ -40,6 +40,11 @@ pub(crate) trait Condition<W: Word> {
     fn idle(&self, seen: u32) -> bool;
     /// The cheap check to spin on: something may be there.
     fn ready(&self) -> bool;
+    /// A second peer word whose change also ends the wait, with the value
+    /// it held when the wait began (slept on too, where the kernel can).
+    fn also(&self) -> Option<(Theirs<'_, W>, u32)> {
+        None
+    }
 }
 
 /// What [`Receiver::arm`](crate::Receiver::arm) or [`Sender::arm`](crate::Sender::arm) found.
@@ -58,14 +63,27 @@ pub enum Readiness {
     Writable,
 }
 
-/// Sleeps while `counter` holds `seen` and the peer has not closed, for at
-/// most `slice`: on both words where the kernel can, on the counter alone
-/// where it cannot (then a close is seen when the slice ends).
-fn sleep<W: Word>(counter: &W, seen: u32, closed: &W, slice: Duration) -> io::Result<()> {
+/// Sleeps while `counter` holds `seen`, `also` (if any) its value, and the
+/// peer has not closed, for at most `slice`: on every word where the kernel
+/// can, on the counter alone where it cannot (then a close, or a change of
+/// `also`, is seen when the slice ends).
+fn sleep<W: Word>(
+    counter: &W,
+    seen: u32,
+    also: Option<(&W, u32)>,
+    closed: &W,
+    slice: Duration,
+) -> io::Result<()> {
     if fault::active(Fault::SleepOnCounterOnly) {
         return counter.wait(seen, slice);
     }
-    match W::wait_many(&[(counter, seen), (closed, 0)], slice) {
+    let many = [(counter, seen), (closed, 0), also.unwrap_or((closed, 0))];
+    let words = if also.is_some() {
+        &many[..]
+    } else {
+        &many[..2]
+    };
+    match W::wait_many(words, slice) {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => counter.wait(seen, slice),
         other => other,
     }
@@ -134,7 +152,14 @@ impl Waiter {
             withdraw(cond.flag());
         }
         self.sleeps.set(self.sleeps.get() + 1);
-        let slept = sleep(cond.counter().futex(), seen, link.peer_closed_word(), slice);
+        let also = cond.also().map(|(word, value)| (word.futex(), value));
+        let slept = sleep(
+            cond.counter().futex(),
+            seen,
+            also,
+            link.peer_closed_word(),
+            slice,
+        );
         if !flag_early {
             withdraw(cond.flag());
         }
