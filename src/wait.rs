@@ -13,8 +13,11 @@
 //! word. Waiters sleep on their counter *and* on the peer's `closed` word
 //! (`futex_waitv`, Linux 5.16), so a close that lands between a waiter's
 //! check and its sleep changes a word it sleeps on and cannot be slept
-//! through. Without `futex_waitv` the waiter sleeps on the counter alone,
-//! and such a close is seen when the slice ends.
+//! through. A sender that found the descriptor ring full sleeps on the
+//! peer's `consumed` as well ([`Condition::also`]): the peer's take, not
+//! only its release, ends that wait. Without `futex_waitv` the waiter
+//! sleeps on the counter alone, and such a close (or take) is seen when
+//! the slice ends.
 
 use std::cell::Cell;
 use std::io;
