@@ -376,11 +376,7 @@ impl<'c> Segments<'c> {
             body: Body::InPlace {
                 side,
                 first: slice(0),
-                more: if table.len() > 1 {
-                    (1..table.len()).map(slice).collect()
-                } else {
-                    Vec::new()
-                },
+                more: (1..table.len()).map(slice).collect(),
                 release: Some((taken.slot, taken.seq)),
             },
         }

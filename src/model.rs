@@ -372,25 +372,19 @@ fn close_while_receiver_waits() {
 /// Two messages in a ring of two, both released at the end: the second
 /// publish and the receiver's sleep race without any wait for space.
 fn two_in_flight() {
-    let (a, b) = pair(2);
-    let sender = loom::thread::spawn(move || {
-        send(&a, 0).unwrap();
-        send(&a, 1).unwrap();
-        a
-    });
-    let first = recv(&b, 0).unwrap();
-    let second = recv(&b, 1).unwrap();
-    b.rx.release(first.0, first.1);
-    b.rx.release(second.0, second.1);
-    let a = sender.join().unwrap();
-    drop((a, b));
+    two_held(pair(2));
 }
 
 /// A ring of one, and room to hold two: the receiver holds the first
 /// message, so the sender's wait for the second is for the receiver to
 /// *take* (not release) the first, and only the take can wake it.
 fn full_ring_while_receiver_holds() {
-    let (a, b) = pair_held(1, 2);
+    two_held(pair_held(1, 2));
+}
+
+/// Sends two messages over `(a, b)`; the receiver holds the first while it
+/// receives the second, then releases both.
+fn two_held((a, b): (End, End)) {
     let sender = loom::thread::spawn(move || {
         send(&a, 0).unwrap();
         send(&a, 1).unwrap();

@@ -127,33 +127,15 @@ impl<W: Word> RecvSide<W> {
     pub(crate) fn recv(&self, deadline: Deadline) -> Result<Taken, Halt> {
         let link = &*self.link;
         let state = self.state.borrow();
-        // The common case first: a one-segment message is there.
-        if !link.has_seen_close() {
-            link.enter()?;
-            if let Some(taken) = state.descriptors.take_simple(link.peer(), link.own()) {
-                self.count_taken(&state, &taken);
-                return Ok(taken);
-            }
-        }
-        let take = || -> Result<Option<Taken>, Failure> {
-            link.enter()?;
-            let taken = self
-                .take_message(&state)
-                .map_err(|p| link.fail(Failure::Protocol(p)))?;
-            if let Some(t) = &taken {
-                self.count_taken(&state, t);
-            }
-            Ok(taken)
-        };
         loop {
             if link.has_seen_close() {
-                return self.drain(&state, take);
+                return self.drain(&state);
             }
-            if let Some(taken) = take()? {
+            if let Some(taken) = self.take_counted(&state)? {
                 return Ok(taken);
             }
             if link.peer_closed() {
-                return self.drain(&state, take);
+                return self.drain(&state);
             }
             if let Deadline::Now = deadline {
                 state.waiter.poll_peer_if_due(link)?;
@@ -181,6 +163,25 @@ impl<W: Word> RecvSide<W> {
         if state.held.get() > 0 {
             self.wake_after_take();
         }
+    }
+
+    /// Takes the peer's next message, if there is one, and counts it: the
+    /// common kind directly, anything else through
+    /// [`take_message`](Self::take_message).
+    fn take_counted(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
+        let link = &*self.link;
+        link.enter()?;
+        if let Some(taken) = state.descriptors.take_simple(link.peer(), link.own()) {
+            self.count_taken(state, &taken);
+            return Ok(Some(taken));
+        }
+        let taken = self
+            .take_message(state)
+            .map_err(|p| link.fail(Failure::Protocol(p)))?;
+        if let Some(t) = &taken {
+            self.count_taken(state, t);
+        }
+        Ok(taken)
     }
 
     /// Counts a message taken, and wakes a sender that may wait for it.
@@ -249,18 +250,14 @@ impl<W: Word> RecvSide<W> {
     /// visible by now; after a clean close, nothing published past the count
     /// seen with it is delivered (a peer that reopens and publishes more
     /// stays disconnected).
-    fn drain(
-        &self,
-        state: &RecvState,
-        take: impl FnOnce() -> Result<Option<Taken>, Failure>,
-    ) -> Result<Taken, Halt> {
+    fn drain(&self, state: &RecvState) -> Result<Taken, Halt> {
         if let Some(last) = self.link.closed_at() {
             let left = last.wrapping_sub(state.descriptors.consumed());
             if left == 0 || left > self.link.peer().geometry().ring_capacity {
                 return Err(Halt::Disconnected);
             }
         }
-        take()?.ok_or(Halt::Disconnected)
+        self.take_counted(state)?.ok_or(Halt::Disconnected)
     }
 
     /// Asks the peer to ring the socket when it publishes (or closes), for

@@ -200,34 +200,24 @@ impl SegmentTable {
         }
     }
 
+    /// Every segment, in order.
+    fn spans(&self) -> &[Span] {
+        let all: &[Span] = if self.more.is_empty() {
+            &self.inline
+        } else {
+            &self.more
+        };
+        all.get(..self.count as usize).unwrap_or(all)
+    }
+
     /// Total words in all segments.
     pub(crate) fn words(&self) -> u64 {
-        if self.more.is_empty() {
-            return self
-                .inline
-                .iter()
-                .take(self.count as usize)
-                .map(|s| u64::from(s.extent.len))
-                .sum();
-        }
-        (0..self.count)
-            .filter_map(|i| self.get(i))
-            .map(|s| u64::from(s.extent.len))
-            .sum()
+        self.spans().iter().map(|s| u64::from(s.extent.len)).sum()
     }
 
     /// Whether any segment lies outside the peer's region (in an area).
     pub(crate) fn in_areas(&self) -> bool {
-        if self.more.is_empty() {
-            return self
-                .inline
-                .iter()
-                .take(self.count as usize)
-                .any(|s| s.area != 0);
-        }
-        (0..self.count)
-            .filter_map(|i| self.get(i))
-            .any(|s| s.area != 0)
+        self.spans().iter().any(|s| s.area != 0)
     }
 
     /// Validates the segments a descriptor describes: `count` (1 to 512)
@@ -541,9 +531,6 @@ impl DescriptorConsumer {
         own: &OwnRegion<W>,
         areas: &dyn Areas,
     ) -> Result<Option<Entry>, ProtocolError> {
-        if let Some(taken) = self.take_simple(peer, own) {
-            return Ok(Some(Entry::Message(taken)));
-        }
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {

@@ -639,16 +639,9 @@ impl Books {
             return Err(NoRoom::Space { words });
         }
 
-        // Commit: nothing below can fail.
-        self.free_slots.pop();
-        self.in_flight += 1;
-        let seq = self.descriptors.published();
-        let index = slot as usize;
-        let mut extents = std::mem::take(&mut self.slots[index].more);
-        let mut described = Span {
-            area: 0,
-            extent: Extent { start: 0, len: 0 },
-        };
+        // Write: nothing below can fail.
+        let mut extents = std::mem::take(&mut self.slots[slot as usize].more);
+        let mut described = NO_SPAN;
         for (i, (p, s)) in (0u32..).zip(plan.iter().zip(segments)) {
             let placed = match *p {
                 Placement::InPlace { open, used } => {
@@ -699,23 +692,40 @@ impl Books {
             described = t;
         }
         self.plan = plan;
-        for e in &extents {
-            if let Some(Some(g)) = e
-                .area
-                .checked_sub(1)
-                .and_then(|i| self.grown.get_mut(i as usize))
-            {
-                g.empty_since = None;
-            }
-        }
-        let s = &mut self.slots[index];
-        self.in_flight_words += extents.iter().map(|e| u64::from(e.extent.len)).sum::<u64>();
-        s.first = if extents.is_empty() {
+        let first = if extents.is_empty() {
             NO_SPAN
         } else {
             extents.swap_remove(0)
         };
-        s.more = extents;
+        self.commit(own, slot, first, Some(extents), count, described);
+        Ok(())
+    }
+
+    /// Records the message now in `slot` (occupying `first` and `more`,
+    /// empty spans excluded; `None`: nothing more, the slot keeps its empty
+    /// vector) and publishes its descriptor (`count` segments, described by
+    /// `described`).
+    fn commit<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        slot: u32,
+        first: Span,
+        more: Option<Vec<Span>>,
+        count: u32,
+        described: Span,
+    ) {
+        self.occupy(first);
+        for &e in more.iter().flatten() {
+            self.occupy(e);
+        }
+        self.free_slots.pop();
+        self.in_flight += 1;
+        let seq = self.descriptors.published();
+        let s = &mut self.slots[slot as usize];
+        s.first = first;
+        if let Some(more) = more {
+            s.more = more;
+        }
         s.seq = seq;
         s.in_flight = true;
         let published = self.descriptors.publish(
@@ -727,7 +737,16 @@ impl Books {
             },
         );
         debug_assert_eq!(published, seq);
-        Ok(())
+    }
+
+    /// Counts `span` in flight; an area it lies in is in use again.
+    fn occupy(&mut self, span: Span) {
+        self.in_flight_words += u64::from(span.extent.len);
+        if span.area != 0 {
+            if let Some(Some(g)) = self.grown.get_mut(span.area as usize - 1) {
+                g.empty_since = None;
+            }
+        }
     }
 
     /// The common case of [`try_publish`](Self::try_publish), which has
@@ -754,29 +773,9 @@ impl Books {
                 len: words,
             },
         };
-        if placed.area != 0 {
-            if let Some(Some(g)) = self.grown.get_mut(placed.area as usize - 1) {
-                g.empty_since = None;
-            }
-        }
-        self.free_slots.pop();
-        self.in_flight += 1;
-        self.in_flight_words += u64::from(words);
-        let seq = self.descriptors.published();
-        let s = &mut self.slots[slot as usize];
         // An empty segment occupies nothing (it is described all the same).
-        s.first = if words > 0 { placed } else { NO_SPAN };
-        s.seq = seq;
-        s.in_flight = true;
-        let published = self.descriptors.publish(
-            own,
-            Descriptor {
-                slot,
-                count: 1,
-                span: placed,
-            },
-        );
-        debug_assert_eq!(published, seq);
+        let first = if words > 0 { placed } else { NO_SPAN };
+        self.commit(own, slot, first, None, 1, placed);
         true
     }
 

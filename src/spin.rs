@@ -99,33 +99,23 @@ impl SpinBudget {
             return spin_for(FLOOR, &mut ready) || ready();
         }
         let start = Instant::now();
-        loop {
-            for _ in 0..64 {
-                if ready() {
-                    self.paid();
-                    return true;
-                }
-                std::hint::spin_loop();
-            }
-            let elapsed = start.elapsed();
-            if elapsed >= budget {
-                let ok = ready();
-                if ok {
-                    self.paid();
-                } else {
-                    self.wasted();
-                }
-                return ok;
-            }
-            if elapsed >= FLOOR {
-                crate::sys::sched_yield();
-            }
+        let mut ok = spin_for(FLOOR.min(budget), &mut ready);
+        while !ok && start.elapsed() < budget {
+            crate::sys::sched_yield();
+            ok = spin_for(Duration::ZERO, &mut ready); // one round
         }
+        let ok = ok || ready();
+        if ok {
+            self.paid();
+        } else {
+            self.wasted();
+        }
+        ok
     }
 }
 
-/// Spins on `ready` for at most `span`, without yielding. Whether it
-/// became ready.
+/// Spins on `ready` for at most `span` (at least one round of 64 checks),
+/// without yielding. Whether it became ready.
 fn spin_for(span: Duration, ready: &mut impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
