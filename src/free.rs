@@ -116,6 +116,7 @@ impl FreeList {
 
     /// Returns `extent` to the free list, merging it with its neighbours.
     /// The extent must not overlap a free one (checked in debug builds).
+    #[inline]
     pub(crate) fn free(&mut self, extent: Extent) {
         if extent.len == 0 {
             return;
@@ -140,6 +141,13 @@ impl FreeList {
                 return;
             }
         }
+        self.insert(extent);
+    }
+
+    /// [`free`](Self::free) of an extent that touches no end of the lowest
+    /// free extent: found by binary search, merged with what it touches.
+    #[inline(never)]
+    fn insert(&mut self, extent: Extent) {
         // First free extent that starts after `extent`.
         let i = self.extents.partition_point(|e| e.start < extent.start);
         debug_assert!(i == self.extents.len() || extent.end() <= self.extents[i].start);

@@ -147,6 +147,7 @@ impl<'c> Received<'c> {
     /// In copy mode, a message over the reader's traversal limit, or one
     /// whose copy cannot be allocated: the message is released uncopied and
     /// the end fails.
+    #[inline(always)]
     pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Result<Received<'c>, Failure> {
         let options = side.link().options();
         let limits = options.reader_options_for(taken.table.words());
@@ -167,6 +168,7 @@ impl<'c> Received<'c> {
         Received {
             reader: Reader::new(
                 Segments {
+                    first: &[],
                     body: Body::Framed { rx, frame },
                 },
                 limits,
@@ -211,6 +213,10 @@ impl fmt::Debug for Received<'_> {
 /// The segments of a [`Received`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
 pub struct Segments<'c> {
+    /// Segment 0 of a message read in place in the peer's region (empty
+    /// otherwise): capnp asks for it on every pointer it follows, so it is
+    /// answered before the match on `body`.
+    first: &'c [u8],
     body: Body<'c>,
 }
 
@@ -219,7 +225,7 @@ enum Body<'c> {
     /// that capnp's many `get_segment` calls are a plain lookup.
     InPlace {
         side: &'c RecvSide,
-        first: &'c [u8],
+        /// Segments 1 on (segment 0 is `Segments::first`).
         more: Vec<&'c [u8]>,
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
@@ -347,9 +353,9 @@ impl<'c> Segments<'c> {
         // The common case: one segment in the peer's region.
         if let Some(Span { area: 0, extent }) = table.single() {
             return Segments {
+                first: peer.segment(extent).unwrap_or(&[]),
                 body: Body::InPlace {
                     side,
-                    first: peer.segment(extent).unwrap_or(&[]),
                     more: Vec::new(),
                     release: Some((taken.slot, taken.seq)),
                 },
@@ -357,6 +363,7 @@ impl<'c> Segments<'c> {
         }
         if table.in_areas() {
             return Segments {
+                first: &[],
                 body: Body::InAreas {
                     side,
                     places: Place::all(side, table),
@@ -373,9 +380,9 @@ impl<'c> Segments<'c> {
                 .unwrap_or(&[])
         };
         Segments {
+            first: slice(0),
             body: Body::InPlace {
                 side,
-                first: slice(0),
                 more: (1..table.len()).map(slice).collect(),
                 release: Some((taken.slot, taken.seq)),
             },
@@ -388,6 +395,7 @@ impl<'c> Segments<'c> {
         limits: ReaderOptions,
     ) -> Result<Segments<'c>, Failure> {
         Ok(Segments {
+            first: &[],
             body: Body::Copied(copy_out(side, taken, limits)?),
         })
     }
@@ -395,9 +403,12 @@ impl<'c> Segments<'c> {
 
 impl ReaderSegments for Segments<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        if idx == 0 && !self.first.is_empty() {
+            return Some(self.first);
+        }
         match &self.body {
-            Body::InPlace { first, more, .. } => match idx {
-                0 => Some(first),
+            Body::InPlace { more, .. } => match idx {
+                0 => Some(self.first),
                 i => more.get(i as usize - 1).copied(),
             },
             Body::InAreas { side, places, .. } => Some(places.get(idx as usize)?.bytes(side)),

@@ -168,6 +168,7 @@ impl<W: Word> RecvSide<W> {
     /// Takes the peer's next message, if there is one, and counts it: the
     /// common kind directly, anything else through
     /// [`take_message`](Self::take_message).
+    #[inline(always)]
     fn take_counted(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
         let link = &*self.link;
         link.enter()?;
@@ -175,6 +176,14 @@ impl<W: Word> RecvSide<W> {
             self.count_taken(state, &taken);
             return Ok(Some(taken));
         }
+        self.take_counted_slowly(state)
+    }
+
+    /// [`take_counted`](Self::take_counted) of anything but the common
+    /// kind (or of nothing): out of line, so the common case stays small.
+    #[inline(never)]
+    fn take_counted_slowly(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
+        let link = &*self.link;
         let taken = self
             .take_message(state)
             .map_err(|p| link.fail(Failure::Protocol(p)))?;
