@@ -44,6 +44,10 @@ pub enum WaitMethod {
 /// The most receivers one `futex_waitv` covers (two words each).
 const MAX_FUTEX_RECEIVERS: usize = WAIT_MANY_MAX / 2;
 
+/// Receivers whose sockets a wait polls from an array on the stack (more
+/// take a vector per sleep).
+const POLL_ON_STACK: usize = 16;
+
 /// Why [`wait_any`] returned no index.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -317,20 +321,28 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
         if let Err(i) = self.prepare(SLEEPING_ON_SOCKET, |_, _| {}) {
             return Ok(Some(i));
         }
-        let mut fds: Vec<_> = self
-            .all()
-            .map(|rx| {
-                let fd = match rx {
-                    Rx::Shm(side) => side.link().socket(),
-                    Rx::Stream(side) => side.link().socket(),
-                };
-                socket::PollFd::new(fd, false)
-            })
-            .collect();
-        let polled = socket::poll(&mut fds, slice);
+        // On the stack for a few receivers, so that a sleep allocates
+        // nothing; on the heap beyond.
+        let n = self.all().count();
+        let mut on_stack = [socket::PollFd::ignored(); POLL_ON_STACK];
+        let mut on_heap = Vec::new();
+        let fds: &mut [socket::PollFd<'_>] = if n <= POLL_ON_STACK {
+            &mut on_stack[..n]
+        } else {
+            on_heap.resize(n, socket::PollFd::ignored());
+            &mut on_heap
+        };
+        for (fd, rx) in fds.iter_mut().zip(self.all()) {
+            let socket = match rx {
+                Rx::Shm(side) => side.link().socket(),
+                Rx::Stream(side) => side.link().socket(),
+            };
+            *fd = socket::PollFd::new(socket, false);
+        }
+        let polled = socket::poll(fds, slice);
         self.finish();
         polled.map_err(WaitAnyError::Io)?;
-        for (i, (rx, fd)) in self.all().zip(&fds).enumerate() {
+        for (i, (rx, fd)) in self.all().zip(fds.iter()).enumerate() {
             let ready = fd.ready();
             match rx {
                 Rx::Shm(s) => {

@@ -90,6 +90,49 @@ fn sleeping_allocates_nothing() {
     );
 }
 
+/// A wait on several receivers that sleeps in `poll(2)` on their sockets
+/// (the doorbell method, and every wait that includes a stream channel)
+/// allocates nothing either.
+#[test]
+fn waiting_on_sockets_allocates_nothing() {
+    let _s = common::serial(); // the other tests count process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 100;
+    let options = capnp_shm::Options::new().spin(Duration::ZERO);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..3)
+        .map(|_| {
+            let (a, b) = Channel::pair_with(&options).unwrap();
+            (a.split().0, b.split().1)
+        })
+        .unzip();
+    let waiter = std::thread::spawn(move || {
+        let wait =
+            || capnp_shm::wait_any_with(&rxs, None, capnp_shm::WaitMethod::Doorbell).unwrap();
+        // Warm up; then every wait finds nothing and sleeps.
+        let i = wait();
+        drop(rxs[i].recv().unwrap());
+        let before = counting_alloc::this_thread();
+        for _ in 0..N {
+            let i = wait();
+            drop(rxs[i].recv().unwrap());
+        }
+        counting_alloc::this_thread() - before
+    });
+    for n in 0..=N {
+        std::thread::sleep(Duration::from_micros(500));
+        let tx = &txs[(n % 3) as usize];
+        let mut m = tx.message();
+        m.set_root::<capnp::data::Owned>(&n.to_le_bytes()[..])
+            .unwrap();
+        tx.send(m).unwrap();
+    }
+    let allocated = waiter.join().unwrap();
+    // A sender whose receiver sleeps on its socket rings the doorbell: a wake.
+    let rung: u64 = txs.iter().map(|tx| tx.stats().wakes).sum();
+    assert!(rung > 0, "the waiter slept ({rung} doorbells)");
+    assert_eq!(allocated, 0, "a wait sleeping on sockets allocated");
+}
+
 #[test]
 fn steady_state_adds_no_allocations_to_capnps_own() {
     let _s = common::serial(); // the count is process-wide

@@ -198,6 +198,7 @@ pub(crate) struct Ready {
 }
 
 /// One descriptor for [`poll`], and what it showed.
+#[derive(Clone, Copy)]
 #[repr(transparent)]
 pub(crate) struct PollFd<'fd>(libc::pollfd, PhantomData<BorrowedFd<'fd>>);
 
@@ -212,6 +213,18 @@ impl<'fd> PollFd<'fd> {
             libc::pollfd {
                 fd: fd.as_raw_fd(),
                 events,
+                revents: 0,
+            },
+            PhantomData,
+        )
+    }
+
+    /// An entry `poll` skips (a negative descriptor): a filler for arrays.
+    pub(crate) const fn ignored() -> PollFd<'static> {
+        PollFd(
+            libc::pollfd {
+                fd: -1,
+                events: 0,
                 revents: 0,
             },
             PhantomData,
