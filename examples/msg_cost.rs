@@ -4,17 +4,23 @@
 //!
 //! - `echo N`: N 64-byte echoes (a request one way, the reply back);
 //! - `stream N`: N 64-byte messages one way, sent in bursts of 64 and
-//!   received after each burst (a stream, where releases come in batches).
+//!   received after each burst (a stream, where releases come in batches);
+//! - `lists N`: N messages of 50 texts (about 2 KiB) one way, each received
+//!   and read before the next is sent.
 //!
 //! ```text
 //! cargo run --release --example msg_cost -- echo 10000
 //! cargo run --release --example msg_cost -- stream 10000
+//! cargo run --release --example msg_cost -- lists 10000
 //! ```
 
 use capnp_shm::{Channel, Options};
 
 /// Messages a stream sends before the receiver takes them.
 const BURST: u64 = 64;
+
+/// Texts in a `lists` message.
+const ITEMS: u32 = 50;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -62,7 +68,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 sent += burst;
             }
         }
-        other => return Err(format!("mode {other:?}: echo or stream").into()),
+        "lists" => {
+            // A larger message of many pointers, one way, one at a time: a
+            // list of 50 texts (about 2 KiB), each read back.
+            let text = "line item twenty-four ch";
+            for _ in 0..n {
+                let mut m = a.message();
+                let mut list = m.initn_root::<capnp::text_list::Builder<'_>>(ITEMS);
+                for i in 0..ITEMS {
+                    list.set(i, text);
+                }
+                a.send(m).map_err(|e| e.into_error())?;
+                let got = b.recv()?;
+                let list: capnp::text_list::Reader<'_> = got.get_root()?;
+                for item in list.iter() {
+                    sum = sum.wrapping_add(item?.len() as u64);
+                }
+            }
+        }
+        other => return Err(format!("mode {other:?}: echo, stream or lists").into()),
     }
     println!("{n} messages ({mode}), check {sum}");
     Ok(())
