@@ -212,6 +212,9 @@ impl SegmentTable {
 
     /// Total words in all segments.
     pub(crate) fn words(&self) -> u64 {
+        if let Some(only) = self.single() {
+            return u64::from(only.extent.len);
+        }
         self.spans().iter().map(|s| u64::from(s.extent.len)).sum()
     }
 

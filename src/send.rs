@@ -1298,7 +1298,10 @@ impl<W: Word> SendSide<W> {
         // The message counts from here on; wake the peer if it sleeps.
         let how = self.announce(books);
         state.messages += 1;
-        state.bytes += segments.iter().map(|s| s.len() as u64).sum::<u64>();
+        state.bytes += match segments {
+            [only] => only.len() as u64,
+            all => all.iter().map(|s| s.len() as u64).sum(),
+        };
         state.wakes += u64::from(how != AWAKE);
         Ok(())
     }
