@@ -789,13 +789,35 @@ impl Books {
     /// leave no room. Areas at least double the outgoing space, so there
     /// are few of them; a need larger than that gets an area of its size.
     fn plan_area(&self, words: u32) -> Option<(u32, u64)> {
+        self.plan_area_in(words, self.space_bytes())
+    }
+
+    /// Whether [`plan_area`](Self::plan_area) would find room for `words`
+    /// once every empty area is given back. (Their ids stay taken until
+    /// the peer releases the retirements, as they are now.)
+    fn plan_area_without_empty(&self, words: u32) -> bool {
+        let empty: u64 = self
+            .grown
+            .iter()
+            .flatten()
+            .filter(|g| g.free.free_words() == u64::from(g.area.words()))
+            .map(|g| g.area.bytes())
+            .sum();
+        empty > 0
+            && self
+                .plan_area_in(words, self.space_bytes() - empty)
+                .is_some()
+    }
+
+    /// [`plan_area`](Self::plan_area) for an outgoing space of `space`
+    /// bytes.
+    fn plan_area_in(&self, words: u32, space: u64) -> Option<(u32, u64)> {
         let needed = (u64::from(words) * WORD).next_multiple_of(DATA_ALIGN);
-        let remaining = self.limit_bytes.checked_sub(self.space_bytes())?;
+        let remaining = self.limit_bytes.checked_sub(space)?;
         if needed > remaining || needed > MAX_REGION {
             return None;
         }
-        let size = self
-            .space_bytes()
+        let size = space
             .min(remaining)
             .min(MAX_REGION)
             .max(needed)
@@ -1134,8 +1156,16 @@ impl<W: Word> SendSide<W> {
         if !link.can_grow() {
             return false;
         }
-        let _ = self.retire_idle(books);
-        let Some((id, bytes)) = books.plan_area(words) else {
+        let _ = self.retire_idle(books, link.options().area_idle);
+        let mut planned = books.plan_area(words);
+        if planned.is_none() && books.plan_area_without_empty(words) {
+            // Empty areas not idle long enough yet are all that stand in
+            // the way: give them back now rather than refuse the message
+            // (or spill it) while nothing in flight may ever free room.
+            let _ = self.retire_idle(books, Duration::ZERO);
+            planned = books.plan_area(words);
+        }
+        let Some((id, bytes)) = planned else {
             return false;
         };
         let Ok((area, fd)) = OwnArea::create(bytes, link.own().is_sealed()) else {
@@ -1162,9 +1192,10 @@ impl<W: Word> SendSide<W> {
         sent.map_err(|e| link.fail(e))
     }
 
-    /// Gives back the areas empty for `Options::area_idle` (reading the
-    /// peer's releases first, so that an area emptied by them counts).
-    fn retire_idle(&self, books: &mut Books) -> Result<(), Failure> {
+    /// Gives back the areas empty for `idle` (`Options::area_idle`, or
+    /// zero: every empty one), reading the peer's releases first, so that
+    /// an area emptied by them counts.
+    fn retire_idle(&self, books: &mut Books, idle: Duration) -> Result<(), Failure> {
         let link = &*self.link;
         if !books.has_areas() {
             return Ok(());
@@ -1174,7 +1205,6 @@ impl<W: Word> SendSide<W> {
                 .reclaim(link.own(), link.peer())
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
         }
-        let idle = link.options().area_idle;
         let now = Instant::now();
         while let Some(id) = books.idle_area(idle, now) {
             let retired = books
@@ -1266,9 +1296,9 @@ impl<W: Word> SendSide<W> {
             if link.peer_closed() {
                 return Err(Halt::Disconnected.into());
             }
-            self.retire_idle(&mut state.books)?;
+            self.retire_idle(&mut state.books, link.options().area_idle)?;
         } else if state.books.has_areas() && link.options().area_idle.is_zero() {
-            self.retire_idle(&mut state.books)?;
+            self.retire_idle(&mut state.books, Duration::ZERO)?;
         }
         let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;

@@ -333,3 +333,40 @@ fn after_growth_small_messages_reuse_their_pages() {
         "small messages grew the space"
     );
 }
+
+/// A heap-built message of one segment: a root `Data` of `bytes` bytes.
+fn one_segment(bytes: usize) -> capnp::message::Builder<capnp::message::HeapAllocator> {
+    let words = u32_of(bytes / 8 + 16);
+    let mut message = capnp::message::Builder::new(
+        capnp::message::HeapAllocator::new().first_segment_words(words),
+    );
+    message
+        .set_root::<capnp::data::Owned>(&vec![5u8; bytes][..])
+        .unwrap();
+    assert_eq!(message.get_segments_for_output().len(), 1);
+    message
+}
+
+#[test]
+fn an_empty_area_not_yet_idle_is_given_back_rather_than_too_large() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    // Room for the region and 8 MiB of areas; areas idle for an hour only
+    // are given back by time.
+    let options = Options::new()
+        .region_size(MIB)
+        .max_outgoing(9 << 20)
+        .area_idle(Duration::from_secs(3600));
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    // A 3 MiB area, empty again once the message is dropped.
+    tx.sender().send_copy(&one_segment(3 * MIB)).unwrap();
+    assert_eq!(rx.recv().unwrap().len_bytes() / MIB, 3);
+    let sent = tx.stats().send;
+    assert_eq!((sent.areas, sent.areas_retired), (1, 0), "{sent:?}");
+    // 6 MiB does not fit beside it, but fits in its place: nothing is in
+    // flight, so only giving it back makes room.
+    tx.sender().send_copy(&one_segment(6 * MIB)).unwrap();
+    assert_eq!(rx.recv().unwrap().len_bytes() / MIB, 6);
+    let sent = tx.stats().send;
+    assert_eq!((sent.areas, sent.areas_retired), (1, 1), "{sent:?}");
+}
