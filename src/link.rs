@@ -482,18 +482,24 @@ impl<W: Word> Link<W> {
     }
 
     /// Sends the record of our area `area` of `bytes` bytes with its
-    /// read-only descriptor `fd`, calling `wait` while the socket is full.
+    /// read-only descriptor `fd`, calling `wait(started)` while the socket
+    /// is full (`started`: part of the record is on the socket already).
     ///
     /// # Errors
     ///
-    /// What `wait` returns; the socket's failure.
+    /// What `wait` returns while nothing of the record has gone out: the
+    /// stream is as it was. Once part of it has, a halt of `wait` leaves
+    /// the peer half a record that cannot be taken back: `Disconnected`
+    /// stays, anything else is a [`Failure`] of the channel (the caller
+    /// records it). `Disconnected` for a socket the peer has closed; the
+    /// socket's other failures.
     pub(crate) fn send_area_record(
         &self,
         area: u32,
         bytes: u64,
         fd: &OwnedFd,
-        mut wait: impl FnMut() -> Result<(), Halt>,
-    ) -> Result<(), Failure> {
+        mut wait: impl FnMut(bool) -> Result<(), Halt>,
+    ) -> Result<(), Halt> {
         let mut record = [0u8; AREA_RECORD_LEN];
         record[0] = AREA_RECORD;
         record[1] = u8::try_from(area).unwrap_or(0);
@@ -508,18 +514,27 @@ impl<W: Word> Link<W> {
             match result {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wait().map_err(|h| match h {
-                        Halt::Failed(f) => f,
-                        Halt::Disconnected => {
-                            Failure::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
-                        }
-                        Halt::Expired => Failure::Io(std::io::Error::new(
+                    wait(sent > 0).map_err(|h| {
+                        match h {
+                        Halt::Expired if sent > 0 => Halt::Failed(Failure::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            "the peer does not read its socket: an area could not be handed over",
-                        )),
+                            "the peer does not read its socket: an area record was left half sent",
+                        ))),
+                        h => h,
+                    }
                     })?;
                 }
-                Err(e) => return Err(Failure::Io(e)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The peer's end of the socket is closed: it is gone.
+                    self.note_peer_gone();
+                    return Err(Halt::Disconnected);
+                }
+                Err(e) => return Err(Halt::Failed(Failure::Io(e))),
             }
         }
         Ok(())

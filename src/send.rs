@@ -1102,9 +1102,17 @@ impl<W: Word> SendSide<W> {
             .map_err(|p| drop(link.fail(Failure::Protocol(p))))
             .ok()?;
         // Room for what capnp would like, or failing that for what it needs.
+        // Building waits for nothing (capnp's allocator has no deadline to
+        // keep, and a user does not expect `set_root` to block): an area
+        // is added only if the socket takes its record at once. Otherwise
+        // the segment comes from the heap, and `send` copies it in, growing
+        // then within the send's deadline.
+        let mut grow = |words| self.grow(&mut state.books, &state.waiter, words, Deadline::Now);
         let grown = span.is_none()
-            && (self.grow(&mut state.books, &state.waiter, want.max(min))
-                || (want > min && self.grow(&mut state.books, &state.waiter, min)));
+            && match grow(want.max(min)) {
+                Ok(grown) => grown || (want > min && matches!(grow(min), Ok(true))),
+                Err(_) => false,
+            };
         if grown {
             span = state.books.allocate_grown(min, want);
             if let Some(s) = span {
@@ -1148,13 +1156,25 @@ impl<W: Word> SendSide<W> {
     }
 
     /// Adds an area with room for `words` words and hands it to the peer,
-    /// if the limits allow (first giving back areas idle long enough).
-    /// `false` when no area could be added: the limits, the ids, or the
-    /// system (a descriptor, memory) said no.
-    fn grow(&self, books: &mut Books, waiter: &Waiter, words: u32) -> bool {
+    /// if the limits allow (first giving back areas idle long enough),
+    /// waiting for room on the socket until `deadline`. `Ok(false)` when
+    /// no area could be added: the limits, the ids, or the system (a
+    /// descriptor, memory) said no.
+    ///
+    /// # Errors
+    ///
+    /// What stopped the hand-over (see [`hand_over`](Self::hand_over)):
+    /// `Expired` leaves everything as it was, the channel usable.
+    fn grow(
+        &self,
+        books: &mut Books,
+        waiter: &Waiter,
+        words: u32,
+        deadline: Deadline,
+    ) -> Result<bool, Halt> {
         let link = &*self.link;
         if !link.can_grow() {
-            return false;
+            return Ok(false);
         }
         let _ = self.retire_idle(books, link.options().area_idle);
         let mut planned = books.plan_area(words);
@@ -1166,30 +1186,60 @@ impl<W: Word> SendSide<W> {
             planned = books.plan_area(words);
         }
         let Some((id, bytes)) = planned else {
-            return false;
+            return Ok(false);
         };
         let Ok((area, fd)) = OwnArea::create(bytes, link.own().is_sealed()) else {
-            return false;
+            return Ok(false);
         };
-        if self.hand_over(waiter, id, bytes, &fd).is_err() {
-            return false;
-        }
+        // Not handed over: the area unmaps and its file closes here, and
+        // the peer never heard of it.
+        self.hand_over(waiter, id, bytes, &fd, deadline)?;
         books.add_area(id, area);
-        true
+        Ok(true)
     }
 
     /// Sends the record of area `id` with its descriptor on the socket,
     /// waiting (in slices, watching for a dead peer) while the socket is
-    /// full. The peer reads it before any descriptor that names the area:
-    /// `sendmsg` has queued it on the peer's socket before we publish.
-    fn hand_over(&self, waiter: &Waiter, id: u32, bytes: u64, fd: &OwnedFd) -> Result<(), Failure> {
+    /// full, until `deadline`. The peer reads it before any descriptor
+    /// that names the area: `sendmsg` has queued it on the peer's socket
+    /// before we publish.
+    ///
+    /// # Errors
+    ///
+    /// `Expired` when the socket stayed full until `deadline` and nothing
+    /// of the record went out: the channel goes on. `Disconnected` for a
+    /// peer that is gone. A record begun cannot be withdrawn from the
+    /// stream, and the peer cannot parse what follows half a record, so
+    /// its rest waits up to `setup_timeout`, whatever `deadline` says, and
+    /// the channel fails if it cannot go out then. (Linux queues a record
+    /// this small on a Unix socket whole or not at all, so with a full
+    /// socket it is the first case.)
+    fn hand_over(
+        &self,
+        waiter: &Waiter,
+        id: u32,
+        bytes: u64,
+        fd: &OwnedFd,
+        deadline: Deadline,
+    ) -> Result<(), Halt> {
         let link = &*self.link;
-        let deadline = Deadline::after(link.options().setup_timeout);
-        let sent = link.send_area_record(id, bytes, fd, || {
-            let slice = deadline.slice(waiter.slice()).ok_or(Halt::Expired)?;
+        let mut finish_by = None;
+        let sent = link.send_area_record(id, bytes, fd, |started| {
+            if link.peer_closed() {
+                return Err(Halt::Disconnected);
+            }
+            let until = if started {
+                *finish_by.get_or_insert_with(|| Deadline::after(link.options().setup_timeout))
+            } else {
+                deadline
+            };
+            let slice = until.slice(waiter.slice()).ok_or(Halt::Expired)?;
             link.wait_writable(slice)
         });
-        sent.map_err(|e| link.fail(e))
+        sent.map_err(|h| match h {
+            Halt::Failed(f) => Halt::Failed(link.fail(f)),
+            h => h,
+        })
     }
 
     /// Gives back the areas empty for `idle` (`Options::area_idle`, or
@@ -1314,7 +1364,7 @@ impl<W: Word> SendSide<W> {
                 continue;
             }
             if let NoRoom::Space { words } = missing {
-                if self.grow(books, &state.waiter, words) {
+                if self.grow(books, &state.waiter, words, deadline)? {
                     continue;
                 }
                 if books.in_flight() == 0 {

@@ -336,3 +336,51 @@ fn the_limit_is_announced_and_the_real_end_grows_within_what_we_accept() {
     }
     assert!(conn.peer().nothing_to_read(), "the real end sent something");
 }
+
+/// A message of 256 KiB built by the real end: more than its 64 KiB
+/// region, so building and sending it needs an area.
+fn large(conn: &Connected) -> capnp_shm::MessageBuilder<'_> {
+    let mut m = conn.channel.message();
+    m.set_root::<capnp::data::Owned>(&vec![7u8; 256 << 10][..])
+        .unwrap();
+    m
+}
+
+#[test]
+fn a_full_socket_holds_growth_back_within_the_deadline_and_breaks_nothing() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    let conn = Connected::accepting(&options(), GEOMETRY, 16 << 20);
+    // We do not read our socket: the real end's side of it fills up.
+    let filled = peer::fill_socket(conn.channel.as_fd());
+    assert!(filled > 0);
+    // Building does not wait for the socket: the segment that needs an
+    // area comes from the heap.
+    let m = large(&conn);
+    assert_eq!(conn.channel.stats().send.spilled_segments, 1);
+    // The sends that would hand an area over give up at their deadline,
+    // the message handed back, the channel intact.
+    let m = match conn.channel.try_send(m) {
+        Err(capnp_shm::TrySendError::Full(m)) => m,
+        other => panic!("expected Full, got {other:?}"),
+    };
+    let m = match conn.channel.send_timeout(m, Duration::from_millis(50)) {
+        Err(capnp_shm::SendTimeoutError::Timeout(m)) => m,
+        other => panic!("expected Timeout, got {other:?}"),
+    };
+    assert_eq!(conn.their_counter(counter::CLOSED), 0, "the channel failed");
+    // Nothing of a record went out with the doorbells.
+    let (bytes, fds) = conn.peer().read_available();
+    assert_eq!(bytes.len(), filled);
+    assert!(bytes.iter().all(|&b| b == 0xDB) && fds.is_empty());
+    // With room on the socket, the same message goes, in an area handed
+    // over first.
+    conn.channel.try_send(m).unwrap();
+    let (bytes, fds) = conn.peer().read_available();
+    assert_eq!(
+        (bytes.len(), bytes[0], bytes[1], fds.len()),
+        (16, 0x5E, 1, 1)
+    );
+    assert_eq!(conn.their_counter(counter::PUBLISHED), 1);
+}
