@@ -748,6 +748,14 @@ pub enum ProtocolError {
     /// The peer's region is this end's own (the peer sent back our own
     /// hello and descriptor: a loopback).
     OwnRegion,
+    /// The peer handed over as its area one of this end's own areas (a
+    /// loopback of an area we handed it).
+    OwnArea {
+        /// The area id the peer announced.
+        announced: u32,
+        /// The id of ours the file is.
+        ours: u32,
+    },
     /// The peer's descriptor cannot be mapped read-only here (a file opened
     /// write-only, a hugetlb file without huge pages, ...): the peer chose
     /// a file this end cannot read. (`ENOMEM` may also mean this process is
@@ -900,6 +908,10 @@ impl fmt::Display for ProtocolError {
             }
             ControlBlockMismatch => f.write_str("region control block disagrees with the hello"),
             OwnRegion => f.write_str("the peer's region is this end's own region (a loopback)"),
+            OwnArea { announced, ours } => write!(
+                f,
+                "the peer's area {announced} is this end's own area {ours} (a loopback)"
+            ),
             UnmappableRegion { os_error } => write!(
                 f,
                 "the peer's region file cannot be mapped read-only: {}",

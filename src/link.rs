@@ -71,6 +71,10 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     incoming: Mutex<Incoming>,
     /// Words of the peer's region's data area and of its areas together.
     incoming_words: AtomicU64,
+    /// The files (device, inode) of the areas our sending side has added
+    /// and not given back, by id - 1: the peer may not hand one back as
+    /// its own.
+    own_areas: Mutex<Vec<Option<(u64, u64)>>>,
 }
 
 /// What the socket brought besides doorbells: the peer's areas.
@@ -158,6 +162,7 @@ impl<W: Word> Link<W> {
                 fd: None,
             }),
             incoming_words: AtomicU64::new(peer_words),
+            own_areas: Mutex::new(Vec::new()),
             socket,
             own,
             peer,
@@ -420,13 +425,18 @@ impl<W: Word> Link<W> {
                 limit,
             });
         }
-        handshake::check_peer_file(
-            &fd,
-            bytes,
-            self.peer_sealed,
-            self.accept_unsealed,
-            self.own.file_id(),
-        )?;
+        handshake::check_peer_file(&fd, bytes, self.peer_sealed, self.accept_unsealed, |id| {
+            if id == self.own.file_id() {
+                return Err(ProtocolError::OwnRegion);
+            }
+            match self.own_area_of(id) {
+                Some(ours) => Err(ProtocolError::OwnArea {
+                    announced: area,
+                    ours,
+                }),
+                None => Ok(()),
+            }
+        })?;
         let mapped = PeerArea::map(&fd, bytes).map_err(|e| ProtocolError::UnmappableRegion {
             os_error: e.raw_os_error().unwrap_or(0),
         })?;
@@ -464,6 +474,39 @@ impl<W: Word> Link<W> {
         self.incoming_words
             .fetch_sub(u64::from(gone.words()), Ordering::Relaxed);
         Ok(())
+    }
+
+    fn own_areas(&self) -> MutexGuard<'_, Vec<Option<(u64, u64)>>> {
+        // Nothing panics while holding it; a poisoned lock's data is whole.
+        self.own_areas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that our area `id` (1 and up) is the file `file` (device,
+    /// inode), from before it is handed over until it is given back.
+    pub(crate) fn note_own_area(&self, id: u32, file: (u64, u64)) {
+        let index = id as usize - 1;
+        let mut own = self.own_areas();
+        if own.len() <= index {
+            own.resize(index + 1, None);
+        }
+        own[index] = Some(file);
+    }
+
+    /// Forgets our area `id`: not handed over after all, or given back
+    /// (unmapped here: no longer our memory).
+    pub(crate) fn forget_own_area(&self, id: u32) {
+        if let Some(file) = self.own_areas().get_mut(id as usize - 1) {
+            *file = None;
+        }
+    }
+
+    /// The id of our area that is the file `file`, if one is.
+    fn own_area_of(&self, file: (u64, u64)) -> Option<u32> {
+        (1u32..)
+            .zip(self.own_areas().iter())
+            .find_map(|(id, f)| (*f == Some(file)).then_some(id))
     }
 
     /// The peer's data areas, for validating its descriptors.

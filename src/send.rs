@@ -1191,9 +1191,14 @@ impl<W: Word> SendSide<W> {
         let Ok((area, fd)) = OwnArea::create(bytes, link.own().is_sealed()) else {
             return Ok(false);
         };
-        // Not handed over: the area unmaps and its file closes here, and
-        // the peer never heard of it.
-        self.hand_over(waiter, id, bytes, &fd, deadline)?;
+        // Ours from before the peer has it, so that it cannot hand it back.
+        link.note_own_area(id, area.file_id());
+        if let Err(halt) = self.hand_over(waiter, id, bytes, &fd, deadline) {
+            // Not handed over: the area unmaps and its file closes here,
+            // and the peer never heard of it.
+            link.forget_own_area(id);
+            return Err(halt);
+        }
         books.add_area(id, area);
         Ok(true)
     }
@@ -1263,6 +1268,7 @@ impl<W: Word> SendSide<W> {
             if !retired {
                 break;
             }
+            link.forget_own_area(id);
             self.announce(books);
         }
         Ok(())

@@ -384,3 +384,26 @@ fn a_full_socket_holds_growth_back_within_the_deadline_and_breaks_nothing() {
     );
     assert_eq!(conn.their_counter(counter::PUBLISHED), 1);
 }
+
+#[test]
+fn our_own_area_sent_back_as_an_area_is_own_area() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    let conn = Connected::accepting(&options(), GEOMETRY, 16 << 20);
+    // The real end grows and hands us its area 1.
+    conn.channel.send(large(&conn)).unwrap();
+    let (record, fds) = conn.peer().read_available();
+    assert_eq!((record.len(), record[1], fds.len()), (16, 1, 1));
+    let bytes = u64::from_le_bytes(record[8..].try_into().unwrap());
+    // Handed back as our area 2, and named.
+    conn.send_area(2, bytes, fds[0].as_fd());
+    publish_in_area(&conn, 0, 2, 0, 1);
+    assert_recv_breaks(
+        &conn,
+        ProtocolError::OwnArea {
+            announced: 2,
+            ours: 1,
+        },
+    );
+}
