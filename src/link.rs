@@ -19,7 +19,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::error::{Failure, Halt, NotOwner, ProtocolError};
@@ -69,7 +69,8 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     accept_unsealed: bool,
     /// The areas the peer handed over, and the socket bytes read so far.
     incoming: Mutex<Incoming>,
-    /// Words of the peer's region's data area and of its areas together.
+    /// Words of the peer's region's data area and of its areas together
+    /// (those a descriptor may name: retired ones not).
     incoming_words: AtomicU64,
     /// The files (device, inode) of the areas our sending side has added
     /// and not given back, by id - 1: the peer may not hand one back as
@@ -82,12 +83,32 @@ pub(crate) struct Link<W: Word = AtomicU32> {
 struct Incoming {
     /// By id - 1; `None`: not handed over, or retired.
     areas: Vec<Option<Arc<PeerArea>>>,
-    /// Bytes of the peer's region and areas mapped here.
+    /// Bytes of the peer's region and areas mapped here, the retired ones
+    /// still mapped included.
     bytes: u64,
+    /// Areas the peer retired while received messages kept them mapped,
+    /// with their bytes: counted in `bytes` until the last such message
+    /// drops, and the mapping with it (see `count_unmapped`).
+    retired: Vec<(Weak<PeerArea>, u64)>,
     /// An area record read in part, and the descriptor that came with it.
     record: [u8; AREA_RECORD_LEN],
     have: usize,
     fd: Option<OwnedFd>,
+}
+
+impl Incoming {
+    /// Stops counting the retired areas that no message keeps mapped any
+    /// more.
+    fn count_unmapped(&mut self) {
+        let bytes = &mut self.bytes;
+        self.retired.retain(|(area, area_bytes)| {
+            let mapped = area.strong_count() > 0;
+            if !mapped {
+                *bytes -= area_bytes;
+            }
+            mapped
+        });
+    }
 }
 
 /// Whether this process owns an end; see the module notes. The stream
@@ -157,6 +178,7 @@ impl<W: Word> Link<W> {
             incoming: Mutex::new(Incoming {
                 areas: Vec::new(),
                 bytes: peer_bytes,
+                retired: Vec::new(),
                 record: [0; AREA_RECORD_LEN],
                 have: 0,
                 fd: None,
@@ -418,6 +440,7 @@ impl<W: Word> Link<W> {
         }
         let Some(fd) = fd else { return Err(bad) };
         let limit = self.options.limits().incoming;
+        incoming.count_unmapped();
         let total = incoming.bytes.saturating_add(bytes);
         if total > limit {
             return Err(ProtocolError::AreaLimit {
@@ -457,8 +480,10 @@ impl<W: Word> Link<W> {
         self.incoming().areas.get(index)?.clone()
     }
 
-    /// Forgets the peer's area `area`, which it retired: unmapped once the
-    /// last message that lies in it is dropped.
+    /// Forgets the peer's area `area`, which it retired: no descriptor may
+    /// name it any more, and it is unmapped once the last message that
+    /// lies in it is dropped (until then its bytes count against our
+    /// `max_incoming`).
     ///
     /// # Errors
     ///
@@ -470,9 +495,11 @@ impl<W: Word> Link<W> {
             .and_then(|i| incoming.areas.get_mut(i))
             .and_then(Option::take)
             .ok_or(ProtocolError::UnknownArea { area })?;
-        incoming.bytes -= gone.bytes();
         self.incoming_words
             .fetch_sub(u64::from(gone.words()), Ordering::Relaxed);
+        incoming.retired.push((Arc::downgrade(&gone), gone.bytes()));
+        drop(gone);
+        incoming.count_unmapped();
         Ok(())
     }
 

@@ -407,3 +407,58 @@ fn our_own_area_sent_back_as_an_area_is_own_area() {
         },
     );
 }
+
+/// Publishes message `seq`: the retirement of `area` (count 0), in slot `seq`.
+fn retire_area(conn: &Connected, seq: u32, area: u32) {
+    let mut retire = Descriptor::inline(seq, seq, &[(0, 0)]);
+    retire.seg_count = 0;
+    retire.area = area;
+    conn.mine.write_descriptor(seq, &retire);
+    conn.mine.publish(seq + 1);
+}
+
+#[test]
+fn a_retired_area_counts_against_max_incoming_while_a_message_holds_it() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    // This end maps at most the peer's 64 KiB region and one area.
+    let limit = (64 << 10) + AREA;
+    for dropped_first in [false, true] {
+        let conn = Connected::new(&options().max_incoming(limit), GEOMETRY);
+        let first = Area::sealed(AREA);
+        let segment = text_segment("held");
+        first.write_data(0, &segment);
+        conn.send_area(1, AREA, first.read_only_fd().as_fd());
+        publish_in_area(&conn, 0, 1, 0, words(&segment));
+        let held = conn.channel.recv().unwrap();
+        // Retired while we hold the message: still mapped for it.
+        retire_area(&conn, 1, 1);
+        assert!(matches!(
+            conn.channel.try_recv(),
+            Err(capnp_shm::TryRecvError::Empty)
+        ));
+        assert_eq!(text_of(&held), "held");
+        // Another area as large fits once the first is unmapped, not before.
+        let second = Area::sealed(AREA);
+        let segment = text_segment("second");
+        second.write_data(0, &segment);
+        if dropped_first {
+            drop(held);
+            conn.send_area(2, AREA, second.read_only_fd().as_fd());
+            publish_in_area(&conn, 2, 2, 0, words(&segment));
+            assert_eq!(text_of(&conn.channel.recv().unwrap()), "second");
+        } else {
+            conn.send_area(2, AREA, second.read_only_fd().as_fd());
+            publish_in_area(&conn, 2, 2, 0, words(&segment));
+            assert_recv_breaks(
+                &conn,
+                ProtocolError::AreaLimit {
+                    bytes: limit + AREA,
+                    limit,
+                },
+            );
+            drop(held);
+        }
+    }
+}
