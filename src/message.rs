@@ -241,12 +241,18 @@ enum Body<'c> {
     },
 }
 
-/// Where one received segment lies: in the peer's region (`area: None`,
-/// read through the receiving side) or in one of its areas, which the
-/// `Arc` keeps mapped even after the peer retires it.
-struct Place {
-    area: Option<Arc<PeerArea>>,
-    extent: Extent,
+/// Where one received segment lies.
+enum Place {
+    /// In the peer's region, read through the receiving side.
+    Region(Extent),
+    /// In one of its areas, which the `Arc` keeps mapped even after the
+    /// peer retires it.
+    Area(Arc<PeerArea>, Extent),
+    /// In an area that is not there. Never: the table was validated
+    /// against the areas just before, and only this receiving side retires
+    /// them (debug-asserted). Read as no segment, which capnp reports, not
+    /// as bytes of another area.
+    Missing,
 }
 
 impl Place {
@@ -254,12 +260,13 @@ impl Place {
     fn all(side: &RecvSide, table: &SegmentTable) -> Vec<Place> {
         (0..table.len())
             .filter_map(|i| table.get(i))
-            .map(|s| Place {
-                area: match s.area {
-                    0 => None,
-                    id => side.link().peer_area(id),
-                },
-                extent: s.extent,
+            .map(|s| match s.area {
+                0 => Place::Region(s.extent),
+                id => {
+                    let area = side.link().peer_area(id);
+                    debug_assert!(area.is_some(), "validated area {id} is not there");
+                    area.map_or(Place::Missing, |a| Place::Area(a, s.extent))
+                }
             })
             .collect()
     }
@@ -267,12 +274,13 @@ impl Place {
     /// The segment's bytes in place. The table was validated against the
     /// areas, so this succeeds; an empty slice would only make capnp report
     /// an error.
-    fn bytes<'a>(&'a self, side: &'a RecvSide) -> &'a [u8] {
-        let found = match &self.area {
-            None => side.link().peer().segment(self.extent),
-            Some(area) => area.segment(self.extent),
+    fn bytes<'a>(&'a self, side: &'a RecvSide) -> Option<&'a [u8]> {
+        let found = match self {
+            Place::Region(extent) => side.link().peer().segment(*extent),
+            Place::Area(area, extent) => area.segment(*extent),
+            Place::Missing => return None,
         };
-        found.unwrap_or(&[])
+        Some(found.unwrap_or(&[]))
     }
 }
 
@@ -281,10 +289,12 @@ impl Place {
 fn copy_span(side: &RecvSide, span: Span, dst: &mut [u8]) -> bool {
     match span.area {
         0 => side.link().peer().copy_segment(span.extent, dst),
-        id => side
-            .link()
-            .peer_area(id)
-            .is_some_and(|a| a.copy_segment(span.extent, dst)),
+        id => {
+            let area = side.link().peer_area(id);
+            // As for `Place::Missing`: never.
+            debug_assert!(area.is_some(), "validated area {id} is not there");
+            area.is_some_and(|a| a.copy_segment(span.extent, dst))
+        }
     }
 }
 
@@ -400,7 +410,7 @@ impl ReaderSegments for Segments<'_> {
                 0 => Some(first),
                 i => more.get(i as usize - 1).copied(),
             },
-            Body::InAreas { side, places, .. } => Some(places.get(idx as usize)?.bytes(side)),
+            Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
@@ -552,7 +562,7 @@ impl ReaderSegments for OwnedSegments {
                 if places.is_empty() {
                     side.link().peer().segment(table.get(idx)?.extent)
                 } else {
-                    Some(places.get(idx as usize)?.bytes(side))
+                    places.get(idx as usize)?.bytes(side)
                 }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),

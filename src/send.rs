@@ -221,12 +221,28 @@ impl Books {
         Some(made)
     }
 
-    /// The free list of area `area`, if it exists.
+    /// The free list of area `area`, if it exists. The books name only
+    /// areas that do: for any of their spans, `None` is a bug.
     fn free_list(&mut self, area: u32) -> Option<&mut FreeList> {
-        match area {
+        let free = match area {
             0 => Some(&mut self.free),
-            id => Some(&mut self.grown.get_mut(id as usize - 1)?.as_mut()?.free),
-        }
+            id => self
+                .grown
+                .get_mut(id as usize - 1)
+                .and_then(Option::as_mut)
+                .map(|g| &mut g.free),
+        };
+        debug_assert!(free.is_some(), "the books name area {area}, not there");
+        free
+    }
+
+    /// Area `id` (1 and up), if it exists: as for
+    /// [`free_list`](Self::free_list), `None` is a bug.
+    fn grown_area(&self, id: u32) -> Option<&OwnArea> {
+        let found = self.grown.get((id as usize).wrapping_sub(1));
+        let area = found.and_then(Option::as_ref).map(|g| &g.area);
+        debug_assert!(area.is_some(), "the books name area {id}, not there");
+        area
     }
 
     /// Returns `span` to its area's free list. Its words are zero.
@@ -246,9 +262,9 @@ impl Books {
             // SAFETY: passed on from the caller.
             0 => unsafe { own.zero(span.extent) },
             id => {
-                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                if let Some(area) = self.grown_area(id) {
                     // SAFETY: passed on from the caller.
-                    unsafe { g.area.zero(span.extent) }
+                    unsafe { area.zero(span.extent) }
                 }
             }
         }
@@ -264,22 +280,20 @@ impl Books {
             // SAFETY: passed on from the caller.
             0 => unsafe { own.write(span.extent, bytes) },
             id => {
-                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                if let Some(area) = self.grown_area(id) {
                     // SAFETY: passed on from the caller.
-                    unsafe { g.area.write(span.extent, bytes) }
+                    unsafe { area.write(span.extent, bytes) }
                 }
             }
         }
     }
 
-    /// The address of `span`'s first word, for capnp.
-    fn span_ptr<W: Word>(&self, own: &OwnRegion<W>, span: Span) -> NonNull<u8> {
+    /// The address of `span`'s first word, for capnp; `None` (a bug, see
+    /// [`grown_area`](Self::grown_area)) for an area not there.
+    fn span_ptr<W: Word>(&self, own: &OwnRegion<W>, span: Span) -> Option<NonNull<u8>> {
         match span.area {
-            0 => own.extent_ptr(span.extent),
-            id => match self.grown.get(id as usize - 1) {
-                Some(Some(g)) => g.area.extent_ptr(span.extent),
-                _ => NonNull::dangling(),
-            },
+            0 => Some(own.extent_ptr(span.extent)),
+            id => Some(self.grown_area(id)?.extent_ptr(span.extent)),
         }
     }
 
@@ -743,7 +757,10 @@ impl Books {
     fn occupy(&mut self, span: Span) {
         self.in_flight_words += u64::from(span.extent.len);
         if span.area != 0 {
-            if let Some(Some(g)) = self.grown.get_mut(span.area as usize - 1) {
+            let g = self.grown.get_mut(span.area as usize - 1);
+            let g = g.and_then(Option::as_mut);
+            debug_assert!(g.is_some(), "a message in area {}, not there", span.area);
+            if let Some(g) = g {
                 g.empty_since = None;
             }
         }
@@ -1119,13 +1136,18 @@ impl<W: Word> SendSide<W> {
                 state.books.open.push(s);
             }
         }
-        match span {
-            Some(s) => Some((state.books.span_ptr(link.own(), s), s.extent.len)),
-            None => {
-                state.spilled += 1;
-                None
+        let placed = span.and_then(|s| {
+            let ptr = state.books.span_ptr(link.own(), s);
+            if ptr.is_none() {
+                // Never (debug-asserted): not lent after all.
+                state.books.open.pop();
             }
+            Some((ptr?, s.extent.len))
+        });
+        if placed.is_none() {
+            state.spilled += 1;
         }
+        placed
     }
 
     /// Takes back a builder's segment. Returns `false` when `ptr` is not in
@@ -1409,5 +1431,54 @@ fn wait_for_release<W: Word>(
     match deadline {
         Deadline::Now => Err(Halt::Expired),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Backing;
+
+    /// Books over a real 64 KiB region, with no area added.
+    fn books() -> (Books, OwnRegion) {
+        let geometry = Geometry {
+            region_size: 64 << 10,
+            ring_capacity: 4,
+            held_capacity: 4,
+        };
+        let (own, _fd) = OwnRegion::create(geometry, Backing::Memfd).unwrap();
+        (Books::new(geometry, 4, u64::MAX, 0), own)
+    }
+
+    fn in_area(area: u32) -> Span {
+        Span {
+            area,
+            extent: Extent { start: 0, len: 1 },
+        }
+    }
+
+    #[test]
+    fn spans_in_area_0_need_no_area() {
+        let (mut books, own) = books();
+        assert!(books.span_ptr(&own, in_area(0)).is_some());
+        assert!(books.free_list(0).is_some());
+    }
+
+    // The books name only areas that exist: a span of another is a bug,
+    // asserted, never a dangling pointer for capnp or a silent no-op.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "area 3, not there")]
+    fn the_address_of_a_span_in_an_absent_area_is_a_bug() {
+        let (books, own) = books();
+        let _ = books.span_ptr(&own, in_area(3));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "area 2, not there")]
+    fn freeing_a_span_in_an_absent_area_is_a_bug() {
+        let (mut books, _own) = books();
+        books.free_span(in_area(2));
     }
 }
