@@ -809,14 +809,36 @@ pub enum ProtocolError {
         /// The area id named.
         area: u32,
     },
-    /// An area record on the socket is malformed: a wrong first byte, an id
-    /// out of range or already in use, a size that is not a whole number of
-    /// pages or too large, or not exactly one descriptor with it.
+    /// An area record on the socket is malformed: an id out of range or
+    /// already in use, a size that is not a whole number of pages or too
+    /// large, or reserved bytes set.
     BadAreaRecord {
         /// The area id announced.
         area: u32,
         /// The size announced, in bytes.
         bytes: u64,
+    },
+    /// An area record's first byte came with `count` descriptors, not
+    /// exactly one.
+    AreaRecordDescriptors {
+        /// How many came.
+        count: usize,
+    },
+    /// Descriptors came with socket bytes that do not start an area record
+    /// (doorbells, or the rest of a record).
+    StrayDescriptors {
+        /// How many came.
+        count: usize,
+    },
+    /// A retirement (a descriptor of 0 segments, naming an area other than
+    /// 0) carries an extent, where it must carry none.
+    BadRetirement {
+        /// The area it names.
+        area: u32,
+        /// The extent's word offset.
+        offset: u32,
+        /// The extent's length in words.
+        len: u32,
     },
     /// The peer's areas would take more than this end accepts
     /// (`Options::max_incoming`, which the peer was told).
@@ -947,6 +969,18 @@ impl fmt::Display for ProtocolError {
             BadAreaRecord { area, bytes } => {
                 write!(f, "malformed area record (area {area}, {bytes} bytes)")
             }
+            AreaRecordDescriptors { count } => write!(
+                f,
+                "an area record came with {count} descriptors, expected one"
+            ),
+            StrayDescriptors { count } => write!(
+                f,
+                "{count} descriptors came with socket bytes that start no area record"
+            ),
+            BadRetirement { area, offset, len } => write!(
+                f,
+                "the retirement of area {area} carries an extent (word {offset}, {len} words)"
+            ),
             AreaLimit { bytes, limit } => write!(
                 f,
                 "the peer's areas would take {bytes} bytes, over the {limit} this end accepts \

@@ -390,9 +390,11 @@ impl<W: Word> Link<W> {
                 if first != AREA_RECORD {
                     return Err(ProtocolError::UnexpectedSocketData);
                 }
-                // The descriptor comes with the record's first byte.
-                if fds.len() != 1 || incoming.fd.is_some() {
-                    return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+                // The descriptor comes with the record's first byte. (The
+                // last record's was taken when it completed.)
+                debug_assert!(incoming.fd.is_none(), "a descriptor left from a record");
+                if fds.len() != 1 {
+                    return Err(ProtocolError::AreaRecordDescriptors { count: fds.len() });
                 }
                 incoming.fd = fds.pop();
             }
@@ -409,7 +411,7 @@ impl<W: Word> Link<W> {
         }
         if !fds.is_empty() {
             // Descriptors with doorbells, or with the rest of a record.
-            return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+            return Err(ProtocolError::StrayDescriptors { count: fds.len() });
         }
         Ok(())
     }
@@ -438,7 +440,11 @@ impl<W: Word> Link<W> {
         {
             return Err(bad);
         }
-        let Some(fd) = fd else { return Err(bad) };
+        // Never missing: a record starts only with its descriptor.
+        debug_assert!(fd.is_some(), "a complete record without its descriptor");
+        let Some(fd) = fd else {
+            return Err(ProtocolError::AreaRecordDescriptors { count: 0 });
+        };
         let limit = self.options.limits().incoming;
         incoming.count_unmapped();
         let total = incoming.bytes.saturating_add(bytes);

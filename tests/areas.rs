@@ -220,32 +220,75 @@ fn a_malformed_area_record_is_bad_area_record() {
     let area = Area::sealed(AREA);
     let mut padded = area_record(1, AREA);
     padded[4] = 1;
-    // (record bytes, descriptors with it, the area and size the error names)
-    let cases: Vec<([u8; 16], usize, (u32, u64))> = vec![
-        (area_record(0, AREA), 1, (0, AREA)),
-        (area_record(64, AREA), 1, (64, AREA)),
-        (area_record(255, AREA), 1, (255, AREA)),
-        (area_record(1, 0), 1, (1, 0)),
-        (area_record(1, AREA + 8), 1, (1, AREA + 8)),
-        (area_record(1, 1 << 40), 1, (1, 1 << 40)),
-        (padded, 1, (1, AREA)),
-        (area_record(1, AREA), 0, (0, 0)),
-        (area_record(1, AREA), 2, (0, 0)),
+    let bad = |area, bytes| ProtocolError::BadAreaRecord { area, bytes };
+    // (record bytes, descriptors with it, the error)
+    let cases: Vec<([u8; 16], usize, ProtocolError)> = vec![
+        (area_record(0, AREA), 1, bad(0, AREA)),
+        (area_record(64, AREA), 1, bad(64, AREA)),
+        (area_record(255, AREA), 1, bad(255, AREA)),
+        (area_record(1, 0), 1, bad(1, 0)),
+        (area_record(1, AREA + 8), 1, bad(1, AREA + 8)),
+        (area_record(1, 1 << 40), 1, bad(1, 1 << 40)),
+        (padded, 1, bad(1, AREA)),
+        (
+            area_record(1, AREA),
+            0,
+            ProtocolError::AreaRecordDescriptors { count: 0 },
+        ),
+        (
+            area_record(1, AREA),
+            2,
+            ProtocolError::AreaRecordDescriptors { count: 2 },
+        ),
     ];
-    for (record, fds, (id, bytes)) in cases {
+    for (record, fds, expected) in cases {
         let conn = connected();
         let fd = area.read_only_fd();
         let attached: Vec<_> = (0..fds).map(|_| fd.as_fd()).collect();
         conn.peer().send_bytes(&record, &attached);
         publish_in_area(&conn, 0, 1, 0, 1);
-        assert_recv_breaks(&conn, ProtocolError::BadAreaRecord { area: id, bytes });
+        assert_recv_breaks(&conn, expected);
     }
     // A descriptor with a doorbell byte instead of a record.
     let conn = connected();
     conn.peer()
         .send_bytes(&[0xDB], &[area.read_only_fd().as_fd()]);
     publish_in_area(&conn, 0, 1, 0, 1);
-    assert_recv_breaks(&conn, ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+    assert_recv_breaks(&conn, ProtocolError::StrayDescriptors { count: 1 });
+    // One with the second half of a record.
+    let conn = connected();
+    let record = area_record(1, AREA);
+    conn.peer()
+        .send_bytes(&record[..8], &[area.read_only_fd().as_fd()]);
+    conn.peer()
+        .send_bytes(&record[8..], &[area.read_only_fd().as_fd()]);
+    publish_in_area(&conn, 0, 1, 0, 1);
+    assert_recv_breaks(&conn, ProtocolError::StrayDescriptors { count: 1 });
+}
+
+#[test]
+fn a_retirement_with_an_extent_is_bad_retirement() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    for (offset, len) in [(0, 1), (5, 0), (u32::MAX, u32::MAX)] {
+        let conn = connected();
+        let area = Area::sealed(AREA);
+        conn.send_area(2, AREA, area.read_only_fd().as_fd());
+        let mut retire = Descriptor::inline(0, 0, &[(offset, len)]);
+        retire.seg_count = 0;
+        retire.area = 2;
+        conn.mine.write_descriptor(0, &retire);
+        conn.mine.publish(1);
+        assert_recv_breaks(
+            &conn,
+            ProtocolError::BadRetirement {
+                area: 2,
+                offset,
+                len,
+            },
+        );
+    }
 }
 
 #[test]
