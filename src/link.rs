@@ -16,6 +16,7 @@
 //! compare: [`Owner`] remembers the fork count at which this process last
 //! verified its claim, and a `fork` changes the count in the child.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -479,11 +480,11 @@ impl<W: Word> Link<W> {
         Ok(())
     }
 
-    /// The peer's area `area` (1 and up), if it has handed it over and not
-    /// retired it.
-    pub(crate) fn peer_area(&self, area: u32) -> Option<Arc<PeerArea>> {
-        let index = (area as usize).checked_sub(1)?;
-        self.incoming().areas.get(index)?.clone()
+    /// The peer's areas, locked, for looking up those of one message.
+    pub(crate) fn peer_area_table(&self) -> PeerAreaTable<'_> {
+        PeerAreaTable {
+            incoming: self.incoming(),
+        }
     }
 
     /// Forgets the peer's area `area`, which it retired: no descriptor may
@@ -542,9 +543,12 @@ impl<W: Word> Link<W> {
             .find_map(|(id, f)| (*f == Some(file)).then_some(id))
     }
 
-    /// The peer's data areas, for validating its descriptors.
+    /// The peer's data areas, for validating one descriptor.
     pub(crate) fn peer_areas(&self) -> PeerAreas<'_, W> {
-        PeerAreas { link: self }
+        PeerAreas {
+            link: self,
+            table: OnceCell::new(),
+        }
     }
 
     /// The most bytes our outgoing space may take.
@@ -734,25 +738,50 @@ impl<W: Word> Drop for Link<W> {
     }
 }
 
-/// The peer's data areas as [`Areas`]: area 0 is its region's, read
-/// without a lock; the others come from the socket (a lock, taken only for
-/// messages that lie in them).
+/// The peer's areas that came from the socket, locked (see
+/// [`Link::peer_area_table`]).
+pub(crate) struct PeerAreaTable<'a> {
+    incoming: MutexGuard<'a, Incoming>,
+}
+
+impl PeerAreaTable<'_> {
+    /// The peer's area `area` (1 and up), if it has handed it over and not
+    /// retired it.
+    pub(crate) fn get(&self, area: u32) -> Option<&Arc<PeerArea>> {
+        let index = (area as usize).checked_sub(1)?;
+        self.incoming.areas.get(index)?.as_ref()
+    }
+}
+
+/// The peer's data areas as [`Areas`], for validating one descriptor: area
+/// 0 is its region's, read without a lock; the others come from the socket
+/// (a lock, taken at the first look at one of them and held until this
+/// drops, so once per message that lies in them).
 pub(crate) struct PeerAreas<'a, W: Word> {
     link: &'a Link<W>,
+    table: OnceCell<PeerAreaTable<'a>>,
+}
+
+impl<W: Word> PeerAreas<'_, W> {
+    /// Area `id` (1 and up), if handed over and not retired.
+    fn area(&self, id: u32) -> Option<&PeerArea> {
+        let table = self.table.get_or_init(|| self.link.peer_area_table());
+        table.get(id).map(|a| &**a)
+    }
 }
 
 impl<W: Word> Areas for PeerAreas<'_, W> {
     fn words(&self, area: u32) -> Option<u32> {
         match area {
             0 => Some(self.link.peer.data_words()),
-            id => Some(self.link.peer_area(id)?.words()),
+            id => Some(self.area(id)?.words()),
         }
     }
 
     fn read_word(&self, area: u32, offset: u32) -> Option<u64> {
         match area {
             0 => self.link.peer.read_word(offset),
-            id => self.link.peer_area(id)?.read_word(offset),
+            id => self.area(id)?.read_word(offset),
         }
     }
 

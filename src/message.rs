@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 use capnp::traits::FromPointerReader;
@@ -11,8 +10,8 @@ use capnp::Word;
 
 use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
-use crate::recv::RecvSide;
-use crate::region::{Extent, PeerArea, Span};
+use crate::recv::{Place, RecvSide};
+use crate::region::Span;
 use crate::ring::{SegmentTable, Taken};
 use crate::stream::StreamRecv;
 
@@ -241,63 +240,6 @@ enum Body<'c> {
     },
 }
 
-/// Where one received segment lies.
-enum Place {
-    /// In the peer's region, read through the receiving side.
-    Region(Extent),
-    /// In one of its areas, which the `Arc` keeps mapped even after the
-    /// peer retires it.
-    Area(Arc<PeerArea>, Extent),
-    /// In an area that is not there. Never: the table was validated
-    /// against the areas just before, and only this receiving side retires
-    /// them (debug-asserted). Read as no segment, which capnp reports, not
-    /// as bytes of another area.
-    Missing,
-}
-
-impl Place {
-    /// The places of every segment of a validated table.
-    fn all(side: &RecvSide, table: &SegmentTable) -> Vec<Place> {
-        (0..table.len())
-            .filter_map(|i| table.get(i))
-            .map(|s| match s.area {
-                0 => Place::Region(s.extent),
-                id => {
-                    let area = side.link().peer_area(id);
-                    debug_assert!(area.is_some(), "validated area {id} is not there");
-                    area.map_or(Place::Missing, |a| Place::Area(a, s.extent))
-                }
-            })
-            .collect()
-    }
-
-    /// The segment's bytes in place. The table was validated against the
-    /// areas, so this succeeds; an empty slice would only make capnp report
-    /// an error.
-    fn bytes<'a>(&'a self, side: &'a RecvSide) -> Option<&'a [u8]> {
-        let found = match self {
-            Place::Region(extent) => side.link().peer().segment(*extent),
-            Place::Area(area, extent) => area.segment(*extent),
-            Place::Missing => return None,
-        };
-        Some(found.unwrap_or(&[]))
-    }
-}
-
-/// Copies segment `span` of a validated table from `side`'s peer into
-/// `dst` (see `PeerRegion::copy_segment`); `false` if it is not there.
-fn copy_span(side: &RecvSide, span: Span, dst: &mut [u8]) -> bool {
-    match span.area {
-        0 => side.link().peer().copy_segment(span.extent, dst),
-        id => {
-            let area = side.link().peer_area(id);
-            // As for `Place::Missing`: never.
-            debug_assert!(area.is_some(), "validated area {id} is not there");
-            area.is_some_and(|a| a.copy_segment(span.extent, dst))
-        }
-    }
-}
-
 /// Copies the segments of `taken` out of `side`'s peer region, and releases
 /// the message (the copy no longer needs the shared words). What the copy
 /// may cost is bounded before anything is allocated: no more than the
@@ -333,18 +275,31 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
     let mut ends = Vec::with_capacity(table.len() as usize);
     let bytes = Word::words_to_bytes_mut(&mut words);
     let mut at = 0;
+    // A message in the peer's areas: its areas looked up once.
+    let places = if table.in_areas() {
+        side.places(table)
+    } else {
+        Vec::new()
+    };
     for i in 0..table.len() {
         // The table was validated: every extent lies in the data area and
         // together they fit in it, so `total` covers them all.
         if let Some(e) = table.get(i) {
             let len = e.extent.len as usize * 8;
             if let Some(dst) = bytes.get_mut(at..at + len) {
-                if copy_span(side, e, dst) {
+                let copied = match places.get(i as usize) {
+                    Some(place) => place.copy(side, dst),
+                    None => side.link().peer().copy_segment(e.extent, dst),
+                };
+                if copied {
                     at += len;
                 }
             }
         }
         ends.push(at);
+    }
+    if !places.is_empty() {
+        side.recycle_places(places);
     }
     side.release(taken.slot, taken.seq);
     Ok(Detached { words, ends })
@@ -369,7 +324,7 @@ impl<'c> Segments<'c> {
             return Segments {
                 body: Body::InAreas {
                     side,
-                    places: Place::all(side, table),
+                    places: side.places(table),
                     release: Some((taken.slot, taken.seq)),
                 },
             };
@@ -429,10 +384,20 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         match &mut self.body {
-            Body::InPlace { side, release, .. } | Body::InAreas { side, release, .. } => {
+            Body::InPlace { side, release, .. } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
+            }
+            Body::InAreas {
+                side,
+                places,
+                release,
+            } => {
+                if let Some((slot, seq)) = release.take() {
+                    side.release(slot, seq);
+                }
+                side.recycle_places(std::mem::take(places));
             }
             Body::Copied(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
@@ -481,7 +446,7 @@ impl OwnedReceived {
             OwnedBody::InPlace {
                 release: Some((taken.slot, taken.seq)),
                 places: if taken.table.in_areas() {
-                    Place::all(&side, &taken.table)
+                    side.places(&taken.table)
                 } else {
                     Vec::new()
                 },
@@ -582,9 +547,17 @@ impl ReaderSegments for OwnedSegments {
 impl Drop for OwnedSegments {
     fn drop(&mut self) {
         match &mut self.body {
-            OwnedBody::InPlace { side, release, .. } => {
+            OwnedBody::InPlace {
+                side,
+                places,
+                release,
+                ..
+            } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
+                }
+                if !places.is_empty() {
+                    side.recycle_places(std::mem::take(places));
                 }
             }
             OwnedBody::Copied(_) => {}

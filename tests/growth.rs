@@ -46,7 +46,11 @@ fn big_message<'a>(tx: &'a Channel, blobs: usize, mib: usize) -> MessageBuilder<
 
 /// Checks a message made by [`big_message`], MiB by MiB.
 fn check_big(received: &capnp_shm::Received<'_>, blobs: usize, mib: usize) {
-    let root: BlobsReader<'_> = received.get_root().unwrap();
+    check_blobs(received.get_root().unwrap(), blobs, mib);
+}
+
+/// Checks the root of a message made by [`big_message`], MiB by MiB.
+fn check_blobs(root: BlobsReader<'_>, blobs: usize, mib: usize) {
     assert_eq!(root.len() as usize, blobs);
     for b in 0..blobs {
         let blob = root.get(u32_of(b)).unwrap();
@@ -369,4 +373,50 @@ fn an_empty_area_not_yet_idle_is_given_back_rather_than_too_large() {
     assert_eq!(rx.recv().unwrap().len_bytes() / MIB, 6);
     let sent = tx.stats().send;
     assert_eq!((sent.areas, sent.areas_retired), (1, 1), "{sent:?}");
+}
+
+#[test]
+fn messages_in_areas_are_read_in_place_owned_and_copied() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(120));
+    for copy in [false, true] {
+        let options = Options::new()
+            .region_size(MIB)
+            .area_idle(Duration::ZERO)
+            .copy_received(copy);
+        let (tx, rx) = Channel::pair_with(&options).unwrap();
+        // Borrowing messages, one at a time, then two held at once.
+        for _ in 0..3 {
+            tx.send(big_message(&tx, 2, 2)).unwrap();
+            check_big(&rx.recv().unwrap(), 2, 2);
+        }
+        tx.send(big_message(&tx, 1, 2)).unwrap();
+        tx.send(big_message(&tx, 2, 1)).unwrap();
+        let (first, second) = (rx.recv().unwrap(), rx.recv().unwrap());
+        assert_eq!(first.is_copied(), copy);
+        check_big(&second, 2, 1);
+        drop(second);
+        check_big(&first, 1, 2);
+        drop(first);
+        // Owned messages, kept in a queue.
+        let (_rx_tx, shared) = rx.split();
+        let shared = shared.into_shared();
+        let mut queue = std::collections::VecDeque::new();
+        for blobs in 1..4 {
+            tx.send(big_message(&tx, blobs, 1)).unwrap();
+            queue.push_back(shared.recv().unwrap());
+        }
+        for (blobs, m) in (1..).zip(&queue) {
+            check_blobs(m.get_root().unwrap(), blobs, 1);
+        }
+        drop(queue);
+        // Everything released: the areas go back at the next sends.
+        for n in 0..3 {
+            tx.send(build(&tx, n, 1, 10)).unwrap();
+            assert!(shared.recv().unwrap().len_bytes() > 0);
+        }
+        let sent = tx.stats().send;
+        assert!(sent.areas_added > 0, "{sent:?}");
+        assert_eq!(sent.areas, 0, "{sent:?}");
+    }
 }
