@@ -594,15 +594,18 @@ impl<W: Word> Link<W> {
             match result {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wait(sent > 0).map_err(|h| {
-                        match h {
-                        Halt::Expired if sent > 0 => Halt::Failed(Failure::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the peer does not read its socket: an area record was left half sent",
-                        ))),
-                        h => h,
+                    if let Err(halt) = wait(sent > 0) {
+                        let half_sent = || {
+                            Failure::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the peer does not read its socket: an area record was left half sent",
+                            ))
+                        };
+                        return Err(match halt {
+                            Halt::Expired if sent > 0 => Halt::Failed(half_sent()),
+                            halt => halt,
+                        });
                     }
-                    })?;
                 }
                 Err(e)
                     if matches!(

@@ -58,6 +58,15 @@ fn publish_in_area(conn: &Connected, seq: u32, area: u32, at: u32, len: u32) {
     conn.mine.publish(seq + 1);
 }
 
+/// Publishes message `seq`: the retirement of `area` (count 0), in slot `seq`.
+fn retire_area(conn: &Connected, seq: u32, area: u32) {
+    let mut retire = Descriptor::inline(seq, seq, &[(0, 0)]);
+    retire.seg_count = 0;
+    retire.area = area;
+    conn.mine.write_descriptor(seq, &retire);
+    conn.mine.publish(seq + 1);
+}
+
 fn protocol<T: std::fmt::Debug, E: Into<Error> + std::fmt::Debug>(
     r: Result<T, E>,
 ) -> ProtocolError {
@@ -115,11 +124,7 @@ fn a_retired_area_is_released_unmapped_and_may_not_be_named_again() {
     // The hand peer's memfd and the real end's view of it.
     assert!(mapped > base, "the area is not mapped");
     // Retire area 3 (count 0): taken, unmapped and released at once.
-    let mut retire = Descriptor::inline(1, 1, &[(0, 0)]);
-    retire.seg_count = 0;
-    retire.area = 3;
-    conn.mine.write_descriptor(1, &retire);
-    conn.mine.publish(2);
+    retire_area(&conn, 1, 3);
     assert!(matches!(
         conn.channel.try_recv(),
         Err(capnp_shm::TryRecvError::Empty)
@@ -144,11 +149,7 @@ fn an_area_never_handed_over_is_unknown() {
     }
     // Retiring one.
     let conn = connected();
-    let mut retire = Descriptor::inline(0, 0, &[(0, 0)]);
-    retire.seg_count = 0;
-    retire.area = 2;
-    conn.mine.write_descriptor(0, &retire);
-    conn.mine.publish(1);
+    retire_area(&conn, 0, 2);
     assert_recv_breaks(&conn, ProtocolError::UnknownArea { area: 2 });
 }
 
@@ -449,15 +450,6 @@ fn our_own_area_sent_back_as_an_area_is_own_area() {
             ours: 1,
         },
     );
-}
-
-/// Publishes message `seq`: the retirement of `area` (count 0), in slot `seq`.
-fn retire_area(conn: &Connected, seq: u32, area: u32) {
-    let mut retire = Descriptor::inline(seq, seq, &[(0, 0)]);
-    retire.seg_count = 0;
-    retire.area = area;
-    conn.mine.write_descriptor(seq, &retire);
-    conn.mine.publish(seq + 1);
 }
 
 #[test]
