@@ -748,6 +748,14 @@ pub enum ProtocolError {
     /// The peer's region is this end's own (the peer sent back our own
     /// hello and descriptor: a loopback).
     OwnRegion,
+    /// The peer handed over as its area one of this end's own areas (a
+    /// loopback of an area we handed it).
+    OwnArea {
+        /// The area id the peer announced.
+        announced: u32,
+        /// The id of ours the file is.
+        ours: u32,
+    },
     /// The peer's descriptor cannot be mapped read-only here (a file opened
     /// write-only, a hugetlb file without huge pages, ...): the peer chose
     /// a file this end cannot read. (`ENOMEM` may also mean this process is
@@ -801,14 +809,36 @@ pub enum ProtocolError {
         /// The area id named.
         area: u32,
     },
-    /// An area record on the socket is malformed: a wrong first byte, an id
-    /// out of range or already in use, a size that is not a whole number of
-    /// pages or too large, or not exactly one descriptor with it.
+    /// An area record on the socket is malformed: an id out of range or
+    /// already in use, a size that is not a whole number of pages or too
+    /// large, or reserved bytes set.
     BadAreaRecord {
         /// The area id announced.
         area: u32,
         /// The size announced, in bytes.
         bytes: u64,
+    },
+    /// An area record's first byte came with `count` descriptors, not
+    /// exactly one.
+    AreaRecordDescriptors {
+        /// How many came.
+        count: usize,
+    },
+    /// Descriptors came with socket bytes that do not start an area record
+    /// (doorbells, or the rest of a record).
+    StrayDescriptors {
+        /// How many came.
+        count: usize,
+    },
+    /// A retirement (a descriptor of 0 segments, naming an area other than
+    /// 0) carries an extent, where it must carry none.
+    BadRetirement {
+        /// The area it names.
+        area: u32,
+        /// The extent's word offset.
+        offset: u32,
+        /// The extent's length in words.
+        len: u32,
     },
     /// The peer's areas would take more than this end accepts
     /// (`Options::max_incoming`, which the peer was told).
@@ -900,6 +930,10 @@ impl fmt::Display for ProtocolError {
             }
             ControlBlockMismatch => f.write_str("region control block disagrees with the hello"),
             OwnRegion => f.write_str("the peer's region is this end's own region (a loopback)"),
+            OwnArea { announced, ours } => write!(
+                f,
+                "the peer's area {announced} is this end's own area {ours} (a loopback)"
+            ),
             UnmappableRegion { os_error } => write!(
                 f,
                 "the peer's region file cannot be mapped read-only: {}",
@@ -935,6 +969,18 @@ impl fmt::Display for ProtocolError {
             BadAreaRecord { area, bytes } => {
                 write!(f, "malformed area record (area {area}, {bytes} bytes)")
             }
+            AreaRecordDescriptors { count } => write!(
+                f,
+                "an area record came with {count} descriptors, expected one"
+            ),
+            StrayDescriptors { count } => write!(
+                f,
+                "{count} descriptors came with socket bytes that start no area record"
+            ),
+            BadRetirement { area, offset, len } => write!(
+                f,
+                "the retirement of area {area} carries an extent (word {offset}, {len} words)"
+            ),
             AreaLimit { bytes, limit } => write!(
                 f,
                 "the peer's areas would take {bytes} bytes, over the {limit} this end accepts \

@@ -383,15 +383,16 @@ pub(crate) fn recv_hello_with(
 }
 
 /// Checks a file the peer handed over (its region, or one of its areas): a
-/// regular file of exactly `size` bytes, not our own region (`own_file`),
-/// sealed exactly as a region must be when `sealed` (the peer's hello said
-/// so), or unsealed and accepted.
+/// regular file of exactly `size` bytes, not one of our own (`own`, given
+/// the file's (device, inode), says which error if it is), sealed exactly
+/// as a region must be when `sealed` (the peer's hello said so), or
+/// unsealed and accepted.
 pub(crate) fn check_peer_file(
     fd: &OwnedFd,
     size: u64,
     sealed: bool,
     accept_unsealed: bool,
-    own_file: (u64, u64),
+    own: impl FnOnce((u64, u64)) -> Result<(), ProtocolError>,
 ) -> Result<(), ProtocolError> {
     // fstat first, for the most specific error. (On a regular file of a
     // FUSE mount that the peer serves, fstat could block past the set-up
@@ -408,9 +409,7 @@ pub(crate) fn check_peer_file(
             actual: kind.size,
         });
     }
-    if kind.id == own_file {
-        return Err(ProtocolError::OwnRegion);
-    }
+    own(kind.id)?;
     if sealed {
         let found = file::get_seals(fd.as_fd()).unwrap_or(0);
         // The exec seal may come on top: it does not affect reads or writes.
@@ -438,7 +437,13 @@ pub(crate) fn map_peer_region(
         hello.geometry.region_size,
         hello.sealed,
         accept_unsealed,
-        own_file,
+        |id| {
+            if id == own_file {
+                Err(ProtocolError::OwnRegion)
+            } else {
+                Ok(())
+            }
+        },
     )?;
     let region = PeerRegion::map(fd, hello.geometry).map_err(|e| match e.raw_os_error() {
         // The peer chose the file: one we cannot map is its mistake.

@@ -16,10 +16,11 @@
 //! compare: [`Owner`] remembers the fork count at which this process last
 //! verified its claim, and a `fork` changes the count in the child.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::error::{Failure, Halt, NotOwner, ProtocolError};
@@ -69,8 +70,13 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     accept_unsealed: bool,
     /// The areas the peer handed over, and the socket bytes read so far.
     incoming: Mutex<Incoming>,
-    /// Words of the peer's region's data area and of its areas together.
+    /// Words of the peer's region's data area and of its areas together
+    /// (those a descriptor may name: retired ones not).
     incoming_words: AtomicU64,
+    /// The files (device, inode) of the areas our sending side has added
+    /// and not given back, by id - 1: the peer may not hand one back as
+    /// its own.
+    own_areas: Mutex<Vec<Option<(u64, u64)>>>,
 }
 
 /// What the socket brought besides doorbells: the peer's areas.
@@ -78,12 +84,32 @@ pub(crate) struct Link<W: Word = AtomicU32> {
 struct Incoming {
     /// By id - 1; `None`: not handed over, or retired.
     areas: Vec<Option<Arc<PeerArea>>>,
-    /// Bytes of the peer's region and areas mapped here.
+    /// Bytes of the peer's region and areas mapped here, the retired ones
+    /// still mapped included.
     bytes: u64,
+    /// Areas the peer retired while received messages kept them mapped,
+    /// with their bytes: counted in `bytes` until the last such message
+    /// drops, and the mapping with it (see `count_unmapped`).
+    retired: Vec<(Weak<PeerArea>, u64)>,
     /// An area record read in part, and the descriptor that came with it.
     record: [u8; AREA_RECORD_LEN],
     have: usize,
     fd: Option<OwnedFd>,
+}
+
+impl Incoming {
+    /// Stops counting the retired areas that no message keeps mapped any
+    /// more.
+    fn count_unmapped(&mut self) {
+        let bytes = &mut self.bytes;
+        self.retired.retain(|(area, area_bytes)| {
+            let mapped = area.strong_count() > 0;
+            if !mapped {
+                *bytes -= area_bytes;
+            }
+            mapped
+        });
+    }
 }
 
 /// Whether this process owns an end; see the module notes. The stream
@@ -153,11 +179,13 @@ impl<W: Word> Link<W> {
             incoming: Mutex::new(Incoming {
                 areas: Vec::new(),
                 bytes: peer_bytes,
+                retired: Vec::new(),
                 record: [0; AREA_RECORD_LEN],
                 have: 0,
                 fd: None,
             }),
             incoming_words: AtomicU64::new(peer_words),
+            own_areas: Mutex::new(Vec::new()),
             socket,
             own,
             peer,
@@ -363,9 +391,11 @@ impl<W: Word> Link<W> {
                 if first != AREA_RECORD {
                     return Err(ProtocolError::UnexpectedSocketData);
                 }
-                // The descriptor comes with the record's first byte.
-                if fds.len() != 1 || incoming.fd.is_some() {
-                    return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+                // The descriptor comes with the record's first byte. (The
+                // last record's was taken when it completed.)
+                debug_assert!(incoming.fd.is_none(), "a descriptor left from a record");
+                if fds.len() != 1 {
+                    return Err(ProtocolError::AreaRecordDescriptors { count: fds.len() });
                 }
                 incoming.fd = fds.pop();
             }
@@ -382,7 +412,7 @@ impl<W: Word> Link<W> {
         }
         if !fds.is_empty() {
             // Descriptors with doorbells, or with the rest of a record.
-            return Err(ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+            return Err(ProtocolError::StrayDescriptors { count: fds.len() });
         }
         Ok(())
     }
@@ -411,8 +441,13 @@ impl<W: Word> Link<W> {
         {
             return Err(bad);
         }
-        let Some(fd) = fd else { return Err(bad) };
+        // Never missing: a record starts only with its descriptor.
+        debug_assert!(fd.is_some(), "a complete record without its descriptor");
+        let Some(fd) = fd else {
+            return Err(ProtocolError::AreaRecordDescriptors { count: 0 });
+        };
         let limit = self.options.limits().incoming;
+        incoming.count_unmapped();
         let total = incoming.bytes.saturating_add(bytes);
         if total > limit {
             return Err(ProtocolError::AreaLimit {
@@ -420,13 +455,18 @@ impl<W: Word> Link<W> {
                 limit,
             });
         }
-        handshake::check_peer_file(
-            &fd,
-            bytes,
-            self.peer_sealed,
-            self.accept_unsealed,
-            self.own.file_id(),
-        )?;
+        handshake::check_peer_file(&fd, bytes, self.peer_sealed, self.accept_unsealed, |id| {
+            if id == self.own.file_id() {
+                return Err(ProtocolError::OwnRegion);
+            }
+            match self.own_area_of(id) {
+                Some(ours) => Err(ProtocolError::OwnArea {
+                    announced: area,
+                    ours,
+                }),
+                None => Ok(()),
+            }
+        })?;
         let mapped = PeerArea::map(&fd, bytes).map_err(|e| ProtocolError::UnmappableRegion {
             os_error: e.raw_os_error().unwrap_or(0),
         })?;
@@ -440,15 +480,17 @@ impl<W: Word> Link<W> {
         Ok(())
     }
 
-    /// The peer's area `area` (1 and up), if it has handed it over and not
-    /// retired it.
-    pub(crate) fn peer_area(&self, area: u32) -> Option<Arc<PeerArea>> {
-        let index = (area as usize).checked_sub(1)?;
-        self.incoming().areas.get(index)?.clone()
+    /// The peer's areas, locked, for looking up those of one message.
+    pub(crate) fn peer_area_table(&self) -> PeerAreaTable<'_> {
+        PeerAreaTable {
+            incoming: self.incoming(),
+        }
     }
 
-    /// Forgets the peer's area `area`, which it retired: unmapped once the
-    /// last message that lies in it is dropped.
+    /// Forgets the peer's area `area`, which it retired: no descriptor may
+    /// name it any more, and it is unmapped once the last message that
+    /// lies in it is dropped (until then its bytes count against our
+    /// `max_incoming`).
     ///
     /// # Errors
     ///
@@ -460,15 +502,53 @@ impl<W: Word> Link<W> {
             .and_then(|i| incoming.areas.get_mut(i))
             .and_then(Option::take)
             .ok_or(ProtocolError::UnknownArea { area })?;
-        incoming.bytes -= gone.bytes();
         self.incoming_words
             .fetch_sub(u64::from(gone.words()), Ordering::Relaxed);
+        incoming.retired.push((Arc::downgrade(&gone), gone.bytes()));
+        drop(gone);
+        incoming.count_unmapped();
         Ok(())
     }
 
-    /// The peer's data areas, for validating its descriptors.
+    fn own_areas(&self) -> MutexGuard<'_, Vec<Option<(u64, u64)>>> {
+        // Nothing panics while holding it; a poisoned lock's data is whole.
+        self.own_areas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that our area `id` (1 and up) is the file `file` (device,
+    /// inode), from before it is handed over until it is given back.
+    pub(crate) fn note_own_area(&self, id: u32, file: (u64, u64)) {
+        let index = id as usize - 1;
+        let mut own = self.own_areas();
+        if own.len() <= index {
+            own.resize(index + 1, None);
+        }
+        own[index] = Some(file);
+    }
+
+    /// Forgets our area `id`: not handed over after all, or given back
+    /// (unmapped here: no longer our memory).
+    pub(crate) fn forget_own_area(&self, id: u32) {
+        if let Some(file) = self.own_areas().get_mut(id as usize - 1) {
+            *file = None;
+        }
+    }
+
+    /// The id of our area that is the file `file`, if one is.
+    fn own_area_of(&self, file: (u64, u64)) -> Option<u32> {
+        (1u32..)
+            .zip(self.own_areas().iter())
+            .find_map(|(id, f)| (*f == Some(file)).then_some(id))
+    }
+
+    /// The peer's data areas, for validating one descriptor.
     pub(crate) fn peer_areas(&self) -> PeerAreas<'_, W> {
-        PeerAreas { link: self }
+        PeerAreas {
+            link: self,
+            table: OnceCell::new(),
+        }
     }
 
     /// The most bytes our outgoing space may take.
@@ -482,18 +562,24 @@ impl<W: Word> Link<W> {
     }
 
     /// Sends the record of our area `area` of `bytes` bytes with its
-    /// read-only descriptor `fd`, calling `wait` while the socket is full.
+    /// read-only descriptor `fd`, calling `wait(started)` while the socket
+    /// is full (`started`: part of the record is on the socket already).
     ///
     /// # Errors
     ///
-    /// What `wait` returns; the socket's failure.
+    /// What `wait` returns while nothing of the record has gone out: the
+    /// stream is as it was. Once part of it has, a halt of `wait` leaves
+    /// the peer half a record that cannot be taken back: `Disconnected`
+    /// stays, anything else is a [`Failure`] of the channel (the caller
+    /// records it). `Disconnected` for a socket the peer has closed; the
+    /// socket's other failures.
     pub(crate) fn send_area_record(
         &self,
         area: u32,
         bytes: u64,
         fd: &OwnedFd,
-        mut wait: impl FnMut() -> Result<(), Halt>,
-    ) -> Result<(), Failure> {
+        mut wait: impl FnMut(bool) -> Result<(), Halt>,
+    ) -> Result<(), Halt> {
         let mut record = [0u8; AREA_RECORD_LEN];
         record[0] = AREA_RECORD;
         record[1] = u8::try_from(area).unwrap_or(0);
@@ -508,18 +594,30 @@ impl<W: Word> Link<W> {
             match result {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wait().map_err(|h| match h {
-                        Halt::Failed(f) => f,
-                        Halt::Disconnected => {
-                            Failure::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
-                        }
-                        Halt::Expired => Failure::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the peer does not read its socket: an area could not be handed over",
-                        )),
-                    })?;
+                    if let Err(halt) = wait(sent > 0) {
+                        let half_sent = || {
+                            Failure::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the peer does not read its socket: an area record was left half sent",
+                            ))
+                        };
+                        return Err(match halt {
+                            Halt::Expired if sent > 0 => Halt::Failed(half_sent()),
+                            halt => halt,
+                        });
+                    }
                 }
-                Err(e) => return Err(Failure::Io(e)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The peer's end of the socket is closed: it is gone.
+                    self.note_peer_gone();
+                    return Err(Halt::Disconnected);
+                }
+                Err(e) => return Err(Halt::Failed(Failure::Io(e))),
             }
         }
         Ok(())
@@ -643,25 +741,50 @@ impl<W: Word> Drop for Link<W> {
     }
 }
 
-/// The peer's data areas as [`Areas`]: area 0 is its region's, read
-/// without a lock; the others come from the socket (a lock, taken only for
-/// messages that lie in them).
+/// The peer's areas that came from the socket, locked (see
+/// [`Link::peer_area_table`]).
+pub(crate) struct PeerAreaTable<'a> {
+    incoming: MutexGuard<'a, Incoming>,
+}
+
+impl PeerAreaTable<'_> {
+    /// The peer's area `area` (1 and up), if it has handed it over and not
+    /// retired it.
+    pub(crate) fn get(&self, area: u32) -> Option<&Arc<PeerArea>> {
+        let index = (area as usize).checked_sub(1)?;
+        self.incoming.areas.get(index)?.as_ref()
+    }
+}
+
+/// The peer's data areas as [`Areas`], for validating one descriptor: area
+/// 0 is its region's, read without a lock; the others come from the socket
+/// (a lock, taken at the first look at one of them and held until this
+/// drops, so once per message that lies in them).
 pub(crate) struct PeerAreas<'a, W: Word> {
     link: &'a Link<W>,
+    table: OnceCell<PeerAreaTable<'a>>,
+}
+
+impl<W: Word> PeerAreas<'_, W> {
+    /// Area `id` (1 and up), if handed over and not retired.
+    fn area(&self, id: u32) -> Option<&PeerArea> {
+        let table = self.table.get_or_init(|| self.link.peer_area_table());
+        table.get(id).map(|a| &**a)
+    }
 }
 
 impl<W: Word> Areas for PeerAreas<'_, W> {
     fn words(&self, area: u32) -> Option<u32> {
         match area {
             0 => Some(self.link.peer.data_words()),
-            id => Some(self.link.peer_area(id)?.words()),
+            id => Some(self.area(id)?.words()),
         }
     }
 
     fn read_word(&self, area: u32, offset: u32) -> Option<u64> {
         match area {
             0 => self.link.peer.read_word(offset),
-            id => self.link.peer_area(id)?.read_word(offset),
+            id => self.area(id)?.read_word(offset),
         }
     }
 

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 use capnp::traits::FromPointerReader;
@@ -11,8 +10,8 @@ use capnp::Word;
 
 use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
-use crate::recv::RecvSide;
-use crate::region::{Extent, PeerArea, Span};
+use crate::recv::{Place, RecvSide};
+use crate::region::Span;
 use crate::ring::{SegmentTable, Taken};
 use crate::stream::StreamRecv;
 
@@ -247,53 +246,6 @@ enum Body<'c> {
     },
 }
 
-/// Where one received segment lies: in the peer's region (`area: None`,
-/// read through the receiving side) or in one of its areas, which the
-/// `Arc` keeps mapped even after the peer retires it.
-struct Place {
-    area: Option<Arc<PeerArea>>,
-    extent: Extent,
-}
-
-impl Place {
-    /// The places of every segment of a validated table.
-    fn all(side: &RecvSide, table: &SegmentTable) -> Vec<Place> {
-        (0..table.len())
-            .filter_map(|i| table.get(i))
-            .map(|s| Place {
-                area: match s.area {
-                    0 => None,
-                    id => side.link().peer_area(id),
-                },
-                extent: s.extent,
-            })
-            .collect()
-    }
-
-    /// The segment's bytes in place. The table was validated against the
-    /// areas, so this succeeds; an empty slice would only make capnp report
-    /// an error.
-    fn bytes<'a>(&'a self, side: &'a RecvSide) -> &'a [u8] {
-        let found = match &self.area {
-            None => side.link().peer().segment(self.extent),
-            Some(area) => area.segment(self.extent),
-        };
-        found.unwrap_or(&[])
-    }
-}
-
-/// Copies segment `span` of a validated table from `side`'s peer into
-/// `dst` (see `PeerRegion::copy_segment`); `false` if it is not there.
-fn copy_span(side: &RecvSide, span: Span, dst: &mut [u8]) -> bool {
-    match span.area {
-        0 => side.link().peer().copy_segment(span.extent, dst),
-        id => side
-            .link()
-            .peer_area(id)
-            .is_some_and(|a| a.copy_segment(span.extent, dst)),
-    }
-}
-
 /// Copies the segments of `taken` out of `side`'s peer region, and releases
 /// the message (the copy no longer needs the shared words). What the copy
 /// may cost is bounded before anything is allocated: no more than the
@@ -329,18 +281,31 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
     let mut ends = Vec::with_capacity(table.len() as usize);
     let bytes = Word::words_to_bytes_mut(&mut words);
     let mut at = 0;
+    // A message in the peer's areas: its areas looked up once.
+    let places = if table.in_areas() {
+        side.places(table)
+    } else {
+        Vec::new()
+    };
     for i in 0..table.len() {
         // The table was validated: every extent lies in the data area and
         // together they fit in it, so `total` covers them all.
         if let Some(e) = table.get(i) {
             let len = e.extent.len as usize * 8;
             if let Some(dst) = bytes.get_mut(at..at + len) {
-                if copy_span(side, e, dst) {
+                let copied = match places.get(i as usize) {
+                    Some(place) => place.copy(side, dst),
+                    None => side.link().peer().copy_segment(e.extent, dst),
+                };
+                if copied {
                     at += len;
                 }
             }
         }
         ends.push(at);
+    }
+    if !places.is_empty() {
+        side.recycle_places(places);
     }
     side.release(taken.slot, taken.seq);
     Ok(Detached { words, ends })
@@ -366,7 +331,7 @@ impl<'c> Segments<'c> {
                 first: &[],
                 body: Body::InAreas {
                     side,
-                    places: Place::all(side, table),
+                    places: side.places(table),
                     release: Some((taken.slot, taken.seq)),
                 },
             };
@@ -411,7 +376,7 @@ impl ReaderSegments for Segments<'_> {
                 0 => Some(self.first),
                 i => more.get(i as usize - 1).copied(),
             },
-            Body::InAreas { side, places, .. } => Some(places.get(idx as usize)?.bytes(side)),
+            Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
@@ -430,10 +395,20 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         match &mut self.body {
-            Body::InPlace { side, release, .. } | Body::InAreas { side, release, .. } => {
+            Body::InPlace { side, release, .. } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
+            }
+            Body::InAreas {
+                side,
+                places,
+                release,
+            } => {
+                if let Some((slot, seq)) = release.take() {
+                    side.release(slot, seq);
+                }
+                side.recycle_places(std::mem::take(places));
             }
             Body::Copied(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
@@ -482,7 +457,7 @@ impl OwnedReceived {
             OwnedBody::InPlace {
                 release: Some((taken.slot, taken.seq)),
                 places: if taken.table.in_areas() {
-                    Place::all(&side, &taken.table)
+                    side.places(&taken.table)
                 } else {
                     Vec::new()
                 },
@@ -563,7 +538,7 @@ impl ReaderSegments for OwnedSegments {
                 if places.is_empty() {
                     side.link().peer().segment(table.get(idx)?.extent)
                 } else {
-                    Some(places.get(idx as usize)?.bytes(side))
+                    places.get(idx as usize)?.bytes(side)
                 }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
@@ -583,9 +558,17 @@ impl ReaderSegments for OwnedSegments {
 impl Drop for OwnedSegments {
     fn drop(&mut self) {
         match &mut self.body {
-            OwnedBody::InPlace { side, release, .. } => {
+            OwnedBody::InPlace {
+                side,
+                places,
+                release,
+                ..
+            } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
+                }
+                if !places.is_empty() {
+                    side.recycle_places(std::mem::take(places));
                 }
             }
             OwnedBody::Copied(_) => {}

@@ -10,7 +10,8 @@ use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
 use crate::layout::{AWAKE, WORD};
 use crate::link::{Link, Wakes};
-use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, Taken};
+use crate::region::{Extent, PeerArea};
+use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake::withdraw;
@@ -40,6 +41,53 @@ pub(crate) struct RecvState {
     bytes: Cell<u64>,
     held: Cell<u32>,
     wakes: Cell<u64>,
+    /// Place buffers of dropped messages that lay in the peer's areas,
+    /// kept for the next (at most [`SPARE_PLACES`]).
+    spare_places: RefCell<Vec<Vec<Place>>>,
+}
+
+/// Place buffers a receiving side keeps: enough for a receiver that holds
+/// a few messages in areas at a time.
+const SPARE_PLACES: usize = 8;
+
+/// Where one segment of a received message that lies (partly) in the
+/// peer's areas is.
+#[derive(Debug)]
+pub(crate) enum Place {
+    /// In the peer's region, read through the receiving side.
+    Region(Extent),
+    /// In one of its areas, which the `Arc` keeps mapped even after the
+    /// peer retires it.
+    Area(Arc<PeerArea>, Extent),
+    /// In an area that is not there. Never: the table was validated
+    /// against the areas just before, and only this receiving side retires
+    /// them (debug-asserted). Read as no segment, which capnp reports, not
+    /// as bytes of another area.
+    Missing,
+}
+
+impl Place {
+    /// The segment's bytes in place. The table was validated against the
+    /// areas, so this succeeds; an empty slice would only make capnp report
+    /// an error.
+    pub(crate) fn bytes<'a, W: Word>(&'a self, side: &'a RecvSide<W>) -> Option<&'a [u8]> {
+        let found = match self {
+            Place::Region(extent) => side.link.peer().segment(*extent),
+            Place::Area(area, extent) => area.segment(*extent),
+            Place::Missing => return None,
+        };
+        Some(found.unwrap_or(&[]))
+    }
+
+    /// Copies the segment into `dst` (exactly as long) with `Relaxed`
+    /// loads (see `PeerRegion::copy_segment`); `false` if it is not there.
+    pub(crate) fn copy<W: Word>(&self, side: &RecvSide<W>, dst: &mut [u8]) -> bool {
+        match self {
+            Place::Region(extent) => side.link.peer().copy_segment(*extent, dst),
+            Place::Area(area, extent) => area.copy_segment(*extent, dst),
+            Place::Missing => false,
+        }
+    }
 }
 
 /// What a waiting receiver waits for: the peer's next message.
@@ -84,6 +132,7 @@ impl<W: Word> RecvSide<W> {
                 bytes: Cell::new(0),
                 held: Cell::new(0),
                 wakes: Cell::new(0),
+                spare_places: RefCell::new(Vec::new()),
             }),
         }
     }
@@ -310,6 +359,39 @@ impl<W: Word> RecvSide<W> {
             || !cond.idle(cond.counter().load())
             || link.peer_closed()
             || link.enter().is_err()
+    }
+
+    /// The place of every segment of `table`, a validated table, each area
+    /// kept mapped while the places live: looked up under one lock, in a
+    /// buffer a dropped message gave back (see
+    /// [`recycle_places`](Self::recycle_places)).
+    pub(crate) fn places(&self, table: &SegmentTable) -> Vec<Place> {
+        let state = self.state.borrow();
+        let mut places = state.spare_places.borrow_mut().pop().unwrap_or_default();
+        debug_assert!(places.is_empty());
+        let areas = self.link.peer_area_table();
+        let spans = (0..table.len()).filter_map(|i| table.get(i));
+        places.extend(spans.map(|s| match s.area {
+            0 => Place::Region(s.extent),
+            id => {
+                let area = areas.get(id);
+                debug_assert!(area.is_some(), "validated area {id} is not there");
+                area.map_or(Place::Missing, |a| Place::Area(Arc::clone(a), s.extent))
+            }
+        }));
+        places
+    }
+
+    /// Takes back the places of a message that dropped: its areas are let
+    /// go (unmapped here once no message holds one the peer retired), the
+    /// buffer kept for the next message.
+    pub(crate) fn recycle_places(&self, mut places: Vec<Place>) {
+        places.clear();
+        let state = self.state.borrow();
+        let mut spare = state.spare_places.borrow_mut();
+        if spare.len() < SPARE_PLACES && places.capacity() > 0 {
+            spare.push(places);
+        }
     }
 
     /// Tells the peer we are done with its message `(slot, seq)`, and wakes

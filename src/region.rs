@@ -605,6 +605,8 @@ pub(crate) struct OwnArea {
     /// Held for its `Drop` (the unmap), after every use of `area`.
     _map: Mapping,
     bytes: u64,
+    /// The file's (device, inode), to recognise it if a peer sends it back.
+    file_id: (u64, u64),
 }
 
 impl OwnArea {
@@ -627,12 +629,14 @@ impl OwnArea {
             let (rw, ro) = file::create_shm_file(bytes)?;
             (Mapping::map(rw.as_fd(), len, true)?, ro)
         };
+        let file_id = file::fstat(peer_fd.as_fd())?.id;
         let data = NonNull::new(map.as_ptr()).unwrap_or(NonNull::dangling());
         Ok((
             OwnArea {
                 area: Area { data, words },
                 _map: map,
                 bytes,
+                file_id,
             },
             peer_fd,
         ))
@@ -641,6 +645,11 @@ impl OwnArea {
     /// Bytes in the area.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The area file's (device, inode).
+    pub(crate) fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 
     /// Words in the area.

@@ -561,8 +561,18 @@ impl DescriptorConsumer {
         );
         let entry = if d.count == 0 {
             let area = d.span.area;
-            if area == 0 || d.span.extent.len != 0 || d.span.extent.start != 0 {
+            // Area 0 is the region's, never retired: a message of no
+            // segments.
+            if area == 0 {
                 return Err(ProtocolError::BadSegmentCount { count: 0 });
+            }
+            let e = d.span.extent;
+            if e.len != 0 || e.start != 0 {
+                return Err(ProtocolError::BadRetirement {
+                    area,
+                    offset: e.start,
+                    len: e.len,
+                });
             }
             if areas.words(area).is_none() {
                 return Err(ProtocolError::UnknownArea { area });

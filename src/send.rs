@@ -221,12 +221,28 @@ impl Books {
         Some(made)
     }
 
-    /// The free list of area `area`, if it exists.
+    /// The free list of area `area`, if it exists. The books name only
+    /// areas that do: for any of their spans, `None` is a bug.
     fn free_list(&mut self, area: u32) -> Option<&mut FreeList> {
-        match area {
+        let free = match area {
             0 => Some(&mut self.free),
-            id => Some(&mut self.grown.get_mut(id as usize - 1)?.as_mut()?.free),
-        }
+            id => self
+                .grown
+                .get_mut(id as usize - 1)
+                .and_then(Option::as_mut)
+                .map(|g| &mut g.free),
+        };
+        debug_assert!(free.is_some(), "the books name area {area}, not there");
+        free
+    }
+
+    /// Area `id` (1 and up), if it exists: as for
+    /// [`free_list`](Self::free_list), `None` is a bug.
+    fn grown_area(&self, id: u32) -> Option<&OwnArea> {
+        let found = self.grown.get((id as usize).wrapping_sub(1));
+        let area = found.and_then(Option::as_ref).map(|g| &g.area);
+        debug_assert!(area.is_some(), "the books name area {id}, not there");
+        area
     }
 
     /// Returns `span` to its area's free list. Its words are zero.
@@ -246,9 +262,9 @@ impl Books {
             // SAFETY: passed on from the caller.
             0 => unsafe { own.zero(span.extent) },
             id => {
-                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                if let Some(area) = self.grown_area(id) {
                     // SAFETY: passed on from the caller.
-                    unsafe { g.area.zero(span.extent) }
+                    unsafe { area.zero(span.extent) }
                 }
             }
         }
@@ -264,22 +280,20 @@ impl Books {
             // SAFETY: passed on from the caller.
             0 => unsafe { own.write(span.extent, bytes) },
             id => {
-                if let Some(Some(g)) = self.grown.get(id as usize - 1) {
+                if let Some(area) = self.grown_area(id) {
                     // SAFETY: passed on from the caller.
-                    unsafe { g.area.write(span.extent, bytes) }
+                    unsafe { area.write(span.extent, bytes) }
                 }
             }
         }
     }
 
-    /// The address of `span`'s first word, for capnp.
-    fn span_ptr<W: Word>(&self, own: &OwnRegion<W>, span: Span) -> NonNull<u8> {
+    /// The address of `span`'s first word, for capnp; `None` (a bug, see
+    /// [`grown_area`](Self::grown_area)) for an area not there.
+    fn span_ptr<W: Word>(&self, own: &OwnRegion<W>, span: Span) -> Option<NonNull<u8>> {
         match span.area {
-            0 => own.extent_ptr(span.extent),
-            id => match self.grown.get(id as usize - 1) {
-                Some(Some(g)) => g.area.extent_ptr(span.extent),
-                _ => NonNull::dangling(),
-            },
+            0 => Some(own.extent_ptr(span.extent)),
+            id => Some(self.grown_area(id)?.extent_ptr(span.extent)),
         }
     }
 
@@ -743,7 +757,10 @@ impl Books {
     fn occupy(&mut self, span: Span) {
         self.in_flight_words += u64::from(span.extent.len);
         if span.area != 0 {
-            if let Some(Some(g)) = self.grown.get_mut(span.area as usize - 1) {
+            let g = self.grown.get_mut(span.area as usize - 1);
+            let g = g.and_then(Option::as_mut);
+            debug_assert!(g.is_some(), "a message in area {}, not there", span.area);
+            if let Some(g) = g {
                 g.empty_since = None;
             }
         }
@@ -789,13 +806,35 @@ impl Books {
     /// leave no room. Areas at least double the outgoing space, so there
     /// are few of them; a need larger than that gets an area of its size.
     fn plan_area(&self, words: u32) -> Option<(u32, u64)> {
+        self.plan_area_in(words, self.space_bytes())
+    }
+
+    /// Whether [`plan_area`](Self::plan_area) would find room for `words`
+    /// once every empty area is given back. (Their ids stay taken until
+    /// the peer releases the retirements, as they are now.)
+    fn plan_area_without_empty(&self, words: u32) -> bool {
+        let empty: u64 = self
+            .grown
+            .iter()
+            .flatten()
+            .filter(|g| g.free.free_words() == u64::from(g.area.words()))
+            .map(|g| g.area.bytes())
+            .sum();
+        empty > 0
+            && self
+                .plan_area_in(words, self.space_bytes() - empty)
+                .is_some()
+    }
+
+    /// [`plan_area`](Self::plan_area) for an outgoing space of `space`
+    /// bytes.
+    fn plan_area_in(&self, words: u32, space: u64) -> Option<(u32, u64)> {
         let needed = (u64::from(words) * WORD).next_multiple_of(DATA_ALIGN);
-        let remaining = self.limit_bytes.checked_sub(self.space_bytes())?;
+        let remaining = self.limit_bytes.checked_sub(space)?;
         if needed > remaining || needed > MAX_REGION {
             return None;
         }
-        let size = self
-            .space_bytes()
+        let size = space
             .min(remaining)
             .min(MAX_REGION)
             .max(needed)
@@ -1080,22 +1119,35 @@ impl<W: Word> SendSide<W> {
             .map_err(|p| drop(link.fail(Failure::Protocol(p))))
             .ok()?;
         // Room for what capnp would like, or failing that for what it needs.
+        // Building waits for nothing (capnp's allocator has no deadline to
+        // keep, and a user does not expect `set_root` to block): an area
+        // is added only if the socket takes its record at once. Otherwise
+        // the segment comes from the heap, and `send` copies it in, growing
+        // then within the send's deadline.
+        let mut grow = |words| self.grow(&mut state.books, &state.waiter, words, Deadline::Now);
         let grown = span.is_none()
-            && (self.grow(&mut state.books, &state.waiter, want.max(min))
-                || (want > min && self.grow(&mut state.books, &state.waiter, min)));
+            && match grow(want.max(min)) {
+                Ok(grown) => grown || (want > min && matches!(grow(min), Ok(true))),
+                Err(_) => false,
+            };
         if grown {
             span = state.books.allocate_grown(min, want);
             if let Some(s) = span {
                 state.books.open.push(s);
             }
         }
-        match span {
-            Some(s) => Some((state.books.span_ptr(link.own(), s), s.extent.len)),
-            None => {
-                state.spilled += 1;
-                None
+        let placed = span.and_then(|s| {
+            let ptr = state.books.span_ptr(link.own(), s);
+            if ptr.is_none() {
+                // Never (debug-asserted): not lent after all.
+                state.books.open.pop();
             }
+            Some((ptr?, s.extent.len))
+        });
+        if placed.is_none() {
+            state.spilled += 1;
         }
+        placed
     }
 
     /// Takes back a builder's segment. Returns `false` when `ptr` is not in
@@ -1126,45 +1178,101 @@ impl<W: Word> SendSide<W> {
     }
 
     /// Adds an area with room for `words` words and hands it to the peer,
-    /// if the limits allow (first giving back areas idle long enough).
-    /// `false` when no area could be added: the limits, the ids, or the
-    /// system (a descriptor, memory) said no.
-    fn grow(&self, books: &mut Books, waiter: &Waiter, words: u32) -> bool {
+    /// if the limits allow (first giving back areas idle long enough),
+    /// waiting for room on the socket until `deadline`. `Ok(false)` when
+    /// no area could be added: the limits, the ids, or the system (a
+    /// descriptor, memory) said no.
+    ///
+    /// # Errors
+    ///
+    /// What stopped the hand-over (see [`hand_over`](Self::hand_over)):
+    /// `Expired` leaves everything as it was, the channel usable.
+    fn grow(
+        &self,
+        books: &mut Books,
+        waiter: &Waiter,
+        words: u32,
+        deadline: Deadline,
+    ) -> Result<bool, Halt> {
         let link = &*self.link;
         if !link.can_grow() {
-            return false;
+            return Ok(false);
         }
-        let _ = self.retire_idle(books);
-        let Some((id, bytes)) = books.plan_area(words) else {
-            return false;
+        let _ = self.retire_idle(books, link.options().area_idle);
+        let mut planned = books.plan_area(words);
+        if planned.is_none() && books.plan_area_without_empty(words) {
+            // Empty areas not idle long enough yet are all that stand in
+            // the way: give them back now rather than refuse the message
+            // (or spill it) while nothing in flight may ever free room.
+            let _ = self.retire_idle(books, Duration::ZERO);
+            planned = books.plan_area(words);
+        }
+        let Some((id, bytes)) = planned else {
+            return Ok(false);
         };
         let Ok((area, fd)) = OwnArea::create(bytes, link.own().is_sealed()) else {
-            return false;
+            return Ok(false);
         };
-        if self.hand_over(waiter, id, bytes, &fd).is_err() {
-            return false;
+        // Ours from before the peer has it, so that it cannot hand it back.
+        link.note_own_area(id, area.file_id());
+        if let Err(halt) = self.hand_over(waiter, id, bytes, &fd, deadline) {
+            // Not handed over: the area unmaps and its file closes here,
+            // and the peer never heard of it.
+            link.forget_own_area(id);
+            return Err(halt);
         }
         books.add_area(id, area);
-        true
+        Ok(true)
     }
 
     /// Sends the record of area `id` with its descriptor on the socket,
     /// waiting (in slices, watching for a dead peer) while the socket is
-    /// full. The peer reads it before any descriptor that names the area:
-    /// `sendmsg` has queued it on the peer's socket before we publish.
-    fn hand_over(&self, waiter: &Waiter, id: u32, bytes: u64, fd: &OwnedFd) -> Result<(), Failure> {
+    /// full, until `deadline`. The peer reads it before any descriptor
+    /// that names the area: `sendmsg` has queued it on the peer's socket
+    /// before we publish.
+    ///
+    /// # Errors
+    ///
+    /// `Expired` when the socket stayed full until `deadline` and nothing
+    /// of the record went out: the channel goes on. `Disconnected` for a
+    /// peer that is gone. A record begun cannot be withdrawn from the
+    /// stream, and the peer cannot parse what follows half a record, so
+    /// its rest waits up to `setup_timeout`, whatever `deadline` says, and
+    /// the channel fails if it cannot go out then. (Linux queues a record
+    /// this small on a Unix socket whole or not at all, so with a full
+    /// socket it is the first case.)
+    fn hand_over(
+        &self,
+        waiter: &Waiter,
+        id: u32,
+        bytes: u64,
+        fd: &OwnedFd,
+        deadline: Deadline,
+    ) -> Result<(), Halt> {
         let link = &*self.link;
-        let deadline = Deadline::after(link.options().setup_timeout);
-        let sent = link.send_area_record(id, bytes, fd, || {
-            let slice = deadline.slice(waiter.slice()).ok_or(Halt::Expired)?;
+        let mut finish_by = None;
+        let sent = link.send_area_record(id, bytes, fd, |started| {
+            if link.peer_closed() {
+                return Err(Halt::Disconnected);
+            }
+            let until = if started {
+                *finish_by.get_or_insert_with(|| Deadline::after(link.options().setup_timeout))
+            } else {
+                deadline
+            };
+            let slice = until.slice(waiter.slice()).ok_or(Halt::Expired)?;
             link.wait_writable(slice)
         });
-        sent.map_err(|e| link.fail(e))
+        sent.map_err(|h| match h {
+            Halt::Failed(f) => Halt::Failed(link.fail(f)),
+            h => h,
+        })
     }
 
-    /// Gives back the areas empty for `Options::area_idle` (reading the
-    /// peer's releases first, so that an area emptied by them counts).
-    fn retire_idle(&self, books: &mut Books) -> Result<(), Failure> {
+    /// Gives back the areas empty for `idle` (`Options::area_idle`, or
+    /// zero: every empty one), reading the peer's releases first, so that
+    /// an area emptied by them counts.
+    fn retire_idle(&self, books: &mut Books, idle: Duration) -> Result<(), Failure> {
         let link = &*self.link;
         if !books.has_areas() {
             return Ok(());
@@ -1174,7 +1282,6 @@ impl<W: Word> SendSide<W> {
                 .reclaim(link.own(), link.peer())
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
         }
-        let idle = link.options().area_idle;
         let now = Instant::now();
         while let Some(id) = books.idle_area(idle, now) {
             let retired = books
@@ -1183,6 +1290,7 @@ impl<W: Word> SendSide<W> {
             if !retired {
                 break;
             }
+            link.forget_own_area(id);
             self.announce(books);
         }
         Ok(())
@@ -1266,9 +1374,9 @@ impl<W: Word> SendSide<W> {
             if link.peer_closed() {
                 return Err(Halt::Disconnected.into());
             }
-            self.retire_idle(&mut state.books)?;
+            self.retire_idle(&mut state.books, link.options().area_idle)?;
         } else if state.books.has_areas() && link.options().area_idle.is_zero() {
-            self.retire_idle(&mut state.books)?;
+            self.retire_idle(&mut state.books, Duration::ZERO)?;
         }
         let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
@@ -1284,7 +1392,7 @@ impl<W: Word> SendSide<W> {
                 continue;
             }
             if let NoRoom::Space { words } = missing {
-                if self.grow(books, &state.waiter, words) {
+                if self.grow(books, &state.waiter, words, deadline)? {
                     continue;
                 }
                 if books.in_flight() == 0 {
@@ -1326,5 +1434,54 @@ fn wait_for_release<W: Word>(
     match deadline {
         Deadline::Now => Err(Halt::Expired),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Backing;
+
+    /// Books over a real 64 KiB region, with no area added.
+    fn books() -> (Books, OwnRegion) {
+        let geometry = Geometry {
+            region_size: 64 << 10,
+            ring_capacity: 4,
+            held_capacity: 4,
+        };
+        let (own, _fd) = OwnRegion::create(geometry, Backing::Memfd).unwrap();
+        (Books::new(geometry, 4, u64::MAX, 0), own)
+    }
+
+    fn in_area(area: u32) -> Span {
+        Span {
+            area,
+            extent: Extent { start: 0, len: 1 },
+        }
+    }
+
+    #[test]
+    fn spans_in_area_0_need_no_area() {
+        let (mut books, own) = books();
+        assert!(books.span_ptr(&own, in_area(0)).is_some());
+        assert!(books.free_list(0).is_some());
+    }
+
+    // The books name only areas that exist: a span of another is a bug,
+    // asserted, never a dangling pointer for capnp or a silent no-op.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "area 3, not there")]
+    fn the_address_of_a_span_in_an_absent_area_is_a_bug() {
+        let (books, own) = books();
+        let _ = books.span_ptr(&own, in_area(3));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "area 2, not there")]
+    fn freeing_a_span_in_an_absent_area_is_a_bug() {
+        let (mut books, _own) = books();
+        books.free_span(in_area(2));
     }
 }

@@ -58,6 +58,15 @@ fn publish_in_area(conn: &Connected, seq: u32, area: u32, at: u32, len: u32) {
     conn.mine.publish(seq + 1);
 }
 
+/// Publishes message `seq`: the retirement of `area` (count 0), in slot `seq`.
+fn retire_area(conn: &Connected, seq: u32, area: u32) {
+    let mut retire = Descriptor::inline(seq, seq, &[(0, 0)]);
+    retire.seg_count = 0;
+    retire.area = area;
+    conn.mine.write_descriptor(seq, &retire);
+    conn.mine.publish(seq + 1);
+}
+
 fn protocol<T: std::fmt::Debug, E: Into<Error> + std::fmt::Debug>(
     r: Result<T, E>,
 ) -> ProtocolError {
@@ -115,11 +124,7 @@ fn a_retired_area_is_released_unmapped_and_may_not_be_named_again() {
     // The hand peer's memfd and the real end's view of it.
     assert!(mapped > base, "the area is not mapped");
     // Retire area 3 (count 0): taken, unmapped and released at once.
-    let mut retire = Descriptor::inline(1, 1, &[(0, 0)]);
-    retire.seg_count = 0;
-    retire.area = 3;
-    conn.mine.write_descriptor(1, &retire);
-    conn.mine.publish(2);
+    retire_area(&conn, 1, 3);
     assert!(matches!(
         conn.channel.try_recv(),
         Err(capnp_shm::TryRecvError::Empty)
@@ -144,11 +149,7 @@ fn an_area_never_handed_over_is_unknown() {
     }
     // Retiring one.
     let conn = connected();
-    let mut retire = Descriptor::inline(0, 0, &[(0, 0)]);
-    retire.seg_count = 0;
-    retire.area = 2;
-    conn.mine.write_descriptor(0, &retire);
-    conn.mine.publish(1);
+    retire_area(&conn, 0, 2);
     assert_recv_breaks(&conn, ProtocolError::UnknownArea { area: 2 });
 }
 
@@ -220,32 +221,75 @@ fn a_malformed_area_record_is_bad_area_record() {
     let area = Area::sealed(AREA);
     let mut padded = area_record(1, AREA);
     padded[4] = 1;
-    // (record bytes, descriptors with it, the area and size the error names)
-    let cases: Vec<([u8; 16], usize, (u32, u64))> = vec![
-        (area_record(0, AREA), 1, (0, AREA)),
-        (area_record(64, AREA), 1, (64, AREA)),
-        (area_record(255, AREA), 1, (255, AREA)),
-        (area_record(1, 0), 1, (1, 0)),
-        (area_record(1, AREA + 8), 1, (1, AREA + 8)),
-        (area_record(1, 1 << 40), 1, (1, 1 << 40)),
-        (padded, 1, (1, AREA)),
-        (area_record(1, AREA), 0, (0, 0)),
-        (area_record(1, AREA), 2, (0, 0)),
+    let bad = |area, bytes| ProtocolError::BadAreaRecord { area, bytes };
+    // (record bytes, descriptors with it, the error)
+    let cases: Vec<([u8; 16], usize, ProtocolError)> = vec![
+        (area_record(0, AREA), 1, bad(0, AREA)),
+        (area_record(64, AREA), 1, bad(64, AREA)),
+        (area_record(255, AREA), 1, bad(255, AREA)),
+        (area_record(1, 0), 1, bad(1, 0)),
+        (area_record(1, AREA + 8), 1, bad(1, AREA + 8)),
+        (area_record(1, 1 << 40), 1, bad(1, 1 << 40)),
+        (padded, 1, bad(1, AREA)),
+        (
+            area_record(1, AREA),
+            0,
+            ProtocolError::AreaRecordDescriptors { count: 0 },
+        ),
+        (
+            area_record(1, AREA),
+            2,
+            ProtocolError::AreaRecordDescriptors { count: 2 },
+        ),
     ];
-    for (record, fds, (id, bytes)) in cases {
+    for (record, fds, expected) in cases {
         let conn = connected();
         let fd = area.read_only_fd();
         let attached: Vec<_> = (0..fds).map(|_| fd.as_fd()).collect();
         conn.peer().send_bytes(&record, &attached);
         publish_in_area(&conn, 0, 1, 0, 1);
-        assert_recv_breaks(&conn, ProtocolError::BadAreaRecord { area: id, bytes });
+        assert_recv_breaks(&conn, expected);
     }
     // A descriptor with a doorbell byte instead of a record.
     let conn = connected();
     conn.peer()
         .send_bytes(&[0xDB], &[area.read_only_fd().as_fd()]);
     publish_in_area(&conn, 0, 1, 0, 1);
-    assert_recv_breaks(&conn, ProtocolError::BadAreaRecord { area: 0, bytes: 0 });
+    assert_recv_breaks(&conn, ProtocolError::StrayDescriptors { count: 1 });
+    // One with the second half of a record.
+    let conn = connected();
+    let record = area_record(1, AREA);
+    conn.peer()
+        .send_bytes(&record[..8], &[area.read_only_fd().as_fd()]);
+    conn.peer()
+        .send_bytes(&record[8..], &[area.read_only_fd().as_fd()]);
+    publish_in_area(&conn, 0, 1, 0, 1);
+    assert_recv_breaks(&conn, ProtocolError::StrayDescriptors { count: 1 });
+}
+
+#[test]
+fn a_retirement_with_an_extent_is_bad_retirement() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    for (offset, len) in [(0, 1), (5, 0), (u32::MAX, u32::MAX)] {
+        let conn = connected();
+        let area = Area::sealed(AREA);
+        conn.send_area(2, AREA, area.read_only_fd().as_fd());
+        let mut retire = Descriptor::inline(0, 0, &[(offset, len)]);
+        retire.seg_count = 0;
+        retire.area = 2;
+        conn.mine.write_descriptor(0, &retire);
+        conn.mine.publish(1);
+        assert_recv_breaks(
+            &conn,
+            ProtocolError::BadRetirement {
+                area: 2,
+                offset,
+                len,
+            },
+        );
+    }
 }
 
 #[test]
@@ -335,4 +379,121 @@ fn the_limit_is_announced_and_the_real_end_grows_within_what_we_accept() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
     assert!(conn.peer().nothing_to_read(), "the real end sent something");
+}
+
+/// A message of 256 KiB built by the real end: more than its 64 KiB
+/// region, so building and sending it needs an area.
+fn large(conn: &Connected) -> capnp_shm::MessageBuilder<'_> {
+    let mut m = conn.channel.message();
+    m.set_root::<capnp::data::Owned>(&vec![7u8; 256 << 10][..])
+        .unwrap();
+    m
+}
+
+#[test]
+fn a_full_socket_holds_growth_back_within_the_deadline_and_breaks_nothing() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    let conn = Connected::accepting(&options(), GEOMETRY, 16 << 20);
+    // We do not read our socket: the real end's side of it fills up.
+    let filled = peer::fill_socket(conn.channel.as_fd());
+    assert!(filled > 0);
+    // Building does not wait for the socket: the segment that needs an
+    // area comes from the heap.
+    let m = large(&conn);
+    assert_eq!(conn.channel.stats().send.spilled_segments, 1);
+    // The sends that would hand an area over give up at their deadline,
+    // the message handed back, the channel intact.
+    let m = match conn.channel.try_send(m) {
+        Err(capnp_shm::TrySendError::Full(m)) => m,
+        other => panic!("expected Full, got {other:?}"),
+    };
+    let m = match conn.channel.send_timeout(m, Duration::from_millis(50)) {
+        Err(capnp_shm::SendTimeoutError::Timeout(m)) => m,
+        other => panic!("expected Timeout, got {other:?}"),
+    };
+    assert_eq!(conn.their_counter(counter::CLOSED), 0, "the channel failed");
+    // Nothing of a record went out with the doorbells.
+    let (bytes, fds) = conn.peer().read_available();
+    assert_eq!(bytes.len(), filled);
+    assert!(bytes.iter().all(|&b| b == 0xDB) && fds.is_empty());
+    // With room on the socket, the same message goes, in an area handed
+    // over first.
+    conn.channel.try_send(m).unwrap();
+    let (bytes, fds) = conn.peer().read_available();
+    assert_eq!(
+        (bytes.len(), bytes[0], bytes[1], fds.len()),
+        (16, 0x5E, 1, 1)
+    );
+    assert_eq!(conn.their_counter(counter::PUBLISHED), 1);
+}
+
+#[test]
+fn our_own_area_sent_back_as_an_area_is_own_area() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    let conn = Connected::accepting(&options(), GEOMETRY, 16 << 20);
+    // The real end grows and hands us its area 1.
+    conn.channel.send(large(&conn)).unwrap();
+    let (record, fds) = conn.peer().read_available();
+    assert_eq!((record.len(), record[1], fds.len()), (16, 1, 1));
+    let bytes = u64::from_le_bytes(record[8..].try_into().unwrap());
+    // Handed back as our area 2, and named.
+    conn.send_area(2, bytes, fds[0].as_fd());
+    publish_in_area(&conn, 0, 2, 0, 1);
+    assert_recv_breaks(
+        &conn,
+        ProtocolError::OwnArea {
+            announced: 2,
+            ours: 1,
+        },
+    );
+}
+
+#[test]
+fn a_retired_area_counts_against_max_incoming_while_a_message_holds_it() {
+    // Every test here: the counting ones see this process's mappings.
+    let _s = common::serial();
+    let _w = Watchdog::new(LIMIT);
+    // This end maps at most the peer's 64 KiB region and one area.
+    let limit = (64 << 10) + AREA;
+    for dropped_first in [false, true] {
+        let conn = Connected::new(&options().max_incoming(limit), GEOMETRY);
+        let first = Area::sealed(AREA);
+        let segment = text_segment("held");
+        first.write_data(0, &segment);
+        conn.send_area(1, AREA, first.read_only_fd().as_fd());
+        publish_in_area(&conn, 0, 1, 0, words(&segment));
+        let held = conn.channel.recv().unwrap();
+        // Retired while we hold the message: still mapped for it.
+        retire_area(&conn, 1, 1);
+        assert!(matches!(
+            conn.channel.try_recv(),
+            Err(capnp_shm::TryRecvError::Empty)
+        ));
+        assert_eq!(text_of(&held), "held");
+        // Another area as large fits once the first is unmapped, not before.
+        let second = Area::sealed(AREA);
+        let segment = text_segment("second");
+        second.write_data(0, &segment);
+        if dropped_first {
+            drop(held);
+            conn.send_area(2, AREA, second.read_only_fd().as_fd());
+            publish_in_area(&conn, 2, 2, 0, words(&segment));
+            assert_eq!(text_of(&conn.channel.recv().unwrap()), "second");
+        } else {
+            conn.send_area(2, AREA, second.read_only_fd().as_fd());
+            publish_in_area(&conn, 2, 2, 0, words(&segment));
+            assert_recv_breaks(
+                &conn,
+                ProtocolError::AreaLimit {
+                    bytes: limit + AREA,
+                    limit,
+                },
+            );
+            drop(held);
+        }
+    }
 }

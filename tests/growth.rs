@@ -46,7 +46,11 @@ fn big_message<'a>(tx: &'a Channel, blobs: usize, mib: usize) -> MessageBuilder<
 
 /// Checks a message made by [`big_message`], MiB by MiB.
 fn check_big(received: &capnp_shm::Received<'_>, blobs: usize, mib: usize) {
-    let root: BlobsReader<'_> = received.get_root().unwrap();
+    check_blobs(received.get_root().unwrap(), blobs, mib);
+}
+
+/// Checks the root of a message made by [`big_message`], MiB by MiB.
+fn check_blobs(root: BlobsReader<'_>, blobs: usize, mib: usize) {
     assert_eq!(root.len() as usize, blobs);
     for b in 0..blobs {
         let blob = root.get(u32_of(b)).unwrap();
@@ -332,4 +336,87 @@ fn after_growth_small_messages_reuse_their_pages() {
         1,
         "small messages grew the space"
     );
+}
+
+/// A heap-built message of one segment: a root `Data` of `bytes` bytes.
+fn one_segment(bytes: usize) -> capnp::message::Builder<capnp::message::HeapAllocator> {
+    let words = u32_of(bytes / 8 + 16);
+    let mut message = capnp::message::Builder::new(
+        capnp::message::HeapAllocator::new().first_segment_words(words),
+    );
+    message
+        .set_root::<capnp::data::Owned>(&vec![5u8; bytes][..])
+        .unwrap();
+    assert_eq!(message.get_segments_for_output().len(), 1);
+    message
+}
+
+#[test]
+fn an_empty_area_not_yet_idle_is_given_back_rather_than_too_large() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(60));
+    // Room for the region and 8 MiB of areas; areas idle for an hour only
+    // are given back by time.
+    let options = Options::new()
+        .region_size(MIB)
+        .max_outgoing(9 << 20)
+        .area_idle(Duration::from_secs(3600));
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    // A 3 MiB area, empty again once the message is dropped.
+    tx.sender().send_copy(&one_segment(3 * MIB)).unwrap();
+    assert_eq!(rx.recv().unwrap().len_bytes() / MIB, 3);
+    let sent = tx.stats().send;
+    assert_eq!((sent.areas, sent.areas_retired), (1, 0), "{sent:?}");
+    // 6 MiB does not fit beside it, but fits in its place: nothing is in
+    // flight, so only giving it back makes room.
+    tx.sender().send_copy(&one_segment(6 * MIB)).unwrap();
+    assert_eq!(rx.recv().unwrap().len_bytes() / MIB, 6);
+    let sent = tx.stats().send;
+    assert_eq!((sent.areas, sent.areas_retired), (1, 1), "{sent:?}");
+}
+
+#[test]
+fn messages_in_areas_are_read_in_place_owned_and_copied() {
+    let _serial = common::serial();
+    let _w = Watchdog::new(Duration::from_secs(120));
+    for copy in [false, true] {
+        let options = Options::new()
+            .region_size(MIB)
+            .area_idle(Duration::ZERO)
+            .copy_received(copy);
+        let (tx, rx) = Channel::pair_with(&options).unwrap();
+        // Borrowing messages, one at a time, then two held at once.
+        for _ in 0..3 {
+            tx.send(big_message(&tx, 2, 2)).unwrap();
+            check_big(&rx.recv().unwrap(), 2, 2);
+        }
+        tx.send(big_message(&tx, 1, 2)).unwrap();
+        tx.send(big_message(&tx, 2, 1)).unwrap();
+        let (first, second) = (rx.recv().unwrap(), rx.recv().unwrap());
+        assert_eq!(first.is_copied(), copy);
+        check_big(&second, 2, 1);
+        drop(second);
+        check_big(&first, 1, 2);
+        drop(first);
+        // Owned messages, kept in a queue.
+        let (_rx_tx, shared) = rx.split();
+        let shared = shared.into_shared();
+        let mut queue = std::collections::VecDeque::new();
+        for blobs in 1..4 {
+            tx.send(big_message(&tx, blobs, 1)).unwrap();
+            queue.push_back(shared.recv().unwrap());
+        }
+        for (blobs, m) in (1..).zip(&queue) {
+            check_blobs(m.get_root().unwrap(), blobs, 1);
+        }
+        drop(queue);
+        // Everything released: the areas go back at the next sends.
+        for n in 0..3 {
+            tx.send(build(&tx, n, 1, 10)).unwrap();
+            assert!(shared.recv().unwrap().len_bytes() > 0);
+        }
+        let sent = tx.stats().send;
+        assert!(sent.areas_added > 0, "{sent:?}");
+        assert_eq!(sent.areas, 0, "{sent:?}");
+    }
 }

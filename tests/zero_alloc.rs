@@ -229,3 +229,37 @@ fn a_stream_channel_receives_without_allocating_in_the_steady_state() {
     );
     assert_eq!(recv_only, 0, "receiving from the stream allocated");
 }
+
+#[test]
+fn a_message_in_an_area_is_received_without_allocating_in_the_steady_state() {
+    let _s = common::serial(); // the other tests count process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 200;
+    // A one-segment message twice the region: copied into an area, and
+    // read from there in place. Areas stay (no idle time passes).
+    let options = capnp_shm::Options::new()
+        .region_size(256 << 10)
+        .area_idle(Duration::from_secs(3600));
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let heap = capnp::message::HeapAllocator::new().first_segment_words((512 << 10) / 8 + 16);
+    let mut big = Builder::new(heap);
+    big.set_root::<capnp::data::Owned>(&[9u8; 512 << 10][..])
+        .unwrap();
+    assert_eq!(big.get_segments_for_output().len(), 1);
+    let recv = || {
+        tx.sender().send_copy(&big).unwrap();
+        let before = counting_alloc::this_thread();
+        let got = rx.recv().unwrap();
+        let data: capnp::data::Reader<'_> = got.get_root().unwrap();
+        assert_eq!(data.len(), 512 << 10);
+        drop(got);
+        counting_alloc::this_thread() - before
+    };
+    // Warm up: the area is added, slots and buffers reach their size.
+    for _ in 0..10 {
+        recv();
+    }
+    let recv_only: u64 = (0..N).map(|_| recv()).sum();
+    assert_eq!(tx.stats().send.areas, 1);
+    assert_eq!(recv_only, 0, "receiving from an area allocated");
+}

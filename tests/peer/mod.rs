@@ -361,6 +361,30 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
     cvt_size(sent).expect("sendmsg")
 }
 
+/// Writes doorbell bytes on `sock` without waiting until the kernel takes
+/// no more: a socket whose peer does not read is full. Returns the bytes
+/// written. `send(2)`
+pub fn fill_socket(sock: BorrowedFd<'_>) -> usize {
+    let bytes = [0xDBu8; 4096];
+    let mut total = 0;
+    loop {
+        // SAFETY: `bytes` is valid for reads of its length during the call.
+        let sent = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match cvt_size(sent) {
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+}
+
 /// Receives bytes and any descriptors that come with them (blocking, up to the
 /// socket's read timeout). `recvmsg(2)`
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
@@ -903,6 +927,28 @@ impl HandPeer {
         empty
     }
 
+    /// Everything that waits on our end of the socket now: its bytes, and
+    /// the descriptors that came with them (without waiting for more).
+    pub fn read_available(&self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let socket = self.socket();
+        socket.set_nonblocking(true).expect("nonblocking");
+        let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 4096];
+        loop {
+            match recv_with_fds(socket.as_fd(), &mut buf) {
+                Ok((0, more)) if more.is_empty() => break,
+                Ok((n, more)) => {
+                    bytes.extend_from_slice(&buf[..n]);
+                    fds.extend(more);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading our socket: {e}"),
+            }
+        }
+        socket.set_nonblocking(false).expect("blocking");
+        (bytes, fds)
+    }
+
     /// Closes our end of the socket (a peer that goes away mid-handshake).
     pub fn close_socket(&mut self) {
         self.socket = None;
@@ -978,10 +1024,19 @@ impl Connected {
     /// Connects a real end made with `options` to a hand peer with a sealed
     /// region of `geometry`.
     pub fn new(options: &Options, geometry: Geometry) -> Connected {
+        Connected::accepting(options, geometry, 0)
+    }
+
+    /// As [`new`](Connected::new), with a hello that lets the real end's
+    /// outgoing space take `accept_bytes` (its region included): beyond its
+    /// region, it may hand us areas.
+    pub fn accepting(options: &Options, geometry: Geometry, accept_bytes: u64) -> Connected {
         let mine = Region::new(geometry);
         mine.seal();
         let mut peer = HandPeer::start(options);
-        peer.send_hello(&Hello::new(geometry, true), &[mine.read_only_fd().as_fd()]);
+        let mut hello = Hello::new(geometry, true);
+        hello.accept_bytes = accept_bytes;
+        peer.send_hello(&hello, &[mine.read_only_fd().as_fd()]);
         let channel = peer.finish_shm();
         Connected {
             channel,
