@@ -404,12 +404,7 @@ impl Drop for Segments<'_> {
                 side,
                 places,
                 release,
-            } => {
-                if let Some((slot, seq)) = release.take() {
-                    side.release(slot, seq);
-                }
-                side.recycle_places(std::mem::take(places));
-            }
+            } => side.let_go(release, places),
             Body::Copied(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
         }
@@ -563,14 +558,7 @@ impl Drop for OwnedSegments {
                 places,
                 release,
                 ..
-            } => {
-                if let Some((slot, seq)) = release.take() {
-                    side.release(slot, seq);
-                }
-                if !places.is_empty() {
-                    side.recycle_places(std::mem::take(places));
-                }
-            }
+            } => side.let_go(release, places),
             OwnedBody::Copied(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),
         }

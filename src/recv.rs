@@ -386,12 +386,24 @@ impl<W: Word> RecvSide<W> {
     /// go (unmapped here once no message holds one the peer retired), the
     /// buffer kept for the next message.
     pub(crate) fn recycle_places(&self, mut places: Vec<Place>) {
+        if places.capacity() == 0 {
+            return; // nothing to keep (a message in the region alone)
+        }
         places.clear();
         let state = self.state.borrow();
         let mut spare = state.spare_places.borrow_mut();
-        if spare.len() < SPARE_PLACES && places.capacity() > 0 {
+        if spare.len() < SPARE_PLACES {
             spare.push(places);
         }
+    }
+
+    /// What a dropped message read in place gives back: its release, if
+    /// not given already, and its places.
+    pub(crate) fn let_go(&self, release: &mut Option<(u32, u32)>, places: &mut Vec<Place>) {
+        if let Some((slot, seq)) = release.take() {
+            self.release(slot, seq);
+        }
+        self.recycle_places(std::mem::take(places));
     }
 
     /// Tells the peer we are done with its message `(slot, seq)`, and wakes
