@@ -151,9 +151,9 @@ impl<'c> Received<'c> {
         let options = side.link().options();
         let limits = options.reader_options_for(taken.table.words());
         let segments = if options.copy_received {
-            Segments::copied(side, &taken, limits)?
+            Segments::copied(side, taken, limits)?
         } else {
-            Segments::in_place(side, &taken)
+            Segments::in_place(side, taken)
         };
         Ok(Received {
             reader: Reader::new(segments, limits),
@@ -224,8 +224,11 @@ enum Body<'c> {
     /// that capnp's many `get_segment` calls are a plain lookup.
     InPlace {
         side: &'c RecvSide,
-        /// Segments 1 on (segment 0 is `Segments::first`).
-        more: Vec<&'c [u8]>,
+        /// Every segment of a message of several (segment 0 is answered
+        /// from `Segments::first`), each validated against the peer's
+        /// region; empty for one. The table's own buffer, given back to
+        /// `side` on drop for the next such message.
+        spans: Vec<Span>,
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
     },
@@ -304,64 +307,62 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
         }
         ends.push(at);
     }
-    if !places.is_empty() {
-        side.recycle_places(places);
-    }
+    side.recycle_places(places);
     side.release(taken.slot, taken.seq);
     Ok(Detached { words, ends })
 }
 
 impl<'c> Segments<'c> {
-    fn in_place(side: &'c RecvSide, taken: &Taken) -> Segments<'c> {
+    fn in_place(side: &'c RecvSide, mut taken: Taken) -> Segments<'c> {
         let peer = side.link().peer();
-        let table = &taken.table;
+        let release = Some((taken.slot, taken.seq));
+        let table = &mut taken.table;
         // The common case: one segment in the peer's region.
         if let Some(Span { area: 0, extent }) = table.single() {
             return Segments {
                 first: peer.segment(extent).unwrap_or(&[]),
                 body: Body::InPlace {
                     side,
-                    more: Vec::new(),
-                    release: Some((taken.slot, taken.seq)),
+                    spans: Vec::new(),
+                    release,
                 },
             };
         }
         if table.in_areas() {
+            let places = side.places(table);
+            side.recycle_spans(table.take_spans());
             return Segments {
                 first: &[],
                 body: Body::InAreas {
                     side,
-                    places: side.places(table),
-                    release: Some((taken.slot, taken.seq)),
+                    places,
+                    release,
                 },
             };
         }
-        // The table was validated against the data area, so every lookup
+        // The table was validated against the data area, so the lookup
         // succeeds; an empty slice would only make capnp report an error.
-        let slice = |i| {
-            table
-                .get(i)
-                .and_then(|s| peer.segment(s.extent))
-                .unwrap_or(&[])
-        };
+        let first = table.get(0).and_then(|s| peer.segment(s.extent));
         Segments {
-            first: slice(0),
+            first: first.unwrap_or(&[]),
             body: Body::InPlace {
                 side,
-                more: (1..table.len()).map(slice).collect(),
-                release: Some((taken.slot, taken.seq)),
+                spans: table.take_spans(),
+                release,
             },
         }
     }
 
     fn copied(
         side: &'c RecvSide,
-        taken: &Taken,
+        mut taken: Taken,
         limits: ReaderOptions,
     ) -> Result<Segments<'c>, Failure> {
+        let copy = copy_out(side, &taken, limits);
+        side.recycle_spans(taken.table.take_spans());
         Ok(Segments {
             first: &[],
-            body: Body::Copied(copy_out(side, taken, limits)?),
+            body: Body::Copied(copy?),
         })
     }
 }
@@ -372,9 +373,15 @@ impl ReaderSegments for Segments<'_> {
             return Some(self.first);
         }
         match &self.body {
-            Body::InPlace { more, .. } => match idx {
+            Body::InPlace { side, spans, .. } => match idx {
                 0 => Some(self.first),
-                i => more.get(i as usize - 1).copied(),
+                // Validated against the region: found (see `in_place`).
+                i => Some(
+                    side.link()
+                        .peer()
+                        .segment(spans.get(i as usize)?.extent)
+                        .unwrap_or(&[]),
+                ),
             },
             Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
@@ -384,7 +391,7 @@ impl ReaderSegments for Segments<'_> {
 
     fn len(&self) -> usize {
         match &self.body {
-            Body::InPlace { more, .. } => 1 + more.len(),
+            Body::InPlace { spans, .. } => spans.len().max(1),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
             Body::Framed { frame, .. } => frame.len(),
@@ -395,10 +402,15 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         match &mut self.body {
-            Body::InPlace { side, release, .. } => {
+            Body::InPlace {
+                side,
+                spans,
+                release,
+            } => {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
+                side.recycle_spans(std::mem::take(spans));
             }
             Body::InAreas {
                 side,

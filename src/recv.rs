@@ -10,7 +10,7 @@ use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
 use crate::layout::{AWAKE, WORD};
 use crate::link::{Link, Wakes};
-use crate::region::{Extent, PeerArea};
+use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
@@ -41,14 +41,46 @@ pub(crate) struct RecvState {
     bytes: Cell<u64>,
     held: Cell<u32>,
     wakes: Cell<u64>,
-    /// Place buffers of dropped messages that lay in the peer's areas,
-    /// kept for the next (at most [`SPARE_PLACES`]).
-    spare_places: RefCell<Vec<Vec<Place>>>,
+    /// Place buffers of dropped messages that lay in the peer's areas.
+    spare_places: Spares<Place>,
+    /// Out-of-line segment tables of dropped messages.
+    spare_tables: Spares<Span>,
 }
 
-/// Place buffers a receiving side keeps: enough for a receiver that holds
-/// a few messages in areas at a time.
-const SPARE_PLACES: usize = 8;
+/// Buffers of dropped messages, kept for the next ones so that a steady
+/// stream of messages of several segments allocates nothing: enough for a
+/// receiver that holds a few such messages at a time.
+#[derive(Debug)]
+struct Spares<T>(RefCell<Vec<Vec<T>>>);
+
+impl<T> Default for Spares<T> {
+    fn default() -> Spares<T> {
+        Spares(RefCell::new(Vec::new()))
+    }
+}
+
+/// Buffers of each kind a receiving side keeps.
+const SPARES: usize = 8;
+
+impl<T> Spares<T> {
+    /// An empty buffer: a kept one, or a new one (no allocation yet).
+    fn take(&self) -> Vec<T> {
+        self.0.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Keeps `buffer`, emptied, if it holds memory and fewer than
+    /// [`SPARES`] are kept.
+    fn keep(&self, mut buffer: Vec<T>) {
+        if buffer.capacity() == 0 {
+            return; // nothing to keep (a message of one segment)
+        }
+        buffer.clear();
+        let mut kept = self.0.borrow_mut();
+        if kept.len() < SPARES {
+            kept.push(buffer);
+        }
+    }
+}
 
 /// Where one segment of a received message that lies (partly) in the
 /// peer's areas is.
@@ -132,7 +164,8 @@ impl<W: Word> RecvSide<W> {
                 bytes: Cell::new(0),
                 held: Cell::new(0),
                 wakes: Cell::new(0),
-                spare_places: RefCell::new(Vec::new()),
+                spare_places: Spares::default(),
+                spare_tables: Spares::default(),
             }),
         }
     }
@@ -262,13 +295,15 @@ impl<W: Word> RecvSide<W> {
     fn take_message(&self, state: &RecvState) -> Result<Option<Taken>, ProtocolError> {
         let link = &*self.link;
         let mut looked = false;
-        loop {
-            let entry = state
-                .descriptors
-                .take(link.peer(), link.own(), &link.peer_areas());
+        let mut spare = state.spare_tables.take();
+        let taken = loop {
+            let entry =
+                state
+                    .descriptors
+                    .take(link.peer(), link.own(), &link.peer_areas(), &mut spare);
             match entry {
-                Ok(None) => return Ok(None),
-                Ok(Some(Entry::Message(taken))) => return Ok(Some(taken)),
+                Ok(None) => break Ok(None),
+                Ok(Some(Entry::Message(taken))) => break Ok(Some(taken)),
                 Ok(Some(Entry::Retire { slot, seq, area })) => {
                     link.retire_peer_area(area)?;
                     self.release_entry(state, slot, seq);
@@ -276,12 +311,14 @@ impl<W: Word> RecvSide<W> {
                 Err(ProtocolError::UnknownArea { .. }) if !looked => {
                     looked = true;
                     if let Err(Failure::Protocol(p)) = link.drain_doorbells() {
-                        return Err(p);
+                        break Err(p);
                     }
                 }
-                Err(p) => return Err(p),
+                Err(p) => break Err(p),
             }
-        }
+        };
+        state.spare_tables.keep(spare); // unused: the message had one segment
+        taken
     }
 
     /// After taking a message while holding others: a sender that found
@@ -367,8 +404,7 @@ impl<W: Word> RecvSide<W> {
     /// [`recycle_places`](Self::recycle_places)).
     pub(crate) fn places(&self, table: &SegmentTable) -> Vec<Place> {
         let state = self.state.borrow();
-        let mut places = state.spare_places.borrow_mut().pop().unwrap_or_default();
-        debug_assert!(places.is_empty());
+        let mut places = state.spare_places.take();
         let areas = self.link.peer_area_table();
         let spans = (0..table.len()).filter_map(|i| table.get(i));
         places.extend(spans.map(|s| match s.area {
@@ -385,15 +421,18 @@ impl<W: Word> RecvSide<W> {
     /// Takes back the places of a message that dropped: its areas are let
     /// go (unmapped here once no message holds one the peer retired), the
     /// buffer kept for the next message.
-    pub(crate) fn recycle_places(&self, mut places: Vec<Place>) {
-        if places.capacity() == 0 {
-            return; // nothing to keep (a message in the region alone)
+    pub(crate) fn recycle_places(&self, places: Vec<Place>) {
+        if places.capacity() > 0 {
+            self.state.borrow().spare_places.keep(places);
         }
-        places.clear();
-        let state = self.state.borrow();
-        let mut spare = state.spare_places.borrow_mut();
-        if spare.len() < SPARE_PLACES {
-            spare.push(places);
+    }
+
+    /// Takes back the spans of a message that dropped (the buffer of its
+    /// out-of-line table, see [`SegmentTable::into_spans`]), for the next
+    /// message of several segments.
+    pub(crate) fn recycle_spans(&self, spans: Vec<Span>) {
+        if spans.capacity() > 0 {
+            self.state.borrow().spare_tables.keep(spans);
         }
     }
 

@@ -227,10 +227,23 @@ impl SegmentTable {
     /// segments, inline or in the out-of-line table at `first`, each inside
     /// an area of `areas`. Pure apart from those reads, so it is tested and
     /// fuzzed alone.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn read(
         count: u32,
         first: Span,
         areas: &dyn Areas,
+    ) -> Result<SegmentTable, ProtocolError> {
+        SegmentTable::read_into(count, first, areas, &mut Vec::new())
+    }
+
+    /// [`read`](Self::read), with an out-of-line table built in `spare`'s
+    /// buffer (a dropped message's, see [`take_spans`](Self::take_spans)),
+    /// which the table takes. On an error `spare` keeps its buffer.
+    pub(crate) fn read_into(
+        count: u32,
+        first: Span,
+        areas: &dyn Areas,
+        spare: &mut Vec<Span>,
     ) -> Result<SegmentTable, ProtocolError> {
         if count == 0 || count > MAX_SEGMENTS {
             return Err(ProtocolError::BadSegmentCount { count });
@@ -271,7 +284,8 @@ impl SegmentTable {
                 return Err(out_of_bounds);
             }
             let t = check(first)?;
-            table.more.reserve_exact(count as usize);
+            spare.clear();
+            spare.reserve_exact(count as usize);
             for i in 0..count {
                 // t.start + 2i + 1 < t.end() <= the area's words: no overflow.
                 let at = t.extent.start + i * TABLE_WORDS;
@@ -280,18 +294,31 @@ impl SegmentTable {
                 let span = table_span(a, b).ok_or(ProtocolError::UnknownArea {
                     area: u32::try_from(b).unwrap_or(u32::MAX),
                 })?;
-                table.more.push(check(span)?);
+                spare.push(check(span)?);
             }
         }
         // An honest sender's segments never overlap, so together they fit
         // in the areas. Checking it bounds what a copy of the message may
         // cost (a hostile table could name a whole area 512 times).
-        let words = table.words();
+        let words: u64 = spare.iter().map(|s| u64::from(s.extent.len)).sum();
         let data_words = areas.total_words();
         if words > data_words {
             return Err(ProtocolError::SegmentsExceedArea { words, data_words });
         }
+        table.more = std::mem::take(spare);
         Ok(table)
+    }
+
+    /// Every segment when there are several (the buffer of the out-of-line
+    /// table, which the next may reuse: see [`read_into`](Self::read_into));
+    /// an empty vector, which holds no memory, for one. Leaves a table of
+    /// one empty segment behind.
+    pub(crate) fn take_spans(&mut self) -> Vec<Span> {
+        let empty = Span {
+            area: 0,
+            extent: Extent { start: 0, len: 0 },
+        };
+        std::mem::replace(self, SegmentTable::one(empty)).more
     }
 }
 
@@ -527,12 +554,14 @@ impl DescriptorConsumer {
     /// Takes the next entry, if the peer has published one, and stores our
     /// `consumed` counter. A message's segments must lie in `areas`; on an
     /// error nothing is taken (so the caller may look for areas the peer
-    /// has just handed over, and try again).
+    /// has just handed over, and try again). An out-of-line table is built
+    /// in `spare`'s buffer (see [`SegmentTable::read_into`]).
     pub(crate) fn take<W: Word>(
         &self,
         peer: &PeerRegion<W>,
         own: &OwnRegion<W>,
         areas: &dyn Areas,
+        spare: &mut Vec<Span>,
     ) -> Result<Option<Entry>, ProtocolError> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
@@ -586,7 +615,7 @@ impl DescriptorConsumer {
             Entry::Message(Taken {
                 slot: d.slot,
                 seq,
-                table: SegmentTable::read(d.count, d.span, areas)?,
+                table: SegmentTable::read_into(d.count, d.span, areas, spare)?,
             })
         };
         let next = seq.wrapping_add(1);
@@ -825,6 +854,38 @@ mod tests {
         assert_eq!(t.get(1), None);
         assert_eq!(t.words(), 6);
         assert!(!t.in_areas());
+    }
+
+    #[test]
+    fn an_out_of_line_table_reuses_the_spare_buffer() {
+        let words = table(&[(0, 0, 10), (0, 10, 20), (0, 30, 5)]);
+        let areas = Sizes {
+            words: &[100],
+            table: &words,
+        };
+        let mut spare = Vec::with_capacity(8);
+        let buffer = spare.as_ptr();
+        let mut t = SegmentTable::read_into(3, span(0, 50, 6), &areas, &mut spare).unwrap();
+        assert_eq!(t.get(2), Some(span(0, 30, 5)));
+        assert_eq!(t.words(), 35);
+        let mut spans = t.take_spans();
+        assert_eq!(
+            spans.as_ptr(),
+            buffer,
+            "the table was built in the spare buffer"
+        );
+        assert_eq!(spans.len(), 3);
+        // A table that fails keeps the buffer with its caller.
+        let err = SegmentTable::read_into(4, span(0, 50, 8), &areas, &mut spans);
+        assert_eq!(
+            err.unwrap_err(),
+            ProtocolError::SegmentOutOfBounds { offset: 50, len: 8 }
+        );
+        assert_eq!(spans.as_ptr(), buffer);
+        // One segment takes nothing from it.
+        let mut t = SegmentTable::read_into(1, span(0, 1, 1), &areas, &mut spans).unwrap();
+        assert_eq!(t.take_spans().capacity(), 0);
+        assert_eq!(spans.as_ptr(), buffer);
     }
 
     #[test]

@@ -263,3 +263,119 @@ fn a_message_in_an_area_is_received_without_allocating_in_the_steady_state() {
     assert_eq!(tx.stats().send.areas, 1);
     assert_eq!(recv_only, 0, "receiving from an area allocated");
 }
+
+/// capnp's allocator contract, met by a bump allocator over one zeroed
+/// buffer: the baseline of a message of several segments with no channel.
+/// Segments grow as the channel's do (each at least all before together).
+struct Bump {
+    words: Vec<capnp::Word>,
+    used: usize,
+    next: u32,
+}
+
+impl Bump {
+    fn new(first: u32) -> Bump {
+        Bump {
+            words: vec![capnp::word(0, 0, 0, 0, 0, 0, 0, 0); 4096],
+            used: 0,
+            next: first,
+        }
+    }
+}
+
+// SAFETY: each segment is a distinct, zeroed, 8-byte aligned run of
+// `self.words` (a bump pointer that never goes back while a builder lives:
+// the test resets it only between builders); `words` is never resized, so the
+// memory stays valid until the allocator drops, after its builder.
+#[allow(unsafe_code)]
+unsafe impl capnp::message::Allocator for &mut Bump {
+    fn allocate_segment(&mut self, minimum_size: u32) -> (std::ptr::NonNull<u8>, u32) {
+        let len = self.next.max(minimum_size);
+        let run = &mut self.words[self.used..self.used + len as usize];
+        self.used += len as usize;
+        self.next += len;
+        let ptr = std::ptr::NonNull::from(capnp::Word::words_to_bytes_mut(run)).cast();
+        (ptr, len)
+    }
+
+    unsafe fn deallocate_segment(&mut self, ptr: std::ptr::NonNull<u8>, _: u32, words_used: u32) {
+        // SAFETY: `ptr` is a segment of ours and capnp wrote only its first
+        // `words_used` words: zeroed again for the next builder.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, words_used as usize * 8) };
+    }
+}
+
+/// Four texts of 64 B, each in a segment of its own when segments start
+/// at 4 words.
+fn fill_four<A: capnp::message::Allocator>(message: &mut Builder<A>, n: u64) {
+    let mut list = message.initn_root::<capnp::data_list::Builder<'_>>(4);
+    list.set(0, &n.to_le_bytes());
+    for i in 1..4 {
+        list.set(i, &PAYLOAD);
+    }
+}
+
+/// A message of several segments costs the shm path no allocation either:
+/// its receive allocates nothing, and its send no more than capnp does for
+/// the same message with no channel (its list of segments, and the list of
+/// slices `get_segments_for_output` returns for several).
+#[test]
+fn a_message_of_several_segments_allocates_nothing_of_its_own() {
+    let _s = common::serial(); // the other tests count process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 2_000;
+    let options = capnp_shm::Options::new().first_segment_words(4);
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let send = |n: u64| {
+        let mut m = tx.message();
+        fill_four(&mut m, n);
+        tx.send(m).unwrap();
+    };
+    let recv = |n: u64| {
+        let got = rx.recv().unwrap();
+        let list: capnp::data_list::Reader<'_> = got.get_root().unwrap();
+        assert_eq!(list.get(3).unwrap(), &PAYLOAD[..]);
+        let first = list.get(0).unwrap();
+        assert_eq!(u64::from_le_bytes(first.try_into().unwrap()), n);
+        got.segments().count()
+    };
+    // Warm up: every slot, the free list and the spare buffers reach their
+    // size.
+    for n in 0..1_000 {
+        send(n);
+        recv(n);
+    }
+    let mut bump = Bump::new(4);
+    let baseline = {
+        let before = counting_alloc::this_thread();
+        for n in 0..N {
+            bump.used = 0;
+            bump.next = 4;
+            let mut m = Builder::new(&mut bump);
+            fill_four(&mut m, n);
+            assert!(std::hint::black_box(m.get_segments_for_output().len()) > 2);
+        }
+        counting_alloc::this_thread() - before
+    };
+    let (mut sent, mut received, mut segments) = (0, 0, 0);
+    for n in 0..N {
+        let before = counting_alloc::this_thread();
+        send(n);
+        let between = counting_alloc::this_thread();
+        segments = segments.max(recv(n));
+        received += counting_alloc::this_thread() - between;
+        sent += between - before;
+    }
+    println!(
+        "{segments} segments: allocations per message: capnp alone {}, shm send {}, shm recv {}",
+        baseline as f64 / N as f64,
+        sent as f64 / N as f64,
+        received as f64 / N as f64
+    );
+    assert!(segments > 2, "the message has {segments} segments");
+    assert_eq!(
+        received, 0,
+        "receiving a message of several segments allocated"
+    );
+    assert_eq!(sent, baseline, "the shm path allocated beyond capnp's own");
+}
