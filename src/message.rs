@@ -410,7 +410,9 @@ impl Drop for Segments<'_> {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
-                side.recycle_spans(std::mem::take(spans));
+                if spans.capacity() > 0 {
+                    side.recycle_spans(std::mem::take(spans));
+                }
             }
             Body::InAreas {
                 side,

@@ -430,10 +430,9 @@ impl<W: Word> RecvSide<W> {
     /// Takes back the spans of a message that dropped (the buffer of its
     /// out-of-line table, see [`SegmentTable::into_spans`]), for the next
     /// message of several segments.
+    #[inline(never)]
     pub(crate) fn recycle_spans(&self, spans: Vec<Span>) {
-        if spans.capacity() > 0 {
-            self.state.borrow().spare_tables.keep(spans);
-        }
+        self.state.borrow().spare_tables.keep(spans);
     }
 
     /// What a dropped message read in place gives back: its release, if

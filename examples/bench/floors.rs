@@ -6,7 +6,10 @@
 //! - futex floor: the same ping-pong where every hop sleeps in `futex(2)` and
 //!   is woken, the floor of a transport that never spins;
 //! - memory floors: `memcpy` and the bench's checksum over 1 MiB in one
-//!   process, the floor of a one-way transfer that the receiver reads.
+//!   process, the floor of a one-way transfer that the receiver reads; and
+//!   a 1 MiB message's memory work done in one process: zero the segment
+//!   (capnp's allocator contract), copy the payload in (`set_data`), sum it
+//!   (the receiver).
 //!
 //! # Notes about memory ordering
 //!
@@ -303,10 +306,9 @@ pub(crate) fn ping_pong(hop: Hop, warmup: u64, count: u64) -> (Vec<u64>, Placeme
 const MEMORY_BUFFER: usize = 1 << 20;
 
 /// One-process memory floors, each over about `total` bytes in 1 MiB
-/// passes: (memcpy into another, reused buffer; the bench's `checksum`),
-/// in bytes per second. Each is timed after one untimed pass, so page
-/// faults are not counted.
-pub(crate) fn memory_floors(total: u64) -> (f64, f64) {
+/// passes, in bytes per second. Each is timed after one untimed pass, so
+/// page faults are not counted.
+pub(crate) fn memory_floors(total: u64) -> MemoryFloors {
     let src = payload(MEMORY_BUFFER);
     let mut dst = vec![0u8; MEMORY_BUFFER];
     let passes = (total / MEMORY_BUFFER as u64).max(1);
@@ -323,5 +325,23 @@ pub(crate) fn memory_floors(total: u64) -> (f64, f64) {
     let sum = timed(&mut || {
         black_box(checksum(black_box(&src)));
     });
-    (copy, sum)
+    let message = timed(&mut || {
+        let segment = black_box(&mut dst[..]);
+        segment.fill(0);
+        segment.copy_from_slice(black_box(&src));
+        black_box(checksum(segment));
+    });
+    MemoryFloors { copy, sum, message }
+}
+
+/// What [`memory_floors`] measured, in bytes per second.
+pub(crate) struct MemoryFloors {
+    /// `memcpy` into another, reused buffer.
+    pub(crate) copy: f64,
+    /// The bench's `checksum`.
+    pub(crate) sum: f64,
+    /// A one-way 1 MiB message's work on its bytes, in one process and one
+    /// reused buffer: zeroing (a capnp segment must start zeroed), the copy
+    /// of the payload in, and the receiver's checksum.
+    pub(crate) message: f64,
 }

@@ -26,7 +26,9 @@
 //! - futex floor: the same ping-pong with a `FUTEX_WAIT` and a `FUTEX_WAKE`
 //!   on every hop, for "round trip 64 B no spin";
 //! - memcpy of 1 MiB into a reused buffer in one process, for the one-way
-//!   bandwidth rows; and "sum", the receiver's checksum over 1 MiB alone.
+//!   bandwidth rows; "sum", the receiver's checksum over 1 MiB alone; and
+//!   "zero+copy+sum", all that a 1 MiB message does to its bytes, done
+//!   in one process.
 //!
 //! The core rows (round trip 64 B with and without spinning, one-way 64 B
 //! messages, one-way 1 MiB, and the floors) run in several repetitions,
@@ -1355,7 +1357,9 @@ fn print_footer(args: &Args) {
             "floor: what the hardware allows, measured in this run: a cache line bounced \
              between two spinning processes (for round trip 64 B), the same with a futex wait \
              and wake on every hop (for no spin), memcpy of 1 MiB in one process (for one-way \
-             bandwidth); sum is the receiver's checksum over 1 MiB in one process.\n\
+             bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
+             is all that a 1 MiB message does to its bytes (a zeroed segment, the \
+             payload copied in, the receiver's checksum), done in one process.\n\
              Rows with a spread ran {} times, interleaved (floor, shm, socket, ...): the \
              median, and the spread of the shm figure (highest over lowest repetition).",
             repetitions(args.quick)
@@ -1558,6 +1562,8 @@ struct Core {
     allocations: (f64, f64),
     memcpy: Repeated,
     sum: Repeated,
+    /// A 1 MiB message's memory work in one process (zero, copy, sum).
+    message_work: Repeated,
     shm_mib: Repeated,
     socket_mib: Repeated,
     /// Where the spin floor's processes ran.
@@ -1623,9 +1629,10 @@ fn measure_core(
         core.allocations = (s_alloc, k_alloc);
 
         step("memory floors");
-        let (copy, sum) = floors::memory_floors(per(counts.bytes));
-        core.memcpy.0.push(copy / 1e9);
-        core.sum.0.push(sum / 1e9);
+        let memory = floors::memory_floors(per(counts.bytes));
+        core.memcpy.0.push(memory.copy / 1e9);
+        core.sum.0.push(memory.sum / 1e9);
+        core.message_work.0.push(memory.message / 1e9);
         step("throughput 1 MiB shm");
         let (_, s_bytes, _) = throughput(Transport::Shm, mib, MIB, mib_count);
         step("throughput 1 MiB socket");
@@ -1723,6 +1730,15 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             f64::NAN,
         )
         .with_reps(&core.sum),
+    );
+    rows.push(
+        Row::higher(
+            "floor: zero+copy+sum 1 MiB",
+            "GB/s",
+            core.message_work.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.message_work),
     );
 
     // 1. Round-trip latency, 64-byte payload: default options and no spin.
