@@ -24,6 +24,8 @@ pub struct RegionAllocator<'s> {
     side: Option<&'s SendSide>,
     next_words: u32,
     heap: HeapAllocator,
+    /// Segments `heap` gave: while none, every segment is the side's.
+    heap_segments: u32,
 }
 
 impl<'s> RegionAllocator<'s> {
@@ -34,6 +36,7 @@ impl<'s> RegionAllocator<'s> {
             side: Some(side),
             next_words: first_segment_words,
             heap: HeapAllocator::new(),
+            heap_segments: 0,
         }
     }
 
@@ -44,6 +47,7 @@ impl<'s> RegionAllocator<'s> {
             side: None,
             next_words: first_segment_words,
             heap: HeapAllocator::new().first_segment_words(first_segment_words.max(1)),
+            heap_segments: 0,
         }
     }
 }
@@ -77,11 +81,18 @@ unsafe impl Allocator for RegionAllocator<'_> {
             self.next_words = self.next_words.saturating_add(words);
             return (ptr, words);
         }
+        self.heap_segments += 1;
         self.heap.allocate_segment(minimum_size)
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, word_size: u32, words_used: u32) {
         if let Some(side) = self.side {
+            if self.heap_segments == 0 {
+                // The common case: a builder whose segments all came from
+                // the side (and were usually sent).
+                side.deallocate_own_segment(ptr, words_used);
+                return;
+            }
             if side.deallocate_segment(ptr, words_used) {
                 return;
             }

@@ -1150,8 +1150,24 @@ impl<W: Word> SendSide<W> {
         placed
     }
 
+    /// Takes back a builder's segment that this side lent it, as
+    /// [`deallocate_segment`](Self::deallocate_segment) does, for a caller
+    /// that knows `ptr` is ours: a sent message's segments (nothing open)
+    /// cost a look at the books and no search.
+    #[inline]
+    pub(crate) fn deallocate_own_segment(&self, ptr: NonNull<u8>, words_used: u32) {
+        if let Ok(state) = self.state.try_borrow() {
+            if state.books.open.is_empty() {
+                return; // sent: the segment is the peer's until released
+            }
+        }
+        let ours = self.deallocate_segment(ptr, words_used);
+        debug_assert!(ours, "a segment the side lent is in its space");
+    }
+
     /// Takes back a builder's segment. Returns `false` when `ptr` is not in
     /// our outgoing space (a heap segment, for the caller to free).
+    #[inline(never)]
     pub(crate) fn deallocate_segment(&self, ptr: NonNull<u8>, words_used: u32) -> bool {
         let own = self.link.own();
         let Ok(mut state) = self.state.try_borrow_mut() else {
