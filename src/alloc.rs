@@ -24,8 +24,9 @@ pub struct RegionAllocator<'s> {
     side: Option<&'s SendSide>,
     next_words: u32,
     heap: HeapAllocator,
-    /// Segments `heap` gave: while none, every segment is the side's.
-    heap_segments: u32,
+    /// Whether `heap` gave a segment: until it does, every segment is the
+    /// side's.
+    used_heap: bool,
 }
 
 impl<'s> RegionAllocator<'s> {
@@ -36,7 +37,7 @@ impl<'s> RegionAllocator<'s> {
             side: Some(side),
             next_words: first_segment_words,
             heap: HeapAllocator::new(),
-            heap_segments: 0,
+            used_heap: false,
         }
     }
 
@@ -47,7 +48,7 @@ impl<'s> RegionAllocator<'s> {
             side: None,
             next_words: first_segment_words,
             heap: HeapAllocator::new().first_segment_words(first_segment_words.max(1)),
-            heap_segments: 0,
+            used_heap: false,
         }
     }
 }
@@ -81,13 +82,13 @@ unsafe impl Allocator for RegionAllocator<'_> {
             self.next_words = self.next_words.saturating_add(words);
             return (ptr, words);
         }
-        self.heap_segments += 1;
+        self.used_heap = true;
         self.heap.allocate_segment(minimum_size)
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, word_size: u32, words_used: u32) {
         if let Some(side) = self.side {
-            if self.heap_segments == 0 {
+            if !self.used_heap {
                 // The common case: a builder whose segments all came from
                 // the side (and were usually sent).
                 side.deallocate_own_segment(ptr, words_used);

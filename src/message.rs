@@ -220,8 +220,9 @@ pub struct Segments<'c> {
 }
 
 enum Body<'c> {
-    /// Slices of the peer's data area, made once from the validated table so
-    /// that capnp's many `get_segment` calls are a plain lookup.
+    /// A message in the peer's data area: segment 0 is `Segments::first`,
+    /// the others are looked up in the peer's region from their validated
+    /// spans on each `get_segment`.
     InPlace {
         side: &'c RecvSide,
         /// Every segment of a message of several (segment 0 is answered
@@ -457,11 +458,13 @@ pub struct OwnedReceived {
 
 impl OwnedReceived {
     /// The message `taken` from `side`'s peer, as [`Received::new`].
-    pub(crate) fn new(side: Rc<RecvSide>, taken: Taken) -> Result<OwnedReceived, Failure> {
+    pub(crate) fn new(side: Rc<RecvSide>, mut taken: Taken) -> Result<OwnedReceived, Failure> {
         let options = side.link().options();
         let limits = options.reader_options_for(taken.table.words());
         let body = if options.copy_received {
-            OwnedBody::Copied(copy_out(&side, &taken, limits)?)
+            let copy = copy_out(&side, &taken, limits);
+            side.recycle_spans(taken.table.take_spans());
+            OwnedBody::Copied(copy?)
         } else {
             OwnedBody::InPlace {
                 release: Some((taken.slot, taken.seq)),
@@ -569,10 +572,16 @@ impl Drop for OwnedSegments {
         match &mut self.body {
             OwnedBody::InPlace {
                 side,
+                table,
                 places,
                 release,
-                ..
-            } => side.let_go(release, places),
+            } => {
+                side.let_go(release, places);
+                let spans = table.take_spans();
+                if spans.capacity() > 0 {
+                    side.recycle_spans(spans);
+                }
+            }
             OwnedBody::Copied(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),
         }

@@ -317,7 +317,7 @@ impl<W: Word> RecvSide<W> {
                 Err(p) => break Err(p),
             }
         };
-        state.spare_tables.keep(spare); // unused: the message had one segment
+        state.spare_tables.keep(spare); // unless a message's table took it
         taken
     }
 
@@ -428,7 +428,7 @@ impl<W: Word> RecvSide<W> {
     }
 
     /// Takes back the spans of a message that dropped (the buffer of its
-    /// out-of-line table, see [`SegmentTable::into_spans`]), for the next
+    /// out-of-line table, see [`SegmentTable::take_spans`]), for the next
     /// message of several segments.
     #[inline(never)]
     pub(crate) fn recycle_spans(&self, spans: Vec<Span>) {

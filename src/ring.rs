@@ -225,9 +225,9 @@ impl SegmentTable {
 
     /// Validates the segments a descriptor describes: `count` (1 to 512)
     /// segments, inline or in the out-of-line table at `first`, each inside
-    /// an area of `areas`. Pure apart from those reads, so it is tested and
-    /// fuzzed alone.
-    #[cfg(any(test, feature = "fuzzing"))]
+    /// an area of `areas`. Pure apart from those reads, so it is tested
+    /// alone (and fuzzed through [`read_into`](Self::read_into)).
+    #[cfg(test)]
     pub(crate) fn read(
         count: u32,
         first: Span,

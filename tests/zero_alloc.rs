@@ -379,3 +379,37 @@ fn a_message_of_several_segments_allocates_nothing_of_its_own() {
     );
     assert_eq!(sent, baseline, "the shm path allocated beyond capnp's own");
 }
+
+/// The same through a [`SharedReceiver`](capnp_shm::SharedReceiver): an
+/// owned message of several segments gives its segment list back when it
+/// drops, so receiving it allocates nothing either.
+#[test]
+fn an_owned_message_of_several_segments_allocates_nothing() {
+    let _s = common::serial(); // the other tests count process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 2_000;
+    let options = capnp_shm::Options::new().first_segment_words(4);
+    let (a, b) = Channel::pair_with(&options).unwrap();
+    let rx = b.split().1.into_shared();
+    let mut round = |n: u64| {
+        let mut m = a.message();
+        fill_four(&mut m, n);
+        a.send(m).unwrap();
+        let before = counting_alloc::this_thread();
+        let got = rx.recv().unwrap();
+        let list: capnp::data_list::Reader<'_> = got.get_root().unwrap();
+        let first = list.get(0).unwrap();
+        assert_eq!(u64::from_le_bytes(first.try_into().unwrap()), n);
+        assert!(got.segments().count() > 2);
+        drop(got);
+        counting_alloc::this_thread() - before
+    };
+    for n in 0..1_000 {
+        round(n);
+    }
+    let received: u64 = (0..N).map(&mut round).sum();
+    assert_eq!(
+        received, 0,
+        "receiving an owned message of several segments allocated"
+    );
+}
