@@ -314,21 +314,30 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
 }
 
 impl<'c> Segments<'c> {
-    fn in_place(side: &'c RecvSide, mut taken: Taken) -> Segments<'c> {
-        let peer = side.link().peer();
-        let release = Some((taken.slot, taken.seq));
-        let table = &mut taken.table;
-        // The common case: one segment in the peer's region.
-        if let Some(Span { area: 0, extent }) = table.single() {
+    /// The segments of `taken`, read where they lie. The common case, one
+    /// segment in the peer's region, inline; the rest out of line.
+    #[inline(always)]
+    fn in_place(side: &'c RecvSide, taken: Taken) -> Segments<'c> {
+        if let Some(Span { area: 0, extent }) = taken.table.single() {
             return Segments {
-                first: peer.segment(extent).unwrap_or(&[]),
+                first: side.link().peer().segment(extent).unwrap_or(&[]),
                 body: Body::InPlace {
                     side,
                     spans: Vec::new(),
-                    release,
+                    release: Some((taken.slot, taken.seq)),
                 },
             };
         }
+        Segments::in_place_spread(side, taken)
+    }
+
+    /// [`in_place`](Self::in_place) of several segments, or of one in an
+    /// area.
+    #[inline(never)]
+    fn in_place_spread(side: &'c RecvSide, mut taken: Taken) -> Segments<'c> {
+        let peer = side.link().peer();
+        let release = Some((taken.slot, taken.seq));
+        let table = &mut taken.table;
         if table.in_areas() {
             let places = side.places(table);
             side.recycle_spans(table.take_spans());
