@@ -6,12 +6,16 @@
 //! - `stream N`: N 64-byte messages one way, sent in bursts of 64 and
 //!   received after each burst (a stream, where releases come in batches);
 //! - `lists N`: N messages of 50 texts (about 2 KiB) one way, each received
-//!   and read before the next is sent.
+//!   and read before the next is sent;
+//! - `segments N`: N messages of four 64-byte blobs one way, each blob in a
+//!   segment of its own (first segments of 4 words), each received and read
+//!   before the next is sent: the path of a message of several segments.
 //!
 //! ```text
 //! cargo run --release --example msg_cost -- echo 10000
 //! cargo run --release --example msg_cost -- stream 10000
 //! cargo run --release --example msg_cost -- lists 10000
+//! cargo run --release --example msg_cost -- segments 10000
 //! ```
 
 use capnp_shm::{Channel, Options};
@@ -30,7 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
-    let options = Options::new().spin(std::time::Duration::ZERO);
+    let mut options = Options::new().spin(std::time::Duration::ZERO);
+    if mode == "segments" {
+        options = options.first_segment_words(4);
+    }
     let (a, b) = Channel::pair_with(&options)?;
     let payload = [7u8; 64];
     let mut sum = 0u64;
@@ -86,7 +93,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        other => return Err(format!("mode {other:?}: echo, stream or lists").into()),
+        "segments" => {
+            for _ in 0..n {
+                let mut m = a.message();
+                let mut list = m.initn_root::<capnp::data_list::Builder<'_>>(4);
+                for i in 0..4 {
+                    list.set(i, &payload);
+                }
+                a.send(m).map_err(|e| e.into_error())?;
+                let got = b.recv()?;
+                let list: capnp::data_list::Reader<'_> = got.get_root()?;
+                for item in list.iter() {
+                    sum = sum.wrapping_add(u64::from(item?[0]));
+                }
+                sum = sum.wrapping_add(got.segments().count() as u64);
+            }
+        }
+        other => return Err(format!("mode {other:?}: echo, stream, lists or segments").into()),
     }
     println!("{n} messages ({mode}), check {sum}");
     Ok(())
