@@ -1,12 +1,14 @@
 //! A hostile descriptor: segment count, inline `(offset, len)`, data-area size
 //! and the data area's words (for an out-of-line table) all come from the
-//! input. Whatever `SegmentTable::read` accepts must lie inside the data
-//! area, and it must accept exactly the tables the format allows.
+//! input. Whatever `SegmentTable::read_into` accepts must lie inside the
+//! data area, and it must accept exactly the tables the format allows.
 //!
-//! The format (from `src/layout.rs`): 1..=512 segments; one segment is the
-//! inline `(offset, len)`; more are an out-of-line table at word `offset` of
-//! `len == count` words, each `start | len << 32`. Every segment, and the
-//! table, lies inside the data area, and the lengths sum to at most the area.
+//! The format (from `src/layout.rs`, version 5 on): 1..=512 segments; one
+//! segment is the inline `(offset, len)`; more are an out-of-line table at
+//! word `offset` of `len == 2 * count` words, two per segment: `start | len
+//! << 32`, then its area id. Here only area 0 (the data area) exists, so any
+//! other id is refused. Every segment, and the table, lies inside the data
+//! area, and the lengths sum to at most the area.
 
 #![no_main]
 
@@ -47,7 +49,7 @@ impl Input {
             _ => u.arbitrary()?,
         };
         let len = match u.int_in_range(0u8..=2)? {
-            0 => count,
+            0 => count.saturating_mul(2),
             1 => data_words
                 .saturating_sub(offset)
                 .saturating_sub(u.int_in_range(0..=16)?),
@@ -71,6 +73,12 @@ impl Input {
                 }
             };
             area.push(u64::from(start) | u64::from(seg_len) << 32);
+            // The entry's area id: mostly 0, the only area there is.
+            let id = match u.int_in_range(0u8..=7) {
+                Ok(7) => u.arbitrary().unwrap_or(1),
+                _ => 0,
+            };
+            area.push(id);
         }
         Ok(Input {
             count,
@@ -101,14 +109,15 @@ impl Input {
         let segs: Vec<(u32, u32)> = if self.count == 1 {
             vec![(self.offset, self.len)]
         } else {
-            if self.len != self.count {
+            if self.len != self.count * 2 {
                 return None;
             }
             (0..u64::from(self.count))
                 .map(|i| {
-                    let w = self.word(u64::from(self.offset) + i)?;
+                    let at = u64::from(self.offset) + 2 * i;
+                    let (w, id) = (self.word(at)?, self.word(at + 1)?);
                     let (start, len) = ((w & 0xffff_ffff) as u32, (w >> 32) as u32);
-                    inside(start, len).then_some((start, len))
+                    (id == 0 && inside(start, len)).then_some((start, len))
                 })
                 .collect::<Option<_>>()?
         };
