@@ -1718,28 +1718,13 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             rows.push(Row::lower(workload, "µs", floor[i].median(), f64::NAN).with_reps(&floor[i]));
         }
     }
-    rows.push(
-        Row::higher("floor: memcpy 1 MiB, one process", "GB/s", memcpy, f64::NAN)
-            .with_reps(&core.memcpy),
-    );
-    rows.push(
-        Row::higher(
-            "floor: sum 1 MiB, one process",
-            "GB/s",
-            core.sum.median(),
-            f64::NAN,
-        )
-        .with_reps(&core.sum),
-    );
-    rows.push(
-        Row::higher(
-            "floor: zero+copy+sum 1 MiB",
-            "GB/s",
-            core.message_work.median(),
-            f64::NAN,
-        )
-        .with_reps(&core.message_work),
-    );
+    for (workload, floor) in [
+        ("floor: memcpy 1 MiB, one process", &core.memcpy),
+        ("floor: sum 1 MiB, one process", &core.sum),
+        ("floor: zero+copy+sum 1 MiB", &core.message_work),
+    ] {
+        rows.push(Row::higher(workload, "GB/s", floor.median(), f64::NAN).with_reps(floor));
+    }
 
     // 1. Round-trip latency, 64-byte payload: default options and no spin.
     let socket = core.socket_rtt.each_ref().map(Repeated::median);
