@@ -286,7 +286,7 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
     let bytes = Word::words_to_bytes_mut(&mut words);
     let mut at = 0;
     // A message in the peer's areas: its areas looked up once.
-    let places = if table.in_areas() {
+    let mut places = if table.in_areas() {
         side.places(table)
     } else {
         Vec::new()
@@ -308,7 +308,7 @@ fn copy_out(side: &RecvSide, taken: &Taken, limits: ReaderOptions) -> Result<Det
         }
         ends.push(at);
     }
-    side.recycle_places(places);
+    side.recycle_places(&mut places);
     side.release(taken.slot, taken.seq);
     Ok(Detached { words, ends })
 }
@@ -340,7 +340,7 @@ impl<'c> Segments<'c> {
         let table = &mut taken.table;
         if table.in_areas() {
             let places = side.places(table);
-            side.recycle_spans(table.take_spans());
+            side.recycle_spans(&mut table.take_spans());
             return Segments {
                 first: &[],
                 body: Body::InAreas {
@@ -369,7 +369,7 @@ impl<'c> Segments<'c> {
         limits: ReaderOptions,
     ) -> Result<Segments<'c>, Failure> {
         let copy = copy_out(side, &taken, limits);
-        side.recycle_spans(taken.table.take_spans());
+        side.recycle_spans(&mut taken.table.take_spans());
         Ok(Segments {
             first: &[],
             body: Body::Copied(copy?),
@@ -420,9 +420,7 @@ impl Drop for Segments<'_> {
                 if let Some((slot, seq)) = release.take() {
                     side.release(slot, seq);
                 }
-                if spans.capacity() > 0 {
-                    side.recycle_spans(std::mem::take(spans));
-                }
+                side.recycle_spans(spans);
             }
             Body::InAreas {
                 side,
@@ -472,7 +470,7 @@ impl OwnedReceived {
         let limits = options.reader_options_for(taken.table.words());
         let body = if options.copy_received {
             let copy = copy_out(&side, &taken, limits);
-            side.recycle_spans(taken.table.take_spans());
+            side.recycle_spans(&mut taken.table.take_spans());
             OwnedBody::Copied(copy?)
         } else {
             OwnedBody::InPlace {
@@ -586,10 +584,7 @@ impl Drop for OwnedSegments {
                 release,
             } => {
                 side.let_go(release, places);
-                let spans = table.take_spans();
-                if spans.capacity() > 0 {
-                    side.recycle_spans(spans);
-                }
+                side.recycle_spans(&mut table.take_spans());
             }
             OwnedBody::Copied(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),

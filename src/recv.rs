@@ -22,11 +22,16 @@ use crate::word::{Mine, Theirs, Word};
 /// Its state changes only through the `Cell`s of its ring halves and its
 /// waiter, always through shared references (a received message releases
 /// itself through one). It sits in one `RefCell`, borrowed shared, so that
-/// misuse across threads names one type.
+/// misuse across threads names one type; the buffers kept for the next
+/// messages sit beside it, each pool in a `RefCell` of its own.
 #[derive(Debug)]
 pub(crate) struct RecvSide<W: Word = AtomicU32> {
     link: Arc<Link<W>>,
     state: RefCell<RecvState>,
+    /// Place buffers of dropped messages that lay in the peer's areas.
+    spare_places: Spares<Place>,
+    /// Out-of-line segment tables of dropped messages.
+    spare_tables: Spares<Span>,
 }
 
 /// The receiving side's halves of both rings, and its waiter.
@@ -41,10 +46,6 @@ pub(crate) struct RecvState {
     bytes: Cell<u64>,
     held: Cell<u32>,
     wakes: Cell<u64>,
-    /// Place buffers of dropped messages that lay in the peer's areas.
-    spare_places: Spares<Place>,
-    /// Out-of-line segment tables of dropped messages.
-    spare_tables: Spares<Span>,
 }
 
 /// Buffers of dropped messages, kept for the next ones so that a steady
@@ -68,12 +69,18 @@ impl<T> Spares<T> {
         self.0.borrow_mut().pop().unwrap_or_default()
     }
 
-    /// Keeps `buffer`, emptied, if it holds memory and fewer than
-    /// [`SPARES`] are kept.
-    fn keep(&self, mut buffer: Vec<T>) {
-        if buffer.capacity() == 0 {
-            return; // nothing to keep (a message of one segment)
+    /// Takes `buffer` to keep, emptied, if it holds memory and fewer than
+    /// [`SPARES`] are kept (leaving an empty vector). The check is inline: a
+    /// message of one segment, whose buffer holds nothing, pays only for it.
+    #[inline]
+    fn keep(&self, buffer: &mut Vec<T>) {
+        if buffer.capacity() > 0 {
+            self.store(std::mem::take(buffer));
         }
+    }
+
+    #[inline(never)]
+    fn store(&self, mut buffer: Vec<T>) {
         buffer.clear();
         let mut kept = self.0.borrow_mut();
         if kept.len() < SPARES {
@@ -164,9 +171,9 @@ impl<W: Word> RecvSide<W> {
                 bytes: Cell::new(0),
                 held: Cell::new(0),
                 wakes: Cell::new(0),
-                spare_places: Spares::default(),
-                spare_tables: Spares::default(),
             }),
+            spare_places: Spares::default(),
+            spare_tables: Spares::default(),
         }
     }
 
@@ -295,7 +302,7 @@ impl<W: Word> RecvSide<W> {
     fn take_message(&self, state: &RecvState) -> Result<Option<Taken>, ProtocolError> {
         let link = &*self.link;
         let mut looked = false;
-        let mut spare = state.spare_tables.take();
+        let mut spare = self.spare_tables.take();
         let taken = loop {
             let entry =
                 state
@@ -317,7 +324,7 @@ impl<W: Word> RecvSide<W> {
                 Err(p) => break Err(p),
             }
         };
-        state.spare_tables.keep(spare); // unless a message's table took it
+        self.spare_tables.keep(&mut spare); // unless a message's table took it
         taken
     }
 
@@ -403,8 +410,7 @@ impl<W: Word> RecvSide<W> {
     /// buffer a dropped message gave back (see
     /// [`recycle_places`](Self::recycle_places)).
     pub(crate) fn places(&self, table: &SegmentTable) -> Vec<Place> {
-        let state = self.state.borrow();
-        let mut places = state.spare_places.take();
+        let mut places = self.spare_places.take();
         let areas = self.link.peer_area_table();
         let spans = (0..table.len()).filter_map(|i| table.get(i));
         places.extend(spans.map(|s| match s.area {
@@ -421,18 +427,15 @@ impl<W: Word> RecvSide<W> {
     /// Takes back the places of a message that dropped: its areas are let
     /// go (unmapped here once no message holds one the peer retired), the
     /// buffer kept for the next message.
-    pub(crate) fn recycle_places(&self, places: Vec<Place>) {
-        if places.capacity() > 0 {
-            self.state.borrow().spare_places.keep(places);
-        }
+    pub(crate) fn recycle_places(&self, places: &mut Vec<Place>) {
+        self.spare_places.keep(places);
     }
 
     /// Takes back the spans of a message that dropped (the buffer of its
     /// out-of-line table, see [`SegmentTable::take_spans`]), for the next
     /// message of several segments.
-    #[inline(never)]
-    pub(crate) fn recycle_spans(&self, spans: Vec<Span>) {
-        self.state.borrow().spare_tables.keep(spans);
+    pub(crate) fn recycle_spans(&self, spans: &mut Vec<Span>) {
+        self.spare_tables.keep(spans);
     }
 
     /// What a dropped message read in place gives back: its release, if
@@ -441,7 +444,7 @@ impl<W: Word> RecvSide<W> {
         if let Some((slot, seq)) = release.take() {
             self.release(slot, seq);
         }
-        self.recycle_places(std::mem::take(places));
+        self.recycle_places(places);
     }
 
     /// Tells the peer we are done with its message `(slot, seq)`, and wakes
