@@ -963,6 +963,9 @@ impl Receiver {
     pub fn recv(&self) -> Result<Received<'_>, RecvError> {
         match &self.rx {
             Rx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return Received::one(side, one, RecvError::Failed);
+                }
                 let taken = take_blocking(|d| side.recv(d))?;
                 Received::new(side, taken).map_err(RecvError::Failed)
             }
@@ -979,6 +982,9 @@ impl Receiver {
     pub fn try_recv(&self) -> Result<Received<'_>, TryRecvError> {
         match &self.rx {
             Rx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return Received::one(side, one, TryRecvError::Failed);
+                }
                 let taken = take_now(side.recv(Deadline::Now))?;
                 Received::new(side, taken).map_err(TryRecvError::Failed)
             }
@@ -996,6 +1002,9 @@ impl Receiver {
         let deadline = Deadline::after(timeout);
         match &self.rx {
             Rx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return Received::one(side, one, RecvTimeoutError::Failed);
+                }
                 let taken = take_within(side.recv(deadline))?;
                 Received::new(side, taken).map_err(RecvTimeoutError::Failed)
             }
@@ -1232,6 +1241,9 @@ impl SharedReceiver {
     pub fn recv(&self) -> Result<OwnedReceived, RecvError> {
         match &self.rx {
             SharedRx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return OwnedReceived::one(side, one).map_err(RecvError::Failed);
+                }
                 let taken = take_blocking(|d| side.recv(d))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(RecvError::Failed)
             }
@@ -1250,6 +1262,9 @@ impl SharedReceiver {
     pub fn try_recv(&self) -> Result<OwnedReceived, TryRecvError> {
         match &self.rx {
             SharedRx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return OwnedReceived::one(side, one).map_err(TryRecvError::Failed);
+                }
                 let taken = take_now(side.recv(Deadline::Now))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(TryRecvError::Failed)
             }
@@ -1269,6 +1284,9 @@ impl SharedReceiver {
         let deadline = Deadline::after(timeout);
         match &self.rx {
             SharedRx::Shm(side) => {
+                if let Some(one) = side.take_one() {
+                    return OwnedReceived::one(side, one).map_err(RecvTimeoutError::Failed);
+                }
                 let taken = take_within(side.recv(deadline))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(RecvTimeoutError::Failed)
             }

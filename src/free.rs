@@ -76,6 +76,27 @@ impl FreeList {
         Some(taken)
     }
 
+    /// Takes `words` words from the lowest free extent, if it has them and
+    /// starts at or below `start_limit`; `None` (nothing changed)
+    /// otherwise. The common case of [`allocate`](Self::allocate), which
+    /// picks the same words when it succeeds. `words` must be at least 1.
+    #[inline(always)]
+    pub(crate) fn allocate_first(&mut self, words: u32, start_limit: u32) -> Option<Extent> {
+        debug_assert!(words >= 1);
+        let first = self.extents.first_mut()?;
+        if first.len <= words || first.start > start_limit {
+            return None;
+        }
+        let taken = Extent {
+            start: first.start,
+            len: words,
+        };
+        first.start += words;
+        first.len -= words;
+        self.free_words -= u64::from(words);
+        Some(taken)
+    }
+
     /// Takes exactly `extent` out of the free list. Returns `false` (and
     /// changes nothing) unless every word of it is free.
     pub(crate) fn take(&mut self, extent: Extent) -> bool {
@@ -266,6 +287,21 @@ mod tests {
         assert_eq!(f.extents, vec![ext(4, 60)]);
     }
 
+    #[test]
+    fn allocate_first_takes_what_first_fit_would_or_nothing() {
+        let mut f = FreeList::new(100);
+        let a = f.allocate(10, 10).unwrap();
+        let _b = f.allocate(10, 10).unwrap();
+        f.free(a); // free: [0,10) [20,100)
+        assert_eq!(f.allocate_first(10, 50), None, "leaves no extent empty");
+        assert_eq!(f.allocate_first(12, 50), None, "only the lowest extent");
+        assert_eq!(f.allocate_first(4, 0), Some(ext(0, 4)));
+        assert_eq!(f.allocate_first(4, 3), None, "starts past the limit");
+        assert_eq!(f.allocate_first(4, 4), Some(ext(4, 4)));
+        assert_eq!(f.extents, vec![ext(8, 2), ext(20, 80)]);
+        assert_eq!(f.free_words(), 82);
+    }
+
     /// Random allocate/free against a word-by-word model.
     #[test]
     fn matches_a_bitmap_model() {
@@ -284,7 +320,24 @@ mod tests {
             if live.is_empty() || rand(3) > 0 {
                 let min = 1 + rand(16);
                 let want = min + rand(32);
-                if let Some(e) = f.allocate(min, want) {
+                // Half the time the common case first: when it takes
+                // something, it is what first fit takes.
+                let first = if rand(2) == 0 {
+                    let limit = rand(words);
+                    let before = f.extents.clone();
+                    let got = f.allocate_first(want, limit);
+                    if got.is_none() {
+                        assert_eq!(f.extents, before, "a refusal changes nothing");
+                    }
+                    got.inspect(|e| {
+                        f.free(*e);
+                        assert_eq!(f.allocate(min, want), Some(*e), "not first fit");
+                        assert!(e.start <= limit && e.len == want);
+                    })
+                } else {
+                    None
+                };
+                if let Some(e) = first.or_else(|| f.allocate(min, want)) {
                     assert!(e.len >= min && e.len <= want);
                     for w in e.start..e.end() {
                         assert!(!used[w as usize], "allocated a used word");

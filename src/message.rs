@@ -12,7 +12,7 @@ use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
 use crate::recv::{Place, RecvSide};
 use crate::region::Span;
-use crate::ring::{SegmentTable, Taken};
+use crate::ring::{SegmentTable, Taken, TakenOne};
 use crate::stream::StreamRecv;
 
 /// The methods a received message has, owned or borrowing: one body for
@@ -159,6 +159,36 @@ impl<'c> Received<'c> {
             reader: Reader::new(segments, limits),
             options: limits,
         })
+    }
+
+    /// The message `one` from `side`'s peer, as [`new`](Self::new): the
+    /// common kind, one segment in the region, built where it is returned
+    /// (hence `failed`, which makes the caller's error).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    #[inline(always)]
+    pub(crate) fn one<E>(
+        side: &'c RecvSide,
+        one: TakenOne,
+        failed: impl FnOnce(Failure) -> E,
+    ) -> Result<Received<'c>, E> {
+        let options = side.link().options();
+        if options.copy_received {
+            return Received::one_copied(side, one).map_err(failed);
+        }
+        let limits = options.reader_options_for(u64::from(one.extent.len));
+        Ok(Received {
+            reader: Reader::new(Segments::one(side, one), limits),
+            options: limits,
+        })
+    }
+
+    /// [`one`](Self::one) in copy mode, out of line.
+    #[inline(never)]
+    fn one_copied(side: &'c RecvSide, one: TakenOne) -> Result<Received<'c>, Failure> {
+        Received::new(side, one.into_taken())
     }
 
     /// A message `rx` read from its stream, into its receive buffer.
@@ -319,16 +349,24 @@ impl<'c> Segments<'c> {
     #[inline(always)]
     fn in_place(side: &'c RecvSide, taken: Taken) -> Segments<'c> {
         if let Some(Span { area: 0, extent }) = taken.table.single() {
-            return Segments {
-                first: side.link().peer().segment(extent).unwrap_or(&[]),
-                body: Body::InPlace {
-                    side,
-                    spans: Vec::new(),
-                    release: Some((taken.slot, taken.seq)),
-                },
-            };
+            let (slot, seq) = (taken.slot, taken.seq);
+            return Segments::one(side, TakenOne { slot, seq, extent });
         }
         Segments::in_place_spread(side, taken)
+    }
+
+    /// The segment of `one`, read where it lies.
+    #[inline(always)]
+    fn one(side: &'c RecvSide, one: TakenOne) -> Segments<'c> {
+        Segments {
+            // Validated against the region: found.
+            first: side.link().peer().segment(one.extent).unwrap_or(&[]),
+            body: Body::InPlace {
+                side,
+                spans: Vec::new(),
+                release: Some((one.slot, one.seq)),
+            },
+        }
     }
 
     /// [`in_place`](Self::in_place) of several segments, or of one in an
@@ -488,6 +526,12 @@ impl OwnedReceived {
             reader: Reader::new(OwnedSegments { body }, limits),
             options: limits,
         })
+    }
+
+    /// The message `one` from `side`'s peer, as [`Received::one`].
+    #[inline(always)]
+    pub(crate) fn one(side: &Rc<RecvSide>, one: TakenOne) -> Result<OwnedReceived, Failure> {
+        OwnedReceived::new(Rc::clone(side), one.into_taken())
     }
 
     /// A message `rx` read from its stream, as [`Received::framed`].

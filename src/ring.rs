@@ -432,6 +432,30 @@ pub(crate) struct Taken {
     pub(crate) table: SegmentTable,
 }
 
+/// A message of the common kind taken from the peer's ring: one segment in
+/// its region (area 0), validated. Small and `Copy`, so the receive path
+/// that returns it keeps it in registers; see [`Taken`] for the rest.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TakenOne {
+    pub(crate) slot: u32,
+    pub(crate) seq: u32,
+    pub(crate) extent: Extent,
+}
+
+impl TakenOne {
+    /// The same message as a [`Taken`], for the general paths.
+    pub(crate) fn into_taken(self) -> Taken {
+        Taken {
+            slot: self.slot,
+            seq: self.seq,
+            table: SegmentTable::one(Span {
+                area: 0,
+                extent: self.extent,
+            }),
+        }
+    }
+}
+
 /// One entry taken from the peer's ring.
 #[derive(Debug)]
 pub(crate) enum Entry {
@@ -482,7 +506,7 @@ impl DescriptorConsumer {
         &self,
         peer: &PeerRegion<W>,
         own: &OwnRegion<W>,
-    ) -> Option<Taken> {
+    ) -> Option<TakenOne> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {
@@ -506,10 +530,10 @@ impl DescriptorConsumer {
         self.consumed.set(next);
         // Release: as in `take`.
         own.consumed().store(next, Ordering::Release);
-        Some(Taken {
+        Some(TakenOne {
             slot: d.slot,
             seq,
-            table: SegmentTable::one(d.span),
+            extent: e,
         })
     }
 

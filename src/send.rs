@@ -320,6 +320,22 @@ impl Books {
         })
     }
 
+    /// The common case of [`allocate`](Self::allocate), in a few compares:
+    /// lends `want` words from the lowest free extent of area 0, if it has
+    /// them and its first `min` lie in memory already used (below
+    /// `high_water`); `None` (nothing changed) otherwise. The extent that
+    /// first fit would choose, and no release needs reading for it.
+    #[inline(always)]
+    fn allocate_warm(&mut self, min: u32, want: u32) -> Option<Span> {
+        let want = want.max(min);
+        let warm_below = self.high_water.checked_sub(min)?;
+        let extent = self.free.allocate_first(want, warm_below)?;
+        self.high_water = self.high_water.max(extent.end());
+        let span = Span { area: 0, extent };
+        self.open.push(span);
+        Some(span)
+    }
+
     /// Lends a span of at least `min` (ideally `want`) words to a builder.
     ///
     /// Area 0 first. Releases are read lazily, to keep the peer's
@@ -537,6 +553,29 @@ impl Books {
             Some(extent) => Some(Span { area: 0, extent }),
             None => self.allocate_grown(words, words),
         }
+    }
+
+    /// The common case of [`try_publish`](Self::try_publish): a message of
+    /// one segment, built in the span lent last, with room in the ring and a
+    /// slot free now. Publishes it and returns `true`; `false` (nothing
+    /// changed) otherwise, for `try_publish` to handle in full.
+    #[inline(always)]
+    fn try_publish_one<W: Word>(
+        &mut self,
+        own: &OwnRegion<W>,
+        peer: &PeerRegion<W>,
+        segment: &[u8],
+    ) -> Result<bool, ProtocolError> {
+        let Some(&slot) = self.free_slots.last() else {
+            return Ok(false);
+        };
+        if !self
+            .descriptors
+            .has_room(peer, self.geometry.ring_capacity)?
+        {
+            return Ok(false);
+        }
+        Ok(self.publish_in_place(own, segment, slot))
     }
 
     /// Publishes a message if a slot, an entry of the ring and space for its
@@ -1105,14 +1144,31 @@ impl<W: Word> SendSide<W> {
     /// A zeroed span of at least `min` words for a builder, reclaiming
     /// released messages if area 0 is short, and adding an area if nothing
     /// has room. `None`: use the heap.
+    #[inline(always)]
     pub(crate) fn allocate_segment(&self, min: u32, want: u32) -> Option<(NonNull<u8>, u32)> {
         if self.link.enter().is_err() {
             return None;
         }
-        let link = &self.link;
         // Not borrowed elsewhere: no send runs while capnp builds.
         let mut state = self.state.try_borrow_mut().ok()?;
-        let state = &mut *state;
+        // The common case inline: `want` words at the bottom of area 0, in
+        // memory already used.
+        if let Some(span) = state.books.allocate_warm(min, want) {
+            return Some((self.link.own().extent_ptr(span.extent), span.extent.len));
+        }
+        self.allocate_segment_slowly(&mut state, min, want)
+    }
+
+    /// [`allocate_segment`](Self::allocate_segment) in full, for the
+    /// process that owns the end, with the side's state borrowed.
+    #[inline(never)]
+    fn allocate_segment_slowly(
+        &self,
+        state: &mut SendState,
+        min: u32,
+        want: u32,
+    ) -> Option<(NonNull<u8>, u32)> {
+        let link = &self.link;
         let mut span = state
             .books
             .allocate(link.own(), link.peer(), min, want)
@@ -1385,14 +1441,43 @@ impl<W: Word> SendSide<W> {
         // most once per wait slice, so a stream pays nothing measurable),
         // and for areas to give back.
         state.sends = state.sends.wrapping_add(1);
-        if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
-            state.waiter.poll_peer_if_due(link)?;
-            if link.peer_closed() {
-                return Err(Halt::Disconnected.into());
+        let upkeep = state.sends % SENDS_PER_LIVENESS_CHECK == 0 || state.books.has_areas();
+        // The common case first: a message of one segment, built in the
+        // span lent last, with room in the ring and a free slot now.
+        if let ([segment], false) = (segments, upkeep) {
+            let books = &mut state.books;
+            let published = books
+                .try_publish_one(link.own(), link.peer(), segment)
+                .map_err(|p| link.fail(Failure::Protocol(p)))?;
+            if published {
+                self.sent(state, segment.len() as u64);
+                return Ok(());
             }
-            self.retire_idle(&mut state.books, link.options().area_idle)?;
-        } else if state.books.has_areas() && link.options().area_idle.is_zero() {
-            self.retire_idle(&mut state.books, Duration::ZERO)?;
+        }
+        self.send_slowly(state, segments, deadline, upkeep)
+    }
+
+    /// [`send`](Self::send) of anything but the common case: the upkeep
+    /// due, a message of several segments or to copy, and waiting for room.
+    #[inline(never)]
+    fn send_slowly(
+        &self,
+        state: &mut SendState,
+        segments: &[&[u8]],
+        deadline: Deadline,
+        upkeep: bool,
+    ) -> Result<(), SendHalt> {
+        let link = &*self.link;
+        if upkeep {
+            if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
+                state.waiter.poll_peer_if_due(link)?;
+                if link.peer_closed() {
+                    return Err(Halt::Disconnected.into());
+                }
+                self.retire_idle(&mut state.books, link.options().area_idle)?;
+            } else if link.options().area_idle.is_zero() {
+                self.retire_idle(&mut state.books, Duration::ZERO)?;
+            }
         }
         let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
@@ -1419,15 +1504,22 @@ impl<W: Word> SendSide<W> {
             let cond = SpaceFreed::new(link, books);
             wait_for_release(link, &state.waiter, &cond, deadline)?;
         }
-        // The message counts from here on; wake the peer if it sleeps.
-        let how = self.announce(books);
-        state.messages += 1;
-        state.bytes += match segments {
+        let bytes = match segments {
             [only] => only.len() as u64,
             all => all.iter().map(|s| s.len() as u64).sum(),
         };
-        state.wakes += u64::from(how != AWAKE);
+        self.sent(state, bytes);
         Ok(())
+    }
+
+    /// After a publish: the message counts from here on; wake the peer if
+    /// it sleeps.
+    #[inline(always)]
+    fn sent(&self, state: &mut SendState, bytes: u64) {
+        let how = self.announce(&state.books);
+        state.messages += 1;
+        state.bytes += bytes;
+        state.wakes += u64::from(how != AWAKE);
     }
 }
 
