@@ -301,6 +301,7 @@ impl<W: Word> RecvSide<W> {
 
     /// Counts a message of `words` words taken, and wakes a sender that
     /// may wait for it.
+    #[inline(always)]
     fn count_taken(&self, state: &RecvState, words: u64) {
         state.messages.set(state.messages.get() + 1);
         state.bytes.set(state.bytes.get() + words * WORD);

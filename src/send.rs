@@ -566,7 +566,8 @@ impl Books {
         peer: &PeerRegion<W>,
         segment: &[u8],
     ) -> Result<bool, ProtocolError> {
-        let Some(&slot) = self.free_slots.last() else {
+        // Nothing open: a copy (`send_copy`, a heap builder); no slot free.
+        let Some(&slot) = self.free_slots.last().filter(|_| !self.open.is_empty()) else {
             return Ok(false);
         };
         if !self
@@ -1441,11 +1442,19 @@ impl<W: Word> SendSide<W> {
         // most once per wait slice, so a stream pays nothing measurable),
         // and for areas to give back.
         state.sends = state.sends.wrapping_add(1);
-        let upkeep = state.sends % SENDS_PER_LIVENESS_CHECK == 0 || state.books.has_areas();
+        if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
+            state.waiter.poll_peer_if_due(link)?;
+            if link.peer_closed() {
+                return Err(Halt::Disconnected.into());
+            }
+            self.retire_idle(&mut state.books, link.options().area_idle)?;
+        } else if state.books.has_areas() && link.options().area_idle.is_zero() {
+            self.retire_idle(&mut state.books, Duration::ZERO)?;
+        }
+        let books = &mut state.books;
         // The common case first: a message of one segment, built in the
         // span lent last, with room in the ring and a free slot now.
-        if let ([segment], false) = (segments, upkeep) {
-            let books = &mut state.books;
+        if let [segment] = segments {
             let published = books
                 .try_publish_one(link.own(), link.peer(), segment)
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
@@ -1454,32 +1463,6 @@ impl<W: Word> SendSide<W> {
                 return Ok(());
             }
         }
-        self.send_slowly(state, segments, deadline, upkeep)
-    }
-
-    /// [`send`](Self::send) of anything but the common case: the upkeep
-    /// due, a message of several segments or to copy, and waiting for room.
-    #[inline(never)]
-    fn send_slowly(
-        &self,
-        state: &mut SendState,
-        segments: &[&[u8]],
-        deadline: Deadline,
-        upkeep: bool,
-    ) -> Result<(), SendHalt> {
-        let link = &*self.link;
-        if upkeep {
-            if state.sends % SENDS_PER_LIVENESS_CHECK == 0 {
-                state.waiter.poll_peer_if_due(link)?;
-                if link.peer_closed() {
-                    return Err(Halt::Disconnected.into());
-                }
-                self.retire_idle(&mut state.books, link.options().area_idle)?;
-            } else if link.options().area_idle.is_zero() {
-                self.retire_idle(&mut state.books, Duration::ZERO)?;
-            }
-        }
-        let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
         loop {
             let missing = books
