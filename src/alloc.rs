@@ -86,6 +86,7 @@ unsafe impl Allocator for RegionAllocator<'_> {
         self.heap.allocate_segment(minimum_size)
     }
 
+    #[inline]
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, word_size: u32, words_used: u32) {
         if let Some(side) = self.side {
             if !self.used_heap {

@@ -643,6 +643,7 @@ impl<W: Word> Link<W> {
     /// wake the peer if `peer_flag` says it sleeps (once per sleep: see
     /// [`Wakes`]), with a doorbell too if it sleeps on the socket. Returns
     /// how it slept (`AWAKE` when no wake was needed).
+    #[inline]
     pub(crate) fn wake_peer(
         &self,
         store: impl FnOnce(),

@@ -250,15 +250,22 @@ pub struct Segments<'c> {
 }
 
 enum Body<'c> {
-    /// A message in the peer's data area: segment 0 is `Segments::first`,
-    /// the others are looked up in the peer's region from their validated
-    /// spans on each `get_segment`.
+    /// A message of one segment in the peer's data area, the common kind:
+    /// the segment is `Segments::first`. Nothing in it needs dropping, so
+    /// its drop is the release alone.
     InPlace {
         side: &'c RecvSide,
-        /// Every segment of a message of several (segment 0 is answered
-        /// from `Segments::first`), each validated against the peer's
-        /// region; empty for one. The table's own buffer, given back to
-        /// `side` on drop for the next such message.
+        /// `(slot, seq)` to release on drop; `None` once released.
+        release: Option<(u32, u32)>,
+    },
+    /// A message of several segments in the peer's data area: segment 0 is
+    /// `Segments::first`, the others are looked up in the peer's region
+    /// from their validated spans on each `get_segment`.
+    InPlaceSpread {
+        side: &'c RecvSide,
+        /// Every segment, each validated against the peer's region. The
+        /// table's own buffer, given back to `side` on drop for the next
+        /// such message.
         spans: Vec<Span>,
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
@@ -363,7 +370,6 @@ impl<'c> Segments<'c> {
             first: side.link().peer().segment(one.extent).unwrap_or(&[]),
             body: Body::InPlace {
                 side,
-                spans: Vec::new(),
                 release: Some((one.slot, one.seq)),
             },
         }
@@ -393,7 +399,7 @@ impl<'c> Segments<'c> {
         let first = table.get(0).and_then(|s| peer.segment(s.extent));
         Segments {
             first: first.unwrap_or(&[]),
-            body: Body::InPlace {
+            body: Body::InPlaceSpread {
                 side,
                 spans: table.take_spans(),
                 release,
@@ -421,7 +427,8 @@ impl ReaderSegments for Segments<'_> {
             return Some(self.first);
         }
         match &self.body {
-            Body::InPlace { side, spans, .. } => match idx {
+            Body::InPlace { .. } => (idx == 0).then_some(self.first),
+            Body::InPlaceSpread { side, spans, .. } => match idx {
                 0 => Some(self.first),
                 // Validated against the region: found (see `in_place`).
                 i => Some(
@@ -439,7 +446,8 @@ impl ReaderSegments for Segments<'_> {
 
     fn len(&self) -> usize {
         match &self.body {
-            Body::InPlace { spans, .. } => spans.len().max(1),
+            Body::InPlace { .. } => 1,
+            Body::InPlaceSpread { spans, .. } => spans.len(),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
             Body::Framed { frame, .. } => frame.len(),
@@ -450,7 +458,12 @@ impl ReaderSegments for Segments<'_> {
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
         match &mut self.body {
-            Body::InPlace {
+            Body::InPlace { side, release } => {
+                if let Some((slot, seq)) = release.take() {
+                    side.release(slot, seq);
+                }
+            }
+            Body::InPlaceSpread {
                 side,
                 spans,
                 release,
@@ -474,7 +487,9 @@ impl Drop for Segments<'_> {
 impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, seq) = match &self.body {
-            Body::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
+            Body::InPlace { release, .. } | Body::InPlaceSpread { release, .. } => {
+                ("in place", release.map(|(_, seq)| seq))
+            }
             Body::InAreas { release, .. } => ("in place, areas", release.map(|(_, seq)| seq)),
             Body::Copied(_) => ("copied", None),
             Body::Framed { .. } => ("stream buffer", None),

@@ -467,6 +467,7 @@ impl<W: Word> RecvSide<W> {
     /// Tells the peer we are done with its message `(slot, seq)`, and wakes
     /// it if it sleeps waiting for space. In a process that does not own the
     /// end (a message inherited through fork), does nothing.
+    #[inline]
     pub(crate) fn release(&self, slot: u32, seq: u32) {
         if !self.link.owned_here() {
             return;
