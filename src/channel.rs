@@ -999,16 +999,18 @@ impl Receiver {
     /// [`RecvTimeoutError::Timeout`] when none came in time, and the errors
     /// of [`recv`](Receiver::recv).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Received<'_>, RecvTimeoutError> {
-        let deadline = Deadline::after(timeout);
         match &self.rx {
             Rx::Shm(side) => {
                 if let Some(one) = side.take_one() {
                     return Received::one(side, one, RecvTimeoutError::Failed);
                 }
-                let taken = take_within(side.recv(deadline))?;
+                let taken = take_within(side.recv(Deadline::after(timeout)))?;
                 Received::new(side, taken).map_err(RecvTimeoutError::Failed)
             }
-            Rx::Stream(side) => Ok(Received::framed(side, take_within(side.recv(deadline))?)),
+            Rx::Stream(side) => Ok(Received::framed(
+                side,
+                take_within(side.recv(Deadline::after(timeout)))?,
+            )),
         }
     }
 
@@ -1281,17 +1283,16 @@ impl SharedReceiver {
     ///
     /// As [`Receiver::recv_timeout`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<OwnedReceived, RecvTimeoutError> {
-        let deadline = Deadline::after(timeout);
         match &self.rx {
             SharedRx::Shm(side) => {
                 if let Some(one) = side.take_one() {
                     return OwnedReceived::one(side, one).map_err(RecvTimeoutError::Failed);
                 }
-                let taken = take_within(side.recv(deadline))?;
+                let taken = take_within(side.recv(Deadline::after(timeout)))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(RecvTimeoutError::Failed)
             }
             SharedRx::Stream(side) => {
-                let frame = take_within(side.recv(deadline))?;
+                let frame = take_within(side.recv(Deadline::after(timeout)))?;
                 Ok(OwnedReceived::framed(Rc::clone(side), frame))
             }
         }

@@ -76,8 +76,8 @@ impl FreeList {
         Some(taken)
     }
 
-    /// Takes `words` words from the lowest free extent, if it has them and
-    /// starts at or below `start_limit`; `None` (nothing changed)
+    /// Takes `words` words from the lowest free extent, if it has more than
+    /// that (it is never emptied here) and starts at or below `start_limit`; `None` (nothing changed)
     /// otherwise. The common case of [`allocate`](Self::allocate), which
     /// picks the same words when it succeeds. `words` must be at least 1.
     #[inline(always)]

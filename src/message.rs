@@ -397,6 +397,8 @@ impl<'c> Segments<'c> {
         // The table was validated against the data area, so the lookup
         // succeeds; an empty slice would only make capnp report an error.
         let first = table.get(0).and_then(|s| peer.segment(s.extent));
+        // One segment in the region is `Segments::one`'s.
+        debug_assert!(table.len() >= 2, "a spread table of {}", table.len());
         Segments {
             first: first.unwrap_or(&[]),
             body: Body::InPlaceSpread {
@@ -430,7 +432,7 @@ impl ReaderSegments for Segments<'_> {
             Body::InPlace { .. } => (idx == 0).then_some(self.first),
             Body::InPlaceSpread { side, spans, .. } => match idx {
                 0 => Some(self.first),
-                // Validated against the region: found (see `in_place`).
+                // Validated against the region: found (see `in_place_spread`).
                 i => Some(
                     side.link()
                         .peer()
@@ -543,7 +545,8 @@ impl OwnedReceived {
         })
     }
 
-    /// The message `one` from `side`'s peer, as [`Received::one`].
+    /// The message `one` from `side`'s peer, as [`new`](Self::new) (which
+    /// this calls: an owned message keeps its table either way).
     #[inline(always)]
     pub(crate) fn one(side: &Rc<RecvSide>, one: TakenOne) -> Result<OwnedReceived, Failure> {
         OwnedReceived::new(Rc::clone(side), one.into_taken())

@@ -71,7 +71,8 @@ impl<T> Spares<T> {
 
     /// Takes `buffer` to keep, emptied, if it holds memory and fewer than
     /// [`SPARES`] are kept (leaving an empty vector). The check is inline: a
-    /// message of one segment, whose buffer holds nothing, pays only for it.
+    /// buffer that holds nothing (the empty poll, the owned or copied
+    /// message of one segment) pays only for it.
     #[inline]
     fn keep(&self, buffer: &mut Vec<T>) {
         if buffer.capacity() > 0 {
@@ -218,9 +219,7 @@ impl<W: Word> RecvSide<W> {
             return None;
         }
         let state = self.state.try_borrow().ok()?;
-        let one = state.descriptors.take_simple(link.peer(), link.own())?;
-        self.count_taken(&state, u64::from(one.extent.len));
-        Some(one)
+        self.take_simple_counted(&state)
     }
 
     /// Takes the next message the peer published, waiting until `deadline`.
@@ -278,8 +277,7 @@ impl<W: Word> RecvSide<W> {
     fn take_counted(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
         let link = &*self.link;
         link.enter()?;
-        if let Some(one) = state.descriptors.take_simple(link.peer(), link.own()) {
-            self.count_taken(state, u64::from(one.extent.len));
+        if let Some(one) = self.take_simple_counted(state) {
             return Ok(Some(one.into_taken()));
         }
         self.take_counted_slowly(state)
@@ -297,6 +295,15 @@ impl<W: Word> RecvSide<W> {
             self.count_taken(state, t.table.words());
         }
         Ok(taken)
+    }
+
+    /// The next message if it is of the common kind, taken and counted.
+    #[inline(always)]
+    fn take_simple_counted(&self, state: &RecvState) -> Option<TakenOne> {
+        let link = &*self.link;
+        let one = state.descriptors.take_simple(link.peer(), link.own())?;
+        self.count_taken(state, u64::from(one.extent.len));
+        Some(one)
     }
 
     /// Counts a message of `words` words taken, and wakes a sender that

@@ -322,7 +322,7 @@ impl Books {
 
     /// The common case of [`allocate`](Self::allocate), in a few compares:
     /// lends `want` words from the lowest free extent of area 0, if it has
-    /// them and its first `min` lie in memory already used (below
+    /// more than that and its first `min` lie in memory already used (below
     /// `high_water`); `None` (nothing changed) otherwise. The extent that
     /// first fit would choose, and no release needs reading for it.
     #[inline(always)]
@@ -566,8 +566,12 @@ impl Books {
         peer: &PeerRegion<W>,
         segment: &[u8],
     ) -> Result<bool, ProtocolError> {
-        // Nothing open: a copy (`send_copy`, a heap builder); no slot free.
-        let Some(&slot) = self.free_slots.last().filter(|_| !self.open.is_empty()) else {
+        let Some(&slot) = self.free_slots.last() else {
+            return Ok(false);
+        };
+        // Nothing open (a copy: `send_copy`, a heap builder), or another
+        // segment: decided before anything shared is read.
+        let Some((open, words)) = self.last_open_holding(own, segment) else {
             return Ok(false);
         };
         if !self
@@ -576,7 +580,8 @@ impl Books {
         {
             return Ok(false);
         }
-        Ok(self.publish_in_place(own, segment, slot))
+        self.publish_open(own, open, words, slot);
+        Ok(true)
     }
 
     /// Publishes a message if a slot, an entry of the ring and space for its
@@ -806,20 +811,39 @@ impl Books {
         }
     }
 
-    /// The common case of [`try_publish`](Self::try_publish), which has
-    /// found room in the ring and free `slot`: a one-segment message built
-    /// in the span lent last. Publishes it and returns `true`; `false`
-    /// (nothing changed) for any other message.
+    /// A one-segment message built in place, for
+    /// [`try_publish`](Self::try_publish), which has found room in the ring
+    /// and free `slot`: publishes it and returns `true`; `false` (nothing
+    /// changed) for any other message.
     fn publish_in_place<W: Word>(&mut self, own: &OwnRegion<W>, segment: &[u8], slot: u32) -> bool {
-        let Some(&open) = self.open.last() else {
+        let Some((open, words)) = self.last_open_holding(own, segment) else {
             return false;
         };
-        let words = words_of(segment);
-        if words > open.extent.len
+        self.publish_open(own, open, words, slot);
+        true
+    }
+
+    /// The span lent last, and `segment`'s words, when `segment` starts at
+    /// that span and fits in it: a one-segment message built in place.
+    /// Reads nothing shared.
+    fn last_open_holding<W: Word>(
+        &self,
+        own: &OwnRegion<W>,
+        segment: &[u8],
+    ) -> Option<(Span, u32)> {
+        let &open = self.open.last()?;
+        if segment.len() as u64 > u64::from(open.extent.len) * WORD
             || self.locate(own, segment.as_ptr()) != Some((open.area, open.extent.start))
         {
-            return false;
+            return None;
         }
+        Some((open, words_of(segment)))
+    }
+
+    /// Publishes the one-segment message of `words` words built in `open`,
+    /// the span lent last ([`last_open_holding`](Self::last_open_holding)),
+    /// in free `slot`, which has room in the ring.
+    fn publish_open<W: Word>(&mut self, own: &OwnRegion<W>, open: Span, words: u32, slot: u32) {
         self.open.pop();
         // The tail was never written: still zero.
         self.free_span(tail(open, words));
@@ -833,7 +857,6 @@ impl Books {
         // An empty segment occupies nothing (it is described all the same).
         let first = if words > 0 { placed } else { NO_SPAN };
         self.commit(own, slot, first, None, 1, placed);
-        true
     }
 
     /// Total bytes of outgoing space now: the region and the areas.
@@ -969,8 +992,8 @@ impl Books {
 }
 
 /// The words of `segment`, a segment of a message that passed
-/// [`Books::check_fits`]: at most [`MAX_REGION`] bytes, so the words fit a
-/// `u32`.
+/// [`Books::check_fits`] or one that fits in an open span: at most
+/// [`MAX_REGION`] bytes, so the words fit a `u32`.
 fn words_of(segment: &[u8]) -> u32 {
     let words = segment.len() / WORD_BYTES;
     debug_assert!(u32::try_from(words).is_ok(), "check_fits let it through");
