@@ -284,23 +284,34 @@ fn backpressure_comes_from_the_socket_and_timeouts_bound_each_wait() {
             Err(RecvTimeoutError::Timeout)
         ));
         // The peer reads nothing: the socket fills, and a send with no
-        // time to wait says so and hands the message back.
+        // time to wait says so and hands the message back. A TCP socket's
+        // buffers may go on growing for a while (autotuning), so a send
+        // that waits may still get through: then fill again, until a wait
+        // times out.
         let mut sent = 0u64;
-        loop {
-            match end.try_send(build(&end, sent, 1, 64 << 10)) {
-                Ok(()) => sent += 1,
-                Err(TrySendError::Full(_)) => break,
-                Err(e) => panic!("{net:?}: {e}"),
+        let mut timed_out = false;
+        for _ in 0..100 {
+            loop {
+                match end.try_send(build(&end, sent, 1, 64 << 10)) {
+                    Ok(()) => sent += 1,
+                    Err(TrySendError::Full(_)) => break,
+                    Err(e) => panic!("{net:?}: {e}"),
+                }
+                assert!(sent < 100_000, "the socket never filled");
             }
-            assert!(sent < 100_000, "the socket never filled");
+            match end.send_timeout(build(&end, sent, 1, 64 << 10), Duration::from_millis(30)) {
+                Err(SendTimeoutError::Timeout(_)) => {
+                    timed_out = true;
+                    break;
+                }
+                Ok(()) => sent += 1, // the buffers grew
+                other => panic!("{net:?}: {:?}", other.map_err(|e| e.to_string())),
+            }
         }
+        assert!(timed_out, "{net:?}: no send waited out its 30 ms");
         assert!(sent > 0);
         assert!(!end.sender().is_ready());
         assert_eq!(end.sender().arm().unwrap(), Readiness::Writable);
-        match end.send_timeout(build(&end, sent, 1, 64 << 10), Duration::from_millis(30)) {
-            Err(SendTimeoutError::Timeout(_)) => {}
-            other => panic!("{net:?}: {:?}", other.map_err(|e| e.to_string())),
-        }
         // Once the peer reads, blocking sends go on, every one delivered.
         go.go();
         for _ in 0..100 {
