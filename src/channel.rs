@@ -1244,7 +1244,8 @@ impl SharedReceiver {
         match &self.rx {
             SharedRx::Shm(side) => {
                 if let Some(one) = side.take_one() {
-                    return OwnedReceived::one(side, one).map_err(RecvError::Failed);
+                    return OwnedReceived::new(Rc::clone(side), one.into_taken())
+                        .map_err(RecvError::Failed);
                 }
                 let taken = take_blocking(|d| side.recv(d))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(RecvError::Failed)
@@ -1265,7 +1266,8 @@ impl SharedReceiver {
         match &self.rx {
             SharedRx::Shm(side) => {
                 if let Some(one) = side.take_one() {
-                    return OwnedReceived::one(side, one).map_err(TryRecvError::Failed);
+                    return OwnedReceived::new(Rc::clone(side), one.into_taken())
+                        .map_err(TryRecvError::Failed);
                 }
                 let taken = take_now(side.recv(Deadline::Now))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(TryRecvError::Failed)
@@ -1286,7 +1288,8 @@ impl SharedReceiver {
         match &self.rx {
             SharedRx::Shm(side) => {
                 if let Some(one) = side.take_one() {
-                    return OwnedReceived::one(side, one).map_err(RecvTimeoutError::Failed);
+                    return OwnedReceived::new(Rc::clone(side), one.into_taken())
+                        .map_err(RecvTimeoutError::Failed);
                 }
                 let taken = take_within(side.recv(Deadline::after(timeout)))?;
                 OwnedReceived::new(Rc::clone(side), taken).map_err(RecvTimeoutError::Failed)

@@ -77,9 +77,10 @@ impl FreeList {
     }
 
     /// Takes `words` words from the lowest free extent, if it has more than
-    /// that (it is never emptied here) and starts at or below `start_limit`; `None` (nothing changed)
-    /// otherwise. The common case of [`allocate`](Self::allocate), which
-    /// picks the same words when it succeeds. `words` must be at least 1.
+    /// that (it is never emptied here) and starts at or below
+    /// `start_limit`; `None` (nothing changed) otherwise. The common case of
+    /// [`allocate`](Self::allocate), which picks the same words when it
+    /// succeeds. `words` must be at least 1.
     #[inline(always)]
     pub(crate) fn allocate_first(&mut self, words: u32, start_limit: u32) -> Option<Extent> {
         debug_assert!(words >= 1);

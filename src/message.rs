@@ -545,13 +545,6 @@ impl OwnedReceived {
         })
     }
 
-    /// The message `one` from `side`'s peer, as [`new`](Self::new) (which
-    /// this calls: an owned message keeps its table either way).
-    #[inline(always)]
-    pub(crate) fn one(side: &Rc<RecvSide>, one: TakenOne) -> Result<OwnedReceived, Failure> {
-        OwnedReceived::new(Rc::clone(side), one.into_taken())
-    }
-
     /// A message `rx` read from its stream, as [`Received::framed`].
     pub(crate) fn framed(rx: Rc<StreamRecv>, frame: HeldFrame) -> OwnedReceived {
         let limits = rx.link().options().reader_options_for(frame.words());
