@@ -420,6 +420,9 @@ impl Books {
         let in_flight = self.in_flight();
         let published = self.descriptors.published();
         let releases = std::mem::replace(&mut self.releases, ReleaseConsumer::new(0));
+        // Spans given back, zeroed and not yet freed: a run of neighbours
+        // (see `give_back_joined`).
+        let mut run = NO_SPAN;
         let result = releases.reclaim(peer, published, in_flight, |Release { slot, seq }| {
             let bad = ProtocolError::BadRelease { slot, seq };
             let s = self.slots.get_mut(slot as usize).ok_or(bad)?;
@@ -434,7 +437,7 @@ impl Books {
             let more = (!s.more.is_empty()).then(|| std::mem::take(&mut s.more));
             // SAFETY: message `seq`'s span, released by the peer
             // (validated): nobody reads or refers to it any more.
-            unsafe { self.give_back(own, first) };
+            unsafe { self.give_back_joined(own, &mut run, first) };
             if let Some(mut more) = more {
                 for e in more.drain(..) {
                     // SAFETY: the message's other spans, released with it.
@@ -447,6 +450,8 @@ impl Books {
             Ok(())
         });
         self.releases = releases;
+        // Released, whatever the rest of the batch held.
+        self.free_span(run);
         result
     }
 
@@ -463,6 +468,38 @@ impl Books {
         // SAFETY: passed on from the caller.
         unsafe { self.zero(own, span) };
         self.free_span(span);
+    }
+
+    /// As [`give_back`](Self::give_back) for the first span of a released
+    /// message, but freed with its neighbours: joined to `run` when it
+    /// follows it, else `run` is freed and `span` starts the next run. A
+    /// stream's messages lie one after another and come back in order, so
+    /// a batch of releases is freed a run at a time rather than a message
+    /// at a time. The caller frees the last run.
+    ///
+    /// Only first spans join: the others of a message of several segments
+    /// seldom follow the run, and checking cost more than it saved
+    /// (callgrind, four segments: 77 instructions a message more). Each
+    /// span is still zeroed on its own: one `memset` of a whole run counted
+    /// more instructions (64 B stream: 83 a message in `memset` against
+    /// 29).
+    ///
+    /// # Safety
+    ///
+    /// As for [`zero`](Self::zero): nothing refers to `span` any more.
+    #[inline]
+    unsafe fn give_back_joined<W: Word>(&mut self, own: &OwnRegion<W>, run: &mut Span, span: Span) {
+        if span.extent.len == 0 {
+            return;
+        }
+        self.in_flight_words -= u64::from(span.extent.len);
+        // SAFETY: passed on from the caller.
+        unsafe { self.zero(own, span) };
+        if run.area == span.area && run.extent.end() == span.extent.start {
+            run.extent.len += span.extent.len;
+        } else {
+            self.free_span(std::mem::replace(run, span));
+        }
     }
 
     /// Words the outgoing space may hold: area 0, and what the limit leaves

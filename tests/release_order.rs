@@ -61,3 +61,66 @@ fn releases_in_reverse_and_random_order_reclaim_everything() {
         }
     }
 }
+
+#[test]
+fn a_batch_of_releases_comes_back_whole_and_zeroed() {
+    let _w = Watchdog::new(Duration::from_secs(60));
+    // Messages of varied sizes lie one after another in the data area;
+    // the sender reads their releases in batches and gives them back a run
+    // of neighbours at a time. After each round every word is free again,
+    // in one piece (a message as large as the data area fits without
+    // spilling to the heap), and zero (capnp builds on what it is given).
+    let options = Options::new()
+        .region_size(96 << 10)
+        .ring_capacity(32)
+        .first_segment_words(16);
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let data_bytes = tx.stats().send.free_bytes;
+    let mut seed = 11u64;
+    for round in 0..100u32 {
+        let burst = 2 + round % 30;
+        let held_at = (round % burst) as usize;
+        let mut received = Vec::new();
+        for i in 0..burst {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = (seed >> 40) as usize % 300;
+            tx.try_send(build(&tx, u64::from(round * 100 + i), 1 + i % 3, len))
+                .expect("room after a whole release");
+            received.push(rx.recv().unwrap());
+        }
+        // All but one released in order, read in one batch (stats reads the
+        // releases), then the last one.
+        let held = received.remove(held_at);
+        for m in received {
+            check(&m);
+        }
+        let send = tx.stats().send;
+        assert_eq!(send.held_by_peer, 1);
+        assert_eq!(send.free_bytes + send.held_by_peer_bytes, data_bytes);
+        check(&held);
+        drop(held);
+        assert_eq!(tx.stats().send.free_bytes, data_bytes);
+
+        // The rest of the data area in one segment: after the first
+        // segment (16 words, where the root pointer lies), a list of words
+        // with a landing pad before it. It fits only if the free words
+        // are in one piece, and it is built on words the burst used.
+        let words = u32::try_from(data_bytes / 8 - 16 - 1).unwrap();
+        let mut whole = tx.message();
+        let mut list = whole.initn_root::<capnp::primitive_list::Builder<'_, u64>>(words);
+        for i in 0..words {
+            assert_eq!(list.get(i), 0, "round {round}: word {i} not zeroed");
+            list.set(i, u64::from(i ^ round));
+        }
+        tx.try_send(whole).expect("the whole data area, free");
+        let send = tx.stats().send;
+        assert_eq!(send.spilled_segments, 0);
+        assert_eq!(send.areas_added, 0, "round {round}: free space in pieces");
+        let m = rx.recv().unwrap();
+        let list: capnp::primitive_list::Reader<'_, u64> = m.get_root().unwrap();
+        assert_eq!(list.len(), words);
+        assert_eq!(list.get(words - 1), u64::from((words - 1) ^ round));
+    }
+}
