@@ -9,7 +9,14 @@
 //!   process, the floor of a one-way transfer that the receiver reads; and
 //!   a 1 MiB message's memory work done in one process: zero the segment
 //!   (capnp's allocator contract), copy the payload in (`set_data`), sum it
-//!   (the receiver).
+//!   (the receiver);
+//! - build floor: capnp building the one-way 64 B row's message in one
+//!   process, on a reused buffer, with no transport: the most messages a
+//!   second that any sender building each one could send;
+//! - echo floor: capnp's work in one 64 B round trip (build the request,
+//!   read it, build the answer, read it), in one process with no
+//!   transport: what a round trip costs on top of the spin floor, since
+//!   the two sides of a ping-pong never work at once.
 //!
 //! # Notes about memory ordering
 //!
@@ -24,7 +31,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{checksum, fork_peer, payload};
+use super::{checksum, fill_blob, fork_peer, payload, read_blob};
 
 /// How long one side waits for the other before it gives up: the
 /// ping-pong has no other way to notice a peer that died.
@@ -332,6 +339,61 @@ pub(crate) fn memory_floors(total: u64) -> MemoryFloors {
         black_box(checksum(segment));
     });
     MemoryFloors { copy, sum, message }
+}
+
+/// Messages a second that capnp builds the 64 B blob of the one-way 64 B
+/// row (`fill_blob`), `count` times in one process: the builder on one
+/// reused scratch buffer (capnp's `ScratchSpaceHeapAllocator`, which zeroes
+/// the words a message used when it is dropped, as a segment must start
+/// zeroed), then its segments for output, as a send asks for them. No
+/// transport and no segment from the heap: the least a sender does for
+/// each message, so the most messages a second any sender that builds each
+/// one can send.
+pub(crate) fn build_floor(count: u64) -> f64 {
+    let payload = payload(64);
+    let mut scratch = vec![0u8; 1024];
+    let mut build = |seq: u64| {
+        let allocator = capnp::message::ScratchSpaceHeapAllocator::new(&mut scratch[..]);
+        let mut message = capnp::message::Builder::new(allocator);
+        fill_blob(&mut message, seq, black_box(&payload));
+        black_box(message.get_segments_for_output()[0].len());
+    };
+    for seq in 0..count.min(10_000) {
+        build(seq);
+    }
+    let start = Instant::now();
+    for seq in 0..count {
+        build(seq);
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// capnp's work in `count` round trips of the 64 B round-trip row, in one
+/// process (after `warmup` more): build the request on one reused scratch
+/// buffer, read it (`read_blob`, which sums the payload), build the answer
+/// on another, read it. Returns each round trip's nanoseconds, timed as
+/// the row times its own.
+pub(crate) fn echo_floor(warmup: u64, count: u64) -> Vec<u64> {
+    let payload = payload(64);
+    let (mut a, mut b) = (vec![0u8; 1024], vec![0u8; 1024]);
+    let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for seq in 0..warmup + count {
+        let start = Instant::now();
+        let mut request =
+            capnp::message::Builder::new(capnp::message::ScratchSpaceHeapAllocator::new(&mut a));
+        fill_blob(&mut request, seq, black_box(&payload));
+        let (got, sum) = read_blob(&request.into_reader());
+        let mut answer =
+            capnp::message::Builder::new(capnp::message::ScratchSpaceHeapAllocator::new(&mut b));
+        fill_blob(&mut answer, got ^ sum, &[]);
+        let (back, _) = read_blob(&answer.into_reader());
+        let elapsed = start.elapsed();
+        black_box(back);
+        if seq >= warmup {
+            samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    samples
 }
 
 /// What [`memory_floors`] measured, in bytes per second.

@@ -28,7 +28,13 @@
 //! - memcpy of 1 MiB into a reused buffer in one process, for the one-way
 //!   bandwidth rows; "sum", the receiver's checksum over 1 MiB alone; and
 //!   "zero+copy+sum", all that a 1 MiB message does to its bytes, done
-//!   in one process.
+//!   in one process;
+//! - capnp building the 64 B message in one process on a reused buffer,
+//!   with no transport, for "one-way 64 B messages": no sender that builds
+//!   each message sends faster;
+//! - capnp's work in a 64 B round trip (build, read, build the answer,
+//!   read it) in one process: a round trip costs at least this plus the
+//!   spin floor, as the two sides of a ping-pong never work at once.
 //!
 //! The core rows (round trip 64 B with and without spinning, one-way 64 B
 //! messages, one-way 1 MiB, and the floors) run in several repetitions,
@@ -1356,8 +1362,11 @@ fn print_footer(args: &Args) {
         println!(
             "floor: what the hardware allows, measured in this run: a cache line bounced \
              between two spinning processes (for round trip 64 B), the same with a futex wait \
-             and wake on every hop (for no spin), memcpy of 1 MiB in one process (for one-way \
-             bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
+             and wake on every hop (for no spin), capnp building the 64 B message on a reused \
+             buffer in one process, no transport (for one-way 64 B messages); capnp echo is \
+             capnp's work in one 64 B round trip, done in one process (a round trip takes at \
+             least the spin floor plus this); memcpy of 1 MiB \
+             in one process (for one-way bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
              is all that a 1 MiB message does to its bytes (a zeroed segment, the \
              payload copied in, the receiver's checksum), done in one process.\n\
              Rows with a spread ran {} times, interleaved (floor, shm, socket, ...): the \
@@ -1531,7 +1540,7 @@ fn repetitions(quick: bool) -> u64 {
 const MIB: usize = 1 << 20;
 
 /// Steps of one repetition of [`measure_core`], for the progress line.
-const CORE_STEPS: usize = 10;
+const CORE_STEPS: usize = 12;
 
 /// How much work the core rows do in one run, shared out over `reps`
 /// repetitions.
@@ -1557,6 +1566,10 @@ struct Core {
     /// One-way 64-byte messages per second.
     shm_small: Repeated,
     socket_small: Repeated,
+    /// capnp's work in a 64 B round trip, in one process: p50 in µs.
+    echo: Repeated,
+    /// Messages a second capnp builds the 64 B message in one process.
+    build: Repeated,
     /// Heap allocations per received 64-byte message (shm, socket), of the
     /// last repetition.
     allocations: (f64, f64),
@@ -1601,6 +1614,9 @@ fn measure_core(
         let (samples, placement) = floors::ping_pong(floors::Hop::Spin, warmup, trips);
         push_percentiles(&mut core.spin, samples);
         core.placements.push(placement);
+        step("echo floor");
+        let p50 = percentiles(floors::echo_floor(warmup, trips))[0];
+        core.echo.0.push(p50);
         step("round trip 64 B shm");
         push_percentiles(
             &mut core.shm_rtt,
@@ -1620,6 +1636,8 @@ fn measure_core(
             round_trips(Transport::Socket, default, 64, warmup, trips),
         );
 
+        step("build floor");
+        core.build.0.push(floors::build_floor(small));
         step("throughput 64 B shm");
         let (s_msgs, _, s_alloc) = throughput(Transport::Shm, default, 64, small);
         step("throughput 64 B socket");
@@ -1718,6 +1736,24 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             rows.push(Row::lower(workload, "µs", floor[i].median(), f64::NAN).with_reps(&floor[i]));
         }
     }
+    rows.push(
+        Row::lower(
+            "floor: capnp echo 64 B, p50",
+            "µs",
+            core.echo.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.echo),
+    );
+    rows.push(
+        Row::higher(
+            "floor: capnp build 64 B",
+            "msg/s",
+            core.build.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.build),
+    );
     for (workload, floor) in [
         ("floor: memcpy 1 MiB, one process", &core.memcpy),
         ("floor: sum 1 MiB, one process", &core.sum),
@@ -1789,6 +1825,7 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
                         core.shm_small.median(),
                         core.socket_small.median(),
                     )
+                    .with_floor(core.build.median())
                     .with_reps(&core.shm_small),
                 );
                 let gb = |r: &Repeated| Repeated(r.0.iter().map(|m| m * 64.0 / 1e9).collect());
