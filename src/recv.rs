@@ -226,17 +226,32 @@ impl<W: Word> RecvSide<W> {
     /// Once the peer has closed (or died), messages it published before
     /// are still delivered, then `Disconnected`.
     ///
+    /// For the receives after [`take_one`](Self::take_one) found no message
+    /// of the common kind: the first look goes straight to the general
+    /// path, as the common kind's test would only read the same descriptor
+    /// again (an empty poll of an event loop, a message of several
+    /// segments); what the peer published since is taken all the same.
+    /// Every later look (after a wait) tries the common kind first.
+    ///
     /// # Errors
     ///
     /// `Expired` when nothing came in time, and the other [`Halt`]s.
     pub(crate) fn recv(&self, deadline: Deadline) -> Result<Taken, Halt> {
+        let mut simple = false;
         let link = &*self.link;
         let state = self.state.borrow();
         loop {
             if link.has_seen_close() {
                 return self.drain(&state);
             }
-            if let Some(taken) = self.take_counted(&state)? {
+            let taken = if simple {
+                self.take_counted(&state)?
+            } else {
+                link.enter()?;
+                self.take_counted_slowly(&state)?
+            };
+            simple = true;
+            if let Some(taken) = taken {
                 return Ok(taken);
             }
             if link.peer_closed() {
