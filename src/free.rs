@@ -76,6 +76,43 @@ impl FreeList {
         Some(taken)
     }
 
+    /// As [`allocate`](Self::allocate), but the extent taken starts at a
+    /// word `phase` past a multiple of `period`: from the lowest extent
+    /// with room for `want` words from such a start, failing that for `min`
+    /// (taking up to `want`). The words skipped before the start stay free.
+    /// `None` (nothing changed) when no extent has room for `min`.
+    /// `phase < period` and `min >= 1`.
+    pub(crate) fn allocate_at_phase(
+        &mut self,
+        min: u32,
+        want: u32,
+        phase: u32,
+        period: u32,
+    ) -> Option<Extent> {
+        debug_assert!(phase < period && min >= 1);
+        let want = want.max(min);
+        // Words from the start of `e` to the first word at the phase, and
+        // how many of `e`'s words lie from there on.
+        let room = |e: &Extent| {
+            let skip = (phase + period - e.start % period) % period;
+            e.len.checked_sub(skip).map(|left| (e.start + skip, left))
+        };
+        let fits = |need: u32| {
+            self.extents
+                .iter()
+                .filter_map(room)
+                .find(|&(_, left)| left >= need)
+        };
+        let (start, left) = fits(want).or_else(|| fits(min))?;
+        let taken = Extent {
+            start,
+            len: left.min(want),
+        };
+        let took = self.take(taken);
+        debug_assert!(took, "a free extent's words are free");
+        took.then_some(taken)
+    }
+
     /// Takes `words` words from the lowest free extent, if it has more than
     /// that (it is never emptied here) and starts at or below
     /// `start_limit`; `None` (nothing changed) otherwise. The common case of
@@ -197,6 +234,26 @@ mod tests {
 
     fn ext(start: u32, len: u32) -> Extent {
         Extent { start, len }
+    }
+
+    #[test]
+    fn allocation_at_a_phase_skips_to_it_and_leaves_the_words_before_free() {
+        let mut f = FreeList::new(1000);
+        // Phase 3 of 64: from word 3.
+        assert_eq!(f.allocate_at_phase(10, 20, 3, 64), Some(ext(3, 20)));
+        assert_eq!(f.extents, vec![ext(0, 3), ext(23, 977)]);
+        // Next: word 67 (the extent at 0 is too short; 23 is past phase).
+        assert_eq!(f.allocate_at_phase(10, 20, 3, 64), Some(ext(67, 20)));
+        assert_eq!(f.free_words(), 960);
+        // Room for `min` only: takes what there is from the phase.
+        let mut g = FreeList::new(100);
+        assert_eq!(g.allocate_at_phase(10, 500, 40, 64), Some(ext(40, 60)));
+        assert_eq!(g.extents, vec![ext(0, 40)]);
+        // No room for `min` from any phase word: nothing changes.
+        assert_eq!(g.allocate_at_phase(10, 20, 35, 64), None);
+        assert_eq!(g.extents, vec![ext(0, 40)]);
+        assert_eq!(g.allocate_at_phase(5, 5, 35, 64), Some(ext(35, 5)));
+        assert_eq!(g.extents, vec![ext(0, 35)]);
     }
 
     #[test]

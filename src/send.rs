@@ -71,6 +71,25 @@ const SENDS_PER_LIVENESS_CHECK: u32 = 64;
 /// releases (see `Books::try_publish`).
 const EAGER_SLOTS: usize = 256;
 
+/// Segments of at least this many words (64 KiB) start [`LARGE_PHASE`]
+/// words past a page (4 KiB, [`PAGE_WORDS`]) rather than on one.
+///
+/// A large payload is copied into its segment by `memcpy` (capnp's
+/// `set_data`), from wherever the user's buffer lies, and lands a word or
+/// a few past the segment's start (after a far pointer's landing pad).
+/// From a page-aligned buffer (an mmapped file, jemalloc's large sizes, an
+/// aligned allocation) to a segment that starts on a page, the destination
+/// is then 8 to 24 bytes ahead of the source modulo 4096, and on this
+/// machine (AMD EPYC, glibc 2.36) `memcpy` of 64 KiB at those distances
+/// runs at 2.9 GB/s against 45 elsewhere. 3 KiB into the page keeps both
+/// page-aligned buffers and glibc's large blocks (16 bytes into a page)
+/// clear of it; the words skipped stay free for smaller messages.
+const LARGE_SEGMENT_WORDS: u32 = 8192;
+/// Words in a page, the period of [`LARGE_PHASE`].
+const PAGE_WORDS: u32 = 512;
+/// Where in its page a large segment starts: 3 KiB in, in words.
+const LARGE_PHASE: u32 = 384;
+
 /// No span: a slot's empty `first`, a placeholder.
 const NO_SPAN: Span = Span {
     area: 0,
@@ -327,6 +346,9 @@ impl Books {
     /// first fit would choose, and no release needs reading for it.
     #[inline(always)]
     fn allocate_warm(&mut self, min: u32, want: u32) -> Option<Span> {
+        if min >= LARGE_SEGMENT_WORDS {
+            return None;
+        }
         let want = want.max(min);
         let warm_below = self.high_water.checked_sub(min)?;
         let extent = self.free.allocate_first(want, warm_below)?;
@@ -352,7 +374,13 @@ impl Books {
         min: u32,
         want: u32,
     ) -> Result<Option<Span>, ProtocolError> {
-        let mut extent = self.free.allocate(min, want);
+        let take = |free: &mut FreeList| {
+            let phased = (min >= LARGE_SEGMENT_WORDS)
+                .then(|| free.allocate_at_phase(min, want, LARGE_PHASE, PAGE_WORDS))
+                .flatten();
+            phased.or_else(|| free.allocate(min, want))
+        };
+        let mut extent = take(&mut self.free);
         // Only the first `min` words are sure to be written; the rest of a
         // generous segment is usually trimmed away at send.
         let high_water = self.high_water;
@@ -362,7 +390,7 @@ impl Books {
                 self.free.free(e); // untouched, still zero
             }
             self.reclaim(own, peer)?;
-            extent = self.free.allocate(min, want);
+            extent = take(&mut self.free);
         }
         let span = match extent {
             Some(extent) => {
