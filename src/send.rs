@@ -329,11 +329,12 @@ impl Books {
     }
 
     /// Takes a free extent of at least `min` (ideally `want`) words from
-    /// the areas added, lowest id first.
+    /// the areas added, lowest id first; a large one at its phase (see
+    /// [`LARGE_SEGMENT_WORDS`]) where the area has room for it.
     fn allocate_grown(&mut self, min: u32, want: u32) -> Option<Span> {
         (1u32..).zip(&mut self.grown).find_map(|(id, g)| {
             let g = g.as_mut()?;
-            let extent = g.free.allocate(min, want)?;
+            let extent = allocate_placed(&mut g.free, min, want)?;
             g.empty_since = None;
             Some(Span { area: id, extent })
         })
@@ -374,13 +375,7 @@ impl Books {
         min: u32,
         want: u32,
     ) -> Result<Option<Span>, ProtocolError> {
-        let take = |free: &mut FreeList| {
-            let phased = (min >= LARGE_SEGMENT_WORDS)
-                .then(|| free.allocate_at_phase(min, want, LARGE_PHASE, PAGE_WORDS))
-                .flatten();
-            phased.or_else(|| free.allocate(min, want))
-        };
-        let mut extent = take(&mut self.free);
+        let mut extent = allocate_placed(&mut self.free, min, want);
         // Only the first `min` words are sure to be written; the rest of a
         // generous segment is usually trimmed away at send.
         let high_water = self.high_water;
@@ -390,7 +385,7 @@ impl Books {
                 self.free.free(e); // untouched, still zero
             }
             self.reclaim(own, peer)?;
-            extent = take(&mut self.free);
+            extent = allocate_placed(&mut self.free, min, want);
         }
         let span = match extent {
             Some(extent) => {
@@ -1054,6 +1049,16 @@ impl Books {
         drop(g);
         Ok(true)
     }
+}
+
+/// [`FreeList::allocate`] for a segment lent to a builder: a large one
+/// ([`LARGE_SEGMENT_WORDS`]) at its phase in the page if `free` has room
+/// for it there, anywhere otherwise.
+fn allocate_placed(free: &mut FreeList, min: u32, want: u32) -> Option<Extent> {
+    let phased = (min >= LARGE_SEGMENT_WORDS)
+        .then(|| free.allocate_at_phase(min, want, LARGE_PHASE, PAGE_WORDS))
+        .flatten();
+    phased.or_else(|| free.allocate(min, want))
 }
 
 /// The words of `segment`, a segment of a message that passed

@@ -59,20 +59,35 @@ fn copy_mode_reads_private_memory_and_releases_at_once() {
 #[test]
 fn a_large_segment_starts_3_kib_into_a_page() {
     let _w = Watchdog::new(Duration::from_secs(30));
+    large_segments_start_3_kib_into_a_page(&Options::new(), 100 << 10);
+}
+
+#[test]
+fn a_large_segment_in_an_added_area_starts_3_kib_into_a_page() {
+    let _w = Watchdog::new(Duration::from_secs(30));
+    // Larger than the region: the payload's segment is in an area.
+    let tx = large_segments_start_3_kib_into_a_page(&Options::new().region_size(1 << 20), 3 << 20);
+    assert!(tx.stats().send.areas_added >= 1);
+}
+
+/// Sends ten messages of a `len`-byte payload copied in from a page-aligned
+/// buffer, each followed by a small one, and checks where the payload's
+/// segment lies. Returns the sending end.
+fn large_segments_start_3_kib_into_a_page(options: &Options, len: usize) -> Channel {
     // A payload copied in from a page-aligned buffer would otherwise land
     // a word past a page's start, a few bytes ahead of its source modulo
     // 4096, where memcpy is many times slower (see send.rs,
     // LARGE_SEGMENT_WORDS). The copy below is such a copy; the test checks
     // the placement, not the speed.
-    let (tx, rx) = Channel::pair().unwrap();
-    let mut source = vec![0u8; (100 << 10) + 4096];
+    let (tx, rx) = Channel::pair_with(options).unwrap();
+    let mut source = vec![0u8; len + 4096];
     let skip = source.as_ptr().align_offset(4096);
-    let payload = &mut source[skip..skip + (100 << 10)];
+    let payload = &mut source[skip..skip + len];
     for (i, b) in payload.iter_mut().enumerate() {
         *b = u8::try_from(i % 251).unwrap();
     }
     let payload = &*payload;
-    for round in 0..20 {
+    for round in 0..10 {
         let mut m = tx.message();
         m.set_root::<capnp::data::Owned>(payload).unwrap();
         tx.send(m).unwrap();
@@ -86,4 +101,5 @@ fn a_large_segment_starts_3_kib_into_a_page() {
         tx.send(build(&tx, round, 1, 100)).unwrap();
         assert_eq!(check(&rx.recv().unwrap()), round);
     }
+    tx
 }
