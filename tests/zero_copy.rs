@@ -103,3 +103,26 @@ fn large_segments_start_3_kib_into_a_page(options: &Options, len: usize) -> Chan
     }
     tx
 }
+
+#[test]
+fn a_large_segment_copied_in_at_send_starts_3_kib_into_a_page() {
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let (tx, rx) = Channel::pair().unwrap();
+    let payload: Vec<u8> = (0..100u32 << 10).map(|i| (i % 251) as u8).collect();
+    for round in 0..10 {
+        // Built on the heap: its segments are copied into the region.
+        let mut m = capnp::message::Builder::new_default();
+        m.set_root::<capnp::data::Owned>(&payload[..]).unwrap();
+        tx.sender().send_copy(&m).unwrap();
+        let m = rx.recv().unwrap();
+        let large = m
+            .segments()
+            .find(|s| s.len() >= 100 << 10)
+            .expect("the payload's segment");
+        assert_eq!(large.as_ptr() as usize % 4096, 3072, "round {round}");
+        let got: capnp::data::Reader<'_> = m.get_root().unwrap();
+        assert!(got == &payload[..]);
+        tx.send(build(&tx, round, 1, 100)).unwrap();
+        assert_eq!(check(&rx.recv().unwrap()), round);
+    }
+}
