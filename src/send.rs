@@ -1057,11 +1057,14 @@ impl Books {
 /// [`FreeList::allocate`] for a segment lent to a builder: a large one
 /// ([`LARGE_SEGMENT_WORDS`]) at its phase in the page if `free` has room
 /// for it there, anywhere otherwise.
+#[inline]
 fn allocate_placed(free: &mut FreeList, min: u32, want: u32) -> Option<Extent> {
-    let phased = (min >= LARGE_SEGMENT_WORDS)
-        .then(|| free.allocate_at_phase(min, want, LARGE_PHASE, PAGE_WORDS))
-        .flatten();
-    phased.or_else(|| free.allocate(min, want))
+    if min >= LARGE_SEGMENT_WORDS {
+        if let Some(extent) = free.allocate_at_phase(min, want, LARGE_PHASE, PAGE_WORDS) {
+            return Some(extent);
+        }
+    }
+    free.allocate(min, want)
 }
 
 /// The words of `segment`, a segment of a message that passed
