@@ -60,6 +60,8 @@ fn copy_mode_reads_private_memory_and_releases_at_once() {
 fn a_large_segment_starts_3_kib_into_a_page() {
     let _w = Watchdog::new(Duration::from_secs(30));
     large_segments_start_3_kib_into_a_page(&Options::new(), 100 << 10);
+    // Past the first segment (8 KiB by default), a payload of 16 KiB.
+    large_segments_start_3_kib_into_a_page(&Options::new(), 16 << 10);
 }
 
 #[test]
