@@ -255,6 +255,14 @@ mod tests {
         assert_eq!(g.extents, vec![ext(0, 40)]);
         assert_eq!(g.allocate_at_phase(5, 5, 35, 64), Some(ext(35, 5)));
         assert_eq!(g.extents, vec![ext(0, 35)]);
+        // Room for `want` anywhere beats room for only `min` lower down.
+        let mut h = FreeList::new(1000);
+        assert_eq!(h.allocate(100, 100), Some(ext(0, 100)));
+        assert_eq!(h.allocate(50, 50), Some(ext(100, 50)));
+        h.free(ext(0, 100)); // [0,100) [150,1000)
+        assert_eq!(h.allocate_at_phase(20, 120, 3, 64), Some(ext(195, 120)));
+        // Room for `want` nowhere: the lowest with room for `min`.
+        assert_eq!(h.allocate_at_phase(20, 900, 3, 64), Some(ext(3, 97)));
     }
 
     #[test]

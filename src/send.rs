@@ -373,7 +373,8 @@ impl Books {
     /// steady stream keeps reusing the same warm pages instead of walking
     /// the whole region, and pages are faulted in once, not once per lap.
     /// Then the areas added; `None` when nothing has room (the caller may
-    /// add an area).
+    /// add an area). A large segment starts at its place in a page where
+    /// there is room for it (see [`LARGE_SEGMENT_WORDS`]).
     fn allocate<W: Word>(
         &mut self,
         own: &OwnRegion<W>,
@@ -1652,6 +1653,42 @@ mod tests {
             area,
             extent: Extent { start: 0, len: 1 },
         }
+    }
+
+    fn span(area: u32, start: u32, len: u32) -> Span {
+        Span {
+            area,
+            extent: Extent { start, len },
+        }
+    }
+
+    // A run joins only the span that follows it in the same area: word 8
+    // of area 1 follows word 7 of area 0 by number, not in memory.
+    #[test]
+    fn a_run_of_released_spans_joins_neighbours_in_one_area_only() {
+        let (mut books, own) = books();
+        let (area, _fd) = OwnArea::create(64 << 10, false).unwrap();
+        books.add_area(1, area);
+        let (words_0, words_1) = (books.free.free_words(), 8192);
+        assert_eq!(books.free.allocate(8, 8), Some(Extent { start: 0, len: 8 }));
+        let held = books.free_list(1).and_then(|f| f.allocate(24, 24));
+        assert_eq!(held, Some(Extent { start: 0, len: 24 }));
+        books.in_flight_words = 24;
+        let mut run = NO_SPAN;
+        for s in [span(0, 0, 8), span(1, 8, 8), span(1, 16, 8)] {
+            // SAFETY: taken above and never lent: nothing refers to them.
+            unsafe { books.give_back_joined(&own, &mut run, s) };
+        }
+        assert_eq!(run, span(1, 8, 16), "the two spans of area 1 joined");
+        books.free_span(run);
+        assert_eq!(books.free.free_words(), words_0);
+        let free_1 = books.free_list(1).map(|f| f.free_words());
+        assert_eq!(
+            free_1,
+            Some(words_1 - 8),
+            "area 1's first 8 words still held"
+        );
+        assert_eq!(books.in_flight_words, 0);
     }
 
     #[test]
