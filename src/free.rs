@@ -82,7 +82,6 @@ impl FreeList {
     /// (taking up to `want`). The words skipped before the start stay free.
     /// `None` (nothing changed) when no extent has room for `min`.
     /// `phase < period` and `min >= 1`.
-    #[inline(never)]
     pub(crate) fn allocate_at_phase(
         &mut self,
         min: u32,

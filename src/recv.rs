@@ -244,12 +244,7 @@ impl<W: Word> RecvSide<W> {
             if link.has_seen_close() {
                 return self.drain(&state);
             }
-            let taken = if simple {
-                self.take_counted(&state)?
-            } else {
-                link.enter()?;
-                self.take_counted_slowly(&state)?
-            };
+            let taken = self.take_counted(&state, simple)?;
             simple = true;
             if let Some(taken) = taken {
                 return Ok(taken);
@@ -286,14 +281,17 @@ impl<W: Word> RecvSide<W> {
     }
 
     /// Takes the peer's next message, if there is one, and counts it: the
-    /// common kind directly, anything else through
+    /// common kind directly (if `simple`: not when the caller has just
+    /// looked for it), anything else through
     /// [`take_message`](Self::take_message).
     #[inline(always)]
-    fn take_counted(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
+    fn take_counted(&self, state: &RecvState, simple: bool) -> Result<Option<Taken>, Failure> {
         let link = &*self.link;
         link.enter()?;
-        if let Some(one) = self.take_simple_counted(state) {
-            return Ok(Some(one.into_taken()));
+        if simple {
+            if let Some(one) = self.take_simple_counted(state) {
+                return Ok(Some(one.into_taken()));
+            }
         }
         self.take_counted_slowly(state)
     }
@@ -398,7 +396,7 @@ impl<W: Word> RecvSide<W> {
                 return Err(Halt::Disconnected);
             }
         }
-        self.take_counted(state)?.ok_or(Halt::Disconnected)
+        self.take_counted(state, true)?.ok_or(Halt::Disconnected)
     }
 
     /// Asks the peer to ring the socket when it publishes (or closes), for

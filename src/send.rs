@@ -353,6 +353,7 @@ impl Books {
     /// first fit would choose, and no release needs reading for it.
     #[inline(always)]
     fn allocate_warm(&mut self, min: u32, want: u32) -> Option<Span> {
+        // A large segment has its place in a page: `allocate_placed`.
         if min >= LARGE_SEGMENT_WORDS {
             return None;
         }

@@ -1365,8 +1365,8 @@ fn print_footer(args: &Args) {
              and wake on every hop (for no spin), capnp building the 64 B message on a reused \
              buffer in one process, no transport (for one-way 64 B messages); capnp echo is \
              capnp's work in one 64 B round trip, done in one process (a round trip takes at \
-             least the spin floor plus this); memcpy of 1 MiB \
-             in one process (for one-way bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
+             least the spin floor plus this); memcpy of 1 MiB in one process (for one-way \
+             bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
              is all that a 1 MiB message does to its bytes (a zeroed segment, the \
              payload copied in, the receiver's checksum), done in one process.\n\
              Rows with a spread ran {} times, interleaved (floor, shm, socket, ...): the \
