@@ -37,8 +37,29 @@ def classify(fn):
     return "other (std, libc, the program)"
 
 
+def by_source(where):
+    """The part a (source file, function) pair counts to by the file its
+    lines come from: capnp's code inlined into the crate's functions is
+    capnp's, the crate's code inlined into capnp's is the crate's; std's
+    generic code (Vec, RefCell, atomics) counts to the function it runs in.
+    """
+    file, fn = where
+    if re.search(r"/capnp-rpc-[0-9]", file):
+        return "capnp-rpc"
+    if re.search(r"/capnp-[0-9]", file):
+        return "capnp"
+    if re.search(r"/futures[-a-z]*-[0-9]", file):
+        return "futures"
+    if file.startswith("capnp-shm-rpc/") or "/capnp-shm-rpc/" in file:
+        return "capnp-shm-rpc (network, runner)"
+    if not file.startswith("/") and file.startswith(("src/", "examples/")):
+        return "capnp-shm (core)" if file.startswith("src/") else "other (std, libc, the program)"
+    return classify(fn)
+
+
 def functions(program, args):
-    """Self cost of every function (inlined code counts to its caller)."""
+    """Self cost of every (source file, function) pair: the file is where
+    the lines come from, so inlined code names its own file."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "cg.out")
         subprocess.run(
@@ -59,9 +80,9 @@ def functions(program, args):
         )
         if not m or "PROGRAM TOTALS" in m.group(2) or ":" not in m.group(2):
             continue
-        fn = m.group(2).split(":", 1)[1]
+        file, fn = m.group(2).split(":", 1)
         fn = re.sub(r"\s*\[[^\]]*\]$", "", fn)
-        costs[fn] = costs.get(fn, 0) + int(m.group(1).replace(",", ""))
+        costs[(file, fn)] = costs.get((file, fn), 0) + int(m.group(1).replace(",", ""))
     return costs
 
 
@@ -77,22 +98,26 @@ def main():
     sep = rest.index("--")
     args_n, args_0 = rest[:sep], rest[sep + 1 :]
     full, setup = functions(program, args_n), functions(program, args_0)
-    per = {fn: (full.get(fn, 0) - setup.get(fn, 0)) / n for fn in full}
-    parts = {}
-    for fn, v in per.items():
-        k = classify(fn)
-        parts[k] = parts.get(k, 0) + v
-    total = sum(parts.values())
+    per = {k: (full.get(k, 0) - setup.get(k, 0)) / n for k in full}
+    by_fn, by_line = {}, {}
+    for (file, fn), v in per.items():
+        by_fn[classify(fn)] = by_fn.get(classify(fn), 0) + v
+        by_line[by_source((file, fn))] = by_line.get(by_source((file, fn)), 0) + v
+    total = sum(by_fn.values())
     print(f"instructions per {label} ({n} of them):")
-    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:34} {v:8.0f}  {100 * v / total:5.1f}%")
+    print(f"  {'':34} {'function':>8}  {'':6} {'line':>8}")
+    for k in sorted(set(by_fn) | set(by_line), key=lambda k: -by_fn.get(k, 0)):
+        f, l = by_fn.get(k, 0), by_line.get(k, 0)
+        print(f"  {k:34} {f:8.0f}  {100 * f / total:5.1f}% {l:8.0f}  {100 * l / total:5.1f}%")
     print(f"  {'total':34} {total:8.0f}")
     if top:
         print(f"the crate's {top} costliest functions (self, inlined code included):")
-        crate = [(v, fn) for fn, v in per.items() if classify(fn) == "capnp-shm (core)"]
-        for v, fn in sorted(crate, reverse=True)[:top]:
+        crate = {}
+        for (file, fn), v in per.items():
+            if classify(fn) == "capnp-shm (core)":
+                crate[fn] = crate.get(fn, 0) + v
+        for fn, v in sorted(crate.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {v:8.1f}  {fn[:110]}")
-
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,11 @@
 //! - build floor: capnp building the one-way 64 B row's message in one
 //!   process, on a reused buffer, with no transport: the most messages a
 //!   second that any sender building each one could send;
+//! - ring floor: the one-way 64 B row's workload between a parent and a
+//!   forked child over a bare ring in shared memory (build as the build
+//!   floor does, copy the segment into a slot, store a tag; read it in
+//!   place): the most messages a second any transport between two
+//!   processes could carry on the machine as it is during the run;
 //! - echo floor: capnp's work in one 64 B round trip (build the request,
 //!   read it, build the answer, read it), in one process with no
 //!   transport: what a round trip costs on top of the spin floor, since
@@ -37,7 +42,7 @@ use super::{checksum, fill_blob, fork_peer, payload, read_blob};
 /// ping-pong has no other way to notice a peer that died.
 const STALL: Duration = Duration::from_secs(10);
 
-/// Spins of a waiting spin-floor side before it starts yielding the CPU as
+/// Spins of a waiting spin-floor or ring-floor side before it starts yielding the CPU as
 /// well: only reached when both processes share one vCPU, where spinning
 /// alone would wait for the scheduler's time slice on every hop.
 const SPINS_BEFORE_YIELD: u32 = 1 << 16;
@@ -66,21 +71,33 @@ struct PingPong {
 
 const _: () = assert!(std::mem::size_of::<PingPong>() == 384);
 
-/// A [`PingPong`] in its own `MAP_SHARED | MAP_ANONYMOUS` mapping, so a
-/// forked child shares it; unmapped on drop.
-struct SharedPingPong {
-    ptr: NonNull<PingPong>,
+/// A `T` in its own `MAP_SHARED | MAP_ANONYMOUS` mapping, zero-filled, so
+/// a forked child shares it; unmapped on drop. For types of atomics (and
+/// cells of plain words) only, for which all-zero bytes are a valid value:
+/// see [`ZeroValid`].
+struct Shared<T: ZeroValid> {
+    ptr: NonNull<T>,
 }
 
-impl SharedPingPong {
-    /// Maps a zeroed page.
-    fn new() -> SharedPingPong {
+/// A type for which all-zero bytes are a valid value.
+///
+/// # Safety
+///
+/// Implement it only for such types.
+unsafe trait ZeroValid {}
+
+// SAFETY: atomics only.
+unsafe impl ZeroValid for PingPong {}
+
+impl<T: ZeroValid> Shared<T> {
+    /// Maps a zeroed `T`.
+    fn new() -> Shared<T> {
         // SAFETY: a fresh anonymous mapping: no address hint, no descriptor;
         // it overlaps nothing of ours.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                std::mem::size_of::<PingPong>(),
+                std::mem::size_of::<T>(),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_ANONYMOUS,
                 -1,
@@ -92,27 +109,49 @@ impl SharedPingPong {
             "mmap failed: {}",
             io::Error::last_os_error()
         );
-        let ptr = NonNull::new(p.cast::<PingPong>()).expect("mmap returned null");
+        let ptr = NonNull::new(p.cast::<T>()).expect("mmap returned null");
         // Page-aligned, so aligned for the 128-byte lines.
         assert!(ptr.as_ptr().is_aligned(), "mmap returned an unaligned page");
-        SharedPingPong { ptr }
+        Shared { ptr }
     }
 
-    fn get(&self) -> &PingPong {
+    fn get(&self) -> &T {
         // SAFETY: the mapping is live until `self` drops (the reference
         // borrows `self`), aligned (checked in `new`), zero-filled by the
-        // kernel, and all-zero bytes are a valid `PingPong` (atomics only);
-        // only shared references are ever made.
+        // kernel, and all-zero bytes are a valid `T` (`ZeroValid`); only
+        // shared references are ever made.
         unsafe { self.ptr.as_ref() }
     }
 }
 
-impl Drop for SharedPingPong {
+impl<T: ZeroValid> Drop for Shared<T> {
     fn drop(&mut self) {
         // SAFETY: this is exactly the range `new` mapped, and no reference
         // into it outlives `self`. A failure would leave a page mapped:
         // nothing to do about it here.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<PingPong>()) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<T>()) };
+    }
+}
+
+/// Spins until `ready()`; after [`SPINS_BEFORE_YIELD`] spins, yields the CPU
+/// between looks as well.
+///
+/// # Panics
+///
+/// If `ready()` stays false for [`STALL`] after the spinning: the other
+/// process is gone or stuck (`what` names it).
+fn spin_until(mut ready: impl FnMut() -> bool, what: &str) {
+    let mut spins = 0u32;
+    let mut since = None;
+    while !ready() {
+        if spins < SPINS_BEFORE_YIELD {
+            spins += 1;
+            spin_loop();
+        } else {
+            std::thread::yield_now();
+            let since = *since.get_or_insert_with(Instant::now);
+            assert!(since.elapsed() < STALL, "{what} stalled");
+        }
     }
 }
 
@@ -151,18 +190,7 @@ impl Hop {
             Hop::Spin => {
                 // Acquire: pairs with the Release in `pass`.
                 let arrived = || line.spin.0.load(Ordering::Acquire) == u64::from(value);
-                let mut spins = 0u32;
-                let mut since = None;
-                while !arrived() {
-                    if spins < SPINS_BEFORE_YIELD {
-                        spins += 1;
-                        spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                        let since = *since.get_or_insert_with(Instant::now);
-                        assert!(since.elapsed() < STALL, "spin ping-pong stalled");
-                    }
-                }
+                spin_until(arrived, "spin ping-pong");
             }
             Hop::Futex => {
                 let since = Instant::now();
@@ -264,7 +292,7 @@ pub(crate) struct Placement {
 /// pass the ball (odd), the peer waits for it and passes it back (even).
 /// `warmup` trips first, not recorded. Also returns where both sides ran.
 pub(crate) fn ping_pong(hop: Hop, warmup: u64, count: u64) -> (Vec<u64>, Placement) {
-    let page = SharedPingPong::new();
+    let page = Shared::<PingPong>::new();
     let trips = u32::try_from(warmup + count).expect("fewer than 2^31 round trips");
     assert!(trips < u32::MAX / 2, "fewer than 2^31 round trips");
     let middle = warmup + count / 2;
@@ -366,6 +394,147 @@ pub(crate) fn build_floor(count: u64) -> f64 {
         build(seq);
     }
     count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Slots of the ring floor's ring.
+const RING_SLOTS: usize = 1024;
+
+/// Words of one ring slot's segment: room for the 64 B blob's one segment
+/// (11 words).
+const SLOT_WORDS: usize = 15;
+
+/// One slot of the ring floor: a tag and a copy of one message's segment,
+/// alone on its 128 bytes.
+#[repr(C, align(128))]
+struct Slot {
+    /// `(seq + 1) << 32 | segment bytes` of the message in the slot, stored
+    /// after its words (`Release`); the receiver waits on it.
+    tag: AtomicU64,
+    /// The segment: written by the sender only while the receiver has read
+    /// the slot's last message (`consumed`), read by the receiver only once
+    /// the tag names the message it waits for.
+    words: std::cell::UnsafeCell<[u64; SLOT_WORDS]>,
+}
+
+/// The shared memory of the ring floor.
+#[repr(C)]
+struct Ring {
+    /// Messages the receiver has read: a slot is the sender's again once
+    /// this passes the message in it.
+    consumed: CacheLine<AtomicU64>,
+    slots: [Slot; RING_SLOTS],
+}
+
+impl Ring {
+    /// The slot of message `seq`.
+    fn slot(&self, seq: u64) -> &Slot {
+        // The remainder is below RING_SLOTS, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        &self.slots[(seq % RING_SLOTS as u64) as usize]
+    }
+}
+
+// SAFETY: atomics and cells of plain words only.
+unsafe impl ZeroValid for Ring {}
+
+// SAFETY: `Slot::words` is written and read only in the turns the tag and
+// `consumed` hand out (see `Slot`); everything else is atomic.
+unsafe impl Sync for Ring {}
+
+/// Messages a second through the least a transport between two processes
+/// can be: the one-way 64 B row's workload (the peer builds each blob as
+/// in [`build_floor`]; we read it with `read_blob` and check it) over a
+/// bare ring in shared memory. The sender copies the message's segment into
+/// a slot and stores its tag; the receiver waits on the tag, reads the
+/// segment in place with capnp, and stores its count. No validation, no
+/// sleeping, no space to manage: the floor of the one-way 64 B row between
+/// the same two kinds of processes, on the machine as it is at the time.
+/// Timed as `throughput` times the row, from the first message on.
+///
+/// # Panics
+///
+/// If a message arrives wrong, or a side stalls (see [`spin_until`]).
+pub(crate) fn ring_floor(count: u64) -> f64 {
+    assert!(count < u64::from(u32::MAX), "the tag holds a 32-bit count");
+    let payload = payload(64);
+    let expected = checksum(&payload);
+    let ring = Shared::<Ring>::new();
+    fork_peer(
+        ring.get(),
+        ring.get(),
+        |ring| {
+            let mut scratch = vec![0u8; 1024];
+            let mut consumed = 0;
+            for seq in 0..count {
+                if seq - consumed >= RING_SLOTS as u64 {
+                    spin_until(
+                        || {
+                            // Acquire: the receiver is done with the slot.
+                            consumed = ring.consumed.0.load(Ordering::Acquire);
+                            seq - consumed < RING_SLOTS as u64
+                        },
+                        "ring floor receiver",
+                    );
+                }
+                let allocator = capnp::message::ScratchSpaceHeapAllocator::new(&mut scratch[..]);
+                let mut message = capnp::message::Builder::new(allocator);
+                fill_blob(&mut message, seq, black_box(&payload));
+                let output = message.get_segments_for_output();
+                let segment = output[0];
+                assert!(output.len() == 1 && segment.len() <= SLOT_WORDS * 8);
+                let slot = ring.slot(seq);
+                // SAFETY: the receiver has read the slot's last message
+                // (`consumed` is past it), so nobody reads these words now;
+                // the segment fits (asserted).
+                unsafe {
+                    let words = slot.words.get().cast::<u8>();
+                    std::ptr::copy_nonoverlapping(segment.as_ptr(), words, segment.len());
+                }
+                // Release: publishes the words above.
+                slot.tag
+                    .store((seq + 1) << 32 | segment.len() as u64, Ordering::Release);
+            }
+            0
+        },
+        |ring| {
+            let mut start = Instant::now();
+            for seq in 0..count {
+                let slot = ring.slot(seq);
+                let mut tag = 0;
+                spin_until(
+                    || {
+                        // Acquire: pairs with the sender's Release.
+                        tag = slot.tag.load(Ordering::Acquire);
+                        tag >> 32 == seq + 1
+                    },
+                    "ring floor sender",
+                );
+                // The clock starts at the first message, as for the row.
+                if seq == 0 {
+                    start = Instant::now();
+                }
+                let len = usize::try_from(tag & 0xffff_ffff).unwrap_or(usize::MAX);
+                assert!(len <= SLOT_WORDS * 8, "a segment larger than its slot");
+                // SAFETY: the tag names message `seq`, whose words the
+                // sender stored before it (Acquire above), and it writes
+                // none of this slot's words until `consumed` passes `seq`;
+                // `len` is within the slot (asserted).
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(slot.words.get().cast::<u8>(), len) };
+                let segments = [bytes];
+                let message = capnp::message::Reader::new(
+                    capnp::message::SegmentArray::new(&segments),
+                    capnp::message::ReaderOptions::new(),
+                );
+                let (got, sum) = read_blob(&message);
+                assert_eq!((got, sum), (seq, expected), "ring floor: lost or corrupted");
+                // Release: our reads of the slot are done.
+                ring.consumed.0.store(seq + 1, Ordering::Release);
+            }
+            (count - 1) as f64 / start.elapsed().as_secs_f64()
+        },
+        "ring floor peer",
+    )
 }
 
 /// capnp's work in `count` round trips of the 64 B round-trip row, in one

@@ -30,8 +30,12 @@
 //!   "zero+copy+sum", all that a 1 MiB message does to its bytes, done
 //!   in one process;
 //! - capnp building the 64 B message in one process on a reused buffer,
-//!   with no transport, for "one-way 64 B messages": no sender that builds
-//!   each message sends faster;
+//!   with no transport: no sender that builds each message sends faster;
+//! - the one-way 64 B workload over a bare ring in shared memory between
+//!   two processes (the message built as above, its segment copied into a
+//!   slot, read in place), for "one-way 64 B messages": a transport with
+//!   no validation, no sleeping and no space to manage, on the machine as
+//!   it is during the run;
 //! - capnp's work in a 64 B round trip (build, read, build the answer,
 //!   read it) in one process: a round trip costs at least this plus the
 //!   spin floor, as the two sides of a ping-pong never work at once.
@@ -1362,8 +1366,10 @@ fn print_footer(args: &Args) {
         println!(
             "floor: what the hardware allows, measured in this run: a cache line bounced \
              between two spinning processes (for round trip 64 B), the same with a futex wait \
-             and wake on every hop (for no spin), capnp building the 64 B message on a reused \
-             buffer in one process, no transport (for one-way 64 B messages); capnp echo is \
+             and wake on every hop (for no spin), the one-way 64 B workload over a bare ring \
+             between two processes, no validation and no space to manage (for one-way 64 B \
+             messages); capnp build is that message built on a reused buffer in one process, \
+             no transport; capnp echo is \
              capnp's work in one 64 B round trip, done in one process (a round trip takes at \
              least the spin floor plus this); memcpy of 1 MiB in one process (for one-way \
              bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
@@ -1540,7 +1546,7 @@ fn repetitions(quick: bool) -> u64 {
 const MIB: usize = 1 << 20;
 
 /// Steps of one repetition of [`measure_core`], for the progress line.
-const CORE_STEPS: usize = 12;
+const CORE_STEPS: usize = 13;
 
 /// How much work the core rows do in one run, shared out over `reps`
 /// repetitions.
@@ -1570,6 +1576,9 @@ struct Core {
     echo: Repeated,
     /// Messages a second capnp builds the 64 B message in one process.
     build: Repeated,
+    /// Messages a second of the one-way 64 B workload over a bare ring
+    /// between two processes.
+    ring: Repeated,
     /// Heap allocations per received 64-byte message (shm, socket), of the
     /// last repetition.
     allocations: (f64, f64),
@@ -1638,6 +1647,8 @@ fn measure_core(
 
         step("build floor");
         core.build.0.push(floors::build_floor(small));
+        step("ring floor");
+        core.ring.0.push(floors::ring_floor(small));
         step("throughput 64 B shm");
         let (s_msgs, _, s_alloc) = throughput(Transport::Shm, default, 64, small);
         step("throughput 64 B socket");
@@ -1754,6 +1765,15 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         )
         .with_reps(&core.build),
     );
+    rows.push(
+        Row::higher(
+            "floor: capnp over a bare ring 64 B",
+            "msg/s",
+            core.ring.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.ring),
+    );
     for (workload, floor) in [
         ("floor: memcpy 1 MiB, one process", &core.memcpy),
         ("floor: sum 1 MiB, one process", &core.sum),
@@ -1825,7 +1845,7 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
                         core.shm_small.median(),
                         core.socket_small.median(),
                     )
-                    .with_floor(core.build.median())
+                    .with_floor(core.ring.median())
                     .with_reps(&core.shm_small),
                 );
                 let gb = |r: &Repeated| Repeated(r.0.iter().map(|m| m * 64.0 / 1e9).collect());
