@@ -337,6 +337,156 @@ pub(crate) fn ping_pong(hop: Hop, warmup: u64, count: u64) -> (Vec<u64>, Placeme
     (samples, Placement { parent, peer })
 }
 
+/// Rounds of [`core_sharing`]'s loops together: the fastest counts.
+const CONTENTION_ROUNDS: usize = 3;
+
+/// The shared memory of [`core_sharing`].
+#[repr(C)]
+struct Contention {
+    /// The round the parent has started (0: none yet); before round 1, the
+    /// peer stores [`READY`] once it is pinned and warmed up, or
+    /// [`UNPINNED`].
+    round: CacheLine<AtomicU32>,
+    /// The peer's loop time in each round, in nanoseconds, plus one; 0
+    /// until it writes it.
+    peer_nanos: CacheLine<[AtomicU64; CONTENTION_ROUNDS]>,
+}
+
+// SAFETY: atomics only.
+unsafe impl ZeroValid for Contention {}
+
+/// [`Contention::round`] when the peer is ready for round 1.
+const READY: u32 = u32::MAX;
+
+/// [`Contention::round`] when the peer could not pin itself to its CPU.
+const UNPINNED: u32 = u32::MAX - 1;
+
+/// Iterations of [`busy_loop`] in [`core_sharing`]: about 0.05 s a run.
+const BUSY_ITERATIONS: u64 = 20_000_000;
+
+/// Work that keeps one core's multiplier busy: eight independent
+/// multiply-add chains, one multiply a cycle. Two hyperthreads of one core
+/// share that unit, so each runs it at about half speed beside the other;
+/// two cores each run it at full speed.
+fn busy_loop(iterations: u64) -> u64 {
+    let mut chains = [1u64, 2, 3, 4, 5, 6, 7, 8];
+    for i in 0..iterations {
+        for (k, x) in (0u64..).zip(chains.iter_mut()) {
+            *x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(i ^ k);
+        }
+    }
+    chains.iter().fold(0, |acc, x| acc ^ x)
+}
+
+/// An empty CPU set.
+fn empty_cpu_set() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Pins the calling thread to `cpu`; `false` when the kernel refuses (a
+/// CPU outside the process's set, or one that does not exist).
+fn pin_to(cpu: u32) -> bool {
+    let Ok(cpu) = usize::try_from(cpu) else {
+        return false;
+    };
+    let mut set = empty_cpu_set();
+    // SAFETY: CPU_SET ignores a CPU beyond the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the kernel only reads the set, of the size given.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// The calling thread's CPU set, to restore after [`pin_to`].
+fn affinity() -> Option<libc::cpu_set_t> {
+    let mut set = empty_cpu_set();
+    // SAFETY: the kernel writes at most the size given.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (r == 0).then_some(set)
+}
+
+/// Whether CPUs `a` and `b` share a physical core, measured: how many
+/// times longer [`busy_loop`] takes on `a` while a forked child runs it on
+/// `b` at the same time than on `a` alone (about 2 for hyperthreads of one
+/// core, about 1 for two cores). `None` when a CPU cannot be pinned to.
+/// The calling thread's CPU set is restored.
+pub(crate) fn core_sharing(a: u32, b: u32) -> Option<f64> {
+    let saved = affinity()?;
+    let restore = || {
+        // SAFETY: `saved` is the set the kernel gave us.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &saved) };
+    };
+    if !pin_to(a) {
+        restore();
+        return None;
+    }
+    let timed = || {
+        let start = Instant::now();
+        black_box(busy_loop(black_box(BUSY_ITERATIONS)));
+        start.elapsed()
+    };
+    // The first run warms the CPU up (it may start at a lower clock); the
+    // faster of two more is the figure.
+    timed();
+    let alone = timed().min(timed());
+    let shared = Shared::<Contention>::new();
+    let together = fork_peer(
+        shared.get(),
+        shared.get(),
+        |c| {
+            if !pin_to(b) {
+                c.round.0.store(UNPINNED, Ordering::Release);
+                return 0;
+            }
+            timed();
+            c.round.0.store(READY, Ordering::Release);
+            for (round, nanos) in (1..).zip(&c.peer_nanos.0) {
+                spin_until(
+                    || c.round.0.load(Ordering::Acquire) == round,
+                    "core test parent",
+                );
+                let took = u64::try_from(timed().as_nanos()).unwrap_or(u64::MAX - 1);
+                nanos.store(took + 1, Ordering::Release);
+            }
+            0
+        },
+        |c| {
+            let mut said = 0;
+            let answered = || {
+                said = c.round.0.load(Ordering::Acquire);
+                said >= UNPINNED
+            };
+            spin_until(answered, "core test peer");
+            let mut ours = Vec::with_capacity(CONTENTION_ROUNDS);
+            if said == UNPINNED {
+                return ours; // no times: `None` below
+            }
+            for (round, nanos) in (1..).zip(&c.peer_nanos.0) {
+                c.round.0.store(round, Ordering::Release);
+                ours.push(timed());
+                // The peer's loop ends about when ours does.
+                spin_until(|| nanos.load(Ordering::Acquire) != 0, "core test peer");
+            }
+            ours
+        },
+        "core test peer",
+    );
+    restore();
+    // The peer has exited (fork_peer waits): its times are final. In each
+    // round the slower of the two loops says how much they got in each
+    // other's way; the least of the rounds is the figure.
+    let rounds = together.iter().zip(&shared.get().peer_nanos.0);
+    let slowest = rounds.map(|(ours, theirs)| {
+        let theirs = theirs.load(Ordering::Acquire).checked_sub(1)?;
+        Some(ours.as_secs_f64().max(theirs as f64 / 1e9))
+    });
+    let slowest = slowest.collect::<Option<Vec<f64>>>()?;
+    let least = slowest.into_iter().reduce(f64::min)?;
+    Some(least / alone.as_secs_f64())
+}
+
 /// Size of the buffers of the memory floors.
 const MEMORY_BUFFER: usize = 1 << 20;
 

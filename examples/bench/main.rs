@@ -1336,7 +1336,10 @@ fn main() {
     let summary = Run::summarise(&runs);
     print_table(&summary.rows, args.runs);
     print_footer(&args);
-    if let Some(line) = describe_placement(&summary.placements, summary.spin_p50.median()) {
+    // Measured last, alone: a property of the host, not of a transport.
+    let sharing = cpu_pair(&summary.placements).and_then(|(a, b)| floors::core_sharing(a, b));
+    if let Some(line) = describe_placement(&summary.placements, summary.spin_p50.median(), sharing)
+    {
         println!("{line}");
     }
     if let Some(path) = &args.json {
@@ -1394,16 +1397,21 @@ fn print_footer(args: &Args) {
     );
 }
 
-/// Below this spin floor (µs) two processes on different vCPUs are likely
-/// on hyperthreads of one physical core: a line bounced between physical
-/// cores takes about 0.35 µs on this kind of host, between hyperthreads
-/// about 0.09 µs.
-const SHARED_CORE_BELOW_US: f64 = 0.2;
+/// From this slowdown of a busy loop run on two vCPUs at once (against one
+/// alone), the two share a physical core (hyperthreads: about 2); up to
+/// [`SEPARATE_CORES_BELOW`], they are separate cores (about 1).
+const SHARED_CORE_FROM: f64 = 1.5;
+const SEPARATE_CORES_BELOW: f64 = 1.15;
 
 /// "placement: parent on cpu 0, peer on cpu 1 (different vCPUs; ...)",
-/// from the CPUs sampled during the spin floor (`spin_p50` in µs); `None`
-/// when the run measured no floor (`--tcp`, `--rpc`).
-fn describe_placement(placements: &[floors::Placement], spin_p50: f64) -> Option<String> {
+/// from the CPUs sampled during the spin floor (`spin_p50` in µs) and
+/// whether they share a core (`sharing`: see [`floors::core_sharing`]);
+/// `None` when the run measured no floor (`--tcp`, `--rpc`).
+fn describe_placement(
+    placements: &[floors::Placement],
+    spin_p50: f64,
+    sharing: Option<f64>,
+) -> Option<String> {
     let first = *placements.first()?;
     let cpu = |c: Option<u32>| c.map_or("?".to_string(), |c| c.to_string());
     let cpus = if placements.iter().all(|p| *p == first) {
@@ -1434,15 +1442,41 @@ fn describe_placement(placements: &[floors::Placement], spin_p50: f64) -> Option
         n => format!("same vCPU in {n} of {} repetitions", placements.len()),
     };
     let inference = if known > 0 && same == placements.len() {
-        "the floor measures the scheduler, not the cache"
-    } else if spin_p50 < SHARED_CORE_BELOW_US {
-        "the vCPUs likely share a physical core"
+        "the floor measures the scheduler, not the cache".to_string()
     } else {
-        "separate physical cores"
+        match sharing {
+            None => "whether they share a physical core was not measured".to_string(),
+            Some(x) => {
+                let verdict = if x >= SHARED_CORE_FROM {
+                    "they share a physical core"
+                } else if x < SEPARATE_CORES_BELOW {
+                    "separate physical cores"
+                } else {
+                    "unclear whether they share a physical core"
+                };
+                format!(
+                    "a multiply-bound loop took {x:.2}x as long on both vCPUs at once as on \
+                     one: {verdict}"
+                )
+            }
+        }
     };
     Some(format!(
-        "placement: {cpus} ({vcpus}; spin floor {spin_p50:.2} µs: {inference})"
+        "placement: {cpus} ({vcpus}; spin floor {spin_p50:.2} µs; {inference})"
     ))
+}
+
+/// The two different CPUs the spin floor's processes ran on most often,
+/// if any repetition saw two.
+fn cpu_pair(placements: &[floors::Placement]) -> Option<(u32, u32)> {
+    let mut pairs: Vec<(u32, u32)> = placements
+        .iter()
+        .filter_map(|p| Some((p.parent?.min(p.peer?), p.parent?.max(p.peer?))))
+        .filter(|(a, b)| a != b)
+        .collect();
+    pairs.sort_unstable();
+    let count = |pair: &(u32, u32)| pairs.iter().filter(|p| *p == pair).count();
+    pairs.iter().copied().max_by_key(count)
 }
 
 /// What one run of every workload measured.
