@@ -44,8 +44,8 @@ pub enum WaitMethod {
 /// The most receivers one `futex_waitv` covers (two words each).
 const MAX_FUTEX_RECEIVERS: usize = WAIT_MANY_MAX / 2;
 
-/// Receivers whose sockets a wait polls from an array on the stack (more
-/// take a vector per sleep).
+/// Descriptors a wait polls from an array on the stack (more take a vector
+/// per sleep): `wait_any`'s receivers, `poll_ready`'s descriptors.
 const POLL_ON_STACK: usize = 16;
 
 /// Why [`wait_any`] returned no index.
@@ -321,52 +321,57 @@ impl<'a, R: AsRef<Receiver>> Sides<'a, R> {
         if let Err(i) = self.prepare(SLEEPING_ON_SOCKET, |_, _| {}) {
             return Ok(Some(i));
         }
-        // On the stack for a few receivers, so that a sleep allocates
-        // nothing; on the heap beyond.
         let n = self.all().count();
-        let mut on_stack = [socket::PollFd::ignored(); POLL_ON_STACK];
-        let mut on_heap = Vec::new();
-        let fds: &mut [socket::PollFd<'_>] = if n <= POLL_ON_STACK {
-            &mut on_stack[..n]
-        } else {
-            on_heap.resize(n, socket::PollFd::ignored());
-            &mut on_heap
-        };
-        for (fd, rx) in fds.iter_mut().zip(self.all()) {
-            let socket = match rx {
-                Rx::Shm(side) => side.link().socket(),
-                Rx::Stream(side) => side.link().socket(),
-            };
-            *fd = socket::PollFd::new(socket, false);
-        }
-        let polled = socket::poll(fds, slice);
-        self.finish();
-        polled.map_err(WaitAnyError::Io)?;
-        for (i, (rx, fd)) in self.all().zip(fds.iter()).enumerate() {
-            let ready = fd.ready();
-            match rx {
-                Rx::Shm(s) => {
-                    let link = s.link();
-                    if ready.hung_up {
-                        link.note_peer_gone();
-                        return Ok(Some(i));
-                    }
-                    if ready.readable && (link.drain_doorbells().is_err() || link.peer_closed()) {
-                        return Ok(Some(i));
-                    }
-                }
-                Rx::Stream(s) => {
-                    // Bytes (or the end): ready once a whole message is in.
-                    if ready.readable || ready.hung_up {
-                        s.read_now();
-                        if s.ready() {
+        with_poll_fds(n, |fds| {
+            for (fd, rx) in fds.iter_mut().zip(self.all()) {
+                let socket = match rx {
+                    Rx::Shm(side) => side.link().socket(),
+                    Rx::Stream(side) => side.link().socket(),
+                };
+                *fd = socket::PollFd::new(socket, false);
+            }
+            let polled = socket::poll(fds, slice);
+            self.finish();
+            polled.map_err(WaitAnyError::Io)?;
+            for (i, (rx, fd)) in self.all().zip(fds.iter()).enumerate() {
+                let ready = fd.ready();
+                match rx {
+                    Rx::Shm(s) => {
+                        let link = s.link();
+                        if ready.hung_up {
+                            link.note_peer_gone();
                             return Ok(Some(i));
+                        }
+                        if ready.readable && (link.drain_doorbells().is_err() || link.peer_closed())
+                        {
+                            return Ok(Some(i));
+                        }
+                    }
+                    Rx::Stream(s) => {
+                        // Bytes (or the end): ready once a whole message is in.
+                        if ready.readable || ready.hung_up {
+                            s.read_now();
+                            if s.ready() {
+                                return Ok(Some(i));
+                            }
                         }
                     }
                 }
             }
-        }
-        Ok(self.first_ready())
+            Ok(self.first_ready())
+        })
+    }
+}
+
+/// Runs `f` on `n` poll entries, each `ignored` to start with: an array on
+/// the stack for up to [`POLL_ON_STACK`] of them, so that a sleep on a few
+/// descriptors allocates nothing; a vector beyond.
+fn with_poll_fds<'fd, R>(n: usize, f: impl FnOnce(&mut [socket::PollFd<'fd>]) -> R) -> R {
+    let mut on_stack: [socket::PollFd<'fd>; POLL_ON_STACK] =
+        [socket::PollFd::ignored(); POLL_ON_STACK];
+    match on_stack.get_mut(..n) {
+        Some(fds) => f(fds),
+        None => f(&mut vec![socket::PollFd::ignored(); n]),
     }
 }
 
@@ -407,7 +412,9 @@ pub fn poll_readable(
 /// [`poll_readable`], where `writable[i]` also waits for descriptor `i` to
 /// take bytes: a [stream channel](crate::Transport::Stream)'s sender whose
 /// [`arm`](crate::Sender::arm) said [`Writable`](crate::Readiness::Writable).
-/// A descriptor beyond `writable`'s length waits for reading only.
+/// A descriptor beyond `writable`'s length waits for reading only. Up to
+/// 16 descriptors, a call allocates nothing (an event loop sleeps here for
+/// every message that finds it idle).
 ///
 /// # Errors
 ///
@@ -421,17 +428,17 @@ pub fn poll_ready(
     if ready.len() < fds.len() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    let mut polled: Vec<socket::PollFd<'_>> = fds
-        .iter()
-        .enumerate()
-        .map(|(i, &fd)| socket::PollFd::new(fd, writable.get(i).copied().unwrap_or(false)))
-        .collect();
-    // About 24 days, `poll`'s longest: callers loop on their own deadline.
-    let n = socket::poll(&mut polled, timeout.unwrap_or(Duration::MAX))?;
-    for (i, (flag, fd)) in ready.iter_mut().zip(&polled).enumerate() {
-        let seen = fd.ready();
-        let wants_write = writable.get(i).copied().unwrap_or(false);
-        *flag = seen.readable || seen.hung_up || (wants_write && seen.writable);
-    }
-    Ok(n)
+    let wants_write = |i: usize| writable.get(i).copied().unwrap_or(false);
+    with_poll_fds(fds.len(), |polled| {
+        for (i, (entry, &fd)) in polled.iter_mut().zip(fds).enumerate() {
+            *entry = socket::PollFd::new(fd, wants_write(i));
+        }
+        // About 24 days, `poll`'s longest: callers loop on their own deadline.
+        let n = socket::poll(polled, timeout.unwrap_or(Duration::MAX))?;
+        for (i, (flag, fd)) in ready.iter_mut().zip(&*polled).enumerate() {
+            let seen = fd.ready();
+            *flag = seen.readable || seen.hung_up || (wants_write(i) && seen.writable);
+        }
+        Ok(n)
+    })
 }

@@ -268,3 +268,25 @@ fn a_closed_sender_is_seen_by_a_poll_readable_waiter() {
     // still holds its receiver.
     drop(rx);
 }
+
+/// `poll_readable` over more descriptors than it keeps on the stack (16)
+/// reports each one where it is: only the one whose peer went away.
+#[test]
+fn poll_readable_over_many_descriptors_reports_each_in_its_place() {
+    let _dog = Watchdog::new(Duration::from_secs(30));
+    let (mut peers, ends): (Vec<_>, Vec<_>) = (0..20).map(|_| Channel::pair().unwrap()).unzip();
+    let fds: Vec<_> = ends.iter().map(AsFd::as_fd).collect();
+    let mut ready = [true; 20];
+    assert_eq!(
+        capnp_shm::poll_readable(&fds, &mut ready, Some(Duration::ZERO)).unwrap(),
+        0
+    );
+    assert_eq!(ready, [false; 20]);
+    drop(peers.remove(17));
+    assert_eq!(
+        capnp_shm::poll_readable(&fds, &mut ready, Some(Duration::from_secs(10))).unwrap(),
+        1
+    );
+    let expected: Vec<bool> = (0..20).map(|i| i == 17).collect();
+    assert_eq!(ready.to_vec(), expected);
+}

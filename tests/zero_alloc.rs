@@ -133,6 +133,27 @@ fn waiting_on_sockets_allocates_nothing() {
     assert_eq!(allocated, 0, "a wait sleeping on sockets allocated");
 }
 
+/// `poll_ready`, the sleep of an event loop (the RPC crate's runner sleeps
+/// there on every connection that waits), allocates nothing either, for a
+/// few descriptors.
+#[test]
+fn polling_descriptors_allocates_nothing() {
+    use std::os::fd::AsFd;
+    let _s = common::serial(); // the other tests count process-wide
+    let pairs: Vec<_> = (0..3).map(|_| Channel::pair().unwrap()).collect();
+    let fds: Vec<_> = pairs.iter().map(|(_, b)| b.as_fd()).collect();
+    let mut ready = [true; 3];
+    let before = counting_alloc::this_thread();
+    for _ in 0..100 {
+        let n = capnp_shm::poll_ready(&fds, &[true, false], &mut ready, Some(Duration::ZERO));
+        // Nothing to read; the first, which asked, can take bytes.
+        assert_eq!(n.unwrap(), 1);
+    }
+    let allocated = counting_alloc::this_thread() - before;
+    assert_eq!(ready, [true, false, false]);
+    assert_eq!(allocated, 0, "poll_ready allocated");
+}
+
 #[test]
 fn steady_state_adds_no_allocations_to_capnps_own() {
     let _s = common::serial(); // the count is process-wide

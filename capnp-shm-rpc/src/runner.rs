@@ -39,6 +39,7 @@ pub(crate) struct Reactor {
     /// Reused between waits (a wait is on the path of every message that
     /// finds its receiver waiting, so it allocates nothing).
     ready: RefCell<Vec<bool>>,
+    writes: RefCell<Vec<bool>>,
     live: RefCell<Vec<Rc<dyn crate::io::Watched>>>,
     fired: RefCell<Vec<Rc<dyn crate::io::Watched>>>,
 }
@@ -99,16 +100,30 @@ impl Reactor {
             self.fire(&fired);
             return Ok(());
         }
-        let fds: Vec<BorrowedFd<'_>> = std::iter::once(wakeup)
-            .chain(live.iter().map(|w| w.fd()))
-            .collect();
-        let writes: Vec<bool> = std::iter::once(false)
-            .chain(live.iter().map(|w| w.wants_write()))
-            .collect();
+        // `wakeup`, then each connection's descriptor: on the stack for a
+        // few connections (`wakeup` fills the array), so that a sleep
+        // allocates nothing; on the heap beyond.
+        let n = 1 + live.len();
+        let mut on_stack = [wakeup; FDS_ON_STACK];
+        let mut on_heap = Vec::new();
+        let fds: &mut [BorrowedFd<'_>] = match on_stack.get_mut(..n) {
+            Some(fds) => fds,
+            None => {
+                on_heap.resize(n, wakeup);
+                &mut on_heap
+            }
+        };
+        for (fd, w) in fds[1..].iter_mut().zip(live.iter()) {
+            *fd = w.fd();
+        }
+        let mut writes = self.writes.borrow_mut();
+        writes.clear();
+        writes.push(false);
+        writes.extend(live.iter().map(|w| w.wants_write()));
         let mut ready = self.ready.borrow_mut();
         ready.clear();
-        ready.resize(fds.len(), false);
-        capnp_shm::poll_ready(&fds, &writes, &mut ready, None)?;
+        ready.resize(n, false);
+        capnp_shm::poll_ready(fds, &writes, &mut ready, None)?;
         fired.extend(
             live.iter()
                 .zip(ready.iter().skip(1))
@@ -134,6 +149,10 @@ impl Reactor {
         }
     }
 }
+
+/// Descriptors a sleep polls from an array on the stack (the wake-up
+/// socket and up to 15 connections); more take a vector per sleep.
+const FDS_ON_STACK: usize = 16;
 
 /// How long a [`Runner`] looks for work before it sleeps, unless
 /// [`Runner::with_spin`] says otherwise: the core crate's default spin.

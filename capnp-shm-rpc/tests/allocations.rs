@@ -51,3 +51,53 @@ fn one_box_per_received_message_and_none_to_release_it() {
     assert_eq!(network.counters().get().received_in_place, N);
     assert_eq!(network.counters().get().held, 0);
 }
+
+/// A runner that sleeps (spin 0: every wait that finds nothing to do ends
+/// in `poll(2)`) and is woken from another thread allocates nothing for the
+/// sleep: a wait is on the path of every message that finds its receiver
+/// idle.
+#[test]
+fn a_runner_sleeps_and_wakes_without_allocating() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Poll, Waker};
+    use std::time::Duration;
+
+    const WARMUP: u32 = 10;
+    const SLEEPS: u32 = 100;
+    let parked: Arc<Mutex<Option<Waker>>> = Arc::new(Mutex::new(None));
+    let done = Arc::new(AtomicBool::new(false));
+    // Wakes whatever waker is parked, a little later: by then the runner,
+    // which never spins, is asleep in `poll`.
+    let waking = {
+        let (parked, done) = (Arc::clone(&parked), Arc::clone(&done));
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(200));
+                let waker = parked.lock().expect("lock").take();
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+        })
+    };
+    let mut runner = capnp_shm_rpc::Runner::new().with_spin(Duration::ZERO);
+    let mut polls = 0u32;
+    let mut before = 0u64;
+    runner.run_until(std::future::poll_fn(|cx| {
+        if polls == WARMUP {
+            before = counting_alloc::this_thread();
+        }
+        if polls == WARMUP + SLEEPS {
+            return Poll::Ready(());
+        }
+        polls += 1;
+        *parked.lock().expect("lock") = Some(cx.waker().clone());
+        Poll::Pending
+    }));
+    let allocated = counting_alloc::this_thread() - before;
+    done.store(true, Ordering::Relaxed);
+    waking.join().expect("waking thread");
+    assert_eq!(polls, WARMUP + SLEEPS);
+    assert_eq!(allocated, 0, "allocations in {SLEEPS} sleeps and wakes");
+}
