@@ -21,7 +21,11 @@
 //! - echo floor: capnp's work in one 64 B round trip (build the request,
 //!   read it, build the answer, read it), in one process with no
 //!   transport: what a round trip costs on top of the spin floor, since
-//!   the two sides of a ping-pong never work at once.
+//!   the two sides of a ping-pong never work at once;
+//! - ring echo floor: that round trip between a parent and a forked child
+//!   over one slot each way in shared memory, the message and its tag on
+//!   the same lines: the round trip of a transport with nothing to check
+//!   and nothing to manage.
 //!
 //! # Notes about memory ordering
 //!
@@ -566,6 +570,66 @@ struct Slot {
     words: std::cell::UnsafeCell<[u64; SLOT_WORDS]>,
 }
 
+impl Slot {
+    /// Builds the bench's blob (`fill_blob`: `value`, `payload`) with capnp
+    /// on `scratch`, as [`build_floor`] does, copies its segment into the
+    /// slot and stores the tag naming it message `seq`.
+    ///
+    /// # Safety
+    ///
+    /// The reader of the slot is done with its last message and reads none
+    /// of its words until it sees the new tag.
+    unsafe fn put(&self, scratch: &mut [u8], seq: u64, value: u64, payload: &[u8]) {
+        let allocator = capnp::message::ScratchSpaceHeapAllocator::new(scratch);
+        let mut message = capnp::message::Builder::new(allocator);
+        fill_blob(&mut message, value, black_box(payload));
+        let output = message.get_segments_for_output();
+        let segment = output[0];
+        assert!(output.len() == 1 && segment.len() <= SLOT_WORDS * 8);
+        // SAFETY: nobody reads the words now (the caller's duty); the
+        // segment fits (asserted).
+        unsafe {
+            let words = self.words.get().cast::<u8>();
+            std::ptr::copy_nonoverlapping(segment.as_ptr(), words, segment.len());
+        }
+        // Release: publishes the words above.
+        self.tag
+            .store((seq + 1) << 32 | segment.len() as u64, Ordering::Release);
+    }
+
+    /// Waits until the slot holds message `seq`, then reads it with capnp
+    /// in place (`read_blob`): its `(value, checksum)`.
+    ///
+    /// # Safety
+    ///
+    /// The writer of the slot does not write its words again until this
+    /// side has said it is done with message `seq`.
+    unsafe fn take(&self, seq: u64, what: &str) -> (u64, u64) {
+        let mut tag = 0;
+        spin_until(
+            || {
+                // Acquire: pairs with the Release in `put`.
+                tag = self.tag.load(Ordering::Acquire);
+                tag >> 32 == seq + 1
+            },
+            what,
+        );
+        let len = usize::try_from(tag & 0xffff_ffff).unwrap_or(usize::MAX);
+        assert!(len <= SLOT_WORDS * 8, "a segment larger than its slot");
+        // SAFETY: the tag names message `seq`, whose words the writer
+        // stored before it (Acquire above), and it writes none of them
+        // while we read (the caller's duty); `len` is within the slot
+        // (asserted).
+        let bytes = unsafe { std::slice::from_raw_parts(self.words.get().cast::<u8>(), len) };
+        let segments = [bytes];
+        let message = capnp::message::Reader::new(
+            capnp::message::SegmentArray::new(&segments),
+            capnp::message::ReaderOptions::new(),
+        );
+        read_blob(&message)
+    }
+}
+
 /// The shared memory of the ring floor.
 #[repr(C)]
 struct Ring {
@@ -626,57 +690,23 @@ pub(crate) fn ring_floor(count: u64) -> f64 {
                         "ring floor receiver",
                     );
                 }
-                let allocator = capnp::message::ScratchSpaceHeapAllocator::new(&mut scratch[..]);
-                let mut message = capnp::message::Builder::new(allocator);
-                fill_blob(&mut message, seq, black_box(&payload));
-                let output = message.get_segments_for_output();
-                let segment = output[0];
-                assert!(output.len() == 1 && segment.len() <= SLOT_WORDS * 8);
-                let slot = ring.slot(seq);
                 // SAFETY: the receiver has read the slot's last message
-                // (`consumed` is past it), so nobody reads these words now;
-                // the segment fits (asserted).
-                unsafe {
-                    let words = slot.words.get().cast::<u8>();
-                    std::ptr::copy_nonoverlapping(segment.as_ptr(), words, segment.len());
-                }
-                // Release: publishes the words above.
-                slot.tag
-                    .store((seq + 1) << 32 | segment.len() as u64, Ordering::Release);
+                // (`consumed` is past it), and reads it again only for
+                // message `seq`, once tagged.
+                unsafe { ring.slot(seq).put(&mut scratch, seq, seq, &payload) };
             }
             0
         },
         |ring| {
             let mut start = Instant::now();
             for seq in 0..count {
-                let slot = ring.slot(seq);
-                let mut tag = 0;
-                spin_until(
-                    || {
-                        // Acquire: pairs with the sender's Release.
-                        tag = slot.tag.load(Ordering::Acquire);
-                        tag >> 32 == seq + 1
-                    },
-                    "ring floor sender",
-                );
+                // SAFETY: the sender rewrites the slot only once `consumed`
+                // passes `seq`, which we store below, after reading.
+                let (got, sum) = unsafe { ring.slot(seq).take(seq, "ring floor sender") };
                 // The clock starts at the first message, as for the row.
                 if seq == 0 {
                     start = Instant::now();
                 }
-                let len = usize::try_from(tag & 0xffff_ffff).unwrap_or(usize::MAX);
-                assert!(len <= SLOT_WORDS * 8, "a segment larger than its slot");
-                // SAFETY: the tag names message `seq`, whose words the
-                // sender stored before it (Acquire above), and it writes
-                // none of this slot's words until `consumed` passes `seq`;
-                // `len` is within the slot (asserted).
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(slot.words.get().cast::<u8>(), len) };
-                let segments = [bytes];
-                let message = capnp::message::Reader::new(
-                    capnp::message::SegmentArray::new(&segments),
-                    capnp::message::ReaderOptions::new(),
-                );
-                let (got, sum) = read_blob(&message);
                 assert_eq!((got, sum), (seq, expected), "ring floor: lost or corrupted");
                 // Release: our reads of the slot are done.
                 ring.consumed.0.store(seq + 1, Ordering::Release);
@@ -684,6 +714,78 @@ pub(crate) fn ring_floor(count: u64) -> f64 {
             (count - 1) as f64 / start.elapsed().as_secs_f64()
         },
         "ring floor peer",
+    )
+}
+
+/// The shared memory of the echo ring floor: a slot each way.
+#[repr(C)]
+struct EchoRing {
+    request: Slot,
+    answer: Slot,
+}
+
+// SAFETY: cells of plain words and atomics only.
+unsafe impl ZeroValid for EchoRing {}
+
+// SAFETY: each slot's words are written and read in the turns its tag and
+// the other slot's hand out (see `ring_echo`); everything else is atomic.
+unsafe impl Sync for EchoRing {}
+
+/// Round trips of the 64 B round-trip row's workload over the least a
+/// transport between two processes can be: one slot each way, the message
+/// and its tag on the same lines (as in [`ring_floor`]). We build the
+/// request in our slot; the peer reads it in place and builds the answer
+/// (`seq ^ checksum`, no payload, as the row's peer does) in its slot; we
+/// read that. Each round trip's nanoseconds, timed as the row times its
+/// own, after `warmup` more.
+///
+/// # Panics
+///
+/// If an answer arrives wrong, or a side stalls (see [`spin_until`]).
+pub(crate) fn ring_echo(warmup: u64, count: u64) -> Vec<u64> {
+    let trips = warmup + count;
+    assert!(trips < u64::from(u32::MAX), "the tag holds a 32-bit count");
+    let payload = payload(64);
+    let expected = checksum(&payload);
+    let ring = Shared::<EchoRing>::new();
+    fork_peer(
+        ring.get(),
+        ring.get(),
+        |ring| {
+            let mut scratch = vec![0u8; 1024];
+            for seq in 0..trips {
+                // SAFETY: the parent writes the request slot again only
+                // after it has our answer to `seq`, which we put after
+                // reading; and it reads our answer slot only for `seq`,
+                // once tagged, after which we write it again only once its
+                // next request shows it is done.
+                let (got, sum) = unsafe { ring.request.take(seq, "ring echo parent") };
+                // SAFETY: as above.
+                unsafe { ring.answer.put(&mut scratch, seq, got ^ sum, &[]) };
+            }
+            0
+        },
+        |ring| {
+            let mut scratch = vec![0u8; 1024];
+            let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            for seq in 0..trips {
+                let start = Instant::now();
+                // SAFETY: the peer has read our last request (we have its
+                // answer) and reads the slot again only for `seq`, once
+                // tagged.
+                unsafe { ring.request.put(&mut scratch, seq, seq, &payload) };
+                // SAFETY: the peer writes its answer slot again only after
+                // our next request, which we put after reading this.
+                let (answer, _) = unsafe { ring.answer.take(seq, "ring echo peer") };
+                let elapsed = start.elapsed();
+                assert_eq!(answer, seq ^ expected, "ring echo: wrong answer");
+                if seq >= warmup {
+                    samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+                }
+            }
+            samples
+        },
+        "ring echo peer",
     )
 }
 

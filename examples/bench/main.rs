@@ -38,7 +38,9 @@
 //!   it is during the run;
 //! - capnp's work in a 64 B round trip (build, read, build the answer,
 //!   read it) in one process: a round trip costs at least this plus the
-//!   spin floor, as the two sides of a ping-pong never work at once.
+//!   spin floor, as the two sides of a ping-pong never work at once; and
+//!   the same round trip between two processes over a bare ring (one slot
+//!   each way, the message and its tag on the same lines).
 //!
 //! The core rows (round trip 64 B with and without spinning, one-way 64 B
 //! messages, one-way 1 MiB, and the floors) run in several repetitions,
@@ -1372,9 +1374,10 @@ fn print_footer(args: &Args) {
              and wake on every hop (for no spin), the one-way 64 B workload over a bare ring \
              between two processes, no validation and no space to manage (for one-way 64 B \
              messages); capnp build is that message built on a reused buffer in one process, \
-             no transport; capnp echo is \
-             capnp's work in one 64 B round trip, done in one process (a round trip takes at \
-             least the spin floor plus this); memcpy of 1 MiB in one process (for one-way \
+             no transport; capnp echo is capnp's work in one 64 B round trip, done in one \
+             process (a round trip takes at least the spin floor plus this); capnp echo, bare \
+             ring is the 64 B round trip between two processes over one slot each way, \
+             message and tag on the same lines, no validation; memcpy of 1 MiB in one process (for one-way \
              bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
              is all that a 1 MiB message does to its bytes (a zeroed segment, the \
              payload copied in, the receiver's checksum), done in one process.\n\
@@ -1580,7 +1583,7 @@ fn repetitions(quick: bool) -> u64 {
 const MIB: usize = 1 << 20;
 
 /// Steps of one repetition of [`measure_core`], for the progress line.
-const CORE_STEPS: usize = 13;
+const CORE_STEPS: usize = 14;
 
 /// How much work the core rows do in one run, shared out over `reps`
 /// repetitions.
@@ -1608,6 +1611,9 @@ struct Core {
     socket_small: Repeated,
     /// capnp's work in a 64 B round trip, in one process: p50 in µs.
     echo: Repeated,
+    /// The 64 B round trip over a bare ring between two processes: p50 in
+    /// µs.
+    ring_echo: Repeated,
     /// Messages a second capnp builds the 64 B message in one process.
     build: Repeated,
     /// Messages a second of the one-way 64 B workload over a bare ring
@@ -1660,6 +1666,9 @@ fn measure_core(
         step("echo floor");
         let p50 = percentiles(floors::echo_floor(warmup, trips))[0];
         core.echo.0.push(p50);
+        step("ring echo floor");
+        let p50 = percentiles(floors::ring_echo(warmup, trips))[0];
+        core.ring_echo.0.push(p50);
         step("round trip 64 B shm");
         push_percentiles(
             &mut core.shm_rtt,
@@ -1789,6 +1798,15 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
             f64::NAN,
         )
         .with_reps(&core.echo),
+    );
+    rows.push(
+        Row::lower(
+            "floor: capnp echo, bare ring, p50",
+            "µs",
+            core.ring_echo.median(),
+            f64::NAN,
+        )
+        .with_reps(&core.ring_echo),
     );
     rows.push(
         Row::higher(
