@@ -932,11 +932,16 @@ impl Sender {
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let (a, b) = capnp_shm::Channel::pair()?;
     /// let mut m = a.message();
-    /// m.set_root(capnp::text::Reader::from("held"))?;
+    /// m.set_root::<capnp::data::Owned>(&[7u8; 200][..])?;
     /// a.send(m).map_err(|e| e.into_error())?;
-    /// let held = b.recv()?;
+    /// let held = b.recv()?; // read in place: held until dropped
+    /// let mut m = a.message();
+    /// m.set_root(capnp::text::Reader::from("small"))?;
+    /// a.send(m).map_err(|e| e.into_error())?;
+    /// let carried = b.recv()?; // carried in its descriptor: holds nothing
+    /// assert!(carried.is_copied());
     /// let stats = a.sender().stats();
-    /// assert_eq!((stats.messages, stats.held_by_peer), (1, 1));
+    /// assert_eq!((stats.messages, stats.held_by_peer), (2, 1));
     /// drop(held);
     /// # Ok(()) }
     /// ```

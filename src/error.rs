@@ -840,6 +840,15 @@ pub enum ProtocolError {
         /// The extent's length in words.
         len: u32,
     },
+    /// A descriptor that carries its segment in its entry (offset
+    /// `u32::MAX`) names a slot, an area or a segment count other than 1,
+    /// or more words than an entry holds (14).
+    BadCarried {
+        /// The entry's slot, segment count and area word.
+        slot_count: u32,
+        /// The words it says it carries.
+        len: u32,
+    },
     /// The peer's areas would take more than this end accepts
     /// (`Options::max_incoming`, which the peer was told).
     AreaLimit {
@@ -980,6 +989,11 @@ impl fmt::Display for ProtocolError {
             BadRetirement { area, offset, len } => write!(
                 f,
                 "the retirement of area {area} carries an extent (word {offset}, {len} words)"
+            ),
+            BadCarried { slot_count, len } => write!(
+                f,
+                "a carried message of {len} words with slot, count and area {slot_count:#x} \
+                 (at most 14 words, in slot 0, one segment, area 0)"
             ),
             AreaLimit { bytes, limit } => write!(
                 f,

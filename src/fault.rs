@@ -26,6 +26,10 @@ pub(crate) enum Fault {
     /// The sleeper waits on its counter alone, not on the peer's `closed`
     /// too: what happens where `futex_waitv` is missing.
     SleepOnCounterOnly,
+    /// The receiver's take of a carried message does not wake the sender,
+    /// as a take while holding nothing does not (`recv::count_carried`):
+    /// but no release follows a carried message.
+    CarriedTakeWakesNoOne,
 }
 
 #[cfg(test)]

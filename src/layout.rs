@@ -5,7 +5,7 @@
 //! ```text
 //! 0                         control block (CONTROL_BYTES): header + counters,
 //!                           each on its own 128-byte line
-//! CONTROL_BYTES             descriptor ring: ring_capacity x DescriptorEntry (16 B)
+//! CONTROL_BYTES             descriptor ring: ring_capacity x DescriptorEntry (128 B)
 //! releases_offset()         release ring:    held_capacity x ReleaseEntry (8 B)
 //! data_offset()             data area, DATA_ALIGN aligned, to the end of the region
 //! ```
@@ -40,8 +40,9 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version. Any change to this file or to the handshake
 /// changes it. (3: the control block's `owner` line; 4: stream hellos and
 /// the verdicts that choose the transport; 5: areas that grow, a release
-/// ring sized apart from the descriptor ring, limits in the hello.)
-pub(crate) const VERSION: u32 = 6;
+/// ring sized apart from the descriptor ring, limits in the hello; 7:
+/// descriptor entries of 128 bytes that carry small messages.)
+pub(crate) const VERSION: u32 = 7;
 
 /// Bytes reserved for the control block at the start of a region.
 pub(crate) const CONTROL_BYTES: u64 = 1024;
@@ -51,6 +52,14 @@ pub(crate) const DATA_ALIGN: u64 = 4096;
 
 /// Segments described inside a descriptor entry; more go out of line.
 pub(crate) const INLINE_SEGMENTS: usize = 1;
+
+/// The most words of a message of one segment that its descriptor entry
+/// carries (see [`DescriptorEntry::carried`]): 112 bytes.
+pub(crate) const CARRIED_WORDS: usize = 14;
+
+/// The `offset` of a descriptor whose segment is carried in the entry
+/// itself. No segment starts there: offsets are below 2^31 words.
+pub(crate) const CARRIED_OFFSET: u32 = u32::MAX;
 
 /// The most segments one message may have.
 pub(crate) const MAX_SEGMENTS: u32 = 512;
@@ -155,10 +164,16 @@ pub(crate) struct ControlBlock<W = AtomicU32> {
     pub(crate) owner: Line<W>,
 }
 
-/// One message in the descriptor ring: 16 bytes, four to a cache line, so a
-/// stream of small messages costs the receiver one descriptor miss per four
-/// messages (and the sender one ownership transfer per four). How the
-/// fields encode a message is `ring.rs`'s business (`Descriptor`).
+/// One message in the descriptor ring: 128 bytes, a line pair of its own
+/// (see [`Line`]), so that the sender writing one entry never takes a line
+/// from the receiver reading the one before. A message of one segment of
+/// up to [`CARRIED_WORDS`] words travels *in* its entry ([`carried`]):
+/// the receiver copies it out and the entry is the only memory it
+/// touches, with no release to send back. Anything larger is described
+/// here and read where it lies. How the fields encode a message is
+/// `ring.rs`'s business (`Descriptor`).
+///
+/// [`carried`]: DescriptorEntry::carried
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct DescriptorEntry<W = AtomicU32> {
@@ -169,10 +184,14 @@ pub(crate) struct DescriptorEntry<W = AtomicU32> {
     /// (echoed back on release; below 2^16 as rings are at most 2^16) and the
     /// number of segments, 1..=MAX_SEGMENTS.
     pub(crate) slot_count: W,
-    /// Word offset in the data area of the segment, or of the table.
+    /// Word offset in the data area of the segment, or of the table, or
+    /// [`CARRIED_OFFSET`].
     pub(crate) offset: W,
     /// Length in words of the segment, or of the table.
     pub(crate) len: W,
+    /// A carried segment's bytes, as little-endian 32-bit words: the first
+    /// `2 * len` hold it, the rest are left as they were.
+    pub(crate) carried: [W; 2 * CARRIED_WORDS],
 }
 
 /// One released message in the release ring: which peer message the owner
@@ -196,8 +215,10 @@ const _: () = {
     assert!(std::mem::offset_of!(ControlBlock, tx_sleeping) == 640);
     assert!(std::mem::offset_of!(ControlBlock, closed) == 768);
     assert!(std::mem::offset_of!(ControlBlock, owner) == 896);
-    assert!(size_of::<DescriptorEntry>() == 16);
+    assert!(size_of::<DescriptorEntry>() == 128);
     assert!(std::mem::offset_of!(DescriptorEntry, offset) == 8);
+    assert!(std::mem::offset_of!(DescriptorEntry, carried) == 16);
+    assert!(CARRIED_OFFSET as u64 >= MAX_REGION / WORD);
     assert!(MAX_RING <= 1 << 16 && MAX_SEGMENTS < 1 << 16);
     assert!(size_of::<ReleaseEntry>() == 8);
     assert!(CONTROL_BYTES % 128 == 0);
@@ -305,8 +326,11 @@ mod tests {
     fn offsets_follow_the_documented_layout() {
         let g = geo(1 << 20, 256).validate().unwrap();
         assert_eq!(g.descriptors_offset(), 1024);
-        assert_eq!(g.releases_offset(), 1024 + 256 * 16);
-        assert_eq!(g.data_offset(), (1024 + 256 * 24u64).next_multiple_of(4096));
+        assert_eq!(g.releases_offset(), 1024 + 256 * 128);
+        assert_eq!(
+            g.data_offset(),
+            (1024 + 256 * 136u64).next_multiple_of(4096)
+        );
         assert_eq!(u64::from(g.data_words()) * 8, (1 << 20) - g.data_offset());
         assert_eq!(g.ring_index(257), 1);
         let g = Geometry {
@@ -315,7 +339,7 @@ mod tests {
         };
         assert_eq!(
             g.data_offset(),
-            (1024 + 256 * 16 + 1024 * 8u64).next_multiple_of(4096)
+            (1024 + 256 * 128 + 1024 * 8u64).next_multiple_of(4096)
         );
         assert_eq!(g.release_index(1025), 1);
     }

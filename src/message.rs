@@ -12,7 +12,7 @@ use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
 use crate::recv::{Place, RecvSide};
 use crate::region::Span;
-use crate::ring::{SegmentTable, Taken, TakenOne};
+use crate::ring::{Carried, SegmentTable, Taken, TakenOne, Took};
 use crate::stream::StreamRecv;
 
 /// The methods a received message has, owned or borrowing: one body for
@@ -62,9 +62,12 @@ macro_rules! received_methods {
 
         /// Whether the message lies in private memory rather than in the
         /// peer's region: copied there
-        /// ([`Options::copy_received`](crate::Options::copy_received)), or
-        /// read from a [stream channel](crate::Transport::Stream)'s socket
-        /// into its receive buffer (always).
+        /// ([`Options::copy_received`](crate::Options::copy_received)),
+        /// carried in its descriptor (a message of one segment of at most
+        /// 112 bytes, copied out as it is taken: cheaper than reading it in
+        /// place and releasing it), or read from a [stream
+        /// channel](crate::Transport::Stream)'s socket into its receive
+        /// buffer (always).
         pub fn is_copied(&self) -> bool {
             matches!(self.reader.get_segments().body, $copied)
         }
@@ -147,7 +150,11 @@ impl<'c> Received<'c> {
     /// whose copy cannot be allocated: the message is released uncopied and
     /// the end fails.
     #[inline(always)]
-    pub(crate) fn new(side: &'c RecvSide, taken: Taken) -> Result<Received<'c>, Failure> {
+    pub(crate) fn new(side: &'c RecvSide, took: Took<Taken>) -> Result<Received<'c>, Failure> {
+        let taken = match took {
+            Took::Shared(taken) => taken,
+            Took::Carried(c) => return Ok(Received::carried(side, c)),
+        };
         let options = side.link().options();
         let limits = options.reader_options_for(taken.table.words());
         let segments = if options.copy_received {
@@ -171,9 +178,13 @@ impl<'c> Received<'c> {
     #[inline(always)]
     pub(crate) fn one<E>(
         side: &'c RecvSide,
-        one: TakenOne,
+        took: Took<TakenOne>,
         failed: impl FnOnce(Failure) -> E,
     ) -> Result<Received<'c>, E> {
+        let one = match took {
+            Took::Shared(one) => one,
+            Took::Carried(c) => return Ok(Received::carried(side, c)),
+        };
         let options = side.link().options();
         if options.copy_received {
             return Received::one_copied(side, one).map_err(failed);
@@ -188,7 +199,27 @@ impl<'c> Received<'c> {
     /// [`one`](Self::one) in copy mode, out of line.
     #[inline(never)]
     fn one_copied(side: &'c RecvSide, one: TakenOne) -> Result<Received<'c>, Failure> {
-        Received::new(side, one.into_taken())
+        Received::new(side, Took::Shared(one.into_taken()))
+    }
+
+    /// A message `side`'s peer carried in its descriptor, copied out: in
+    /// private memory already, with nothing to release (copy mode or not).
+    #[inline(always)]
+    fn carried(side: &'c RecvSide, carried: Carried) -> Received<'c> {
+        let limits = side
+            .link()
+            .options()
+            .reader_options_for(u64::from(carried.words()));
+        Received {
+            reader: Reader::new(
+                Segments {
+                    first: &[],
+                    body: Body::Carried(carried),
+                },
+                limits,
+            ),
+            options: limits,
+        }
     }
 
     /// A message `rx` read from its stream, into its receive buffer.
@@ -206,7 +237,10 @@ impl<'c> Received<'c> {
         }
     }
 
-    received_methods!(Segments<'c>, Body::Copied(_) | Body::Framed { .. });
+    received_methods!(
+        Segments<'c>,
+        Body::Copied(_) | Body::Carried(_) | Body::Framed { .. }
+    );
 }
 
 /// The segments of a [detached](Received::detach) message: a private copy
@@ -279,6 +313,9 @@ enum Body<'c> {
     },
     /// A private copy, already released.
     Copied(Detached),
+    /// A small message the peer carried in its descriptor, copied out at
+    /// the take: nothing to release.
+    Carried(Carried),
     /// A frame in a stream channel's receive buffer (shared with the
     /// receiver until it moves on; reused once this drops).
     Framed {
@@ -442,6 +479,7 @@ impl ReaderSegments for Segments<'_> {
             },
             Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
+            Body::Carried(carried) => (idx == 0).then(|| carried.segment()),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -452,6 +490,7 @@ impl ReaderSegments for Segments<'_> {
             Body::InPlaceSpread { spans, .. } => spans.len(),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
+            Body::Carried(_) => 1,
             Body::Framed { frame, .. } => frame.len(),
         }
     }
@@ -480,7 +519,7 @@ impl Drop for Segments<'_> {
                 places,
                 release,
             } => side.let_go(release, places),
-            Body::Copied(_) => {}
+            Body::Copied(_) | Body::Carried(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
         }
     }
@@ -494,6 +533,7 @@ impl fmt::Debug for Segments<'_> {
             }
             Body::InAreas { release, .. } => ("in place, areas", release.map(|(_, seq)| seq)),
             Body::Copied(_) => ("copied", None),
+            Body::Carried(_) => ("carried in its descriptor", None),
             Body::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("Segments")
@@ -520,8 +560,23 @@ pub struct OwnedReceived {
 
 impl OwnedReceived {
     /// The message `taken` from `side`'s peer, as [`Received::new`].
-    pub(crate) fn new(side: Rc<RecvSide>, mut taken: Taken) -> Result<OwnedReceived, Failure> {
+    pub(crate) fn new(side: Rc<RecvSide>, took: Took<Taken>) -> Result<OwnedReceived, Failure> {
         let options = side.link().options();
+        let mut taken = match took {
+            Took::Shared(taken) => taken,
+            Took::Carried(c) => {
+                let limits = options.reader_options_for(u64::from(c.words()));
+                return Ok(OwnedReceived {
+                    reader: Reader::new(
+                        OwnedSegments {
+                            body: OwnedBody::Carried(c),
+                        },
+                        limits,
+                    ),
+                    options: limits,
+                });
+            }
+        };
         let limits = options.reader_options_for(taken.table.words());
         let body = if options.copy_received {
             let copy = copy_out(&side, &taken, limits);
@@ -561,7 +616,7 @@ impl OwnedReceived {
 
     received_methods!(
         OwnedSegments,
-        OwnedBody::Copied(_) | OwnedBody::Framed { .. }
+        OwnedBody::Copied(_) | OwnedBody::Carried(_) | OwnedBody::Framed { .. }
     );
 }
 
@@ -593,6 +648,8 @@ enum OwnedBody {
     },
     /// A private copy, already released.
     Copied(Detached),
+    /// A small message carried in its descriptor, copied out.
+    Carried(Carried),
     /// A frame in a stream channel's receive buffer.
     Framed {
         rx: Rc<StreamRecv>,
@@ -616,6 +673,7 @@ impl ReaderSegments for OwnedSegments {
                 }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
+            OwnedBody::Carried(carried) => (idx == 0).then(|| carried.segment()),
             OwnedBody::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -624,6 +682,7 @@ impl ReaderSegments for OwnedSegments {
         match &self.body {
             OwnedBody::InPlace { table, .. } => table.len() as usize,
             OwnedBody::Copied(copy) => copy.len(),
+            OwnedBody::Carried(_) => 1,
             OwnedBody::Framed { frame, .. } => frame.len(),
         }
     }
@@ -641,7 +700,7 @@ impl Drop for OwnedSegments {
                 side.let_go(release, places);
                 side.recycle_spans(&mut table.take_spans());
             }
-            OwnedBody::Copied(_) => {}
+            OwnedBody::Copied(_) | OwnedBody::Carried(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),
         }
     }
@@ -652,6 +711,7 @@ impl fmt::Debug for OwnedSegments {
         let (kind, seq) = match &self.body {
             OwnedBody::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
             OwnedBody::Copied(_) => ("copied", None),
+            OwnedBody::Carried(_) => ("carried in its descriptor", None),
             OwnedBody::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("OwnedSegments")

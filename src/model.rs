@@ -41,11 +41,14 @@ use loom::sync::{Condvar, Mutex};
 use crate::deadline::Deadline;
 use crate::error::{Halt, SendHalt};
 use crate::fault::{self, Fault};
-use crate::layout::{ControlBlock, DescriptorEntry, Geometry, Header, Line, ReleaseEntry};
+use crate::layout::{
+    ControlBlock, DescriptorEntry, Geometry, Header, Line, ReleaseEntry, CARRIED_WORDS,
+};
 use crate::link::Link;
 use crate::options::Options;
 use crate::recv::RecvSide;
 use crate::region::{self, Extent};
+use crate::ring::Took;
 use crate::send::SendSide;
 use crate::word::Word;
 
@@ -186,6 +189,7 @@ fn memory(g: Geometry) -> Arc<region::model::Memory<ModelWord>> {
             slot_count: ModelWord::new(0),
             offset: ModelWord::new(0),
             len: ModelWord::new(0),
+            carried: std::array::from_fn(|_| ModelWord::new(0)),
         })
         .collect();
     let releases = (0..g.held_capacity)
@@ -264,16 +268,22 @@ fn pair_held(capacity: u32, held: u32) -> (End, End) {
     )
 }
 
-/// The one-word message number `n`.
-fn message(n: u32) -> [u8; 8] {
-    u64::from(n)
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .to_le_bytes()
+/// Message number `n`: one word, which its descriptor carries, or (not
+/// `CARRIED`) fifteen, one more than an entry holds, read in place.
+fn message<const CARRIED: bool>(n: u32) -> Vec<u8> {
+    let words = if CARRIED { 1 } else { CARRIED_WORDS as u64 + 1 };
+    (0..words)
+        .flat_map(|i| {
+            (u64::from(n) + (i << 32))
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .to_le_bytes()
+        })
+        .collect()
 }
 
 /// Sends message `n` and returns how the send ended.
-fn send(end: &End, n: u32) -> Result<(), &'static str> {
-    let bytes = message(n);
+fn send<const CARRIED: bool>(end: &End, n: u32) -> Result<(), &'static str> {
+    let bytes = message::<CARRIED>(n);
     match end.tx.send(&[&bytes], Deadline::Never) {
         Ok(()) => Ok(()),
         Err(SendHalt::Halt(Halt::Disconnected)) => Err("disconnected"),
@@ -281,25 +291,43 @@ fn send(end: &End, n: u32) -> Result<(), &'static str> {
     }
 }
 
-/// Receives the next message as the channel does (the common kind first,
-/// then the receive loop), checks it is number `n` with its bytes, and
-/// returns its `(slot, seq)` for release; `None` on `Disconnected`.
-fn recv(end: &End, n: u32) -> Option<(u32, u32)> {
+/// What a receive gives the scenario: the `(slot, seq)` to release of a
+/// message read in place, `None` for a carried one (nothing to release).
+type Got = Option<(u32, u32)>;
+
+/// Receives the next message as the channel does (the common kinds first,
+/// then the receive loop), checks it is number `n`, of its kind, with its
+/// bytes; `None` on `Disconnected`.
+fn recv<const CARRIED: bool>(end: &End, n: u32) -> Option<Got> {
     let got = match end.rx.take_one() {
         Some(one) => Ok(one.into_taken()),
         None => end.rx.recv(Deadline::Never),
     };
     match got {
-        Ok(taken) => {
+        Ok(Took::Shared(taken)) => {
+            assert!(!CARRIED, "message {n} read in place, not carried");
             assert_eq!(taken.seq, START.wrapping_add(n), "message out of order");
             assert_eq!(taken.table.len(), 1);
             let extent: Extent = taken.table.get(0).unwrap().extent;
             let bytes = end.rx.link().peer().segment(extent).unwrap();
-            assert_eq!(bytes, &message(n), "message {n} corrupted");
-            Some((taken.slot, taken.seq))
+            assert_eq!(bytes, &message::<CARRIED>(n)[..], "message {n} corrupted");
+            Some(Some((taken.slot, taken.seq)))
+        }
+        Ok(Took::Carried(carried)) => {
+            assert!(CARRIED, "message {n} carried, not read in place");
+            let bytes = carried.segment();
+            assert_eq!(bytes, &message::<CARRIED>(n)[..], "message {n} corrupted");
+            Some(None)
         }
         Err(Halt::Disconnected) => None,
         Err(e) => panic!("recv {n}: {e:?}"),
+    }
+}
+
+/// Releases what [`recv`] got (nothing, for a carried message).
+fn release(end: &End, got: Got) {
+    if let Some((slot, seq)) = got {
+        end.rx.release(slot, seq);
     }
 }
 
@@ -329,32 +357,38 @@ fn check(scenario: Scenario, preemptions: Option<usize>) -> usize {
 }
 
 /// Two messages through a ring of one: the sender must wait for the first
-/// release, the receiver for each message; then the sender closes and the
-/// receiver's third receive is `Disconnected`.
-fn stream_then_close() {
+/// release (or, carried, the first take), the receiver for each message;
+/// then the sender closes and the receiver's third receive is
+/// `Disconnected`.
+fn stream_then_close<const CARRIED: bool>() {
     let (a, b) = pair(1);
     let sender = loom::thread::spawn(move || {
-        send(&a, 0).unwrap();
-        send(&a, 1).unwrap();
+        send::<CARRIED>(&a, 0).unwrap();
+        send::<CARRIED>(&a, 1).unwrap();
         drop(a); // the close
     });
     for n in 0..2 {
-        let (slot, seq) = recv(&b, n).expect("a message, not Disconnected");
-        b.rx.release(slot, seq);
+        let got = recv::<CARRIED>(&b, n).expect("a message, not Disconnected");
+        release(&b, got);
     }
-    assert_eq!(recv(&b, 2), None, "Disconnected after the last message");
+    assert_eq!(
+        recv::<CARRIED>(&b, 2),
+        None,
+        "Disconnected after the last message"
+    );
     sender.join().unwrap();
 }
 
 /// The receiver holds the first message and closes while the sender waits
 /// for room for the second: the sender's wait must end in `Disconnected`.
+/// (Read in place only: a carried message holds nothing once taken.)
 fn close_while_sender_waits() {
     let (a, b) = pair(1);
     let sender = loom::thread::spawn(move || {
-        send(&a, 0).unwrap();
-        assert_eq!(send(&a, 1), Err("disconnected"));
+        send::<false>(&a, 0).unwrap();
+        assert_eq!(send::<false>(&a, 1), Err("disconnected"));
     });
-    let held = recv(&b, 0).expect("the first message");
+    let held = recv::<false>(&b, 0).expect("the first message");
     drop(b); // closes without releasing it
     let _ = held;
     sender.join().unwrap();
@@ -370,35 +404,35 @@ fn close_while_receiver_waits() {
         assert!(a.tx.claim(), "claims the end");
         drop(a);
     });
-    assert_eq!(recv(&b, 0), None);
+    assert_eq!(recv::<false>(&b, 0), None);
     closer.join().unwrap();
 }
 
 /// Two messages in a ring of two, both released at the end: the second
 /// publish and the receiver's sleep race without any wait for space.
-fn two_in_flight() {
-    two_held(pair(2));
+fn two_in_flight<const CARRIED: bool>() {
+    two_held::<CARRIED>(pair(2));
 }
 
 /// A ring of one, and room to hold two: the receiver holds the first
 /// message, so the sender's wait for the second is for the receiver to
 /// *take* (not release) the first, and only the take can wake it.
-fn full_ring_while_receiver_holds() {
-    two_held(pair_held(1, 2));
+fn full_ring_while_receiver_holds<const CARRIED: bool>() {
+    two_held::<CARRIED>(pair_held(1, 2));
 }
 
 /// Sends two messages over `(a, b)`; the receiver holds the first while it
 /// receives the second, then releases both.
-fn two_held((a, b): (End, End)) {
+fn two_held<const CARRIED: bool>((a, b): (End, End)) {
     let sender = loom::thread::spawn(move || {
-        send(&a, 0).unwrap();
-        send(&a, 1).unwrap();
+        send::<CARRIED>(&a, 0).unwrap();
+        send::<CARRIED>(&a, 1).unwrap();
         a
     });
-    let first = recv(&b, 0).unwrap();
-    let second = recv(&b, 1).unwrap();
-    b.rx.release(first.0, first.1);
-    b.rx.release(second.0, second.1);
+    let first = recv::<CARRIED>(&b, 0).unwrap();
+    let second = recv::<CARRIED>(&b, 1).unwrap();
+    release(&b, first);
+    release(&b, second);
     let a = sender.join().unwrap();
     drop((a, b));
 }
@@ -406,9 +440,9 @@ fn two_held((a, b): (End, End)) {
 /// Each scenario, and the most preemptions its check explores (`None`:
 /// every interleaving). The bounds keep `cargo test` to seconds; deeper
 /// runs (`LOOM_MAX_PREEMPTIONS=4`, minutes) are for changes to the
-/// protocol.
-const SCENARIOS: [(&str, Scenario, Option<usize>); 5] = [
-    ("stream_then_close", stream_then_close, Some(3)),
+/// protocol. Messages are read in place unless the name says carried.
+const SCENARIOS: [(&str, Scenario, Option<usize>); 8] = [
+    ("stream_then_close", stream_then_close::<false>, Some(3)),
     (
         "close_while_sender_waits",
         close_while_sender_waits,
@@ -419,10 +453,21 @@ const SCENARIOS: [(&str, Scenario, Option<usize>); 5] = [
         close_while_receiver_waits,
         None,
     ),
-    ("two_in_flight", two_in_flight, Some(3)),
+    ("two_in_flight", two_in_flight::<false>, Some(3)),
     (
         "full_ring_while_receiver_holds",
-        full_ring_while_receiver_holds,
+        full_ring_while_receiver_holds::<false>,
+        Some(3),
+    ),
+    (
+        "carried_stream_then_close",
+        stream_then_close::<true>,
+        Some(3),
+    ),
+    ("carried_two_in_flight", two_in_flight::<true>, Some(3)),
+    (
+        "carried_full_ring",
+        full_ring_while_receiver_holds::<true>,
         Some(3),
     ),
 ];
@@ -439,41 +484,47 @@ fn the_protocol_loses_no_wake_and_no_message() {
 /// The broken variants, each with the scenario that must catch it and how
 /// the failure shows: a lost wake is a deadlock (every thread asleep), a
 /// tag stored after its counter a protocol error an honest peer never gets.
-const VARIANTS: [(Fault, &str, Scenario, &str); 6] = [
+const VARIANTS: [(Fault, &str, Scenario, &str); 7] = [
     (
         Fault::RecheckNotOrdered,
         "stream_then_close",
-        stream_then_close,
+        stream_then_close::<false>,
         "deadlock",
     ),
     (
         Fault::NoRecheck,
         "stream_then_close",
-        stream_then_close,
+        stream_then_close::<false>,
         "deadlock",
     ),
     (
         Fault::WakerChecksFirst,
         "stream_then_close",
-        stream_then_close,
+        stream_then_close::<false>,
         "deadlock",
     ),
     (
         Fault::FlagClearedBeforeSleep,
         "stream_then_close",
-        stream_then_close,
+        stream_then_close::<false>,
         "deadlock",
     ),
     (
         Fault::CounterBeforeTag,
         "two_in_flight",
-        two_in_flight,
+        two_in_flight::<false>,
         "DescriptorSequence",
     ),
     (
         Fault::SleepOnCounterOnly,
         "close_while_receiver_waits",
         close_while_receiver_waits,
+        "deadlock",
+    ),
+    (
+        Fault::CarriedTakeWakesNoOne,
+        "carried_full_ring",
+        full_ring_while_receiver_holds::<true>,
         "deadlock",
     ),
 ];

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use crate::deadline::Deadline;
 use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
+use crate::fault::{self, Fault};
 use crate::layout::{AWAKE, WORD};
 use crate::link::{Link, Wakes};
 use crate::region::{Extent, PeerArea, Span};
-use crate::ring::{DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken, TakenOne};
+use crate::ring::{
+    DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken, TakenOne, Took,
+};
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake::withdraw;
@@ -213,7 +216,7 @@ impl<W: Word> RecvSide<W> {
     /// `None` for anything else, which [`recv`](Self::recv) then handles
     /// in full (nothing is taken here unless it is returned).
     #[inline(always)]
-    pub(crate) fn take_one(&self) -> Option<TakenOne> {
+    pub(crate) fn take_one(&self) -> Option<Took<TakenOne>> {
         let link = &*self.link;
         if link.has_seen_close() || link.enter().is_err() {
             return None;
@@ -236,7 +239,7 @@ impl<W: Word> RecvSide<W> {
     /// # Errors
     ///
     /// `Expired` when nothing came in time, and the other [`Halt`]s.
-    pub(crate) fn recv(&self, deadline: Deadline) -> Result<Taken, Halt> {
+    pub(crate) fn recv(&self, deadline: Deadline) -> Result<Took<Taken>, Halt> {
         let mut simple = false;
         let link = &*self.link;
         let state = self.state.borrow();
@@ -276,7 +279,7 @@ impl<W: Word> RecvSide<W> {
     /// (`model.rs`, `full_ring_while_receiver_holds`).
     fn before_waiting(&self, state: &RecvState) {
         if state.held.get() > 0 {
-            self.wake_after_take();
+            self.wake_after_take(state);
         }
     }
 
@@ -285,12 +288,16 @@ impl<W: Word> RecvSide<W> {
     /// looked for it), anything else through
     /// [`take_message`](Self::take_message).
     #[inline(always)]
-    fn take_counted(&self, state: &RecvState, simple: bool) -> Result<Option<Taken>, Failure> {
+    fn take_counted(
+        &self,
+        state: &RecvState,
+        simple: bool,
+    ) -> Result<Option<Took<Taken>>, Failure> {
         let link = &*self.link;
         link.enter()?;
         if simple {
-            if let Some(one) = self.take_simple_counted(state) {
-                return Ok(Some(one.into_taken()));
+            if let Some(took) = self.take_simple_counted(state) {
+                return Ok(Some(took.into_taken()));
             }
         }
         self.take_counted_slowly(state)
@@ -299,24 +306,29 @@ impl<W: Word> RecvSide<W> {
     /// [`take_counted`](Self::take_counted) of anything but the common
     /// kind (or of nothing): out of line, so the common case stays small.
     #[inline(never)]
-    fn take_counted_slowly(&self, state: &RecvState) -> Result<Option<Taken>, Failure> {
+    fn take_counted_slowly(&self, state: &RecvState) -> Result<Option<Took<Taken>>, Failure> {
         let link = &*self.link;
         let taken = self
             .take_message(state)
             .map_err(|p| link.fail(Failure::Protocol(p)))?;
-        if let Some(t) = &taken {
-            self.count_taken(state, t.table.words());
+        match &taken {
+            Some(Took::Shared(t)) => self.count_taken(state, t.table.words()),
+            Some(Took::Carried(c)) => self.count_carried(state, c.words()),
+            None => {}
         }
         Ok(taken)
     }
 
-    /// The next message if it is of the common kind, taken and counted.
+    /// The next message if it is of a common kind, taken and counted.
     #[inline(always)]
-    fn take_simple_counted(&self, state: &RecvState) -> Option<TakenOne> {
+    fn take_simple_counted(&self, state: &RecvState) -> Option<Took<TakenOne>> {
         let link = &*self.link;
-        let one = state.descriptors.take_simple(link.peer(), link.own())?;
-        self.count_taken(state, u64::from(one.extent.len));
-        Some(one)
+        let took = state.descriptors.take_simple(link.peer(), link.own())?;
+        match &took {
+            Took::Shared(one) => self.count_taken(state, u64::from(one.extent.len)),
+            Took::Carried(c) => self.count_carried(state, c.words()),
+        }
+        Some(took)
     }
 
     /// Counts a message of `words` words taken, and wakes a sender that
@@ -328,7 +340,18 @@ impl<W: Word> RecvSide<W> {
         let held = state.held.get();
         state.held.set(held + 1);
         if held > 0 {
-            self.wake_after_take();
+            self.wake_after_take(state);
+        }
+    }
+
+    /// Counts a carried message of `words` words taken. No release will
+    /// follow, so the take itself wakes a sender that found the ring full.
+    #[inline(always)]
+    fn count_carried(&self, state: &RecvState, words: u32) {
+        state.messages.set(state.messages.get() + 1);
+        state.bytes.set(state.bytes.get() + u64::from(words) * WORD);
+        if !fault::active(Fault::CarriedTakeWakesNoOne) {
+            self.wake_after_take(state);
         }
     }
 
@@ -336,7 +359,7 @@ impl<W: Word> RecvSide<W> {
     /// A descriptor that names an area not handed over yet makes us read
     /// the socket first: the peer queued the area's record there before it
     /// published the descriptor.
-    fn take_message(&self, state: &RecvState) -> Result<Option<Taken>, ProtocolError> {
+    fn take_message(&self, state: &RecvState) -> Result<Option<Took<Taken>>, ProtocolError> {
         let link = &*self.link;
         let mut looked = false;
         let mut spare = self.spare_tables.take();
@@ -347,7 +370,8 @@ impl<W: Word> RecvSide<W> {
                     .take(link.peer(), link.own(), &link.peer_areas(), &mut spare);
             match entry {
                 Ok(None) => break Ok(None),
-                Ok(Some(Entry::Message(taken))) => break Ok(Some(taken)),
+                Ok(Some(Entry::Message(taken))) => break Ok(Some(Took::Shared(taken))),
+                Ok(Some(Entry::Carried(c))) => break Ok(Some(Took::Carried(c))),
                 Ok(Some(Entry::Retire { slot, seq, area })) => {
                     link.retire_peer_area(area)?;
                     self.release_entry(state, slot, seq);
@@ -371,17 +395,18 @@ impl<W: Word> RecvSide<W> {
     /// of `wake.rs`, with `consumed`, stored by the take, as the store).
     /// A receiver that holds nothing releases each message it takes, and
     /// that release wakes the sender: the common case pays nothing here.
-    fn wake_after_take(&self) {
+    fn wake_after_take(&self, state: &RecvState) {
         let link = &*self.link;
         let own = link.own();
         // The take stored `consumed` already (before the fence in
         // `wake_peer`); a sender that found the ring full sleeps on it too.
-        link.wake_peer(
+        let how = link.wake_peer(
             || {},
             own.consumed(),
             link.peer().tx_sleeping(),
             Wakes::Always,
         );
+        state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }
 
     /// After the peer closed or died: the next of the messages it published
@@ -389,7 +414,7 @@ impl<W: Word> RecvSide<W> {
     /// visible by now; after a clean close, nothing published past the count
     /// seen with it is delivered (a peer that reopens and publishes more
     /// stays disconnected).
-    fn drain(&self, state: &RecvState) -> Result<Taken, Halt> {
+    fn drain(&self, state: &RecvState) -> Result<Took<Taken>, Halt> {
         if let Some(last) = self.link.closed_at() {
             let left = last.wrapping_sub(state.descriptors.consumed());
             if left == 0 || left > self.link.peer().geometry().ring_capacity {

@@ -20,8 +20,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::layout::{
-    ControlBlock, DescriptorEntry, Geometry, ReleaseEntry, FLAG_SEALED, MAGIC, VERSION, WORD,
-    WORD_BYTES,
+    ControlBlock, DescriptorEntry, Geometry, ReleaseEntry, CARRIED_WORDS, FLAG_SEALED, MAGIC,
+    VERSION, WORD, WORD_BYTES,
 };
 use crate::options::Backing;
 use crate::sys::errno as libc_errno;
@@ -60,6 +60,7 @@ pub(crate) struct DescriptorWords<V> {
     pub(crate) slot_count: V,
     pub(crate) offset: V,
     pub(crate) len: V,
+    pub(crate) carried: [V; 2 * CARRIED_WORDS],
 }
 
 /// The words of one release ring entry, as views of one kind.
@@ -438,6 +439,7 @@ impl<W: Word> OwnRegion<W> {
             slot_count: Mine::new(&e.slot_count),
             offset: Mine::new(&e.offset),
             len: Mine::new(&e.len),
+            carried: std::array::from_fn(|i| Mine::new(&e.carried[i])),
         }
     }
 
@@ -550,6 +552,7 @@ impl<W: Word> PeerRegion<W> {
             slot_count: Theirs::new(&e.slot_count),
             offset: Theirs::new(&e.offset),
             len: Theirs::new(&e.len),
+            carried: std::array::from_fn(|i| Theirs::new(&e.carried[i])),
         }
     }
 

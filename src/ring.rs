@@ -3,10 +3,11 @@
 //!
 //! - The **descriptor ring** lies in the sender's region. Its producer
 //!   ([`DescriptorProducer`], the sending side) describes each message in an
-//!   entry and counts them in `published`; its consumer
-//!   ([`DescriptorConsumer`], the peer's receiving side) takes them in order,
-//!   validates each into a private [`SegmentTable`] and counts them in its
-//!   own `consumed`.
+//!   entry, or carries a small one in it ([`Carried`]), and counts them in
+//!   `published`; its consumer ([`DescriptorConsumer`], the peer's
+//!   receiving side) takes them in order, validates each into a private
+//!   [`SegmentTable`] (or copies a carried one out) and counts them in its
+//!   own `consumed`. A carried message has no release.
 //! - The **release ring** lies in the receiver's region. Its producer
 //!   ([`ReleaseProducer`], the receiving side) appends `(slot, seq)` for each
 //!   message it has dropped and counts them in `released`; its consumer
@@ -35,6 +36,13 @@
 //!   covers the message with the tag still missing is a protocol error.
 //!   Because the tag comes first, `published` may trail the messages the
 //!   consumer has taken by one (the tag seen, the counter not yet).
+//! - **Carried messages.** Their words are written `Relaxed` with the rest
+//!   of the entry, before the tag, and copied out after the consumer's
+//!   `Acquire` fence and before its `Release` store of `consumed`; the
+//!   producer rewrites the entry only after loading that counter and
+//!   fencing `Acquire` (`has_room`), so the copy never overlaps a rewrite
+//!   by an honest producer (and a dishonest one yields a mix of words,
+//!   which capnp then validates like any message).
 //! - **Releases.** The producer writes the entry, then stores `released` with
 //!   `Release`: that orders the entry, and every read of the released
 //!   message, before the count. The consumer loads `released`, fences
@@ -50,9 +58,11 @@ use std::sync::atomic::Ordering;
 
 use crate::error::ProtocolError;
 use crate::fault::{self, Fault};
-use crate::layout::{INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS};
-use crate::region::{Extent, OwnRegion, PeerRegion, Span};
-use crate::word::Word;
+use crate::layout::{
+    CARRIED_OFFSET, CARRIED_WORDS, INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS, WORD_BYTES,
+};
+use crate::region::{DescriptorWords, Extent, OwnRegion, PeerRegion, Span};
+use crate::word::{Mine, Theirs, Word};
 
 // ---- the descriptor entry ------------------------------------------------------
 
@@ -60,6 +70,10 @@ use crate::word::Word;
 /// number of segments, and either the one segment (inline) or, with more
 /// segments, the out-of-line table (two words per segment, see
 /// [`table_words`]), in area `span.area`.
+///
+/// An offset of [`CARRIED_OFFSET`] says the segment is *carried* in the
+/// entry itself (see [`Carried`]): one segment, slot 0, area 0, `len`
+/// words of at most [`CARRIED_WORDS`].
 ///
 /// A count of 0 is not a message but a *retirement*: the sender has given
 /// back area `span.area` (extent empty) and will not name it again until it
@@ -107,6 +121,72 @@ impl Descriptor {
 }
 
 const _: () = assert!(MAX_SEGMENTS < 1 << 10 && MAX_AREA < 1 << 6);
+
+// ---- carried messages ----------------------------------------------------------
+
+/// The most bytes of a message its descriptor entry carries.
+pub(crate) const CARRIED_BYTES: usize = CARRIED_WORDS * WORD_BYTES;
+
+/// Whether a message of one segment of `bytes` bytes travels in its
+/// descriptor entry rather than in the data area.
+///
+/// Such a message costs the receiver one line pair, the entry, which it
+/// reads anyway, and no release: it is copied out at once (112 bytes at
+/// most, less than the lines a release and a read in place would move
+/// between the cores). So the sender never lends its words to the peer,
+/// and builds the next small message in the same warm lines.
+#[inline(always)]
+pub(crate) fn carries(bytes: usize) -> bool {
+    bytes <= CARRIED_BYTES
+}
+
+/// A message of one segment carried in its descriptor entry, copied out of
+/// the peer's ring: private, 8-byte aligned, released by nothing.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct Carried {
+    bytes: [u8; CARRIED_BYTES],
+    /// Words of `bytes` that hold the segment, at most [`CARRIED_WORDS`].
+    words: u32,
+}
+
+impl Carried {
+    /// The segment.
+    pub(crate) fn segment(&self) -> &[u8] {
+        let len = self.words as usize * WORD_BYTES;
+        self.bytes.get(..len).unwrap_or(&self.bytes)
+    }
+
+    /// Its length in words.
+    pub(crate) fn words(&self) -> u32 {
+        self.words
+    }
+}
+
+impl std::fmt::Debug for Carried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Carried({} words)", self.words)
+    }
+}
+
+/// What a take found: a message read where it lies in the peer's space
+/// (`Shared`, released when dropped), or one carried in its entry and
+/// copied out.
+#[derive(Debug)]
+pub(crate) enum Took<T> {
+    Shared(T),
+    Carried(Carried),
+}
+
+/// The words a carried descriptor holds, if it is a well-formed one (see
+/// [`Descriptor`]).
+fn carried_words(d: Descriptor) -> Option<u32> {
+    let well_formed = d.count == 1
+        && d.slot == 0
+        && d.span.area == 0
+        && d.span.extent.len as usize <= CARRIED_WORDS;
+    well_formed.then_some(d.span.extent.len)
+}
 
 /// The tag that marks the entry of message `seq` complete: `seq + 1`, so
 /// that a fresh, zeroed ring holds no message 0.
@@ -397,12 +477,60 @@ impl DescriptorProducer {
     /// written here was taken (its `consumed` seen, with its fence) before.
     pub(crate) fn publish<W: Word>(&self, own: &OwnRegion<W>, d: Descriptor) -> u32 {
         let seq = self.published.get();
-        let next = seq.wrapping_add(1);
         let entry = own.descriptor(seq);
         // Relaxed: published by the Release store of the tag.
         entry.slot_count.store(d.slot_count(), Ordering::Relaxed);
         entry.offset.store(d.span.extent.start, Ordering::Relaxed);
         entry.len.store(d.span.extent.len, Ordering::Relaxed);
+        self.tag(own, &entry, seq)
+    }
+
+    /// Publishes the next message, of one segment small enough to be
+    /// carried in its entry ([`carries`]), as [`publish`](Self::publish)
+    /// does: the segment's words, the descriptor, the tag last.
+    pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
+        debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
+        let seq = self.published.get();
+        let entry = own.descriptor(seq);
+        let words = segment.len() / WORD_BYTES; // at most CARRIED_WORDS
+                                                // Every word of the entry, the tail zero: a loop of fixed length,
+                                                // which compiles to straight stores.
+        let mut bytes = [0; CARRIED_BYTES];
+        if let Some(head) = bytes.get_mut(..segment.len()) {
+            head.copy_from_slice(segment);
+        }
+        // Relaxed, all: published by the Release store of the tag.
+        for (word, chunk) in entry.carried.iter().zip(bytes.chunks_exact(4)) {
+            let mut le = [0; 4];
+            le.copy_from_slice(chunk);
+            word.store(u32::from_le_bytes(le), Ordering::Relaxed);
+        }
+        let d = Descriptor {
+            slot: 0,
+            count: 1,
+            span: Span {
+                area: 0,
+                extent: Extent {
+                    start: CARRIED_OFFSET,
+                    len: u32::try_from(words).unwrap_or(0),
+                },
+            },
+        };
+        entry.slot_count.store(d.slot_count(), Ordering::Relaxed);
+        entry.offset.store(CARRIED_OFFSET, Ordering::Relaxed);
+        entry.len.store(d.span.extent.len, Ordering::Relaxed);
+        self.tag(own, &entry, seq)
+    }
+
+    /// Completes the entry of message `seq`, written but for its tag.
+    #[inline(always)]
+    fn tag<W: Word>(
+        &self,
+        own: &OwnRegion<W>,
+        entry: &DescriptorWords<Mine<'_, W>>,
+        seq: u32,
+    ) -> u32 {
+        let next = seq.wrapping_add(1);
         if fault::active(Fault::CounterBeforeTag) {
             own.published().store(next, Ordering::Release);
         }
@@ -442,6 +570,16 @@ pub(crate) struct TakenOne {
     pub(crate) extent: Extent,
 }
 
+impl Took<TakenOne> {
+    /// The same message with a [`Taken`], for the general paths.
+    pub(crate) fn into_taken(self) -> Took<Taken> {
+        match self {
+            Took::Shared(one) => Took::Shared(one.into_taken()),
+            Took::Carried(c) => Took::Carried(c),
+        }
+    }
+}
+
 impl TakenOne {
     /// The same message as a [`Taken`], for the general paths.
     pub(crate) fn into_taken(self) -> Taken {
@@ -459,8 +597,10 @@ impl TakenOne {
 /// One entry taken from the peer's ring.
 #[derive(Debug)]
 pub(crate) enum Entry {
-    /// A message.
+    /// A message read in place.
     Message(Taken),
+    /// A message carried in the entry, copied out.
+    Carried(Carried),
     /// The peer retired area `area` (see [`Descriptor`]); release
     /// `(slot, seq)` once it is unmapped.
     Retire { slot: u32, seq: u32, area: u32 },
@@ -498,15 +638,17 @@ impl DescriptorConsumer {
         ahead == 0 || ahead == u32::MAX
     }
 
-    /// The next message, if it is there and of the common kind: one segment
-    /// inside the peer's region. `None` for anything else (nothing there, a
-    /// table, an area, a retirement, a bad entry), which [`take`](Self::take)
-    /// then reads again in full: nothing is consumed here unless it is taken.
+    /// The next message, if it is there and of a common kind: carried in
+    /// its entry, or one segment inside the peer's region. `None` for
+    /// anything else (nothing there, a table, an area, a retirement, a bad
+    /// entry), which [`take`](Self::take) then reads again in full: nothing
+    /// is consumed here unless it is taken.
+    #[inline(always)]
     pub(crate) fn take_simple<W: Word>(
         &self,
         peer: &PeerRegion<W>,
         own: &OwnRegion<W>,
-    ) -> Option<TakenOne> {
+    ) -> Option<Took<TakenOne>> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
         if entry.tag.load() != tag(seq) {
@@ -520,21 +662,34 @@ impl DescriptorConsumer {
             entry.len.load(),
         );
         let e = d.span.extent;
-        if d.count != 1
-            || d.span.area != 0
-            || u64::from(e.start) + u64::from(e.len) > u64::from(peer.data_words())
+        let took = if e.start == CARRIED_OFFSET {
+            Took::Carried(copy_carried(&entry, carried_words(d)?))
+        } else if d.count == 1
+            && d.span.area == 0
+            && u64::from(e.start) + u64::from(e.len) <= u64::from(peer.data_words())
         {
+            Took::Shared(TakenOne {
+                slot: d.slot,
+                seq,
+                extent: e,
+            })
+        } else {
             return None;
-        }
+        };
+        self.advance(own, seq);
+        Some(took)
+    }
+
+    /// Counts message `seq` taken: after this, the peer may rewrite its
+    /// entry.
+    #[inline(always)]
+    fn advance<W: Word>(&self, own: &OwnRegion<W>, seq: u32) {
         let next = seq.wrapping_add(1);
         self.consumed.set(next);
-        // Release: as in `take`.
+        // Release: the peer reads it to validate releases, which come after,
+        // and to know which entries it may rewrite (all reads of this one,
+        // a carried segment's among them, are done).
         own.consumed().store(next, Ordering::Release);
-        Some(TakenOne {
-            slot: d.slot,
-            seq,
-            extent: e,
-        })
     }
 
     /// Whether the next message's tag is there: the cheap check to spin on
@@ -635,6 +790,12 @@ impl DescriptorConsumer {
                 seq,
                 area,
             }
+        } else if d.span.extent.start == CARRIED_OFFSET {
+            let words = carried_words(d).ok_or(ProtocolError::BadCarried {
+                slot_count: d.slot_count(),
+                len: d.span.extent.len,
+            })?;
+            Entry::Carried(copy_carried(&entry, words))
         } else {
             Entry::Message(Taken {
                 slot: d.slot,
@@ -642,13 +803,22 @@ impl DescriptorConsumer {
                 table: SegmentTable::read_into(d.count, d.span, areas, spare)?,
             })
         };
-        let next = seq.wrapping_add(1);
-        self.consumed.set(next);
-        // Release: the peer reads it to validate releases, which come after,
-        // and to know which entries it may rewrite.
-        own.consumed().store(next, Ordering::Release);
+        self.advance(own, seq);
         Ok(Some(entry))
     }
+}
+
+/// Copies the `words` words (at most [`CARRIED_WORDS`]) a peer's entry
+/// carries, after the `Acquire` fence that made them visible.
+#[inline(always)]
+fn copy_carried<W: Word>(entry: &DescriptorWords<Theirs<'_, W>>, words: u32) -> Carried {
+    // Every word of the entry (the sender zeroes the tail): a loop of
+    // fixed length, which compiles to straight loads and stores.
+    let mut bytes = [0; CARRIED_BYTES];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(&entry.carried) {
+        chunk.copy_from_slice(&word.load().to_le_bytes());
+    }
+    Carried { bytes, words }
 }
 
 // ---- the release ring: producer -------------------------------------------------

@@ -635,6 +635,16 @@ impl Books {
         peer: &PeerRegion<W>,
         segment: &[u8],
     ) -> Result<bool, ProtocolError> {
+        if ring::carries(segment.len()) {
+            if !self
+                .descriptors
+                .has_room(peer, self.geometry.ring_capacity)?
+            {
+                return Ok(false);
+            }
+            self.publish_carried(own, segment);
+            return Ok(true);
+        }
         let Some(&slot) = self.free_slots.last() else {
             return Ok(false);
         };
@@ -671,6 +681,12 @@ impl Books {
             .has_room(peer, self.geometry.ring_capacity)?
         {
             return Ok(Err(NoRoom::Peer));
+        }
+        if let [segment] = segments {
+            if ring::carries(segment.len()) {
+                self.publish_carried(own, segment);
+                return Ok(Ok(()));
+            }
         }
         // Up to EAGER_SLOTS slots are made as needed; beyond, only while the
         // peer has released nothing: a stream reuses a few hundred slots (and
@@ -827,6 +843,16 @@ impl Books {
         };
         self.commit(own, slot, first, Some(extents), count, described);
         Ok(())
+    }
+
+    /// Publishes a message of one small segment ([`ring::carries`]) in
+    /// its descriptor entry, for which the caller found room: no slot, no
+    /// words in flight. Where the segment was built in a span lent to its
+    /// builder, the span stays open: the builder's drop, right after the
+    /// send, zeroes and frees it as for a builder dropped unsent, so the
+    /// next small message is built in the same warm words.
+    fn publish_carried<W: Word>(&mut self, own: &OwnRegion<W>, segment: &[u8]) {
+        self.descriptors.publish_carried(own, segment);
     }
 
     /// Records the message now in `slot` (occupying `first` and `more`,

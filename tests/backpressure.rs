@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use capnp_shm::{Channel, Options, SendTimeoutError, TryRecvError, TrySendError};
-use common::{build, check, Watchdog};
+use common::{build, check, Watchdog, IN_PLACE};
 
 #[test]
 fn try_send_reports_full_and_returns_the_message() {
@@ -16,10 +16,10 @@ fn try_send_reports_full_and_returns_the_message() {
     let options = Options::new().max_held(4);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     for n in 0..4 {
-        tx.try_send(build(&tx, n, 1, 10)).unwrap();
+        tx.try_send(build(&tx, n, 1, IN_PLACE)).unwrap();
     }
     let held: Vec<_> = (0..4).map(|_| rx.recv().unwrap()).collect();
-    let message = match tx.try_send(build(&tx, 4, 1, 10)) {
+    let message = match tx.try_send(build(&tx, 4, 1, IN_PLACE)) {
         Err(TrySendError::Full(message)) => message,
         other => panic!("expected Full, got {other:?}"),
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use capnp_shm::{
     Channel, Options, RecvError, RecvTimeoutError, SendError, TryRecvError, TrySendError,
 };
-use common::{build, check, fork, Watchdog};
+use common::{build, check, fork, Watchdog, IN_PLACE};
 
 #[test]
 fn pending_messages_are_delivered_then_disconnected() {
@@ -121,14 +121,14 @@ fn a_killed_peer_is_noticed_by_a_blocked_sender() {
     });
     drop(child_end);
     let tx = parent.unwrap();
-    tx.send(build(&tx, 0, 1, 8)).unwrap();
-    tx.send(build(&tx, 1, 1, 8)).unwrap();
+    tx.send(build(&tx, 0, 1, IN_PLACE)).unwrap();
+    tx.send(build(&tx, 1, 1, IN_PLACE)).unwrap();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
         child.kill();
         child.wait()
     });
-    let err = tx.send(build(&tx, 2, 1, 8)).unwrap_err();
+    let err = tx.send(build(&tx, 2, 1, IN_PLACE)).unwrap_err();
     assert!(matches!(err, SendError::Disconnected(_)), "{err:?}");
     assert_eq!(killer.join().unwrap(), 128 + libc::SIGKILL);
 }

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use capnp_shm::{Channel, Options, Readiness, RecvError, TryRecvError, TrySendError};
-use common::{build, check, fork, Watchdog};
+use common::{build, check, fork, Watchdog, IN_PLACE};
 
 /// Waits up to `ms` for `fd` to become readable; whether it did.
 fn readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
@@ -55,9 +55,9 @@ fn a_receiver_armed_is_rung_when_a_message_comes() {
 fn a_sender_armed_is_rung_when_space_is_freed() {
     let _w = Watchdog::new(Duration::from_secs(30));
     let (a, b) = Channel::pair_with(&Options::new().max_held(1)).unwrap();
-    a.send(build(&a, 1, 1, 8)).unwrap();
+    a.send(build(&a, 1, 1, IN_PLACE)).unwrap();
     let held = b.recv().unwrap();
-    let waiting = match a.try_send(build(&a, 2, 1, 8)) {
+    let waiting = match a.try_send(build(&a, 2, 1, IN_PLACE)) {
         Err(TrySendError::Full(m)) => m,
         other => panic!("expected Full, got {other:?}"),
     };
@@ -76,7 +76,7 @@ fn a_close_rings_armed_ends_in_both_directions() {
     let _w = Watchdog::new(Duration::from_secs(30));
     // A receiver waiting for messages.
     let (a, b) = Channel::pair().unwrap();
-    a.send(build(&a, 0, 1, 8)).unwrap();
+    a.send(build(&a, 0, 1, IN_PLACE)).unwrap();
     assert_eq!(check(&b.recv().unwrap()), 0);
     assert_eq!(b.receiver().arm().unwrap(), Readiness::Armed);
     drop(a);
@@ -86,10 +86,10 @@ fn a_close_rings_armed_ends_in_both_directions() {
 
     // A sender waiting for room.
     let (a, b) = Channel::pair_with(&Options::new().max_held(1)).unwrap();
-    a.send(build(&a, 1, 1, 8)).unwrap();
+    a.send(build(&a, 1, 1, IN_PLACE)).unwrap();
     let _held = b.recv().unwrap();
     assert!(matches!(
-        a.try_send(build(&a, 2, 1, 8)),
+        a.try_send(build(&a, 2, 1, IN_PLACE)),
         Err(TrySendError::Full(_))
     ));
     assert_eq!(a.sender().arm().unwrap(), Readiness::Armed);
@@ -222,8 +222,10 @@ fn is_ready_tells_a_message_and_the_end_without_a_system_call() {
 fn try_send_copy_says_full_and_sends_once_room_is_freed() {
     let _dog = Watchdog::new(Duration::from_secs(30));
     let (a, b) = Channel::pair_with(&Options::new().max_held(2)).unwrap();
+    // Too large to be carried in its descriptor: each copy is held.
+    let text = "again".repeat(30);
     let mut kept = capnp::message::Builder::new_default();
-    kept.set_root(capnp::text::Reader::from("again")).unwrap();
+    kept.set_root(capnp::text::Reader::from(&text[..])).unwrap();
     let tx = a.sender();
     tx.try_send_copy(&kept).unwrap();
     tx.try_send_copy(&kept).unwrap();
@@ -241,7 +243,7 @@ fn try_send_copy_says_full_and_sends_once_room_is_freed() {
             .unwrap()
             .to_str()
             .unwrap(),
-        "again"
+        text
     );
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use capnp_shm::{Channel, Options, SendTimeoutError};
-use common::{build, check, Watchdog};
+use common::{build, check, Watchdog, IN_PLACE};
 
 #[test]
 fn counters_follow_what_was_sent_received_and_held() {
@@ -60,11 +60,11 @@ fn a_send_that_waits_for_held_messages_shows_why() {
     let small = small.join().unwrap();
     let _held: Vec<_> = (0..4)
         .map(|n| {
-            big.send(build(&big, n, 1, 8)).unwrap();
+            big.send(build(&big, n, 1, IN_PLACE)).unwrap();
             small.recv().unwrap()
         })
         .collect();
-    match big.send_timeout(build(&big, 4, 1, 8), Duration::from_millis(20)) {
+    match big.send_timeout(build(&big, 4, 1, IN_PLACE), Duration::from_millis(20)) {
         Err(SendTimeoutError::Timeout(_)) => {}
         other => panic!("expected a timeout, got {other:?}"),
     }

@@ -187,7 +187,7 @@ fn wrong_magic_is_bad_magic() {
 fn wrong_version_is_bad_version() {
     let _w = Watchdog::new(LIMIT);
     let region = sealed_region();
-    for version in [0, 1, 2, 3, 4, 5, 7, u32::MAX] {
+    for version in [0, 1, 2, 3, 4, 5, 6, 8, u32::MAX] {
         let hello = Hello {
             version,
             ..valid_hello()
@@ -585,11 +585,11 @@ fn segment_outside_the_data_area_is_segment_out_of_bounds() {
     // (A later segment of a multi-segment message lies in the out-of-line
     // table, covered by the table test below.)
     let cases: [&[(u32, u32)]; 5] = [
-        &[(words - 1, 2)], // runs one word past the end
-        &[(0, words + 1)], // longer than the area
-        &[(words, 1)],     // starts at the end
-        &[(u32::MAX, 2)],  // offset + len overflows u32
-        &[(1, u32::MAX)],  // len + offset overflows u32
+        &[(words - 1, 2)],    // runs one word past the end
+        &[(0, words + 1)],    // longer than the area
+        &[(words, 1)],        // starts at the end
+        &[(u32::MAX - 1, 2)], // offset + len overflows u32 (MAX: carried)
+        &[(1, u32::MAX)],     // len + offset overflows u32
     ];
     for segments in cases {
         let conn = connected();
@@ -599,6 +599,70 @@ fn segment_outside_the_data_area_is_segment_out_of_bounds() {
         let &(offset, len) = segments.last().unwrap();
         assert_recv_breaks(&conn, ProtocolError::SegmentOutOfBounds { offset, len });
     }
+}
+
+/// The slot, count and area word of an honest carried descriptor: slot 0,
+/// one segment, area 0.
+const CARRIED_SLOT_COUNT: u32 = 1 << 16;
+
+#[test]
+fn a_message_carried_in_its_descriptor_is_read_from_it_and_never_released() {
+    let _w = Watchdog::new(LIMIT);
+    let conn = connected();
+    for (seq, text) in (0..).zip([
+        "carried",
+        "",
+        "thirteen words of text, less than 112 bytes!!!!!!!!!!!!!!!!!!!!!",
+    ]) {
+        let segments = text_segments(text);
+        let segment = &segments[0];
+        assert!(segment.len() <= 112, "{} bytes", segment.len());
+        let words = u32::try_from(segment.len() / 8).unwrap();
+        conn.mine
+            .write_carried(seq, seq, CARRIED_SLOT_COUNT, words, segment);
+        conn.mine.publish(seq + 1);
+        let got = conn.channel.try_recv().expect("the carried message");
+        assert!(got.is_copied(), "carried, so copied out");
+        assert_eq!(got.len_bytes(), segment.len());
+        assert_eq!(text_of(&got), text);
+        drop(got);
+    }
+    // Nothing to release: the release ring and its counter are untouched.
+    assert_eq!(conn.their_counter(counter::RELEASED), 0);
+}
+
+#[test]
+fn a_malformed_carried_descriptor_is_bad_carried() {
+    let _w = Watchdog::new(LIMIT);
+    let segment = &text_segments("hi")[0];
+    let cases = [
+        (CARRIED_SLOT_COUNT | 1, 2),       // a slot
+        (2 << 16, 2),                      // two segments
+        (CARRIED_SLOT_COUNT | 1 << 26, 2), // area 1
+        (CARRIED_SLOT_COUNT, 15),          // more than an entry holds
+        (CARRIED_SLOT_COUNT, u32::MAX),
+    ];
+    for (slot_count, len) in cases {
+        let conn = connected();
+        conn.mine.write_carried(0, 0, slot_count, len, segment);
+        conn.mine.publish(1);
+        assert_recv_breaks(&conn, ProtocolError::BadCarried { slot_count, len });
+    }
+}
+
+#[test]
+fn the_real_end_carries_a_small_message_in_its_descriptor() {
+    let _w = Watchdog::new(LIMIT);
+    let conn = connected();
+    let mut message = conn.channel.message();
+    message
+        .set_root(capnp::text::Reader::from("small"))
+        .unwrap();
+    conn.channel.send(message).unwrap();
+    let d = conn.their_descriptor(0);
+    assert_eq!((d.seq, d.slot, d.seg_count, d.area), (0, 0, 1, 0));
+    let carried = conn.their_carried(0).expect("carried in the entry");
+    assert_eq!(text_of_segment(&carried), "small");
 }
 
 /// One malformed out-of-line segment table.
@@ -771,7 +835,12 @@ fn a_message_with_an_out_of_line_table_is_received() {
 // ---- after a valid handshake: releases of the real end's messages ----------
 
 /// The texts the real end sends in the release tests.
-const SENT: [&str; 2] = ["one", "two"];
+/// Two texts too long to be carried in their descriptors (over 112
+/// bytes): read in place, each holding a slot until released.
+const SENT: [&str; 2] = [
+    "one: a message of more than one hundred and twelve bytes, read where it lies, and released to the sender when it drops",
+    "two: a message of more than one hundred and twelve bytes, read where it lies, and released to the sender when it drops",
+];
 
 /// A real end that sends through a ring of two and has sent two messages,
 /// and their descriptors as the hand peer reads them from its region.
@@ -817,7 +886,9 @@ fn release(conn: &Connected, consumed: u32, entries: &[(u32, u32)]) {
 fn third_message(conn: &Connected) -> MessageBuilder<'_> {
     let mut message = conn.channel.message();
     message
-        .set_root(capnp::text::Reader::from("three"))
+        .set_root(capnp::text::Reader::from(
+            "three: a message of more than one hundred and twelve bytes, which needs a slot of its own to be sent to the peer",
+        ))
         .unwrap();
     message
 }

@@ -64,8 +64,11 @@ fn sleeping_allocates_nothing() {
     });
     let send_one = |n: u64| {
         let mut m = tx.message();
-        m.set_root::<capnp::data::Owned>(&n.to_le_bytes()[..])
-            .unwrap();
+        // Too large to be carried in its descriptor: the sender waits
+        // for its release.
+        let mut payload = [0u8; 128];
+        payload[..8].copy_from_slice(&n.to_le_bytes());
+        m.set_root::<capnp::data::Owned>(&payload[..]).unwrap();
         tx.send(m).unwrap();
     };
     send_one(0);
@@ -122,8 +125,11 @@ fn waiting_on_sockets_allocates_nothing() {
         std::thread::sleep(Duration::from_micros(500));
         let tx = &txs[(n % 3) as usize];
         let mut m = tx.message();
-        m.set_root::<capnp::data::Owned>(&n.to_le_bytes()[..])
-            .unwrap();
+        // Too large to be carried in its descriptor: the sender waits
+        // for its release.
+        let mut payload = [0u8; 128];
+        payload[..8].copy_from_slice(&n.to_le_bytes());
+        m.set_root::<capnp::data::Owned>(&payload[..]).unwrap();
         tx.send(m).unwrap();
     }
     let allocated = waiter.join().unwrap();

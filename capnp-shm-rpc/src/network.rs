@@ -76,9 +76,14 @@ impl NetworkOptions {
 pub struct NetworkStats {
     /// Messages received and read in place.
     pub received_in_place: u64,
-    /// Messages received and copied out, because the budget was spent (or
-    /// the channel is in copy mode).
+    /// Messages received and copied out, because the budget was spent.
     pub copied_out: u64,
+    /// Messages received in private memory already: small ones, carried
+    /// in their descriptor and copied out as they were taken (see
+    /// `capnp_shm::Received::is_copied`), or any, when the channel is in
+    /// copy mode. Kept as they are, outside the budget: they hold nothing
+    /// of the peer's.
+    pub received_private: u64,
     /// Messages sent.
     pub sent: u64,
     /// Sends that found the peer's ring or region full and were queued.
@@ -636,14 +641,16 @@ impl Inner {
     /// Boxes a received message, holding it in place within the budget and
     /// copying it out beyond.
     fn incoming(&self, message: OwnedReceived) -> Box<dyn capnp_rpc::IncomingMessage> {
+        // In private memory already (carried, or copy mode): kept as it
+        // is. A stream channel's messages are in our own receive buffer
+        // (private, so `is_copied`), read in place there: held as they are.
+        if message.is_copied() && !self.stream {
+            self.counters.update(|s| s.received_private += 1);
+            return Box::new(Private(message));
+        }
         let bytes = message.len_bytes() as u64;
         let s = self.counters.get();
-        // A stream channel's messages are in our own receive buffer (private
-        // memory, so `is_copied`), read in place there: held as they are.
-        if (message.is_copied() && !self.stream)
-            || s.held >= s.held_messages_limit
-            || s.held_bytes + bytes > s.held_bytes_limit
-        {
+        if s.held >= s.held_messages_limit || s.held_bytes + bytes > s.held_bytes_limit {
             let copy = message.detach();
             drop(message);
             self.counters.update(|s| s.copied_out += 1);
@@ -674,6 +681,16 @@ struct InPlace {
 impl capnp_rpc::IncomingMessage for InPlace {
     fn get_body(&self) -> capnp::Result<any_pointer::Reader<'_>> {
         self.message.get_root()
+    }
+}
+
+/// A message that holds none of the peer's memory (see
+/// [`NetworkStats::received_private`]).
+struct Private(OwnedReceived);
+
+impl capnp_rpc::IncomingMessage for Private {
+    fn get_body(&self) -> capnp::Result<any_pointer::Reader<'_>> {
+        self.0.get_root()
     }
 }
 

@@ -136,6 +136,11 @@ pub fn pattern(n: u64, i: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// An item length that makes a [`build`] message of one item too large to
+/// be carried in its descriptor (over 112 bytes): read in place, and held
+/// by its receiver until dropped.
+pub const IN_PLACE: usize = 128;
+
 /// Builds message `n`: a list of `items` data blobs of `len` bytes each,
 /// the first 8 bytes of item 0 holding `n`.
 pub fn build<S: AsRef<Sender> + ?Sized>(

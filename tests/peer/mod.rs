@@ -34,7 +34,7 @@ use capnp_shm::{Channel, Options, SetupError};
 /// `"CAPNPSHM"` as a little-endian `u64`: the first field of hello and header.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CAPNPSHM");
 /// The format version this peer speaks.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// The verdict on a peer's region that says "mapped": shared memory.
 pub const MAPPED: [u8; 8] = *b"CSHM-MAP";
 /// The verdict that says "cannot map": both ends use the stream.
@@ -46,7 +46,12 @@ pub const HELLO_LEN: usize = 64;
 /// Bytes of the control block at the start of a region.
 pub const CONTROL_BYTES: u64 = 1024;
 /// Bytes of one descriptor ring entry.
-pub const DESCRIPTOR_BYTES: u64 = 16;
+pub const DESCRIPTOR_BYTES: u64 = 128;
+/// The offset that says a descriptor carries its one segment in the entry,
+/// from byte 16 on.
+pub const CARRIED_OFFSET: u32 = u32::MAX;
+/// The most words an entry carries.
+pub const CARRIED_WORDS: u32 = 14;
 /// Bytes of one release ring entry.
 pub const RELEASE_BYTES: u64 = 8;
 /// Alignment of the data area and granularity of region sizes.
@@ -723,6 +728,19 @@ impl Region {
         self.map.store_u32(base, d.seq.wrapping_add(1));
     }
 
+    /// Writes the entry for message `at` carrying `segment` (whole words)
+    /// in it, with the slot and count words as given (0 and 1 when honest)
+    /// and `len` words announced.
+    pub fn write_carried(&self, at: u32, seq: u32, slot_count: u32, len: u32, segment: &[u8]) {
+        let base = self.geometry.descriptors_offset()
+            + u64::from(self.geometry.ring_index(at)) * DESCRIPTOR_BYTES;
+        self.map.write_bytes(base + 16, segment);
+        self.map.store_u32(base + 4, slot_count);
+        self.map.store_u32(base + 8, CARRIED_OFFSET);
+        self.map.store_u32(base + 12, len);
+        self.map.store_u32(base, seq.wrapping_add(1));
+    }
+
     /// Copies `bytes` to word `word` of the data area.
     pub fn write_data(&self, word: u32, bytes: &[u8]) {
         let offset = self.geometry.data_offset() + u64::from(word) * WORD;
@@ -1072,6 +1090,31 @@ impl Connected {
                 self.theirs.load_u32(base + 12),
             )],
         }
+    }
+
+    /// The segment the real end's entry for message `seq` carries, if it
+    /// carries one.
+    pub fn their_carried(&self, seq: u32) -> Option<Vec<u8>> {
+        let d = self.their_descriptor(seq);
+        let (offset, len) = d.segments[0];
+        if offset != CARRIED_OFFSET {
+            return None;
+        }
+        assert!(
+            len <= CARRIED_WORDS,
+            "an honest end carries at most 14 words"
+        );
+        let g = self.their_geometry;
+        let base = g.descriptors_offset() + u64::from(g.ring_index(seq)) * DESCRIPTOR_BYTES;
+        Some(
+            (0..len * 2)
+                .flat_map(|i| {
+                    self.theirs
+                        .load_u32(base + 16 + u64::from(i) * 4)
+                        .to_le_bytes()
+                })
+                .collect(),
+        )
     }
 
     /// A private copy of `len` words at word `offset` of the real end's data area.
