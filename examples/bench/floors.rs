@@ -411,6 +411,50 @@ fn affinity() -> Option<libc::cpu_set_t> {
     (r == 0).then_some(set)
 }
 
+/// The CPU a peer forked during [`apart`] pins itself to, plus one (0: no
+/// pinning).
+static PEER_CPU: AtomicU32 = AtomicU32::new(0);
+
+/// In a peer just forked (`fork_peer`): pins it to the CPU [`apart`] chose,
+/// if one is chosen.
+pub(crate) fn place_peer() {
+    if let Some(cpu) = PEER_CPU.load(Ordering::Relaxed).checked_sub(1) {
+        pin_to(cpu);
+    }
+}
+
+/// Runs `f` with this process pinned to one CPU and each peer it forks
+/// meanwhile pinned to another (the first two it may use), so that every
+/// wake crosses between the two: a process that sleeps on every hop is
+/// otherwise moved next to its waker on some machines, or not, as the
+/// scheduler pleases (here a futex round trip took 2 µs with both on one
+/// vCPU and 53 µs apart), and two rows compared would not be measured
+/// alike. Runs `f` as it is when there are not two CPUs to pin to. The
+/// calling thread's CPU set is restored.
+pub(crate) fn apart<R>(f: impl FnOnce() -> R) -> R {
+    let Some(saved) = affinity() else {
+        return f();
+    };
+    // SAFETY: CPU_ISSET only reads the set, and ignores a CPU beyond it.
+    let mut cpus =
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &saved) });
+    let (Some(a), Some(b)) = (cpus.next(), cpus.next()) else {
+        return f();
+    };
+    let (Ok(a), Ok(b)) = (u32::try_from(a), u32::try_from(b)) else {
+        return f();
+    };
+    if !pin_to(a) {
+        return f();
+    }
+    PEER_CPU.store(b + 1, Ordering::Relaxed);
+    let result = f();
+    PEER_CPU.store(0, Ordering::Relaxed);
+    // SAFETY: `saved` is the set the kernel gave us.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &saved) };
+    result
+}
+
 /// Whether CPUs `a` and `b` share a physical core, measured: how many
 /// times longer [`busy_loop`] takes on `a` while a forked child runs it on
 /// `b` at the same time than on `a` alone (about 2 for hyperthreads of one

@@ -424,6 +424,7 @@ fn fork_peer<E, R>(
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        floors::place_peer();
         drop(ours.take());
         let code = peer(theirs.take().expect("peer end"));
         // SAFETY: ends the child without running the parent's exit handlers.
@@ -1371,7 +1372,9 @@ fn print_footer(args: &Args) {
         println!(
             "floor: what the hardware allows, measured in this run: a cache line bounced \
              between two spinning processes (for round trip 64 B), the same with a futex wait \
-             and wake on every hop (for no spin), the one-way 64 B workload over a bare ring \
+             and wake on every hop (for no spin; it, the no-spin rows and the socket's 64 B \
+             round trip run with the two processes pinned to two vCPUs, as a sleeper woken by \
+             its peer may otherwise be moved next to it), the one-way 64 B workload over a bare ring \
              between two processes, no validation and no space to manage (for one-way 64 B \
              messages); capnp build is that message built on a reused buffer in one process, \
              no transport; capnp echo is capnp's work in one 64 B round trip, done in one \
@@ -1674,18 +1677,20 @@ fn measure_core(
             &mut core.shm_rtt,
             round_trips(Transport::Shm, default, 64, warmup, trips),
         );
+        // Every hop of these three sleeps: measured alike, the two
+        // processes on two vCPUs (`floors::apart`).
         step("futex floor");
-        let (samples, _) = floors::ping_pong(floors::Hop::Futex, warmup, trips);
+        let (samples, _) = floors::apart(|| floors::ping_pong(floors::Hop::Futex, warmup, trips));
         push_percentiles(&mut core.futex, samples);
         step("round trip 64 B, no spin shm");
         push_percentiles(
             &mut core.shm_no_spin,
-            round_trips(Transport::Shm, sleepy, 64, warmup, trips),
+            floors::apart(|| round_trips(Transport::Shm, sleepy, 64, warmup, trips)),
         );
         step("round trip 64 B socket");
         push_percentiles(
             &mut core.socket_rtt,
-            round_trips(Transport::Socket, default, 64, warmup, trips),
+            floors::apart(|| round_trips(Transport::Socket, default, 64, warmup, trips)),
         );
 
         step("build floor");
