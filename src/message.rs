@@ -1,5 +1,6 @@
 //! Received messages: a capnp reader over segments in the peer's region, and
-//! the release when it drops.
+//! the release when it drops; or over a small message copied out of its
+//! descriptor, or a private copy, which release nothing.
 
 use std::fmt;
 use std::rc::Rc;
@@ -119,6 +120,9 @@ macro_rules! received_methods {
 /// Its segments stay in the peer's shared region (or, with
 /// [`Options::copy_received`](crate::Options::copy_received), in a private
 /// copy) until it drops; dropping it tells the peer the space may be reused.
+/// A message of one segment of at most 112 bytes came inside its
+/// descriptor and was copied out as it was taken
+/// ([`is_copied`](Self::is_copied)): it holds nothing of the peer's.
 /// It borrows the receiving end, so the mapping outlives it. A `Received`
 /// inherited through `fork` and dropped in the child touches nothing
 /// shared: only the process that owns the end releases.

@@ -136,7 +136,10 @@ impl Options {
     /// yet (its queue), rounded up to a power of two, at most 65 536. A
     /// sender that gets this far ahead waits: that is the backpressure.
     /// Messages the peer has taken and still holds do not count here (see
-    /// [`max_held`](Options::max_held)).
+    /// [`max_held`](Options::max_held)). Each entry of the ring takes 128
+    /// bytes of the region (default 256 entries: 32 KiB); a message of one
+    /// segment of up to 112 bytes travels in its entry, so a receiver that
+    /// holds such messages holds nothing of the region.
     pub fn ring_capacity(mut self, messages: u32) -> Options {
         self.ring_capacity = messages;
         self
