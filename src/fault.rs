@@ -23,8 +23,9 @@ pub(crate) enum Fault {
     /// The producer stores `published` before the descriptor's tag
     /// (`ring::DescriptorProducer::publish`).
     CounterBeforeTag,
-    /// The sleeper waits on its counter alone, not on the peer's `closed`
-    /// too: what happens where `futex_waitv` is missing.
+    /// The sleeper waits on one word (its counter, or the word that must
+    /// move), not on the peer's `closed` too: what happens where
+    /// `futex_waitv` is missing (`wait::sleep`).
     SleepOnCounterOnly,
     /// The receiver's take of a carried message does not wake the sender,
     /// as a take while holding nothing does not (`recv::count_carried`):

@@ -26,7 +26,8 @@ use std::time::Duration;
 use crate::error::{Failure, Halt, NotOwner, ProtocolError};
 use crate::handshake;
 use crate::layout::{
-    AREA_RECORD, AREA_RECORD_LEN, DATA_ALIGN, DOORBELL, MAX_AREA, MAX_REGION, SLEEPING_ON_SOCKET,
+    AREA_RECORD, AREA_RECORD_LEN, AWAKE, DATA_ALIGN, DOORBELL, MAX_AREA, MAX_REGION,
+    SLEEPING_ON_SOCKET,
 };
 use crate::options::Options;
 use crate::region::{OwnRegion, PeerArea, PeerRegion};
@@ -660,6 +661,13 @@ impl<W: Word> Link<W> {
         if how == SLEEPING_ON_SOCKET {
             self.ring_doorbell();
         }
+        if how != AWAKE && wakes == Wakes::Sender {
+            // A sender that found our descriptor ring full, on a kernel
+            // that sleeps on one word only, sleeps on `consumed`
+            // (`wait::sleep`): the take before this release stored it and,
+            // holding nothing else, woke no one.
+            self.own.consumed().wake();
+        }
         how
     }
 
@@ -713,9 +721,11 @@ impl<W: Word> Link<W> {
         if how == SLEEPING_ON_SOCKET || tx_how == SLEEPING_ON_SOCKET {
             self.ring_doorbell();
         }
-        // Sleepers on one word only (no futex_waitv) sleep on these.
+        // Sleepers on one word only (no futex_waitv) sleep on these
+        // (`consumed`: a sender that found our descriptor ring full).
         self.own.published().wake();
         self.own.released().wake();
+        self.own.consumed().wake();
     }
 }
 

@@ -379,6 +379,22 @@ fn stream_then_close<const CARRIED: bool>() {
     sender.join().unwrap();
 }
 
+/// [`stream_then_close`] without the close: the two messages only.
+fn stream<const CARRIED: bool>() {
+    let (a, b) = pair(1);
+    let sender = loom::thread::spawn(move || {
+        send::<CARRIED>(&a, 0).unwrap();
+        send::<CARRIED>(&a, 1).unwrap();
+        a
+    });
+    for n in 0..2 {
+        let got = recv::<CARRIED>(&b, n).expect("a message, not Disconnected");
+        release(&b, got);
+    }
+    let a = sender.join().unwrap();
+    drop((a, b));
+}
+
 /// The receiver holds the first message and closes while the sender waits
 /// for room for the second: the sender's wait must end in `Disconnected`.
 /// (Read in place only: a carried message holds nothing once taken.)
@@ -477,6 +493,32 @@ fn the_protocol_loses_no_wake_and_no_message() {
     for (name, scenario, preemptions) in SCENARIOS {
         let n = check(scenario, preemptions);
         eprintln!("{name}: {n} executions (preemptions: {preemptions:?})");
+        assert!(n > 1, "{name}: loom explored only one execution");
+    }
+}
+
+/// Where `futex_waitv` is missing (modelled by the one-word sleep of
+/// `Fault::SleepOnCounterOnly`), a sender asleep on a full descriptor ring
+/// sleeps on the peer's `consumed`, the word a take moves, and is woken on
+/// it by a carried take, a take while holding, or a release (the take
+/// before which woke no one): every full-ring scenario without a close
+/// ends, read in place and carried. (Asleep on `released`, the carried
+/// ones and a receiver that holds deadlock; asleep on `consumed` but woken
+/// only on `released` by a release, a stream read in place does.)
+#[test]
+fn without_futex_waitv_a_take_ends_a_full_ring_wait() {
+    let scenarios: [(&str, Scenario); 4] = [
+        ("stream", stream::<false>),
+        ("carried_stream", stream::<true>),
+        (
+            "full_ring_while_receiver_holds",
+            full_ring_while_receiver_holds::<false>,
+        ),
+        ("carried_full_ring", full_ring_while_receiver_holds::<true>),
+    ];
+    for (name, scenario) in scenarios {
+        let n = fault::with(Some(Fault::SleepOnCounterOnly), || check(scenario, Some(3)));
+        eprintln!("{name}, one-word sleeps: {n} executions");
         assert!(n > 1, "{name}: loom explored only one execution");
     }
 }

@@ -762,11 +762,8 @@ impl DescriptorConsumer {
         // Acquire: pairs with the producer's Release store of the tag, after
         // the rest of the entry and the message bytes.
         W::fence(Ordering::Acquire);
-        let d = Descriptor::from_words(
-            entry.slot_count.load(),
-            entry.offset.load(),
-            entry.len.load(),
-        );
+        let slot_count = entry.slot_count.load();
+        let d = Descriptor::from_words(slot_count, entry.offset.load(), entry.len.load());
         let entry = if d.count == 0 {
             let area = d.span.area;
             // Area 0 is the region's, never retired: a message of no
@@ -791,8 +788,10 @@ impl DescriptorConsumer {
                 area,
             }
         } else if d.span.extent.start == CARRIED_OFFSET {
+            // The word as the peer wrote it: its count may be past what
+            // a descriptor may say (`Descriptor::slot_count` asserts).
             let words = carried_words(d).ok_or(ProtocolError::BadCarried {
-                slot_count: d.slot_count(),
+                slot_count,
                 len: d.span.extent.len,
             })?;
             Entry::Carried(copy_carried(&entry, words))

@@ -68,8 +68,15 @@ pub enum Readiness {
 
 /// Sleeps while `counter` holds `seen`, `also` (if any) its value, and the
 /// peer has not closed, for at most `slice`: on every word where the kernel
-/// can, on the counter alone where it cannot (then a close, or a change of
-/// `also`, is seen when the slice ends).
+/// can. Where it cannot, on one word: `also` if there is one, else the
+/// counter (then a change of the other, or a close, is seen when the slice
+/// ends).
+///
+/// `also` first, because it is the word that must move: a sender's
+/// `also` is the peer's `consumed`, given only when the descriptor ring was
+/// full, and then only a take makes room (a release does not). A message
+/// carried in its descriptor is taken and never released, so a sender
+/// asleep on `released` alone would wait out every slice of a full ring.
 fn sleep<W: Word>(
     counter: &W,
     seen: u32,
@@ -77,8 +84,9 @@ fn sleep<W: Word>(
     closed: &W,
     slice: Duration,
 ) -> io::Result<()> {
+    let (one, one_seen) = also.unwrap_or((counter, seen));
     if fault::active(Fault::SleepOnCounterOnly) {
-        return counter.wait(seen, slice);
+        return one.wait(one_seen, slice);
     }
     let many = [(counter, seen), (closed, 0), also.unwrap_or((closed, 0))];
     let words = if also.is_some() {
@@ -87,7 +95,7 @@ fn sleep<W: Word>(
         &many[..2]
     };
     match W::wait_many(words, slice) {
-        Err(e) if e.kind() == io::ErrorKind::Unsupported => counter.wait(seen, slice),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => one.wait(one_seen, slice),
         other => other,
     }
 }

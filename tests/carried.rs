@@ -2,13 +2,14 @@
 //! at most 112 bytes is copied into its descriptor entry at send and out of
 //! it as it is taken. It holds nothing of the sender's space and needs no
 //! release; anything larger is read in place and held until dropped.
+#![allow(unsafe_code)] // a seccomp filter (prctl(2)) and futex_waitv(2) in a forked child
 mod common;
 
 use std::thread;
 use std::time::Duration;
 
 use capnp_shm::{Channel, Options};
-use common::{build, check, Watchdog, IN_PLACE};
+use common::{build, check, fork, Watchdog, IN_PLACE};
 
 /// A data blob of `len` bytes, each its own.
 fn payload(len: usize) -> Vec<u8> {
@@ -132,4 +133,105 @@ fn a_carried_message_outlives_its_receiver_as_an_owned_message() {
     assert!(owned.is_copied());
     let list: capnp::data_list::Reader<'_> = owned.get_root().unwrap();
     assert_eq!(list.get(0).unwrap(), &7u64.to_le_bytes()[..]);
+}
+
+/// The number of `futex_waitv(2)` on x86_64 and aarch64.
+const SYS_FUTEX_WAITV: u32 = 449;
+
+/// Makes `futex_waitv` fail with `ENOSYS` in this thread and the threads it
+/// starts, as on Linux before 5.16 or under a seccomp profile that lacks it.
+fn deny_futex_waitv() {
+    let filter = [
+        // Load the system call number.
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        // futex_waitv: ENOSYS; anything else: allow.
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: SYS_FUTEX_WAITV,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::ENOSYS.unsigned_abs(),
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    let program = libc::sock_fprog {
+        len: u16::try_from(filter.len()).unwrap(),
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
+    let no_new_privs = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(no_new_privs, 0);
+    // SAFETY: `program` points to `filter`, both alive for the call, which
+    // copies them.
+    let set = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program) };
+    assert_eq!(set, 0, "seccomp: {}", std::io::Error::last_os_error());
+    // SAFETY: futex_waitv with no words and no timeout; the filter refuses it
+    // before the kernel reads anything.
+    let r = unsafe {
+        libc::syscall(
+            libc::c_long::from(SYS_FUTEX_WAITV),
+            0usize,
+            0u32,
+            0u32,
+            0usize,
+            0u32,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOSYS)
+    );
+}
+
+#[test]
+fn without_futex_waitv_a_take_still_wakes_a_sender_on_a_full_ring() {
+    // Where the kernel cannot sleep on several words, a sender that found
+    // the ring full sleeps on the one word a take moves. Asleep on
+    // `released` instead, it would wait out its whole slice (here a minute:
+    // the watchdog ends the test first) for every full ring, as no release
+    // follows a carried message. Messages read in place too.
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let child = fork(|| {
+        deny_futex_waitv();
+        const N: u64 = 40;
+        let options = Options::new()
+            .ring_capacity(2)
+            .spin(Duration::ZERO)
+            .wait_slice(Duration::from_secs(60));
+        for len in [8, IN_PLACE] {
+            let (a, b) = Channel::pair_with(&options).unwrap();
+            let (tx, _a_rx) = a.split();
+            let (_b_tx, rx) = b.split();
+            let receiver = thread::spawn(move || {
+                for n in 0..N {
+                    // Let the sender find the ring full and fall asleep.
+                    thread::sleep(Duration::from_millis(1));
+                    assert_eq!(check(&rx.recv().unwrap()), n);
+                }
+            });
+            for n in 0..N {
+                tx.send(build(&tx, n, 1, len)).unwrap();
+            }
+            receiver.join().unwrap();
+            assert!(tx.stats().sleeps > 0, "the sender slept ({len} bytes)");
+        }
+        0
+    });
+    assert_eq!(child.wait(), 0);
 }

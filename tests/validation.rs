@@ -639,6 +639,7 @@ fn a_malformed_carried_descriptor_is_bad_carried() {
         (CARRIED_SLOT_COUNT | 1, 2),       // a slot
         (2 << 16, 2),                      // two segments
         (CARRIED_SLOT_COUNT | 1 << 26, 2), // area 1
+        (600 << 16, 2),                    // a count no descriptor may have
         (CARRIED_SLOT_COUNT, 15),          // more than an entry holds
         (CARRIED_SLOT_COUNT, u32::MAX),
     ];
