@@ -31,6 +31,11 @@ pub(crate) enum Fault {
     /// as a take while holding nothing does not (`recv::count_carried`):
     /// but no release follows a carried message.
     CarriedTakeWakesNoOne,
+    /// The take's wake tells one sleep of the sender from the next by its
+    /// flag alone, not by the peer's `published` too
+    /// (`Link::wake_sender_after_take`): a ring kept full by carried
+    /// messages sleeps on the same flag value every time.
+    TakeWakeKnowsFlagOnly,
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::error::{Failure, Halt, NotOwner, ProtocolError};
+use crate::fault::{self, Fault};
 use crate::handshake;
 use crate::layout::{
     AREA_RECORD, AREA_RECORD_LEN, AWAKE, DATA_ALIGN, DOORBELL, MAX_AREA, MAX_REGION,
@@ -58,6 +59,11 @@ pub(crate) struct Link<W: Word = AtomicU32> {
     /// sender and our receiver (see [`Wakes`]).
     woke_receiver: AtomicU32,
     woke_sender: AtomicU32,
+    /// The peer's `tx_sleeping` and `published` values when our receiver's
+    /// take last woke its sender (see [`wake_sender_after_take`]).
+    ///
+    /// [`wake_sender_after_take`]: Self::wake_sender_after_take
+    woke_sender_on_take: AtomicU64,
     options: Options,
     /// The most bytes our outgoing space may take: our limit, and what the
     /// peer accepts.
@@ -197,6 +203,7 @@ impl<W: Word> Link<W> {
             closed_here: AtomicBool::new(false),
             woke_receiver: AtomicU32::new(0),
             woke_sender: AtomicU32::new(0),
+            woke_sender_on_take: AtomicU64::new(0),
             options,
         }
     }
@@ -655,7 +662,6 @@ impl<W: Word> Link<W> {
         let woken = match wakes {
             Wakes::Receiver => Some(&self.woke_receiver),
             Wakes::Sender => Some(&self.woke_sender),
-            Wakes::Always => None,
         };
         let how = wake::wake_peer(store, counter, peer_flag, woken);
         if how == SLEEPING_ON_SOCKET {
@@ -669,6 +675,55 @@ impl<W: Word> Link<W> {
             self.own.consumed().wake();
         }
         how
+    }
+
+    /// After our receiver took a message (its `consumed` stored): wakes
+    /// the peer's sender if it sleeps, once per sleep. Returns how it
+    /// sleeps ([`AWAKE`] when no wake was needed).
+    ///
+    /// A take stores no value the sender's flag names (a full-ring sleep
+    /// announces the `released` value it saw), so the flag alone cannot
+    /// tell one sleep from the next: a ring kept full by small messages,
+    /// which are never released, sleeps on the same flag value again and
+    /// again. The peer's `published` can: a sender asleep publishes
+    /// nothing, and one that finds the ring full again after a take has
+    /// published since. So a sleep is the pair (flag, published), and the
+    /// pair last woken is not woken again: its sleeper is awake, or its
+    /// `FUTEX_WAIT` finds `consumed` moved and returns.
+    ///
+    /// Why the pair read here is that of the sleep now announced: after
+    /// our take and the `SeqCst` fence (F2 in `wake.rs`), the flag load
+    /// sees the sleeper's announcement or a later store, or the sleeper's
+    /// re-check sees our take and it does not sleep. The sleeper fences
+    /// `Release` before it announces (`wake::announce`) and we fence
+    /// `Acquire` after reading its flag, so its publishes before the
+    /// announcement are visible to the load of `published` below.
+    pub(crate) fn wake_sender_after_take(&self) -> u32 {
+        // SeqCst: F2 (the take's store of `consumed` came before).
+        W::fence(Ordering::SeqCst);
+        let flag = self.peer.tx_sleeping().load();
+        let mode = wake::sleep_mode(flag);
+        if mode == AWAKE {
+            return AWAKE;
+        }
+        // Acquire: pairs with the sleeper's Release fence before its
+        // announcement (above).
+        W::fence(Ordering::Acquire);
+        let published = if fault::active(Fault::TakeWakeKnowsFlagOnly) {
+            0
+        } else {
+            self.peer.published().load()
+        };
+        let sleep = u64::from(flag) << 32 | u64::from(published);
+        // Relaxed: only our receiving thread wakes on takes.
+        if self.woke_sender_on_take.swap(sleep, Ordering::Relaxed) == sleep {
+            return AWAKE; // woken already
+        }
+        self.own.consumed().wake();
+        if mode == SLEEPING_ON_SOCKET {
+            self.ring_doorbell();
+        }
+        mode
     }
 
     /// Writes one doorbell byte, for a peer that waits in `poll` (see
@@ -730,14 +785,13 @@ impl<W: Word> Link<W> {
 }
 
 /// Whose sleep a [`Link::wake_peer`] ends, for waking each sleep once
-/// (`wake.rs`): the peer's receiver (our sender published), the peer's
-/// sender (our receiver released), or whoever sleeps, whatever was woken
-/// before (a wake that stores nothing proves nothing to later wakes).
+/// (`wake.rs`): the peer's receiver (our sender published) or the peer's
+/// sender (our receiver released). A take wakes through
+/// [`Link::wake_sender_after_take`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wakes {
     Receiver,
     Sender,
-    Always,
 }
 
 impl<W: Word> Drop for Link<W> {

@@ -395,6 +395,25 @@ fn stream<const CARRIED: bool>() {
     drop((a, b));
 }
 
+/// Three messages through a ring of one, each released (if read in place)
+/// once taken: the sender sleeps on a full ring again and again, with the
+/// same flag value when they are carried (no release moves `released`).
+fn stream_of_three<const CARRIED: bool>() {
+    let (a, b) = pair(1);
+    let sender = loom::thread::spawn(move || {
+        for n in 0..3 {
+            send::<CARRIED>(&a, n).unwrap();
+        }
+        a
+    });
+    for n in 0..3 {
+        let got = recv::<CARRIED>(&b, n).expect("a message, not Disconnected");
+        release(&b, got);
+    }
+    let a = sender.join().unwrap();
+    drop((a, b));
+}
+
 /// The receiver holds the first message and closes while the sender waits
 /// for room for the second: the sender's wait must end in `Disconnected`.
 /// (Read in place only: a carried message holds nothing once taken.)
@@ -457,7 +476,7 @@ fn two_held<const CARRIED: bool>((a, b): (End, End)) {
 /// every interleaving). The bounds keep `cargo test` to seconds; deeper
 /// runs (`LOOM_MAX_PREEMPTIONS=4`, minutes) are for changes to the
 /// protocol. Messages are read in place unless the name says carried.
-const SCENARIOS: [(&str, Scenario, Option<usize>); 8] = [
+const SCENARIOS: [(&str, Scenario, Option<usize>); 9] = [
     ("stream_then_close", stream_then_close::<false>, Some(3)),
     (
         "close_while_sender_waits",
@@ -486,6 +505,7 @@ const SCENARIOS: [(&str, Scenario, Option<usize>); 8] = [
         full_ring_while_receiver_holds::<true>,
         Some(3),
     ),
+    ("carried_stream_of_three", stream_of_three::<true>, Some(2)),
 ];
 
 #[test]
@@ -526,7 +546,7 @@ fn without_futex_waitv_a_take_ends_a_full_ring_wait() {
 /// The broken variants, each with the scenario that must catch it and how
 /// the failure shows: a lost wake is a deadlock (every thread asleep), a
 /// tag stored after its counter a protocol error an honest peer never gets.
-const VARIANTS: [(Fault, &str, Scenario, &str); 7] = [
+const VARIANTS: [(Fault, &str, Scenario, &str); 8] = [
     (
         Fault::RecheckNotOrdered,
         "stream_then_close",
@@ -567,6 +587,12 @@ const VARIANTS: [(Fault, &str, Scenario, &str); 7] = [
         Fault::CarriedTakeWakesNoOne,
         "carried_full_ring",
         full_ring_while_receiver_holds::<true>,
+        "deadlock",
+    ),
+    (
+        Fault::TakeWakeKnowsFlagOnly,
+        "carried_stream_of_three",
+        stream_of_three::<true>,
         "deadlock",
     ),
 ];

@@ -389,23 +389,15 @@ impl<W: Word> RecvSide<W> {
         taken
     }
 
-    /// After taking a message while holding others: a sender that found
-    /// the descriptor ring full waits on our `released` word, and the
-    /// release of this message may not come soon; wake it (the Dekker pair
-    /// of `wake.rs`, with `consumed`, stored by the take, as the store).
-    /// A receiver that holds nothing releases each message it takes, and
-    /// that release wakes the sender: the common case pays nothing here.
+    /// After taking a carried message, or any while holding others: a
+    /// sender that found the descriptor ring full waits for a take, and no
+    /// release may come soon (none ever, of a carried message); wake it,
+    /// once per sleep (the Dekker pair of `wake.rs`, with `consumed`,
+    /// stored by the take, as the store; `Link::wake_sender_after_take`).
+    /// A receiver that holds nothing releases each message read in place,
+    /// and that release wakes the sender: it pays nothing here.
     fn wake_after_take(&self, state: &RecvState) {
-        let link = &*self.link;
-        let own = link.own();
-        // The take stored `consumed` already (before the fence in
-        // `wake_peer`); a sender that found the ring full sleeps on it too.
-        let how = link.wake_peer(
-            || {},
-            own.consumed(),
-            link.peer().tx_sleeping(),
-            Wakes::Always,
-        );
+        let how = self.link.wake_sender_after_take();
         state.wakes.set(state.wakes.get() + u64::from(how != AWAKE));
     }
 

@@ -72,6 +72,10 @@ pub(crate) fn announce<W: Word>(flag: Mine<'_, W>, mode: u32, counter: Theirs<'_
     // What the sleep will wait on, for the waker (module notes); the
     // caller sleeps only if the load below finds the same.
     let expected = counter.load();
+    // Release: what this end published before is visible to a waker that
+    // reads the announcement and fences Acquire (`Link::wake_sender_after_take`
+    // tells one sleep from the next by it).
+    W::fence(Ordering::Release);
     flag.store(expected.wrapping_shl(2) | mode, Ordering::Relaxed);
     if !fault::active(Fault::RecheckNotOrdered) {
         // SeqCst: F1, the sleeper's half of the pair (module notes).
