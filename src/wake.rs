@@ -50,10 +50,13 @@
 //! Without it, a sender that announced a sleep on a full ring and was
 //! woken cost the receiver a system call on *every* release until the
 //! scheduler ran it and it withdrew: 150 000 wakes in a 2-million-message
-//! stream, whose throughput halved in some runs. A wake that stores nothing
-//! (`recv.rs`'s take-wake) or must reach a sleeper whatever (the close)
-//! passes no `woken` and always wakes. loom found the first version of this
-//! wrong (it assumed the woken store came after the sleeper's load).
+//! stream, whose throughput halved in some runs. A wake that must reach a
+//! sleeper whatever (the close) passes no `woken` and always wakes. A take
+//! stores `consumed`, which the sender's flag does not name, so its wake
+//! tells one sleep from the next by the flag and the sender's `published`
+//! (`Link::wake_sender_after_take`; the Release fence in [`announce`] is
+//! for it). loom found the first version of this wrong (it assumed the
+//! woken store came after the sleeper's load).
 //!
 //! `model.rs` checks this exhaustively with loom, running this code, the
 //! waiter's and the rings', and shows that each broken variant in
