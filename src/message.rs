@@ -247,6 +247,17 @@ impl<'c> Received<'c> {
     );
 }
 
+/// A message carried in its descriptor: one segment, in the copy.
+impl ReaderSegments for Carried {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        (idx == 0).then(|| self.segment())
+    }
+
+    fn len(&self) -> usize {
+        1
+    }
+}
+
 /// The segments of a [detached](Received::detach) message: a private copy
 /// that owns its memory.
 #[derive(Debug, Clone)]
@@ -483,7 +494,7 @@ impl ReaderSegments for Segments<'_> {
             },
             Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
-            Body::Carried(carried) => (idx == 0).then(|| carried.segment()),
+            Body::Carried(carried) => carried.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -494,7 +505,7 @@ impl ReaderSegments for Segments<'_> {
             Body::InPlaceSpread { spans, .. } => spans.len(),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
-            Body::Carried(_) => 1,
+            Body::Carried(carried) => carried.len(),
             Body::Framed { frame, .. } => frame.len(),
         }
     }
@@ -677,7 +688,7 @@ impl ReaderSegments for OwnedSegments {
                 }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
-            OwnedBody::Carried(carried) => (idx == 0).then(|| carried.segment()),
+            OwnedBody::Carried(carried) => carried.get_segment(idx),
             OwnedBody::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -686,7 +697,7 @@ impl ReaderSegments for OwnedSegments {
         match &self.body {
             OwnedBody::InPlace { table, .. } => table.len() as usize,
             OwnedBody::Copied(copy) => copy.len(),
-            OwnedBody::Carried(_) => 1,
+            OwnedBody::Carried(carried) => carried.len(),
             OwnedBody::Framed { frame, .. } => frame.len(),
         }
     }

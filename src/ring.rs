@@ -62,7 +62,7 @@ use crate::layout::{
     CARRIED_OFFSET, CARRIED_WORDS, INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS, WORD_BYTES,
 };
 use crate::region::{DescriptorWords, Extent, OwnRegion, PeerRegion, Span};
-use crate::word::{Mine, Theirs, Word};
+use crate::word::{Theirs, Word};
 
 // ---- the descriptor entry ------------------------------------------------------
 
@@ -103,6 +103,22 @@ impl Descriptor {
             span: Span {
                 area: slot_count >> 26,
                 extent: Extent { start: offset, len },
+            },
+        }
+    }
+
+    /// A message of one segment of `words` words carried in its entry (see
+    /// the type's notes).
+    fn carried(words: u32) -> Descriptor {
+        Descriptor {
+            slot: 0,
+            count: 1,
+            span: Span {
+                area: 0,
+                extent: Extent {
+                    start: CARRIED_OFFSET,
+                    len: words,
+                },
             },
         }
     }
@@ -477,60 +493,12 @@ impl DescriptorProducer {
     /// written here was taken (its `consumed` seen, with its fence) before.
     pub(crate) fn publish<W: Word>(&self, own: &OwnRegion<W>, d: Descriptor) -> u32 {
         let seq = self.published.get();
+        let next = seq.wrapping_add(1);
         let entry = own.descriptor(seq);
         // Relaxed: published by the Release store of the tag.
         entry.slot_count.store(d.slot_count(), Ordering::Relaxed);
         entry.offset.store(d.span.extent.start, Ordering::Relaxed);
         entry.len.store(d.span.extent.len, Ordering::Relaxed);
-        self.tag(own, &entry, seq)
-    }
-
-    /// Publishes the next message, of one segment small enough to be
-    /// carried in its entry ([`carries`]), as [`publish`](Self::publish)
-    /// does: the segment's words, the descriptor, the tag last.
-    pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
-        debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
-        let seq = self.published.get();
-        let entry = own.descriptor(seq);
-        let words = segment.len() / WORD_BYTES; // at most CARRIED_WORDS
-                                                // Every word of the entry, the tail zero: a loop of fixed length,
-                                                // which compiles to straight stores.
-        let mut bytes = [0; CARRIED_BYTES];
-        if let Some(head) = bytes.get_mut(..segment.len()) {
-            head.copy_from_slice(segment);
-        }
-        // Relaxed, all: published by the Release store of the tag.
-        for (word, chunk) in entry.carried.iter().zip(bytes.chunks_exact(4)) {
-            let mut le = [0; 4];
-            le.copy_from_slice(chunk);
-            word.store(u32::from_le_bytes(le), Ordering::Relaxed);
-        }
-        let d = Descriptor {
-            slot: 0,
-            count: 1,
-            span: Span {
-                area: 0,
-                extent: Extent {
-                    start: CARRIED_OFFSET,
-                    len: u32::try_from(words).unwrap_or(0),
-                },
-            },
-        };
-        entry.slot_count.store(d.slot_count(), Ordering::Relaxed);
-        entry.offset.store(CARRIED_OFFSET, Ordering::Relaxed);
-        entry.len.store(d.span.extent.len, Ordering::Relaxed);
-        self.tag(own, &entry, seq)
-    }
-
-    /// Completes the entry of message `seq`, written but for its tag.
-    #[inline(always)]
-    fn tag<W: Word>(
-        &self,
-        own: &OwnRegion<W>,
-        entry: &DescriptorWords<Mine<'_, W>>,
-        seq: u32,
-    ) -> u32 {
-        let next = seq.wrapping_add(1);
         if fault::active(Fault::CounterBeforeTag) {
             own.published().store(next, Ordering::Release);
         }
@@ -539,6 +507,29 @@ impl DescriptorProducer {
         entry.tag.store(tag(seq), Ordering::Release);
         self.published.set(next);
         seq
+    }
+
+    /// Publishes the next message, of one segment small enough to be
+    /// carried in its entry ([`carries`]): its words first, then the entry
+    /// as [`publish`](Self::publish) writes it, the tag last.
+    pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
+        debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
+        // Every word of the entry, the tail zero: a loop of fixed length,
+        // which compiles to straight stores.
+        let mut bytes = [0; CARRIED_BYTES];
+        if let Some(head) = bytes.get_mut(..segment.len()) {
+            head.copy_from_slice(segment);
+        }
+        let entry = own.descriptor(self.published.get());
+        // Relaxed, all: published by the Release store of the tag.
+        for (word, chunk) in entry.carried.iter().zip(bytes.chunks_exact(4)) {
+            let mut le = [0; 4];
+            le.copy_from_slice(chunk);
+            word.store(u32::from_le_bytes(le), Ordering::Relaxed);
+        }
+        // At most CARRIED_WORDS.
+        let words = u32::try_from(segment.len() / WORD_BYTES).unwrap_or(0);
+        self.publish(own, Descriptor::carried(words))
     }
 
     /// Stores `published`: every message described so far counts.

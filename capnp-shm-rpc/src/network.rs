@@ -638,15 +638,18 @@ impl Inner {
         }
     }
 
-    /// Boxes a received message, holding it in place within the budget and
-    /// copying it out beyond.
+    /// Boxes a received message: one in private memory as it is, any other
+    /// held in place within the budget and copied out beyond.
     fn incoming(&self, message: OwnedReceived) -> Box<dyn capnp_rpc::IncomingMessage> {
         // In private memory already (carried, or copy mode): kept as it
         // is. A stream channel's messages are in our own receive buffer
         // (private, so `is_copied`), read in place there: held as they are.
         if message.is_copied() && !self.stream {
             self.counters.update(|s| s.received_private += 1);
-            return Box::new(Private(message));
+            return Box::new(InPlace {
+                message,
+                _ticket: None,
+            });
         }
         let bytes = message.len_bytes() as u64;
         let s = self.counters.get();
@@ -663,34 +666,27 @@ impl Inner {
         });
         Box::new(InPlace {
             message,
-            _ticket: Ticket {
+            _ticket: Some(Ticket {
                 counters: self.counters.clone(),
                 bytes,
-            },
+            }),
         })
     }
 }
 
-/// A message read in place; its space goes back to the peer on drop.
+/// A received message kept as it is: read in place (its space goes back
+/// to the peer on drop), or already in private memory (see
+/// [`NetworkStats::received_private`]).
 struct InPlace {
     message: OwnedReceived,
-    /// After `message`: counts it as held until it is released.
-    _ticket: Ticket,
+    /// After `message`: counts it as held until it is released; `None` for
+    /// a message that holds nothing of the peer's.
+    _ticket: Option<Ticket>,
 }
 
 impl capnp_rpc::IncomingMessage for InPlace {
     fn get_body(&self) -> capnp::Result<any_pointer::Reader<'_>> {
         self.message.get_root()
-    }
-}
-
-/// A message that holds none of the peer's memory (see
-/// [`NetworkStats::received_private`]).
-struct Private(OwnedReceived);
-
-impl capnp_rpc::IncomingMessage for Private {
-    fn get_body(&self) -> capnp::Result<any_pointer::Reader<'_>> {
-        self.0.get_root()
     }
 }
 
