@@ -872,3 +872,114 @@ pub(crate) struct MemoryFloors {
     /// of the payload in, and the receiver's checksum.
     pub(crate) message: f64,
 }
+
+/// Slots of the pipe floor, of 1 MiB each.
+const PIPE_SLOTS: usize = 8;
+
+/// The shared memory of the pipe floor: a tag and 1 MiB per slot.
+#[repr(C)]
+struct Pipe {
+    /// Messages the receiver has summed: a slot is the sender's again once
+    /// this passes the message in it.
+    consumed: CacheLine<AtomicU64>,
+    /// `seq + 1` of the message in each slot, stored after its bytes
+    /// (`Release`); the receiver waits on it.
+    tags: [CacheLine<AtomicU64>; PIPE_SLOTS],
+    /// Written by the sender only while the receiver has summed the slot's
+    /// last message (`consumed`), read by the receiver only once the tag
+    /// names the message it waits for.
+    bytes: [std::cell::UnsafeCell<[u8; MEMORY_BUFFER]>; PIPE_SLOTS],
+}
+
+// SAFETY: atomics and cells of plain bytes only.
+unsafe impl ZeroValid for Pipe {}
+
+// SAFETY: each slot's bytes are written and read in the turns its tag and
+// `consumed` hand out (see `pipe_floor`); everything else is atomic.
+unsafe impl Sync for Pipe {}
+
+/// Bytes a second of the one-way 1 MiB row's byte work over the least a
+/// transport between two processes can be: [`PIPE_SLOTS`] slots of 1 MiB
+/// in shared memory. The peer zeroes a free slot (as a segment must start
+/// zeroed: `zero`) and copies the payload into it, then stores its tag; we
+/// wait on the tag, sum the slot in place and check it, and store our
+/// count. No capnp, no validation, no space to manage: the bytes cross from
+/// one core to the other as the row's must. `count` messages are timed,
+/// after two laps of the slots untimed, so that no page fault of either
+/// process counts.
+///
+/// # Panics
+///
+/// If a message arrives wrong, or a side stalls (see [`spin_until`]).
+pub(crate) fn pipe_floor(count: u64, zero: bool) -> f64 {
+    let payload = payload(MEMORY_BUFFER);
+    let expected = checksum(&payload);
+    let warmup = 2 * PIPE_SLOTS as u64;
+    let total = warmup + count;
+    let pipe = Shared::<Pipe>::new();
+    let slot = |seq: u64| {
+        // The remainder is below PIPE_SLOTS, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (seq % PIPE_SLOTS as u64) as usize;
+        i
+    };
+    fork_peer(
+        pipe.get(),
+        pipe.get(),
+        |pipe| {
+            let mut consumed = 0;
+            for seq in 0..total {
+                if seq - consumed >= PIPE_SLOTS as u64 {
+                    spin_until(
+                        || {
+                            // Acquire: the receiver is done with the slot.
+                            consumed = pipe.consumed.0.load(Ordering::Acquire);
+                            seq - consumed < PIPE_SLOTS as u64
+                        },
+                        "pipe floor receiver",
+                    );
+                }
+                let i = slot(seq);
+                // SAFETY: the receiver has summed the slot's last message
+                // (`consumed` is past it), and reads it again only for
+                // message `seq`, once tagged.
+                let bytes = unsafe { &mut *pipe.bytes[i].get() };
+                if zero {
+                    black_box(&mut bytes[..]).fill(0);
+                }
+                black_box(&mut bytes[..]).copy_from_slice(black_box(&payload));
+                // Release: publishes the bytes above.
+                pipe.tags[i].0.store(seq + 1, Ordering::Release);
+            }
+            0
+        },
+        |pipe| {
+            let mut start = Instant::now();
+            for seq in 0..total {
+                let i = slot(seq);
+                spin_until(
+                    // Acquire: pairs with the Release of the tag.
+                    || pipe.tags[i].0.load(Ordering::Acquire) == seq + 1,
+                    "pipe floor sender",
+                );
+                // The clock starts once the warm-up has come.
+                if seq + 1 == warmup {
+                    start = Instant::now();
+                }
+                // SAFETY: the tag names message `seq`, whose bytes the
+                // sender stored before it (Acquire above), and it writes
+                // none of them until `consumed` passes `seq`, below.
+                let bytes = unsafe { &*pipe.bytes[i].get() };
+                assert_eq!(
+                    checksum(black_box(bytes)),
+                    expected,
+                    "pipe floor: corrupted"
+                );
+                // Release: our reads of the slot are done.
+                pipe.consumed.0.store(seq + 1, Ordering::Release);
+            }
+            (count * MEMORY_BUFFER as u64) as f64 / start.elapsed().as_secs_f64()
+        },
+        "pipe floor peer",
+    )
+}

@@ -29,6 +29,11 @@
 //!   bandwidth rows; "sum", the receiver's checksum over 1 MiB alone; and
 //!   "zero+copy+sum", all that a 1 MiB message does to its bytes, done
 //!   in one process;
+//! - 1 MiB over a bare pipe between two processes (`floors::pipe_floor`):
+//!   the peer copies the payload into one of a few 1 MiB slots in shared
+//!   memory (zeroing the slot first, in the second of the two), we sum it
+//!   in place; the bytes cross from one core to the other as the one-way
+//!   1 MiB row's must, with nothing else;
 //! - capnp building the 64 B message in one process on a reused buffer,
 //!   with no transport: no sender that builds each message sends faster;
 //! - the one-way 64 B workload over a bare ring in shared memory between
@@ -1383,7 +1388,11 @@ fn print_footer(args: &Args) {
              message and tag on the same lines, no validation; memcpy of 1 MiB in one process (for one-way \
              bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
              is all that a 1 MiB message does to its bytes (a zeroed segment, the \
-             payload copied in, the receiver's checksum), done in one process.\n\
+             payload copied in, the receiver's checksum), done in one process; bare pipe is \
+             1 MiB copied into shared memory by one process and summed by another, over 8 \
+             slots with a tag each, no capnp (copy+sum, for one-way 1 MiB between two \
+             processes), and the same with each slot zeroed before the copy, as a segment \
+             must be.\n\
              Rows with a spread ran {} times, interleaved (floor, shm, socket, ...): the \
              median, and the spread of the shm figure (highest over lowest repetition).",
             repetitions(args.quick)
@@ -1629,6 +1638,10 @@ struct Core {
     sum: Repeated,
     /// A 1 MiB message's memory work in one process (zero, copy, sum).
     message_work: Repeated,
+    /// 1 MiB copied in by one process and summed by another over a bare
+    /// pipe in shared memory; and the same with the slot zeroed first.
+    pipe: Repeated,
+    pipe_zero: Repeated,
     shm_mib: Repeated,
     socket_mib: Repeated,
     /// Where the spin floor's processes ran.
@@ -1710,6 +1723,11 @@ fn measure_core(
         core.memcpy.0.push(memory.copy / 1e9);
         core.sum.0.push(memory.sum / 1e9);
         core.message_work.0.push(memory.message / 1e9);
+        step("pipe floors");
+        core.pipe.0.push(floors::pipe_floor(mib_count, false) / 1e9);
+        core.pipe_zero
+            .0
+            .push(floors::pipe_floor(mib_count, true) / 1e9);
         step("throughput 1 MiB shm");
         let (_, s_bytes, _) = throughput(Transport::Shm, mib, MIB, mib_count);
         step("throughput 1 MiB socket");
@@ -1835,6 +1853,8 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         ("floor: memcpy 1 MiB, one process", &core.memcpy),
         ("floor: sum 1 MiB, one process", &core.sum),
         ("floor: zero+copy+sum 1 MiB", &core.message_work),
+        ("floor: copy+sum 1 MiB, bare pipe", &core.pipe),
+        ("floor: zero+copy+sum, bare pipe", &core.pipe_zero),
     ] {
         rows.push(Row::higher(workload, "GB/s", floor.median(), f64::NAN).with_reps(floor));
     }
