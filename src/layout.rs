@@ -32,6 +32,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::error::ProtocolError;
+use crate::word::Word;
 
 /// The first 8 bytes of every region and hello: `"CAPNPSHM"` read as a
 /// little-endian `u64`.
@@ -176,7 +177,7 @@ pub(crate) struct ControlBlock<W = AtomicU32> {
 /// [`carried`]: DescriptorEntry::carried
 #[repr(C)]
 #[derive(Debug)]
-pub(crate) struct DescriptorEntry<W = AtomicU32> {
+pub(crate) struct DescriptorEntry<W: Word = AtomicU32> {
     /// The message's sequence number plus one (wrapping), stored last: the
     /// entry of message `n` is complete once this reads `n + 1`.
     pub(crate) tag: W,
@@ -189,9 +190,9 @@ pub(crate) struct DescriptorEntry<W = AtomicU32> {
     pub(crate) offset: W,
     /// Length in words of the segment, or of the table.
     pub(crate) len: W,
-    /// A carried segment's bytes, as little-endian 32-bit words: the first
-    /// `2 * len` hold it, the rest are left as they were.
-    pub(crate) carried: [W; 2 * CARRIED_WORDS],
+    /// A carried segment's bytes, as little-endian 64-bit words (the
+    /// bytes in order): the first `len` hold it, the rest are zero.
+    pub(crate) carried: [W::Pair; CARRIED_WORDS],
 }
 
 /// One released message in the release ring: which peer message the owner

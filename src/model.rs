@@ -50,7 +50,7 @@ use crate::recv::RecvSide;
 use crate::region::{self, Extent};
 use crate::ring::Took;
 use crate::send::SendSide;
-use crate::word::Word;
+use crate::word::{Pair, Word};
 
 /// Where every counter starts: two messages before `u32` wraps.
 const START: u32 = u32::MAX - 1;
@@ -125,7 +125,23 @@ impl Kernel {
     }
 }
 
+/// Two shared words as one: a loom atomic of 64 bits.
+#[derive(Debug)]
+pub(crate) struct ModelPair(loom::sync::atomic::AtomicU64);
+
+impl Pair for ModelPair {
+    fn load(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn store(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+}
+
 impl Word for ModelWord {
+    type Pair = ModelPair;
+
     fn load(&self, order: Ordering) -> u32 {
         self.0.load(order)
     }
@@ -189,7 +205,7 @@ fn memory(g: Geometry) -> Arc<region::model::Memory<ModelWord>> {
             slot_count: ModelWord::new(0),
             offset: ModelWord::new(0),
             len: ModelWord::new(0),
-            carried: std::array::from_fn(|_| ModelWord::new(0)),
+            carried: std::array::from_fn(|_| ModelPair(loom::sync::atomic::AtomicU64::new(0))),
         })
         .collect();
     let releases = (0..g.held_capacity)

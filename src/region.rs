@@ -27,7 +27,7 @@ use crate::options::Backing;
 use crate::sys::errno as libc_errno;
 use crate::sys::file;
 use crate::sys::mapping::Mapping;
-use crate::word::{Mine, Theirs, Word};
+use crate::word::{Mine, MinePairs, TheirPairs, Theirs, Word};
 
 /// A run of words in a data area: `start..start + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,14 +53,15 @@ pub(crate) struct Span {
     pub(crate) extent: Extent,
 }
 
-/// The words of one descriptor ring entry, as views of one kind.
+/// The words of one descriptor ring entry, as views of one kind (`V`
+/// for the words, `C` for the carried pairs).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct DescriptorWords<V> {
+pub(crate) struct DescriptorWords<V, C> {
     pub(crate) tag: V,
     pub(crate) slot_count: V,
     pub(crate) offset: V,
     pub(crate) len: V,
-    pub(crate) carried: [V; 2 * CARRIED_WORDS],
+    pub(crate) carried: C,
 }
 
 /// The words of one release ring entry, as views of one kind.
@@ -90,7 +91,7 @@ enum Memory {
 /// `geometry.held_capacity`, `area` to `geometry.data_words()` words. All of
 /// it but the data area is `W` words and plain integers, valid for any bits.
 #[derive(Debug)]
-struct Parts<W> {
+struct Parts<W: Word> {
     control: NonNull<ControlBlock<W>>,
     descriptors: NonNull<DescriptorEntry<W>>,
     releases: NonNull<ReleaseEntry<W>>,
@@ -106,9 +107,9 @@ struct Parts<W> {
 // `W: Sync` atomics; the data area only through the `unsafe fn`s of
 // `OwnRegion` (whose callers own the words) and by reading `PeerRegion`
 // bytes that this process never writes.
-unsafe impl<W: Send + Sync> Send for Parts<W> {}
+unsafe impl<W: Word> Send for Parts<W> {}
 // SAFETY: as for `Send`.
-unsafe impl<W: Send + Sync> Sync for Parts<W> {}
+unsafe impl<W: Word> Sync for Parts<W> {}
 
 impl Parts<AtomicU32> {
     /// The parts of a region mapped at `map`, for a geometry validated
@@ -320,7 +321,7 @@ pub(crate) const GUARD_BYTES: usize = 1 << 20;
 
 /// This end's outgoing region. Only this end's owner process writes it.
 #[derive(Debug)]
-pub(crate) struct OwnRegion<W = AtomicU32> {
+pub(crate) struct OwnRegion<W: Word = AtomicU32> {
     parts: Parts<W>,
     sealed: bool,
     /// The file's (device, inode), to recognise it if a peer sends it back.
@@ -432,14 +433,17 @@ impl<W: Word> OwnRegion<W> {
     }
 
     /// The descriptor ring entry for sequence number `seq`.
-    pub(crate) fn descriptor(&self, seq: u32) -> DescriptorWords<Mine<'_, W>> {
+    pub(crate) fn descriptor(
+        &self,
+        seq: u32,
+    ) -> DescriptorWords<Mine<'_, W>, MinePairs<'_, W::Pair, CARRIED_WORDS>> {
         let e = self.parts.descriptor(seq);
         DescriptorWords {
             tag: Mine::new(&e.tag),
             slot_count: Mine::new(&e.slot_count),
             offset: Mine::new(&e.offset),
             len: Mine::new(&e.len),
-            carried: std::array::from_fn(|i| Mine::new(&e.carried[i])),
+            carried: MinePairs::new(&e.carried),
         }
     }
 
@@ -500,7 +504,7 @@ impl<W: Word> OwnRegion<W> {
 
 /// The peer's region, mapped read-only. The peer writes it; we only read.
 #[derive(Debug)]
-pub(crate) struct PeerRegion<W = AtomicU32> {
+pub(crate) struct PeerRegion<W: Word = AtomicU32> {
     parts: Parts<W>,
 }
 
@@ -545,14 +549,17 @@ impl<W: Word> PeerRegion<W> {
     }
 
     /// The peer's descriptor ring entry for sequence number `seq`.
-    pub(crate) fn descriptor(&self, seq: u32) -> DescriptorWords<Theirs<'_, W>> {
+    pub(crate) fn descriptor(
+        &self,
+        seq: u32,
+    ) -> DescriptorWords<Theirs<'_, W>, TheirPairs<'_, W::Pair, CARRIED_WORDS>> {
         let e = self.parts.descriptor(seq);
         DescriptorWords {
             tag: Theirs::new(&e.tag),
             slot_count: Theirs::new(&e.slot_count),
             offset: Theirs::new(&e.offset),
             len: Theirs::new(&e.len),
-            carried: std::array::from_fn(|i| Theirs::new(&e.carried[i])),
+            carried: TheirPairs::new(&e.carried),
         }
     }
 
@@ -775,18 +782,18 @@ pub(crate) mod model {
     use std::sync::Arc;
 
     /// The memory of one model region.
-    pub(crate) struct Memory<W> {
+    pub(crate) struct Memory<W: Word> {
         pub(crate) control: Box<ControlBlock<W>>,
         pub(crate) descriptors: Box<[DescriptorEntry<W>]>,
         pub(crate) releases: Box<[ReleaseEntry<W>]>,
         pub(crate) data: Box<[UnsafeCell<u64>]>,
     }
 
-    // SAFETY: the words are `W: Sync`; the data area is written only by its
+    // SAFETY: the words (and pairs) are `Sync`; the data area is written only by its
     // owner end under the same rules as a mapped data area (see `Parts`).
-    unsafe impl<W: Send + Sync> Sync for Memory<W> {}
+    unsafe impl<W: Word> Sync for Memory<W> {}
     // SAFETY: owned heap memory.
-    unsafe impl<W: Send> Send for Memory<W> {}
+    unsafe impl<W: Word> Send for Memory<W> {}
 
     fn parts<W: Word>(memory: &Arc<Memory<W>>, geometry: Geometry) -> Parts<W> {
         assert!(memory.descriptors.len() == geometry.ring_capacity as usize);

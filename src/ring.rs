@@ -61,8 +61,8 @@ use crate::fault::{self, Fault};
 use crate::layout::{
     CARRIED_OFFSET, CARRIED_WORDS, INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS, WORD_BYTES,
 };
-use crate::region::{DescriptorWords, Extent, OwnRegion, PeerRegion, Span};
-use crate::word::{Theirs, Word};
+use crate::region::{Extent, OwnRegion, PeerRegion, Span};
+use crate::word::{Pair, TheirPairs, Word};
 
 // ---- the descriptor entry ------------------------------------------------------
 
@@ -514,19 +514,22 @@ impl DescriptorProducer {
     /// as [`publish`](Self::publish) writes it, the tag last.
     pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
         debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
-        // Every word of the entry, the tail zero: a loop of fixed length,
-        // which compiles to straight stores.
+        // Every pair of the entry, the tail zero: loops of fixed length,
+        // which compile to straight moves and stores.
         let mut bytes = [0; CARRIED_BYTES];
         if let Some(head) = bytes.get_mut(..segment.len()) {
             head.copy_from_slice(segment);
         }
-        let entry = own.descriptor(self.published.get());
-        // Relaxed, all: published by the Release store of the tag.
-        for (word, chunk) in entry.carried.iter().zip(bytes.chunks_exact(4)) {
-            let mut le = [0; 4];
+        let mut pairs = [0; CARRIED_WORDS];
+        for (pair, chunk) in pairs.iter_mut().zip(bytes.chunks_exact(WORD_BYTES)) {
+            let mut le = [0; WORD_BYTES];
             le.copy_from_slice(chunk);
-            word.store(u32::from_le_bytes(le), Ordering::Relaxed);
+            *pair = u64::from_le_bytes(le);
         }
+        // Relaxed, all: published by the Release store of the tag.
+        own.descriptor(self.published.get())
+            .carried
+            .store_all(&pairs);
         // At most CARRIED_WORDS.
         let words = u32::try_from(segment.len() / WORD_BYTES).unwrap_or(0);
         self.publish(own, Descriptor::carried(words))
@@ -654,7 +657,7 @@ impl DescriptorConsumer {
         );
         let e = d.span.extent;
         let took = if e.start == CARRIED_OFFSET {
-            Took::Carried(copy_carried(&entry, carried_words(d)?))
+            Took::Carried(copy_carried(entry.carried, carried_words(d)?))
         } else if d.count == 1
             && d.span.area == 0
             && u64::from(e.start) + u64::from(e.len) <= u64::from(peer.data_words())
@@ -785,7 +788,7 @@ impl DescriptorConsumer {
                 slot_count,
                 len: d.span.extent.len,
             })?;
-            Entry::Carried(copy_carried(&entry, words))
+            Entry::Carried(copy_carried(entry.carried, words))
         } else {
             Entry::Message(Taken {
                 slot: d.slot,
@@ -801,12 +804,13 @@ impl DescriptorConsumer {
 /// Copies the `words` words (at most [`CARRIED_WORDS`]) a peer's entry
 /// carries, after the `Acquire` fence that made them visible.
 #[inline(always)]
-fn copy_carried<W: Word>(entry: &DescriptorWords<Theirs<'_, W>>, words: u32) -> Carried {
-    // Every word of the entry (the sender zeroes the tail): a loop of
-    // fixed length, which compiles to straight loads and stores.
+fn copy_carried<P: Pair>(carried: TheirPairs<'_, P, CARRIED_WORDS>, words: u32) -> Carried {
+    // Every pair of the entry (the sender zeroes the tail): loops of fixed
+    // length, which compile to straight loads and stores.
+    let pairs = carried.load_all();
     let mut bytes = [0; CARRIED_BYTES];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(&entry.carried) {
-        chunk.copy_from_slice(&word.load().to_le_bytes());
+    for (chunk, pair) in bytes.chunks_exact_mut(WORD_BYTES).zip(pairs) {
+        chunk.copy_from_slice(&pair.to_le_bytes());
     }
     Carried { bytes, words }
 }

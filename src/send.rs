@@ -442,6 +442,25 @@ impl Books {
         true
     }
 
+    /// [`deallocate`](Self::deallocate) of the span lent last, known to be
+    /// the one given back.
+    fn give_back_last_open<W: Word>(&mut self, own: &OwnRegion<W>, used: u32) {
+        if let Some(span) = self.open.pop() {
+            let written = Span {
+                area: span.area,
+                extent: Extent {
+                    start: span.extent.start,
+                    len: used.min(span.extent.len),
+                },
+            };
+            // SAFETY: `span` was open, lent to the builder now giving it
+            // back: capnp is done with it and nothing else refers to it;
+            // our caller holds the end.
+            unsafe { self.zero(own, written) };
+            self.free_span(span);
+        }
+    }
+
     /// Reads and applies the peer's new releases. Returns how many.
     fn reclaim<W: Word>(
         &mut self,
@@ -1342,11 +1361,25 @@ impl<W: Word> SendSide<W> {
     /// [`deallocate_segment`](Self::deallocate_segment) does, for a caller
     /// that knows `ptr` is ours: a sent message's segments (nothing open)
     /// cost a look at the books and no search.
+    ///
+    /// The span lent last, the common case (a builder of one segment
+    /// dropped after a send that carried it, or unsent), is taken back
+    /// here without a search.
     #[inline]
     pub(crate) fn deallocate_own_segment(&self, ptr: NonNull<u8>, words_used: u32) {
-        if let Ok(state) = self.state.try_borrow() {
-            if state.books.open.is_empty() {
+        if let Ok(mut state) = self.state.try_borrow_mut() {
+            let books = &mut state.books;
+            let Some(&last) = books.open.last() else {
                 return; // sent: the segment is the peer's until released
+            };
+            let own = self.link.own();
+            if last.area == 0 && own.offset_of(ptr.as_ptr()) == Some(last.extent.start) {
+                // In a process that does not own the end (a builder
+                // inherited through fork), the words are the owner's.
+                if self.link.owned_here() {
+                    books.give_back_last_open(own, words_used);
+                }
+                return;
             }
         }
         let ours = self.deallocate_segment(ptr, words_used);

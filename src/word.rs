@@ -15,13 +15,15 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::sys::futex;
 
 /// A 32-bit word of shared memory, as the protocol uses it.
 pub(crate) trait Word: Send + Sync + 'static {
+    /// Two words loaded and stored as one: a carried message's bytes.
+    type Pair: Pair;
     /// An atomic load.
     fn load(&self, order: Ordering) -> u32;
     /// An atomic store.
@@ -56,6 +58,8 @@ pub(crate) trait Word: Send + Sync + 'static {
 pub(crate) const WAIT_MANY_MAX: usize = futex::FUTEX_WAITV_MAX;
 
 impl Word for AtomicU32 {
+    type Pair = AtomicU64;
+
     #[inline]
     fn load(&self, order: Ordering) -> u32 {
         AtomicU32::load(self, order)
@@ -86,6 +90,94 @@ impl Word for AtomicU32 {
 
     fn wake(&self) {
         futex::futex_wake(self);
+    }
+}
+
+/// Two 32-bit words of shared memory, 8-byte aligned, loaded and stored as
+/// one 64-bit word, `Relaxed` only: the bytes of a carried message
+/// (`ring.rs`), copied eight at a time. Their order is published by the
+/// fences and the tag around them, as for the other words of an entry.
+pub(crate) trait Pair: Send + Sync + 'static {
+    /// A `Relaxed` load.
+    fn load(&self) -> u64;
+    /// A `Relaxed` store.
+    fn store(&self, value: u64);
+}
+
+impl Pair for AtomicU64 {
+    #[inline]
+    fn load(&self) -> u64 {
+        AtomicU64::load(self, Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn store(&self, value: u64) {
+        AtomicU64::store(self, value, Ordering::Relaxed);
+    }
+}
+
+/// Pairs of words of this end's own region, stored as a whole.
+pub(crate) struct MinePairs<'a, P, const N: usize>(&'a [P; N]);
+
+/// Pairs of words of the peer's region, mapped read-only here: loaded as
+/// a whole, `Relaxed`.
+pub(crate) struct TheirPairs<'a, P, const N: usize>(&'a [P; N]);
+
+impl<'a, P: Pair, const N: usize> MinePairs<'a, P, N> {
+    /// The caller names these pairs as its own region's.
+    pub(crate) fn new(pairs: &'a [P; N]) -> MinePairs<'a, P, N> {
+        MinePairs(pairs)
+    }
+
+    /// Stores every pair, `Relaxed`: a loop of fixed length, which
+    /// compiles to straight stores.
+    #[inline(always)]
+    pub(crate) fn store_all(&self, values: &[u64; N]) {
+        for (pair, &value) in self.0.iter().zip(values) {
+            pair.store(value);
+        }
+    }
+}
+
+impl<'a, P: Pair, const N: usize> TheirPairs<'a, P, N> {
+    /// The caller names these pairs as the peer's region's.
+    pub(crate) fn new(pairs: &'a [P; N]) -> TheirPairs<'a, P, N> {
+        TheirPairs(pairs)
+    }
+
+    /// Loads every pair, `Relaxed` (allowed on read-only memory).
+    #[inline(always)]
+    pub(crate) fn load_all(&self) -> [u64; N] {
+        let mut values = [0; N];
+        for (value, pair) in values.iter_mut().zip(self.0) {
+            *value = pair.load();
+        }
+        values
+    }
+}
+
+impl<P, const N: usize> Clone for MinePairs<'_, P, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P, const N: usize> Copy for MinePairs<'_, P, N> {}
+impl<P, const N: usize> Clone for TheirPairs<'_, P, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P, const N: usize> Copy for TheirPairs<'_, P, N> {}
+
+impl<P, const N: usize> fmt::Debug for MinePairs<'_, P, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MinePairs({N})")
+    }
+}
+
+impl<P, const N: usize> fmt::Debug for TheirPairs<'_, P, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TheirPairs({N})")
     }
 }
 
