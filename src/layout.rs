@@ -22,7 +22,8 @@
 //!
 //! The structs are generic over the type of their 32-bit words, `W`: in the
 //! crate always `AtomicU32` (the default, and the only type whose layout
-//! the const asserts below pin down); the model checker (`model.rs`)
+//! the const asserts below pin down), with `AtomicU64` for the pairs a
+//! carried message's bytes travel in; the model checker (`model.rs`)
 //! instantiates them with loom's atomics. What each field means, and who
 //! writes it, is the same for every `W`.
 //!

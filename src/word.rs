@@ -1,5 +1,6 @@
 //! The memory the protocol runs on: 32-bit words shared between two
-//! processes, fences, and the futex.
+//! processes (and pairs of them, for a carried message's bytes), fences,
+//! and the futex.
 //!
 //! The rings (`ring.rs`) and the waiter (`wait.rs`) are written against the
 //! [`Word`] trait rather than `AtomicU32` directly, so that the model
