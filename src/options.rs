@@ -209,6 +209,15 @@ impl Options {
     /// answers in well under a microsecond but occupies a core; zero sleeps
     /// at once (lowest CPU use, a futex wake per message). At most 100 ms.
     /// The budget adapts below this maximum (see the README).
+    ///
+    /// A stream whose messages come further apart than the budget (large
+    /// ones: 1 MiB messages came every 116-129 µs on the development
+    /// machine) has its receiver sleep for every message, and its sender
+    /// pay a wake for each.
+    /// A budget longer than that gap removes both: on the development
+    /// machine, one-way 1 MiB went from 8.1-9.0 GB/s with the default to
+    /// 9.5-9.8 GB/s with 5 ms, at the price of a receiver that spins
+    /// whenever it waits.
     pub fn spin(mut self, budget: Duration) -> Options {
         // Capped, so a spin cannot outlast the checks for a dead peer.
         self.spin = budget.min(Duration::from_millis(100));
