@@ -125,3 +125,53 @@ fn a_batch_of_releases_comes_back_whole_and_zeroed() {
         assert_eq!(list.get(words - 1), u64::from((words - 1) ^ round));
     }
 }
+
+#[test]
+fn large_released_segments_are_lent_again_zeroed() {
+    let _w = Watchdog::new(Duration::from_secs(60));
+    // Large segments (256 KiB and more) the peer releases are zeroed when
+    // they are lent again rather than at the release; each must still
+    // reach capnp all zero, be counted free meanwhile, and give way to a
+    // message that needs the whole data area.
+    let options = Options::new().region_size(4 << 20).first_segment_words(16);
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let data_bytes = tx.stats().send.free_bytes;
+    let mut seed = 7u64;
+    for round in 0..40u32 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // 256 KiB to about 1.3 MiB of list words.
+        let words = (1u32 << 15) + (seed >> 45) as u32 % (1 << 17);
+        let mut m = tx.message();
+        let mut list = m.initn_root::<capnp::primitive_list::Builder<'_, u64>>(words);
+        for i in 0..words {
+            assert_eq!(list.get(i), 0, "round {round}: word {i} not zeroed");
+            list.set(i, u64::MAX ^ u64::from(i));
+        }
+        tx.try_send(m).expect("room after the release");
+        let got = rx.recv().unwrap();
+        let list: capnp::primitive_list::Reader<'_, u64> = got.get_root().unwrap();
+        assert_eq!(list.len(), words);
+        assert_eq!(list.get(words / 2), u64::MAX ^ u64::from(words / 2));
+        drop(got);
+        // Released: free again, whether zeroed yet or not.
+        let send = tx.stats().send;
+        assert_eq!(send.held_by_peer, 0);
+        assert_eq!(send.free_bytes, data_bytes, "round {round}");
+    }
+    // The whole data area in one segment (after the first 16 words, and a
+    // landing pad): it fits only once the released spans are zeroed and
+    // freed, in one piece, and every word of it reads zero.
+    let words = u32::try_from(data_bytes / 8 - 16 - 1).unwrap();
+    let mut whole = tx.message();
+    let list = whole.initn_root::<capnp::primitive_list::Builder<'_, u64>>(words);
+    for i in 0..words {
+        assert_eq!(list.get(i), 0, "word {i} of the whole area not zeroed");
+    }
+    tx.try_send(whole).expect("the whole data area, free");
+    let send = tx.stats().send;
+    assert_eq!(send.spilled_segments, 0);
+    assert_eq!(send.areas_added, 0, "free space in pieces");
+    drop(rx.recv().unwrap());
+}
