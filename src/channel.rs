@@ -143,10 +143,8 @@ pub(crate) struct HalfOpen {
     hello: HelloReader,
 }
 
-/// Where a set-up stands once the peer's hello is in. (Not boxed: it
-/// lives for one step of a set-up, and is moved on at once.)
+/// Where a set-up stands once the peer's hello is in.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 pub(crate) enum Negotiated {
     /// The transport is chosen: a stream hello on either side.
     Done(Channel),

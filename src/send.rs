@@ -16,10 +16,7 @@
 //! 3. The peer reads the message in place and, when its reader drops, appends
 //!    `(slot, seq)` to its release ring.
 //! 4. `reclaim` validates each release, zeroes the slot's extents (exactly the
-//!    words that were written) and frees them and the slot. A large segment
-//!    of area 0 is zeroed later instead, when it is lent again (`dirty`), so
-//!    that the zeroing and capnp's writes follow each other while the lines
-//!    are this core's.
+//!    words that were written) and frees them and the slot.
 //!
 //! Slots are independent of ring positions, so a message the peer holds
 //! forever pins one slot and its own words, nothing else. The descriptor
@@ -94,14 +91,6 @@ const EAGER_SLOTS: usize = 256;
 /// the first segment lands wherever that segment starts: capnp asks for
 /// the first segment before it knows what goes in it.)
 const LARGE_SEGMENT_WORDS: u32 = 1024;
-/// The most released large spans kept unzeroed for reuse (see
-/// `Books::dirty`).
-const DIRTY_MAX: usize = 4;
-
-/// The least words (256 KiB) of a span kept unzeroed for reuse (see
-/// `Books::dirty`).
-const DIRTY_WORDS: u32 = 1 << 15;
-
 /// Words in a page, the period of [`LARGE_PHASE`].
 const PAGE_WORDS: u32 = 512;
 /// Where in its page a large segment starts: 3 KiB in, in words.
@@ -196,19 +185,6 @@ struct Books {
     in_flight: u32,
     /// Words the messages in flight occupy.
     in_flight_words: u64,
-    /// Large spans of area 0 (at least [`LARGE_SEGMENT_WORDS`]) that the
-    /// peer has released, not zeroed yet: neither free nor in flight, at
-    /// most [`DIRTY_MAX`]. A large segment is lent from one of them and
-    /// zeroed right then (`lend_dirty`), so the zeroing and capnp's copy
-    /// into the segment write the same lines one after the other, while
-    /// they are in this core's cache. Zeroed at reclaim, as the other
-    /// spans are, a 1 MiB segment is written back to memory (or taken by
-    /// the peer again) before the copy, which then fetches every line a
-    /// second time: a bare pipe between two processes moved 11.1-11.3 GB/s
-    /// zeroing each slot just before its copy, 8.4 zeroing it right after
-    /// it was read. Zeroed and freed (`clean_dirty`) whenever the free
-    /// list alone must find room.
-    dirty: Vec<Span>,
     /// Scratch for `try_publish`, kept to reuse its allocation.
     plan: Vec<Placement>,
     descriptors: DescriptorProducer,
@@ -234,7 +210,6 @@ impl Books {
             free_slots: Vec::with_capacity(EAGER_SLOTS.min(peer_held_capacity as usize)),
             in_flight: 0,
             in_flight_words: 0,
-            dirty: Vec::with_capacity(DIRTY_MAX),
             plan: Vec::with_capacity(1),
             descriptors: DescriptorProducer::new(start),
             releases: ReleaseConsumer::new(start),
@@ -408,18 +383,6 @@ impl Books {
         min: u32,
         want: u32,
     ) -> Result<Option<Span>, ProtocolError> {
-        // A large segment: a released one, zeroed now (see `dirty`). One
-        // line of the peer's to read per large message costs nothing.
-        if min >= DIRTY_WORDS {
-            if self.releases.pending(peer) {
-                self.reclaim(own, peer)?;
-            }
-            if let Some(span) = self.lend_dirty(own, min, want) {
-                self.high_water = self.high_water.max(span.extent.end());
-                self.open.push(span);
-                return Ok(Some(span));
-            }
-        }
         let mut extent = allocate_placed(&mut self.free, min, want);
         // Only the first `min` words are sure to be written; the rest of a
         // generous segment is usually trimmed away at send.
@@ -430,9 +393,6 @@ impl Books {
                 self.free.free(e); // untouched, still zero
             }
             self.reclaim(own, peer)?;
-            extent = allocate_placed(&mut self.free, min, want);
-        }
-        if extent.is_none() && self.clean_dirty(own) {
             extent = allocate_placed(&mut self.free, min, want);
         }
         let span = match extent {
@@ -555,9 +515,6 @@ impl Books {
             return;
         }
         self.in_flight_words -= u64::from(span.extent.len);
-        if self.keep_dirty(span) {
-            return;
-        }
         // SAFETY: passed on from the caller.
         unsafe { self.zero(own, span) };
         self.free_span(span);
@@ -586,9 +543,6 @@ impl Books {
             return;
         }
         self.in_flight_words -= u64::from(span.extent.len);
-        if self.keep_dirty(span) {
-            return;
-        }
         // SAFETY: passed on from the caller.
         unsafe { self.zero(own, span) };
         if run.area == span.area && run.extent.end() == span.extent.start {
@@ -596,62 +550,6 @@ impl Books {
         } else {
             self.free_span(std::mem::replace(run, span));
         }
-    }
-
-    /// Words of the dirty spans: free, once zeroed.
-    fn dirty_words(&self) -> u64 {
-        self.dirty.iter().map(|d| u64::from(d.extent.len)).sum()
-    }
-
-    /// Keeps `span`, just released, unzeroed for a large segment to come
-    /// (see `dirty`), if it is a large span of area 0 and there is room.
-    #[inline]
-    fn keep_dirty(&mut self, span: Span) -> bool {
-        let keep = span.extent.len >= DIRTY_WORDS && span.area == 0 && self.dirty.len() < DIRTY_MAX;
-        if keep {
-            self.dirty.push(span);
-        }
-        keep
-    }
-
-    /// Lends a large segment of at least `min` (at most `want`) words from
-    /// the dirty span released last that is long enough, zeroed now. What
-    /// is left of the span stays dirty if it is still large, else is zeroed
-    /// and freed.
-    fn lend_dirty<W: Word>(&mut self, own: &OwnRegion<W>, min: u32, want: u32) -> Option<Span> {
-        let i = self.dirty.iter().rposition(|d| d.extent.len >= min)?;
-        let d = self.dirty.swap_remove(i);
-        let len = want.max(min).min(d.extent.len);
-        let lent = Span {
-            area: d.area,
-            extent: Extent {
-                start: d.extent.start,
-                len,
-            },
-        };
-        let rest = tail(d, len);
-        // SAFETY: a dirty span, released by the peer (validated at
-        // reclaim) and since then neither free nor lent: nothing refers to
-        // it, and our caller holds the end.
-        unsafe { self.zero(own, lent) };
-        if rest.extent.len > 0 && !self.keep_dirty(rest) {
-            // SAFETY: the rest of the same dirty span.
-            unsafe { self.zero(own, rest) };
-            self.free_span(rest);
-        }
-        Some(lent)
-    }
-
-    /// Zeroes and frees every dirty span, for when the free list alone
-    /// must find room. Returns whether there was any.
-    fn clean_dirty<W: Word>(&mut self, own: &OwnRegion<W>) -> bool {
-        let any = !self.dirty.is_empty();
-        while let Some(d) = self.dirty.pop() {
-            // SAFETY: a dirty span, as in `lend_dirty`.
-            unsafe { self.zero(own, d) };
-            self.free_span(d);
-        }
-        any
     }
 
     /// Words the outgoing space may hold: area 0, and what the limit leaves
@@ -1377,7 +1275,7 @@ impl<W: Word> SendSide<W> {
             held_by_peer: books.in_flight(),
             held_by_peer_bytes: books.in_flight_words * WORD,
             held_limit: books.max_in_flight,
-            free_bytes: (books.free.free_words() + books.dirty_words() + grown_free) * WORD,
+            free_bytes: (books.free.free_words() + grown_free) * WORD,
             areas: u32::try_from(books.grown.iter().flatten().count()).unwrap_or(u32::MAX),
             area_bytes: books.grown_bytes,
             areas_added: books.areas_added,
@@ -1739,9 +1637,6 @@ impl<W: Word> SendSide<W> {
                 .reclaim(link.own(), link.peer())
                 .map_err(|p| link.fail(Failure::Protocol(p)))?;
             if reclaimed > 0 {
-                continue;
-            }
-            if matches!(missing, NoRoom::Space { .. }) && books.clean_dirty(link.own()) {
                 continue;
             }
             if let NoRoom::Space { words } = missing {

@@ -129,10 +129,10 @@ fn a_batch_of_releases_comes_back_whole_and_zeroed() {
 #[test]
 fn large_released_segments_are_lent_again_zeroed() {
     let _w = Watchdog::new(Duration::from_secs(60));
-    // Large segments (256 KiB and more) the peer releases are zeroed when
-    // they are lent again rather than at the release; each must still
-    // reach capnp all zero, be counted free meanwhile, and give way to a
-    // message that needs the whole data area.
+    // Large segments (256 KiB and more, placed at their phase in a page)
+    // the peer releases are lent again: each must reach capnp all zero,
+    // count as free once released, and give way to a message that needs
+    // the whole data area.
     let options = Options::new().region_size(4 << 20).first_segment_words(16);
     let (tx, rx) = Channel::pair_with(&options).unwrap();
     let data_bytes = tx.stats().send.free_bytes;
@@ -155,14 +155,14 @@ fn large_released_segments_are_lent_again_zeroed() {
         assert_eq!(list.len(), words);
         assert_eq!(list.get(words / 2), u64::MAX ^ u64::from(words / 2));
         drop(got);
-        // Released: free again, whether zeroed yet or not.
+        // Released: free again.
         let send = tx.stats().send;
         assert_eq!(send.held_by_peer, 0);
         assert_eq!(send.free_bytes, data_bytes, "round {round}");
     }
     // The whole data area in one segment (after the first 16 words, and a
-    // landing pad): it fits only once the released spans are zeroed and
-    // freed, in one piece, and every word of it reads zero.
+    // landing pad): it fits only if the released spans are free in one
+    // piece, and every word of it reads zero.
     let words = u32::try_from(data_bytes / 8 - 16 - 1).unwrap();
     let mut whole = tx.message();
     let list = whole.initn_root::<capnp::primitive_list::Builder<'_, u64>>(words);
