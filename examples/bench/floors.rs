@@ -159,6 +159,26 @@ fn spin_until(mut ready: impl FnMut() -> bool, what: &str) {
     }
 }
 
+impl CacheLine<AtomicU64> {
+    /// Waits until a ring of `slots` slots has room for message `seq`:
+    /// until this count of messages the receiver is done with (last seen
+    /// as `seen`, updated) is within `slots` of it. `what` names the
+    /// receiver, for [`spin_until`].
+    fn wait_for_room(&self, seen: &mut u64, seq: u64, slots: usize, what: &str) {
+        let slots = slots as u64;
+        if seq - *seen >= slots {
+            spin_until(
+                || {
+                    // Acquire: the receiver is done with the slot.
+                    *seen = self.0.load(Ordering::Acquire);
+                    seq - *seen < slots
+                },
+                what,
+            );
+        }
+    }
+}
+
 /// How a side waits for the ball.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hop {
@@ -724,16 +744,8 @@ pub(crate) fn ring_floor(count: u64) -> f64 {
             let mut scratch = vec![0u8; 1024];
             let mut consumed = 0;
             for seq in 0..count {
-                if seq - consumed >= RING_SLOTS as u64 {
-                    spin_until(
-                        || {
-                            // Acquire: the receiver is done with the slot.
-                            consumed = ring.consumed.0.load(Ordering::Acquire);
-                            seq - consumed < RING_SLOTS as u64
-                        },
-                        "ring floor receiver",
-                    );
-                }
+                ring.consumed
+                    .wait_for_room(&mut consumed, seq, RING_SLOTS, "ring floor receiver");
                 // SAFETY: the receiver has read the slot's last message
                 // (`consumed` is past it), and reads it again only for
                 // message `seq`, once tagged.
@@ -929,16 +941,8 @@ pub(crate) fn pipe_floor(count: u64, zero: bool) -> f64 {
         |pipe| {
             let mut consumed = 0;
             for seq in 0..total {
-                if seq - consumed >= PIPE_SLOTS as u64 {
-                    spin_until(
-                        || {
-                            // Acquire: the receiver is done with the slot.
-                            consumed = pipe.consumed.0.load(Ordering::Acquire);
-                            seq - consumed < PIPE_SLOTS as u64
-                        },
-                        "pipe floor receiver",
-                    );
-                }
+                pipe.consumed
+                    .wait_for_room(&mut consumed, seq, PIPE_SLOTS, "pipe floor receiver");
                 let i = slot(seq);
                 // SAFETY: the receiver has summed the slot's last message
                 // (`consumed` is past it), and reads it again only for
