@@ -410,8 +410,8 @@ impl Books {
     }
 
     /// Takes back the open span at `(area, start)` from a builder dropped
-    /// unsent: zeroes the `used` words and frees it. Returns `false` when no
-    /// open span starts there (the message was sent).
+    /// unsent (or whose message was carried in its descriptor). Returns
+    /// `false` when no open span starts there (the message was sent).
     fn deallocate<W: Word>(
         &mut self,
         own: &OwnRegion<W>,
@@ -427,10 +427,18 @@ impl Books {
             return false;
         };
         let span = self.open.swap_remove(i);
+        self.give_back_open(own, span, used);
+        true
+    }
+
+    /// Takes `span`, just removed from `open`, back from its builder:
+    /// zeroes the `used` words it wrote and frees it.
+    #[inline]
+    fn give_back_open<W: Word>(&mut self, own: &OwnRegion<W>, span: Span, used: u32) {
         let written = Span {
-            area,
+            area: span.area,
             extent: Extent {
-                start,
+                start: span.extent.start,
                 len: used.min(span.extent.len),
             },
         };
@@ -439,26 +447,6 @@ impl Books {
         // holds the end.
         unsafe { self.zero(own, written) };
         self.free_span(span);
-        true
-    }
-
-    /// [`deallocate`](Self::deallocate) of the span lent last, known to be
-    /// the one given back.
-    fn give_back_last_open<W: Word>(&mut self, own: &OwnRegion<W>, used: u32) {
-        if let Some(span) = self.open.pop() {
-            let written = Span {
-                area: span.area,
-                extent: Extent {
-                    start: span.extent.start,
-                    len: used.min(span.extent.len),
-                },
-            };
-            // SAFETY: `span` was open, lent to the builder now giving it
-            // back: capnp is done with it and nothing else refers to it;
-            // our caller holds the end.
-            unsafe { self.zero(own, written) };
-            self.free_span(span);
-        }
     }
 
     /// Reads and applies the peer's new releases. Returns how many.
@@ -1377,7 +1365,8 @@ impl<W: Word> SendSide<W> {
                 // In a process that does not own the end (a builder
                 // inherited through fork), the words are the owner's.
                 if self.link.owned_here() {
-                    books.give_back_last_open(own, words_used);
+                    books.open.pop();
+                    books.give_back_open(own, last, words_used);
                 }
                 return;
             }

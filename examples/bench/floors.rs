@@ -703,12 +703,18 @@ struct Ring {
     slots: [Slot; RING_SLOTS],
 }
 
+/// The index of message `seq`'s slot in a ring of `slots` slots.
+fn slot_index(seq: u64, slots: usize) -> usize {
+    // The remainder is below `slots`, a usize.
+    #[allow(clippy::cast_possible_truncation)]
+    let i = (seq % slots as u64) as usize;
+    i
+}
+
 impl Ring {
     /// The slot of message `seq`.
     fn slot(&self, seq: u64) -> &Slot {
-        // The remainder is below RING_SLOTS, a usize.
-        #[allow(clippy::cast_possible_truncation)]
-        &self.slots[(seq % RING_SLOTS as u64) as usize]
+        &self.slots[slot_index(seq, RING_SLOTS)]
     }
 }
 
@@ -929,12 +935,6 @@ pub(crate) fn pipe_floor(count: u64, zero: bool) -> f64 {
     let warmup = 2 * PIPE_SLOTS as u64;
     let total = warmup + count;
     let pipe = Shared::<Pipe>::new();
-    let slot = |seq: u64| {
-        // The remainder is below PIPE_SLOTS, a usize.
-        #[allow(clippy::cast_possible_truncation)]
-        let i = (seq % PIPE_SLOTS as u64) as usize;
-        i
-    };
     fork_peer(
         pipe.get(),
         pipe.get(),
@@ -943,7 +943,7 @@ pub(crate) fn pipe_floor(count: u64, zero: bool) -> f64 {
             for seq in 0..total {
                 pipe.consumed
                     .wait_for_room(&mut consumed, seq, PIPE_SLOTS, "pipe floor receiver");
-                let i = slot(seq);
+                let i = slot_index(seq, PIPE_SLOTS);
                 // SAFETY: the receiver has summed the slot's last message
                 // (`consumed` is past it), and reads it again only for
                 // message `seq`, once tagged.
@@ -960,7 +960,7 @@ pub(crate) fn pipe_floor(count: u64, zero: bool) -> f64 {
         |pipe| {
             let mut start = Instant::now();
             for seq in 0..total {
-                let i = slot(seq);
+                let i = slot_index(seq, PIPE_SLOTS);
                 spin_until(
                     // Acquire: pairs with the Release of the tag.
                     || pipe.tags[i].0.load(Ordering::Acquire) == seq + 1,
