@@ -1385,7 +1385,10 @@ fn print_footer(args: &Args) {
              no transport; capnp echo is capnp's work in one 64 B round trip, done in one \
              process (a round trip takes at least the spin floor plus this); capnp echo, bare \
              ring is the 64 B round trip between two processes over one slot each way, \
-             message and tag on the same lines, no validation; memcpy of 1 MiB in one process (for one-way \
+             message and tag on the same lines, no validation; a vCPU stall is a pause of \
+             over 1 µs in a process spinning on the clock (the host's: a round trip between \
+             two spinning processes meets one with a chance of about its length over the \
+             time between stalls, so once that passes 1%, p99 is a stall); memcpy of 1 MiB in one process (for one-way \
              bandwidth); sum is the receiver's checksum over 1 MiB in one process; zero+copy+sum \
              is all that a 1 MiB message does to its bytes (a zeroed segment, the \
              payload copied in, the receiver's checksum), done in one process; bare pipe is \
@@ -1595,7 +1598,7 @@ fn repetitions(quick: bool) -> u64 {
 const MIB: usize = 1 << 20;
 
 /// Steps of one repetition of [`measure_core`], for the progress line.
-const CORE_STEPS: usize = 14;
+const CORE_STEPS: usize = 16;
 
 /// How much work the core rows do in one run, shared out over `reps`
 /// repetitions.
@@ -1607,6 +1610,8 @@ struct CoreCounts {
     small_count: u64,
     /// Bytes of the 1 MiB one-way rows and of each memory floor.
     bytes: u64,
+    /// How long the stall floor spins.
+    stall_span: Duration,
 }
 
 /// The core rows' figures and their floors, one value per repetition.
@@ -1623,9 +1628,15 @@ struct Core {
     socket_small: Repeated,
     /// capnp's work in a 64 B round trip, in one process: p50 in µs.
     echo: Repeated,
-    /// The 64 B round trip over a bare ring between two processes: p50 in
-    /// µs.
-    ring_echo: Repeated,
+    /// The 64 B round trip over a bare ring between two processes: p50 and
+    /// p99 in µs.
+    ring_echo: [Repeated; 2],
+    /// A spinning process's vCPU stalls (see [`floors::stalls`]): the
+    /// median stall and the median time between two, in µs, and the share
+    /// of the time lost.
+    stall_length: Repeated,
+    stall_every: Repeated,
+    stall_lost: Repeated,
     /// Messages a second capnp builds the 64 B message in one process.
     build: Repeated,
     /// Messages a second of the one-way 64 B workload over a bare ring
@@ -1683,8 +1694,14 @@ fn measure_core(
         let p50 = percentiles(floors::echo_floor(warmup, trips))[0];
         core.echo.0.push(p50);
         step("ring echo floor");
-        let p50 = percentiles(floors::ring_echo(warmup, trips))[0];
-        core.ring_echo.0.push(p50);
+        let [p50, p99, _] = percentiles(floors::ring_echo(warmup, trips));
+        core.ring_echo[0].0.push(p50);
+        core.ring_echo[1].0.push(p99);
+        step("stall floor");
+        let stalls = floors::stalls(counts.stall_span);
+        core.stall_length.0.push(stalls.length);
+        core.stall_every.0.push(stalls.every);
+        core.stall_lost.0.push(stalls.lost * 100.0);
         step("round trip 64 B shm");
         push_percentiles(
             &mut core.shm_rtt,
@@ -1804,6 +1821,7 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         rtt_count,
         small_count,
         bytes: (2u64 << 30) / scale,
+        stall_span: Duration::from_millis(if args.quick { 20 } else { 100 }),
     };
     let core = measure_core(&counts, &default, &sleepy, &big(MIB), progress);
     let memcpy = core.memcpy.median();
@@ -1822,15 +1840,18 @@ fn measure(args: &Args, progress: &mut Progress) -> Run {
         )
         .with_reps(&core.echo),
     );
-    rows.push(
-        Row::lower(
-            "floor: capnp echo, bare ring, p50",
-            "µs",
-            core.ring_echo.median(),
-            f64::NAN,
-        )
-        .with_reps(&core.ring_echo),
-    );
+    for (i, p) in ["p50", "p99"].iter().enumerate() {
+        let floor = &core.ring_echo[i];
+        let workload = format!("floor: capnp echo, bare ring, {p}");
+        rows.push(Row::lower(workload, "µs", floor.median(), f64::NAN).with_reps(floor));
+    }
+    for (workload, unit, floor) in [
+        ("floor: vCPU stall, p50", "µs", &core.stall_length),
+        ("floor: vCPU stalls, one every", "µs", &core.stall_every),
+        ("floor: time lost to vCPU stalls", "%", &core.stall_lost),
+    ] {
+        rows.push(Row::lower(workload, unit, floor.median(), f64::NAN).with_reps(floor));
+    }
     rows.push(
         Row::higher(
             "floor: capnp build 64 B",
