@@ -9,15 +9,24 @@
 //!   and read before the next is sent;
 //! - `segments N`: N messages of four 64-byte blobs one way, each blob in a
 //!   segment of its own (first segments of 4 words), each received and read
-//!   before the next is sent: the path of a message of several segments.
+//!   before the next is sent: the path of a message of several segments;
+//! - `bare-echo N`: the floor of `echo`, with no channel: the same messages
+//!   built by capnp on reused buffers, each passed through a 128-byte slot
+//!   of atomics (copied in, its length stored with `Release` and loaded
+//!   with `Acquire`, copied out), as a carried message is, and read.
 //!
 //! ```text
 //! cargo run --release --example msg_cost -- echo 10000
 //! cargo run --release --example msg_cost -- stream 10000
 //! cargo run --release --example msg_cost -- lists 10000
 //! cargo run --release --example msg_cost -- segments 10000
+//! cargo run --release --example msg_cost -- bare-echo 10000
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use capnp::message::{Builder, Reader, ReaderOptions, ScratchSpaceHeapAllocator, SegmentArray};
+use capnp::Word;
 use capnp_shm::{Channel, Options};
 
 /// Messages a stream sends before the receiver takes them.
@@ -25,6 +34,44 @@ const BURST: u64 = 64;
 
 /// Texts in a `lists` message.
 const ITEMS: u32 = 50;
+
+/// Words a [`Slot`] holds, as a descriptor entry carries.
+const SLOT_WORDS: usize = 14;
+
+/// The `bare-echo` floor's transport: a segment's words and its length in
+/// atomics, as a descriptor entry carries a small message.
+#[derive(Default)]
+struct Slot {
+    words: [AtomicU64; SLOT_WORDS],
+    /// The segment's length in words, stored after them.
+    len: AtomicU64,
+}
+
+impl Slot {
+    /// Copies in the one segment of `message`, which fits.
+    fn put(&self, message: &Builder<ScratchSpaceHeapAllocator<'_>>) {
+        let output = message.get_segments_for_output();
+        let segment = output[0];
+        assert!(output.len() == 1 && segment.len() <= SLOT_WORDS * 8);
+        for (word, bytes) in self.words.iter().zip(segment.chunks_exact(8)) {
+            let bytes: [u8; 8] = bytes.try_into().expect("8 bytes");
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        // Release: publishes the words above.
+        self.len.store(segment.len() as u64 / 8, Ordering::Release);
+    }
+
+    /// Copies the segment out into `into`; its bytes.
+    fn take<'a>(&self, into: &'a mut [Word; SLOT_WORDS]) -> &'a [u8] {
+        // Acquire: pairs with the Release in `put`.
+        let len = usize::try_from(self.len.load(Ordering::Acquire)).unwrap_or(usize::MAX);
+        let bytes = Word::words_to_bytes_mut(into);
+        for (word, out) in self.words.iter().zip(bytes.chunks_exact_mut(8)) {
+            out.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+        &bytes[..len.min(SLOT_WORDS) * 8]
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -109,7 +156,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 sum = sum.wrapping_add(got.segments().count() as u64);
             }
         }
-        other => return Err(format!("mode {other:?}: echo, stream, lists or segments").into()),
+        "bare-echo" => {
+            let (mut scratch_a, mut scratch_b) = (vec![0u8; 1024], vec![0u8; 1024]);
+            let (there, back) = (Slot::default(), Slot::default());
+            let mut copy = [capnp::word(0, 0, 0, 0, 0, 0, 0, 0); SLOT_WORDS];
+            for seq in 0..n {
+                let mut request = Builder::new(ScratchSpaceHeapAllocator::new(&mut scratch_a));
+                request.set_root::<capnp::data::Owned>(&payload[..])?;
+                there.put(&request);
+                drop(request);
+                let segments = [there.take(&mut copy)];
+                let got = Reader::new(SegmentArray::new(&segments), ReaderOptions::new());
+                let data: capnp::data::Reader<'_> = got.get_root()?;
+                let mut reply = Builder::new(ScratchSpaceHeapAllocator::new(&mut scratch_b));
+                reply.set_root::<capnp::data::Owned>(data)?;
+                back.put(&reply);
+                drop(reply);
+                let segments = [back.take(&mut copy)];
+                let echoed = Reader::new(SegmentArray::new(&segments), ReaderOptions::new());
+                let data: capnp::data::Reader<'_> = echoed.get_root()?;
+                sum = sum.wrapping_add(u64::from(data[0]) + seq);
+            }
+        }
+        other => {
+            return Err(
+                format!("mode {other:?}: echo, stream, lists, segments or bare-echo").into(),
+            )
+        }
     }
     println!("{n} messages ({mode}), check {sum}");
     Ok(())
