@@ -59,6 +59,11 @@ pub(crate) const INLINE_SEGMENTS: usize = 1;
 /// carries (see [`DescriptorEntry::carried`]): 112 bytes.
 pub(crate) const CARRIED_WORDS: usize = 14;
 
+/// The first pair of [`DescriptorEntry::carried`] on the entry's second
+/// 64-byte cache line (the tag, the other words and the first six pairs
+/// fill the first).
+pub(crate) const SECOND_LINE_PAIR: usize = 6;
+
 /// The `offset` of a descriptor whose segment is carried in the entry
 /// itself. No segment starts there: offsets are below 2^31 words.
 pub(crate) const CARRIED_OFFSET: u32 = u32::MAX;
@@ -220,6 +225,7 @@ const _: () = {
     assert!(size_of::<DescriptorEntry>() == 128);
     assert!(std::mem::offset_of!(DescriptorEntry, offset) == 8);
     assert!(std::mem::offset_of!(DescriptorEntry, carried) == 16);
+    assert!(16 + SECOND_LINE_PAIR * 8 == 64);
     assert!(CARRIED_OFFSET as u64 >= MAX_REGION / WORD);
     assert!(MAX_RING <= 1 << 16 && MAX_SEGMENTS < 1 << 16);
     assert!(size_of::<ReleaseEntry>() == 8);

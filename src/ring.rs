@@ -59,7 +59,8 @@ use std::sync::atomic::Ordering;
 use crate::error::ProtocolError;
 use crate::fault::{self, Fault};
 use crate::layout::{
-    CARRIED_OFFSET, CARRIED_WORDS, INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS, WORD_BYTES,
+    CARRIED_OFFSET, CARRIED_WORDS, INLINE_SEGMENTS, MAX_AREA, MAX_RING, MAX_SEGMENTS,
+    SECOND_LINE_PAIR, WORD_BYTES,
 };
 use crate::region::{Extent, OwnRegion, PeerRegion, Span};
 use crate::word::{Pair, TheirPairs, Word};
@@ -688,9 +689,20 @@ impl DescriptorConsumer {
 
     /// Whether the next message's tag is there: the cheap check to spin on
     /// (no fence: [`take`](Self::take) loads it again and validates).
+    ///
+    /// It also touches the entry's second cache line, where a carried
+    /// message's tail lies, so that the check that sees the tag fetches
+    /// both lines at once: the sender stores that line before the tag, and
+    /// loads are not reordered, so the touch in the turn that finds the tag
+    /// fetches the line as it is written. Otherwise the take would fetch it
+    /// only after the tag, a second crossing between the cores: a 64 B
+    /// round trip took 0.71 µs without the touch and 0.65-0.67 with it.
     pub(crate) fn next_ready<W: Word>(&self, peer: &PeerRegion<W>) -> bool {
         let seq = self.consumed.get();
-        peer.descriptor(seq).tag.load() == tag(seq)
+        let entry = peer.descriptor(seq);
+        let ready = entry.tag.load() == tag(seq);
+        entry.carried.touch(SECOND_LINE_PAIR);
+        ready
     }
 
     /// Messages the peer has published that we have not taken, validated
