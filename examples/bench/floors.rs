@@ -583,10 +583,12 @@ pub(crate) struct Stalls {
 /// trips took over 2 µs. The two vCPUs stall together: spinning on both
 /// at once, 96% of one's stalls overlapped a stall of the other.
 pub(crate) fn stalls(span: Duration) -> Stalls {
+    // Room for a stall every 5 µs, made before the clock starts: growing a
+    // vector in the loop would itself pause it.
+    let room = usize::try_from(span.as_micros() / 5).unwrap_or(0);
+    let (mut at, mut lengths) = (Vec::with_capacity(room), Vec::with_capacity(room));
     let start = Instant::now();
     let mut last = start;
-    let mut at = Vec::new();
-    let mut lengths = Vec::new();
     let mut lost = Duration::ZERO;
     while last - start < span {
         let now = Instant::now();
