@@ -218,7 +218,10 @@ impl<'c> Received<'c> {
             reader: Reader::new(
                 Segments {
                     first: &[],
-                    body: Body::Carried(carried),
+                    body: Body::Carried {
+                        side,
+                        carried: Some(carried),
+                    },
                 },
                 limits,
             ),
@@ -243,7 +246,7 @@ impl<'c> Received<'c> {
 
     received_methods!(
         Segments<'c>,
-        Body::Copied(_) | Body::Carried(_) | Body::Framed { .. }
+        Body::Copied(_) | Body::Carried { .. } | Body::Framed { .. }
     );
 }
 
@@ -329,8 +332,12 @@ enum Body<'c> {
     /// A private copy, already released.
     Copied(Detached),
     /// A small message the peer carried in its descriptor, copied out at
-    /// the take: nothing to release.
-    Carried(Carried),
+    /// the take: nothing to release. Its buffer goes back to `side` on
+    /// drop (`None` once it has).
+    Carried {
+        side: &'c RecvSide,
+        carried: Option<Carried>,
+    },
     /// A frame in a stream channel's receive buffer (shared with the
     /// receiver until it moves on; reused once this drops).
     Framed {
@@ -477,8 +484,16 @@ impl<'c> Segments<'c> {
 
 impl ReaderSegments for Segments<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        if idx == 0 && !self.first.is_empty() {
-            return Some(self.first);
+        if idx == 0 {
+            if !self.first.is_empty() {
+                return Some(self.first);
+            }
+            if let Body::Carried {
+                carried: Some(c), ..
+            } = &self.body
+            {
+                return Some(c.segment());
+            }
         }
         match &self.body {
             Body::InPlace { .. } => (idx == 0).then_some(self.first),
@@ -494,7 +509,7 @@ impl ReaderSegments for Segments<'_> {
             },
             Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
-            Body::Carried(carried) => carried.get_segment(idx),
+            Body::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -505,7 +520,7 @@ impl ReaderSegments for Segments<'_> {
             Body::InPlaceSpread { spans, .. } => spans.len(),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
-            Body::Carried(carried) => carried.len(),
+            Body::Carried { .. } => 1,
             Body::Framed { frame, .. } => frame.len(),
         }
     }
@@ -534,7 +549,12 @@ impl Drop for Segments<'_> {
                 places,
                 release,
             } => side.let_go(release, places),
-            Body::Copied(_) | Body::Carried(_) => {}
+            Body::Carried { side, carried } => {
+                if let Some(c) = carried.take() {
+                    side.recycle_carried(c);
+                }
+            }
+            Body::Copied(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
         }
     }
@@ -548,7 +568,7 @@ impl fmt::Debug for Segments<'_> {
             }
             Body::InAreas { release, .. } => ("in place, areas", release.map(|(_, seq)| seq)),
             Body::Copied(_) => ("copied", None),
-            Body::Carried(_) => ("carried in its descriptor", None),
+            Body::Carried { .. } => ("carried in its descriptor", None),
             Body::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("Segments")
@@ -584,7 +604,10 @@ impl OwnedReceived {
                 return Ok(OwnedReceived {
                     reader: Reader::new(
                         OwnedSegments {
-                            body: OwnedBody::Carried(c),
+                            body: OwnedBody::Carried {
+                                side,
+                                carried: Some(c),
+                            },
                         },
                         limits,
                     ),
@@ -631,7 +654,7 @@ impl OwnedReceived {
 
     received_methods!(
         OwnedSegments,
-        OwnedBody::Copied(_) | OwnedBody::Carried(_) | OwnedBody::Framed { .. }
+        OwnedBody::Copied(_) | OwnedBody::Carried { .. } | OwnedBody::Framed { .. }
     );
 }
 
@@ -663,8 +686,12 @@ enum OwnedBody {
     },
     /// A private copy, already released.
     Copied(Detached),
-    /// A small message carried in its descriptor, copied out.
-    Carried(Carried),
+    /// A small message carried in its descriptor, copied out; its buffer
+    /// goes back to `side` on drop (`None` once it has).
+    Carried {
+        side: Rc<RecvSide>,
+        carried: Option<Carried>,
+    },
     /// A frame in a stream channel's receive buffer.
     Framed {
         rx: Rc<StreamRecv>,
@@ -688,7 +715,7 @@ impl ReaderSegments for OwnedSegments {
                 }
             }
             OwnedBody::Copied(copy) => copy.get_segment(idx),
-            OwnedBody::Carried(carried) => carried.get_segment(idx),
+            OwnedBody::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             OwnedBody::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
@@ -697,7 +724,7 @@ impl ReaderSegments for OwnedSegments {
         match &self.body {
             OwnedBody::InPlace { table, .. } => table.len() as usize,
             OwnedBody::Copied(copy) => copy.len(),
-            OwnedBody::Carried(carried) => carried.len(),
+            OwnedBody::Carried { .. } => 1,
             OwnedBody::Framed { frame, .. } => frame.len(),
         }
     }
@@ -715,7 +742,12 @@ impl Drop for OwnedSegments {
                 side.let_go(release, places);
                 side.recycle_spans(&mut table.take_spans());
             }
-            OwnedBody::Copied(_) | OwnedBody::Carried(_) => {}
+            OwnedBody::Carried { side, carried } => {
+                if let Some(c) = carried.take() {
+                    side.recycle_carried(c);
+                }
+            }
+            OwnedBody::Copied(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),
         }
     }
@@ -726,7 +758,7 @@ impl fmt::Debug for OwnedSegments {
         let (kind, seq) = match &self.body {
             OwnedBody::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
             OwnedBody::Copied(_) => ("copied", None),
-            OwnedBody::Carried(_) => ("carried in its descriptor", None),
+            OwnedBody::Carried { .. } => ("carried in its descriptor", None),
             OwnedBody::Framed { .. } => ("stream buffer", None),
         };
         f.debug_struct("OwnedSegments")

@@ -13,7 +13,8 @@ use crate::layout::{AWAKE, WORD};
 use crate::link::{Link, Wakes};
 use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{
-    DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken, TakenOne, Took,
+    Carried, CarriedBuffers, DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken,
+    TakenOne, Took,
 };
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
@@ -35,6 +36,8 @@ pub(crate) struct RecvSide<W: Word = AtomicU32> {
     spare_places: Spares<Place>,
     /// Out-of-line segment tables of dropped messages.
     spare_tables: Spares<Span>,
+    /// The buffers of dropped carried messages.
+    carried: CarriedBuffers,
 }
 
 /// The receiving side's halves of both rings, and its waiter.
@@ -178,6 +181,7 @@ impl<W: Word> RecvSide<W> {
             }),
             spare_places: Spares::default(),
             spare_tables: Spares::default(),
+            carried: CarriedBuffers::default(),
         }
     }
 
@@ -323,7 +327,9 @@ impl<W: Word> RecvSide<W> {
     #[inline(always)]
     fn take_simple_counted(&self, state: &RecvState) -> Option<Took<TakenOne>> {
         let link = &*self.link;
-        let took = state.descriptors.take_simple(link.peer(), link.own())?;
+        let took = state
+            .descriptors
+            .take_simple(link.peer(), link.own(), &self.carried)?;
         match &took {
             Took::Shared(one) => self.count_taken(state, u64::from(one.extent.len)),
             Took::Carried(c) => self.count_carried(state, c.words()),
@@ -364,10 +370,13 @@ impl<W: Word> RecvSide<W> {
         let mut looked = false;
         let mut spare = self.spare_tables.take();
         let taken = loop {
-            let entry =
-                state
-                    .descriptors
-                    .take(link.peer(), link.own(), &link.peer_areas(), &mut spare);
+            let entry = state.descriptors.take(
+                link.peer(),
+                link.own(),
+                &link.peer_areas(),
+                &mut spare,
+                &self.carried,
+            );
             match entry {
                 Ok(None) => break Ok(None),
                 Ok(Some(Entry::Message(taken))) => break Ok(Some(Took::Shared(taken))),
@@ -490,6 +499,12 @@ impl<W: Word> RecvSide<W> {
     /// message of several segments.
     pub(crate) fn recycle_spans(&self, spans: &mut Vec<Span>) {
         self.spare_tables.keep(spans);
+    }
+
+    /// Keeps the buffer of a dropped carried message for the next one.
+    #[inline(always)]
+    pub(crate) fn recycle_carried(&self, carried: Carried) {
+        self.carried.keep(carried.into_buf());
     }
 
     /// What a dropped message read in place gives back: its release, if

@@ -53,7 +53,7 @@
 //!   its fence on `released`, so it sees at least every take that preceded
 //!   a release it reads.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 
 use crate::error::ProtocolError;
@@ -158,26 +158,106 @@ pub(crate) fn carries(bytes: usize) -> bool {
 }
 
 /// A message of one segment carried in its descriptor entry, copied out of
-/// the peer's ring: private, 8-byte aligned, released by nothing.
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
+/// the peer's ring into a buffer of its own: private, 8-byte aligned,
+/// released by nothing. The buffer goes back to the receiving side's
+/// [`CarriedBuffers`] when the message drops.
+///
+/// A buffer rather than the words themselves: a received message moves
+/// from the take to the caller's variable, and 112 bytes inline made every
+/// move a `memcpy` whose wide stores the first reads of the message then
+/// waited on.
 pub(crate) struct Carried {
-    bytes: [u8; CARRIED_BYTES],
-    /// Words of `bytes` that hold the segment, at most [`CARRIED_WORDS`].
+    buf: CarriedBuf,
+    /// Words of `buf` that hold the segment, at most [`CARRIED_WORDS`].
     words: u32,
 }
 
+/// The words a carried message is copied into.
+pub(crate) type CarriedBuf = Box<[capnp::Word; CARRIED_WORDS]>;
+
 impl Carried {
     /// The segment.
+    #[inline(always)]
     pub(crate) fn segment(&self) -> &[u8] {
-        let len = self.words as usize * WORD_BYTES;
-        self.bytes.get(..len).unwrap_or(&self.bytes)
+        let bytes = capnp::Word::words_to_bytes(&self.buf[..]);
+        bytes
+            .get(..self.words as usize * WORD_BYTES)
+            .unwrap_or(bytes)
     }
 
     /// Its length in words.
     pub(crate) fn words(&self) -> u32 {
         self.words
     }
+
+    /// Its buffer, for the next carried message.
+    pub(crate) fn into_buf(self) -> CarriedBuf {
+        self.buf
+    }
+}
+
+/// The buffers of dropped carried messages, for the next ones: a receiver
+/// that holds at most `n` carried messages at a time allocates `n` buffers
+/// in all, and none once it has them. Kept until the receiving side drops.
+/// The last one kept has a place of its own, the common case of a receiver
+/// that drops each message before the next (a look and a store, where the
+/// vector costs a borrow and a bounds check).
+#[derive(Default)]
+pub(crate) struct CarriedBuffers {
+    last: Cell<Option<CarriedBuf>>,
+    more: RefCell<Vec<CarriedBuf>>,
+}
+
+impl CarriedBuffers {
+    /// A kept buffer, or a new one.
+    #[inline(always)]
+    pub(crate) fn take(&self) -> CarriedBuf {
+        match self.last.take() {
+            Some(buf) => buf,
+            None => self.take_more(),
+        }
+    }
+
+    #[inline(never)]
+    fn take_more(&self) -> CarriedBuf {
+        match self
+            .more
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+        {
+            Some(buf) => buf,
+            None => new_carried_buf(),
+        }
+    }
+
+    /// Keeps `buf` for the next carried message.
+    #[inline(always)]
+    pub(crate) fn keep(&self, buf: CarriedBuf) {
+        if let Some(other) = self.last.replace(Some(buf)) {
+            self.keep_more(other);
+        }
+    }
+
+    #[inline(never)]
+    fn keep_more(&self, buf: CarriedBuf) {
+        if let Ok(mut kept) = self.more.try_borrow_mut() {
+            kept.push(buf);
+        }
+    }
+}
+
+impl std::fmt::Debug for CarriedBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let more = self.more.try_borrow().map_or(0, |kept| kept.len());
+        write!(f, "CarriedBuffers(more: {more})")
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn new_carried_buf() -> CarriedBuf {
+    Box::new([capnp::word(0, 0, 0, 0, 0, 0, 0, 0); CARRIED_WORDS])
 }
 
 impl std::fmt::Debug for Carried {
@@ -515,22 +595,11 @@ impl DescriptorProducer {
     /// as [`publish`](Self::publish) writes it, the tag last.
     pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
         debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
-        // Every pair of the entry, the tail zero: loops of fixed length,
-        // which compile to straight moves and stores.
-        let mut bytes = [0; CARRIED_BYTES];
-        if let Some(head) = bytes.get_mut(..segment.len()) {
-            head.copy_from_slice(segment);
-        }
-        let mut pairs = [0; CARRIED_WORDS];
-        for (pair, chunk) in pairs.iter_mut().zip(bytes.chunks_exact(WORD_BYTES)) {
-            let mut le = [0; WORD_BYTES];
-            le.copy_from_slice(chunk);
-            *pair = u64::from_le_bytes(le);
-        }
-        // Relaxed, all: published by the Release store of the tag.
+        // Relaxed, all: published by the Release store of the tag. Each
+        // word goes straight from the segment to the entry, the tail zero.
         own.descriptor(self.published.get())
             .carried
-            .store_all(&pairs);
+            .store_words(segment);
         // At most CARRIED_WORDS.
         let words = u32::try_from(segment.len() / WORD_BYTES).unwrap_or(0);
         self.publish(own, Descriptor::carried(words))
@@ -643,6 +712,7 @@ impl DescriptorConsumer {
         &self,
         peer: &PeerRegion<W>,
         own: &OwnRegion<W>,
+        buffers: &CarriedBuffers,
     ) -> Option<Took<TakenOne>> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
@@ -658,7 +728,11 @@ impl DescriptorConsumer {
         );
         let e = d.span.extent;
         let took = if e.start == CARRIED_OFFSET {
-            Took::Carried(copy_carried(entry.carried, carried_words(d)?))
+            Took::Carried(copy_carried(
+                entry.carried,
+                carried_words(d)?,
+                buffers.take(),
+            ))
         } else if d.count == 1
             && d.span.area == 0
             && u64::from(e.start) + u64::from(e.len) <= u64::from(peer.data_words())
@@ -748,6 +822,7 @@ impl DescriptorConsumer {
         own: &OwnRegion<W>,
         areas: &dyn Areas,
         spare: &mut Vec<Span>,
+        buffers: &CarriedBuffers,
     ) -> Result<Option<Entry>, ProtocolError> {
         let seq = self.consumed.get();
         let entry = peer.descriptor(seq);
@@ -801,7 +876,7 @@ impl DescriptorConsumer {
                 slot_count,
                 len: d.span.extent.len,
             })?;
-            Entry::Carried(copy_carried(entry.carried, words))
+            Entry::Carried(copy_carried(entry.carried, words, buffers.take()))
         } else {
             Entry::Message(Taken {
                 slot: d.slot,
@@ -815,17 +890,18 @@ impl DescriptorConsumer {
 }
 
 /// Copies the `words` words (at most [`CARRIED_WORDS`]) a peer's entry
-/// carries, after the `Acquire` fence that made them visible.
+/// carries into `buf`, after the `Acquire` fence that made them visible.
 #[inline(always)]
-fn copy_carried<P: Pair>(carried: TheirPairs<'_, P, CARRIED_WORDS>, words: u32) -> Carried {
-    // Every pair of the entry (the sender zeroes the tail): loops of fixed
-    // length, which compile to straight loads and stores.
-    let pairs = carried.load_all();
-    let mut bytes = [0; CARRIED_BYTES];
-    for (chunk, pair) in bytes.chunks_exact_mut(WORD_BYTES).zip(pairs) {
-        chunk.copy_from_slice(&pair.to_le_bytes());
-    }
-    Carried { bytes, words }
+fn copy_carried<P: Pair>(
+    carried: TheirPairs<'_, P, CARRIED_WORDS>,
+    words: u32,
+    mut buf: CarriedBuf,
+) -> Carried {
+    // Every pair of the entry (the sender zeroes the tail), each loaded
+    // and stored as a word: a loop of fixed length, straight loads and
+    // stores.
+    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..]));
+    Carried { buf, words }
 }
 
 // ---- the release ring: producer -------------------------------------------------

@@ -140,12 +140,21 @@ impl<'a, P: Pair, const N: usize> MinePairs<'a, P, N> {
         MinePairs(pairs)
     }
 
-    /// Stores every pair, `Relaxed`: a loop of fixed length, which
-    /// compiles to straight stores.
+    /// Stores `bytes`, little-endian word by word, in the first pairs and
+    /// zero in the rest, `Relaxed`: a trailing part word is dropped, and
+    /// words past `N` too. Read straight from `bytes`: gathered into a
+    /// buffer first, the words would be copied by `memcpy`, whose wide
+    /// stores the word loads after it cannot take from the store buffer.
     #[inline(always)]
-    pub(crate) fn store_all(&self, values: &[u64; N]) {
-        for (pair, &value) in self.0.iter().zip(values) {
-            pair.store(value);
+    pub(crate) fn store_words(&self, bytes: &[u8]) {
+        let mut pairs = self.0.iter();
+        for (pair, chunk) in pairs.by_ref().zip(bytes.chunks_exact(8)) {
+            let mut le = [0; 8];
+            le.copy_from_slice(chunk);
+            pair.store(u64::from_le_bytes(le));
+        }
+        for pair in pairs {
+            pair.store(0);
         }
     }
 }
@@ -164,14 +173,15 @@ impl<'a, P: Pair, const N: usize> TheirPairs<'a, P, N> {
         }
     }
 
-    /// Loads every pair, `Relaxed` (allowed on read-only memory).
+    /// Loads every pair, `Relaxed`, into `bytes`, little-endian word by
+    /// word: a pair whose word `bytes` has no room for whole is not
+    /// loaded. Each word is stored as it is loaded, so that nothing copies
+    /// them again (see [`MinePairs::store_words`]).
     #[inline(always)]
-    pub(crate) fn load_all(&self) -> [u64; N] {
-        let mut values = [0; N];
-        for (value, pair) in values.iter_mut().zip(self.0) {
-            *value = pair.load();
+    pub(crate) fn load_into(&self, bytes: &mut [u8]) {
+        for (chunk, pair) in bytes.chunks_exact_mut(8).zip(self.0) {
+            chunk.copy_from_slice(&pair.load().to_le_bytes());
         }
-        values
     }
 }
 

@@ -7,7 +7,6 @@
 //! nothing to it, and the receive path must allocate nothing at all.
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use capnp::message::{Builder, SingleSegmentAllocator};
@@ -15,7 +14,6 @@ use capnp_shm::Channel;
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
-use counting_alloc::ALLOCATIONS;
 
 const PAYLOAD: [u8; 64] = [7; 64];
 
@@ -31,10 +29,14 @@ fn read(m: &capnp_shm::Received<'_>) -> u64 {
     u64::from_le_bytes(list.get(0).unwrap().try_into().unwrap())
 }
 
+/// Allocations `f` makes on the calling thread: both ends of these
+/// channels run on it, and the crate starts no thread, while the test
+/// harness allocates on its own threads at any time (to print the result
+/// of a test that has just ended, say).
 fn count(f: impl FnOnce()) -> u64 {
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = counting_alloc::this_thread();
     f();
-    ALLOCATIONS.load(Ordering::SeqCst) - before
+    counting_alloc::this_thread() - before
 }
 
 /// Waits that sleep in the kernel allocate nothing either: a receiver that
@@ -438,5 +440,75 @@ fn an_owned_message_of_several_segments_allocates_nothing() {
     assert_eq!(
         received, 0,
         "receiving an owned message of several segments allocated"
+    );
+}
+
+/// A receiver that holds several carried messages at a time allocates a
+/// buffer for each only until it has held that many at once: their
+/// buffers are kept when they drop and reused, borrowed messages and owned
+/// ones alike. Each held message keeps its own words meanwhile.
+#[test]
+fn carried_messages_held_together_reuse_their_buffers() {
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const HELD: u64 = 16;
+    const ROUNDS: u64 = 200;
+    let options = capnp_shm::Options::new().ring_capacity(64);
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    let (owner_tx, owner) = Channel::pair_with(&options).unwrap();
+    let owned_rx = owner.split().1.into_shared();
+
+    let send = |tx: &Channel, n: u64| {
+        let mut m = tx.message();
+        fill(&mut m, n);
+        tx.send(m).unwrap();
+    };
+    // One round: HELD messages received and held, checked, then dropped.
+    // Allocations on this thread while receiving, reading and dropping.
+    let borrowed_round = |round: u64| {
+        for n in 0..HELD {
+            send(&tx, round * HELD + n);
+        }
+        count(|| {
+            let held: Vec<_> = (0..HELD).map(|_| rx.recv().unwrap()).collect();
+            for (n, m) in (0..).zip(&held) {
+                assert!(m.is_copied(), "carried");
+                assert_eq!(read(m), round * HELD + n);
+            }
+            drop(held);
+        })
+    };
+    let owned_round = |round: u64| {
+        for n in 0..HELD {
+            send(&owner_tx, round * HELD + n);
+        }
+        count(|| {
+            let held: Vec<_> = (0..HELD).map(|_| owned_rx.recv().unwrap()).collect();
+            for (n, m) in (0..).zip(&held) {
+                assert!(m.is_copied(), "carried");
+                let list: capnp::data_list::Reader<'_> = m.get_root().unwrap();
+                assert_eq!(list.get(0).unwrap(), &(round * HELD + n).to_le_bytes()[..]);
+            }
+            drop(held);
+        })
+    };
+    // Warm up: HELD buffers for each receiver, and the vectors that hold
+    // the messages here (the test's own, counted: subtracted below).
+    let warm = (borrowed_round(0), owned_round(0));
+    assert!(
+        warm.0 >= HELD && warm.1 >= HELD,
+        "a buffer each, first: {warm:?}"
+    );
+    let vec_only = count(|| {
+        drop(std::hint::black_box(Vec::<u64>::with_capacity(
+            HELD as usize,
+        )))
+    });
+    let borrowed: u64 = (1..ROUNDS).map(borrowed_round).sum();
+    let owned: u64 = (1..ROUNDS).map(owned_round).sum();
+    assert_eq!(borrowed, (ROUNDS - 1) * vec_only, "held messages allocated");
+    assert_eq!(
+        owned,
+        (ROUNDS - 1) * vec_only,
+        "held owned messages allocated"
     );
 }

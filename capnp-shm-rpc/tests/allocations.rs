@@ -1,7 +1,8 @@
 //! Heap allocations the network adds per received message: the one box
 //! capnp-rpc's `Connection::receive_incoming_message` requires, nothing
-//! else, for a message read in place or carried in its descriptor; and
-//! none to release it.
+//! else, for a message read in place or carried in its descriptor (once
+//! the receiver has the buffer carried messages are copied into); and none
+//! to release it.
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, VatNetwork};
 use capnp_shm::Channel;
@@ -47,9 +48,12 @@ fn one_box_per_received_message_and_none_to_release_it() {
         total += list.get(0) + list.get(1);
         drop(incoming);
         let after = counting_alloc::this_thread();
+        // The first carried message also gets the buffer that the carried
+        // messages after it reuse (capnp-shm keeps it when one drops).
+        let warm_up = u64::from(n == 0);
         assert_eq!(
             after - before,
-            1,
+            1 + warm_up,
             "message {n}: only the Box<dyn IncomingMessage>"
         );
     }
