@@ -528,6 +528,24 @@ impl ReaderSegments for Segments<'_> {
 
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
+        // A carried message first, inline: its buffer goes back, nothing
+        // more. The other kinds out of line, so that it pays for none of
+        // their code.
+        if let Body::Carried { side, carried } = &mut self.body {
+            if let Some(c) = carried.take() {
+                side.recycle_carried(c);
+            }
+            return;
+        }
+        self.release();
+    }
+}
+
+impl Segments<'_> {
+    /// [`drop`](Drop::drop) for every kind but a carried message: the
+    /// release, and the buffers back to the side.
+    #[inline(never)]
+    fn release(&mut self) {
         match &mut self.body {
             Body::InPlace { side, release } => {
                 if let Some((slot, seq)) = release.take() {

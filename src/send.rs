@@ -1616,6 +1616,21 @@ impl<W: Word> SendSide<W> {
                 return Ok(());
             }
         }
+        self.send_slowly(state, segments, deadline)
+    }
+
+    /// [`send`](Self::send) of anything but the common case, or when it
+    /// found no room at once: out of line, so that the common case saves
+    /// and restores no more registers than it uses.
+    #[inline(never)]
+    fn send_slowly(
+        &self,
+        state: &mut SendState,
+        segments: &[&[u8]],
+        deadline: Deadline,
+    ) -> Result<(), SendHalt> {
+        let link = &*self.link;
+        let books = &mut state.books;
         let count = books.check_fits(segments).map_err(SendHalt::TooLarge)?;
         loop {
             let missing = books
