@@ -483,6 +483,10 @@ impl<'c> Segments<'c> {
 }
 
 impl ReaderSegments for Segments<'_> {
+    /// Segment 0 of the common kinds inline in capnp's reader, which asks
+    /// for a segment at every pointer it follows (a hundred times for a
+    /// message of 50 texts); the rest out of line.
+    #[inline(always)]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         if idx == 0 {
             if !self.first.is_empty() {
@@ -495,6 +499,26 @@ impl ReaderSegments for Segments<'_> {
                 return Some(c.segment());
             }
         }
+        self.segment(idx)
+    }
+
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::InPlace { .. } => 1,
+            Body::InPlaceSpread { spans, .. } => spans.len(),
+            Body::InAreas { places, .. } => places.len(),
+            Body::Copied(copy) => copy.len(),
+            Body::Carried { .. } => 1,
+            Body::Framed { frame, .. } => frame.len(),
+        }
+    }
+}
+
+impl Segments<'_> {
+    /// [`get_segment`](ReaderSegments::get_segment) of anything but
+    /// segment 0 of a message in place or carried.
+    #[inline(never)]
+    fn segment(&self, idx: u32) -> Option<&[u8]> {
         match &self.body {
             Body::InPlace { .. } => (idx == 0).then_some(self.first),
             Body::InPlaceSpread { side, spans, .. } => match idx {
@@ -511,17 +535,6 @@ impl ReaderSegments for Segments<'_> {
             Body::Copied(copy) => copy.get_segment(idx),
             Body::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match &self.body {
-            Body::InPlace { .. } => 1,
-            Body::InPlaceSpread { spans, .. } => spans.len(),
-            Body::InAreas { places, .. } => places.len(),
-            Body::Copied(copy) => copy.len(),
-            Body::Carried { .. } => 1,
-            Body::Framed { frame, .. } => frame.len(),
         }
     }
 }

@@ -196,12 +196,18 @@ impl Carried {
     }
 }
 
+/// The most buffers of carried messages a receiving side keeps: 1024 of
+/// 112 bytes.
+const KEPT_CARRIED: usize = 1024;
+
 /// The buffers of dropped carried messages, for the next ones: a receiver
 /// that holds at most `n` carried messages at a time allocates `n` buffers
-/// in all, and none once it has them. Kept until the receiving side drops.
-/// The last one kept has a place of its own, the common case of a receiver
-/// that drops each message before the next (a look and a store, where the
-/// vector costs a borrow and a bounds check).
+/// in all, and none once it has them, up to [`KEPT_CARRIED`] of them (a
+/// receiver that holds more at once frees the rest as they drop, rather
+/// than keep its peak for as long as it lives). The last one kept has a
+/// place of its own, the common case of a receiver that drops each
+/// message before the next (a look and a store, where the vector costs a
+/// borrow and a bounds check).
 #[derive(Default)]
 pub(crate) struct CarriedBuffers {
     last: Cell<Option<CarriedBuf>>,
@@ -242,7 +248,9 @@ impl CarriedBuffers {
     #[inline(never)]
     fn keep_more(&self, buf: CarriedBuf) {
         if let Ok(mut kept) = self.more.try_borrow_mut() {
-            kept.push(buf);
+            if kept.len() + 1 < KEPT_CARRIED {
+                kept.push(buf);
+            }
         }
     }
 }
@@ -1058,6 +1066,28 @@ impl ReleaseConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carried_buffers_are_reused_and_kept_up_to_the_bound() {
+        let buffers = CarriedBuffers::default();
+        // A receiver that holds many at once, then drops them all.
+        let held: Vec<CarriedBuf> = (0..KEPT_CARRIED + 100).map(|_| buffers.take()).collect();
+        let addresses: Vec<*const capnp::Word> = held.iter().map(|b| b.as_ptr()).collect();
+        for buf in held {
+            buffers.keep(buf);
+        }
+        let kept = 1 + buffers.more.borrow().len();
+        assert_eq!(kept, KEPT_CARRIED, "the rest are freed");
+        // The kept ones come back, the last kept first, none of them twice.
+        let again: Vec<CarriedBuf> = (0..KEPT_CARRIED).map(|_| buffers.take()).collect();
+        let mut reused: Vec<_> = again.iter().map(|b| b.as_ptr()).collect();
+        assert_eq!(reused[0], addresses[KEPT_CARRIED + 99]);
+        reused.sort_unstable();
+        reused.dedup();
+        assert_eq!(reused.len(), KEPT_CARRIED);
+        assert!(reused.iter().all(|a| addresses.contains(a)));
+        assert!(buffers.more.borrow().is_empty());
+    }
 
     fn ext(start: u32, len: u32) -> Extent {
         Extent { start, len }
