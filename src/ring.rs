@@ -714,7 +714,8 @@ impl DescriptorConsumer {
     /// its entry, or one segment inside the peer's region. `None` for
     /// anything else (nothing there, a table, an area, a retirement, a bad
     /// entry), which [`take`](Self::take) then reads again in full: nothing
-    /// is consumed here unless it is taken.
+    /// is consumed here unless it is taken. A carried message is copied
+    /// into a buffer from `buffers`.
     #[inline(always)]
     pub(crate) fn take_simple<W: Word>(
         &self,
@@ -823,7 +824,8 @@ impl DescriptorConsumer {
     /// `consumed` counter. A message's segments must lie in `areas`; on an
     /// error nothing is taken (so the caller may look for areas the peer
     /// has just handed over, and try again). An out-of-line table is built
-    /// in `spare`'s buffer (see [`SegmentTable::read_into`]).
+    /// in `spare`'s buffer (see [`SegmentTable::read_into`]), a carried
+    /// message copied into a buffer from `buffers`.
     pub(crate) fn take<W: Word>(
         &self,
         peer: &PeerRegion<W>,
