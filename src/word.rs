@@ -143,8 +143,9 @@ impl<'a, P: Pair, const N: usize> MinePairs<'a, P, N> {
     /// Stores `bytes`, little-endian word by word, in the first pairs and
     /// zero in the rest, `Relaxed`: a trailing part word is dropped, and
     /// words past `N` too. Read straight from `bytes`: gathered into a
-    /// buffer first, the words would be copied by `memcpy`, whose wide
-    /// stores the word loads after it cannot take from the store buffer.
+    /// buffer first, the words would be copied by `memcpy`, whose wide,
+    /// overlapping stores the word loads after it waited on (a
+    /// store-forwarding stall, seen with perf).
     #[inline(always)]
     pub(crate) fn store_words(&self, bytes: &[u8]) {
         let mut pairs = self.0.iter();
