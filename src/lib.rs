@@ -145,6 +145,7 @@ mod region;
 mod ring;
 mod select;
 mod send;
+mod spares;
 mod spawn;
 mod spin;
 mod stats;

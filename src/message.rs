@@ -545,9 +545,7 @@ impl Drop for Segments<'_> {
         // more. The other kinds out of line, so that it pays for none of
         // their code.
         if let Body::Carried { side, carried } = &mut self.body {
-            if let Some(c) = carried.take() {
-                side.recycle_carried(c);
-            }
+            side.recycle_carried(carried);
             return;
         }
         self.release();
@@ -580,11 +578,7 @@ impl Segments<'_> {
                 places,
                 release,
             } => side.let_go(release, places),
-            Body::Carried { side, carried } => {
-                if let Some(c) = carried.take() {
-                    side.recycle_carried(c);
-                }
-            }
+            Body::Carried { side, carried } => side.recycle_carried(carried),
             Body::Copied(_) => {}
             Body::Framed { rx, .. } => rx.dropped(),
         }
@@ -773,11 +767,7 @@ impl Drop for OwnedSegments {
                 side.let_go(release, places);
                 side.recycle_spans(&mut table.take_spans());
             }
-            OwnedBody::Carried { side, carried } => {
-                if let Some(c) = carried.take() {
-                    side.recycle_carried(c);
-                }
-            }
+            OwnedBody::Carried { side, carried } => side.recycle_carried(carried),
             OwnedBody::Copied(_) => {}
             OwnedBody::Framed { rx, .. } => rx.dropped(),
         }

@@ -16,6 +16,7 @@ use crate::ring::{
     Carried, CarriedBuffers, DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken,
     TakenOne, Took,
 };
+use crate::spares::Spares;
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};
 use crate::wake::withdraw;
@@ -33,9 +34,9 @@ pub(crate) struct RecvSide<W: Word = AtomicU32> {
     link: Arc<Link<W>>,
     state: RefCell<RecvState>,
     /// Place buffers of dropped messages that lay in the peer's areas.
-    spare_places: Spares<Place>,
+    spare_places: Spares<Vec<Place>, SPARES>,
     /// Out-of-line segment tables of dropped messages.
-    spare_tables: Spares<Span>,
+    spare_tables: Spares<Vec<Span>, SPARES>,
     /// The buffers of dropped carried messages.
     carried: CarriedBuffers,
 }
@@ -54,47 +55,10 @@ pub(crate) struct RecvState {
     wakes: Cell<u64>,
 }
 
-/// Buffers of dropped messages, kept for the next ones so that a steady
-/// stream of messages of several segments allocates nothing: enough for a
-/// receiver that holds a few such messages at a time.
-#[derive(Debug)]
-struct Spares<T>(RefCell<Vec<Vec<T>>>);
-
-impl<T> Default for Spares<T> {
-    fn default() -> Spares<T> {
-        Spares(RefCell::new(Vec::new()))
-    }
-}
-
-/// Buffers of each kind a receiving side keeps.
+/// Vectors of dropped messages of several segments kept for the next
+/// ones, of each kind: enough for a receiver that holds a few such
+/// messages at a time.
 const SPARES: usize = 8;
-
-impl<T> Spares<T> {
-    /// An empty buffer: a kept one, or a new one (no allocation yet).
-    fn take(&self) -> Vec<T> {
-        self.0.borrow_mut().pop().unwrap_or_default()
-    }
-
-    /// Takes `buffer` to keep, emptied, if it holds memory and fewer than
-    /// [`SPARES`] are kept (leaving an empty vector). The check is inline: a
-    /// buffer that holds nothing (the empty poll, the owned or copied
-    /// message of one segment) pays only for it.
-    #[inline]
-    fn keep(&self, buffer: &mut Vec<T>) {
-        if buffer.capacity() > 0 {
-            self.store(std::mem::take(buffer));
-        }
-    }
-
-    #[inline(never)]
-    fn store(&self, mut buffer: Vec<T>) {
-        buffer.clear();
-        let mut kept = self.0.borrow_mut();
-        if kept.len() < SPARES {
-            kept.push(buffer);
-        }
-    }
-}
 
 /// Where one segment of a received message that lies (partly) in the
 /// peer's areas is.
@@ -368,7 +332,7 @@ impl<W: Word> RecvSide<W> {
     fn take_message(&self, state: &RecvState) -> Result<Option<Took<Taken>>, ProtocolError> {
         let link = &*self.link;
         let mut looked = false;
-        let mut spare = self.spare_tables.take();
+        let mut spare = self.spare_tables.take_vec();
         let taken = loop {
             let entry = state.descriptors.take(
                 link.peer(),
@@ -394,7 +358,7 @@ impl<W: Word> RecvSide<W> {
                 Err(p) => break Err(p),
             }
         };
-        self.spare_tables.keep(&mut spare); // unless a message's table took it
+        self.spare_tables.keep_vec(&mut spare); // unless a message's table took it
         taken
     }
 
@@ -473,7 +437,7 @@ impl<W: Word> RecvSide<W> {
     /// buffer a dropped message gave back (see
     /// [`recycle_places`](Self::recycle_places)).
     pub(crate) fn places(&self, table: &SegmentTable) -> Vec<Place> {
-        let mut places = self.spare_places.take();
+        let mut places = self.spare_places.take_vec();
         let areas = self.link.peer_area_table();
         let spans = (0..table.len()).filter_map(|i| table.get(i));
         places.extend(spans.map(|s| match s.area {
@@ -491,20 +455,23 @@ impl<W: Word> RecvSide<W> {
     /// go (unmapped here once no message holds one the peer retired), the
     /// buffer kept for the next message.
     pub(crate) fn recycle_places(&self, places: &mut Vec<Place>) {
-        self.spare_places.keep(places);
+        self.spare_places.keep_vec(places);
     }
 
     /// Takes back the spans of a message that dropped (the buffer of its
     /// out-of-line table, see [`SegmentTable::take_spans`]), for the next
     /// message of several segments.
     pub(crate) fn recycle_spans(&self, spans: &mut Vec<Span>) {
-        self.spare_tables.keep(spans);
+        self.spare_tables.keep_vec(spans);
     }
 
-    /// Keeps the buffer of a dropped carried message for the next one.
+    /// Keeps the buffer of a dropped carried message for the next one
+    /// (leaving `None`, if it was not already).
     #[inline(always)]
-    pub(crate) fn recycle_carried(&self, carried: Carried) {
-        self.carried.keep(carried.into_buf());
+    pub(crate) fn recycle_carried(&self, carried: &mut Option<Carried>) {
+        if let Some(c) = carried.take() {
+            self.carried.keep(c.into_buf());
+        }
     }
 
     /// What a dropped message read in place gives back: its release, if

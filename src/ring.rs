@@ -53,7 +53,7 @@
 //!   its fence on `released`, so it sees at least every take that preceded
 //!   a release it reads.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
 use crate::error::ProtocolError;
@@ -63,6 +63,7 @@ use crate::layout::{
     SECOND_LINE_PAIR, WORD_BYTES,
 };
 use crate::region::{Extent, OwnRegion, PeerRegion, Span};
+use crate::spares::Spares;
 use crate::word::{Pair, TheirPairs, Word};
 
 // ---- the descriptor entry ------------------------------------------------------
@@ -202,63 +203,15 @@ const KEPT_CARRIED: usize = 1024;
 
 /// The buffers of dropped carried messages, for the next ones: a receiver
 /// that holds at most `n` carried messages at a time allocates `n` buffers
-/// in all, and none once it has them, up to [`KEPT_CARRIED`] of them (a
-/// receiver that holds more at once frees the rest as they drop, rather
-/// than keep its peak for as long as it lives). The last one kept has a
-/// place of its own, the common case of a receiver that drops each
-/// message before the next (a look and a store, where the vector costs a
-/// borrow and a bounds check).
-#[derive(Default)]
-pub(crate) struct CarriedBuffers {
-    last: Cell<Option<CarriedBuf>>,
-    more: RefCell<Vec<CarriedBuf>>,
-}
+/// in all, and none once it has them, up to [`KEPT_CARRIED`] of them.
+pub(crate) type CarriedBuffers = Spares<CarriedBuf, KEPT_CARRIED>;
 
-impl CarriedBuffers {
-    /// A kept buffer, or a new one.
-    #[inline(always)]
-    pub(crate) fn take(&self) -> CarriedBuf {
-        match self.last.take() {
-            Some(buf) => buf,
-            None => self.take_more(),
-        }
-    }
-
-    #[inline(never)]
-    fn take_more(&self) -> CarriedBuf {
-        match self
-            .more
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut kept| kept.pop())
-        {
-            Some(buf) => buf,
-            None => new_carried_buf(),
-        }
-    }
-
-    /// Keeps `buf` for the next carried message.
-    #[inline(always)]
-    pub(crate) fn keep(&self, buf: CarriedBuf) {
-        if let Some(other) = self.last.replace(Some(buf)) {
-            self.keep_more(other);
-        }
-    }
-
-    #[inline(never)]
-    fn keep_more(&self, buf: CarriedBuf) {
-        if let Ok(mut kept) = self.more.try_borrow_mut() {
-            if kept.len() + 1 < KEPT_CARRIED {
-                kept.push(buf);
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for CarriedBuffers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let more = self.more.try_borrow().map_or(0, |kept| kept.len());
-        write!(f, "CarriedBuffers(more: {more})")
+/// A kept buffer for a carried message, or a new one.
+#[inline(always)]
+fn carried_buf(buffers: &CarriedBuffers) -> CarriedBuf {
+    match buffers.take() {
+        Some(buf) => buf,
+        None => new_carried_buf(),
     }
 }
 
@@ -740,7 +693,7 @@ impl DescriptorConsumer {
             Took::Carried(copy_carried(
                 entry.carried,
                 carried_words(d)?,
-                buffers.take(),
+                carried_buf(buffers),
             ))
         } else if d.count == 1
             && d.span.area == 0
@@ -886,7 +839,7 @@ impl DescriptorConsumer {
                 slot_count,
                 len: d.span.extent.len,
             })?;
-            Entry::Carried(copy_carried(entry.carried, words, buffers.take()))
+            Entry::Carried(copy_carried(entry.carried, words, carried_buf(buffers)))
         } else {
             Entry::Message(Taken {
                 slot: d.slot,
@@ -1073,22 +1026,24 @@ mod tests {
     fn carried_buffers_are_reused_and_kept_up_to_the_bound() {
         let buffers = CarriedBuffers::default();
         // A receiver that holds many at once, then drops them all.
-        let held: Vec<CarriedBuf> = (0..KEPT_CARRIED + 100).map(|_| buffers.take()).collect();
+        let held: Vec<CarriedBuf> = (0..KEPT_CARRIED + 100)
+            .map(|_| carried_buf(&buffers))
+            .collect();
         let addresses: Vec<*const capnp::Word> = held.iter().map(|b| b.as_ptr()).collect();
         for buf in held {
             buffers.keep(buf);
         }
-        let kept = 1 + buffers.more.borrow().len();
+        let kept = buffers.kept();
         assert_eq!(kept, KEPT_CARRIED, "the rest are freed");
         // The kept ones come back, the last kept first, none of them twice.
-        let again: Vec<CarriedBuf> = (0..KEPT_CARRIED).map(|_| buffers.take()).collect();
+        let again: Vec<CarriedBuf> = (0..KEPT_CARRIED).map(|_| carried_buf(&buffers)).collect();
         let mut reused: Vec<_> = again.iter().map(|b| b.as_ptr()).collect();
         assert_eq!(reused[0], addresses[KEPT_CARRIED + 99]);
         reused.sort_unstable();
         reused.dedup();
         assert_eq!(reused.len(), KEPT_CARRIED);
         assert!(reused.iter().all(|a| addresses.contains(a)));
-        assert!(buffers.more.borrow().is_empty());
+        assert_eq!(buffers.kept(), 0);
     }
 
     fn ext(start: u32, len: u32) -> Extent {

@@ -457,39 +457,49 @@ fn carried_messages_held_together_reuse_their_buffers() {
     let (owner_tx, owner) = Channel::pair_with(&options).unwrap();
     let owned_rx = owner.split().1.into_shared();
 
-    let send = |tx: &Channel, n: u64| {
-        let mut m = tx.message();
-        fill(&mut m, n);
-        tx.send(m).unwrap();
-    };
-    // One round: HELD messages received and held, checked, then dropped.
-    // Allocations on this thread while receiving, reading and dropping.
-    let borrowed_round = |round: u64| {
+    // One round: HELD messages sent, then received and held, each checked
+    // (that it was carried, and its number), then all dropped; returns the
+    // allocations on this thread while receiving, reading and dropping.
+    fn hold<M>(
+        tx: &Channel,
+        round: u64,
+        recv: impl Fn() -> M,
+        read: impl Fn(&M) -> (bool, u64),
+    ) -> u64 {
         for n in 0..HELD {
-            send(&tx, round * HELD + n);
+            let mut m = tx.message();
+            fill(&mut m, round * HELD + n);
+            tx.send(m).unwrap();
         }
         count(|| {
-            let held: Vec<_> = (0..HELD).map(|_| rx.recv().unwrap()).collect();
+            let held: Vec<M> = (0..HELD).map(|_| recv()).collect();
             for (n, m) in (0..).zip(&held) {
-                assert!(m.is_copied(), "carried");
-                assert_eq!(read(m), round * HELD + n);
+                let (carried, number) = read(m);
+                assert!(carried, "carried");
+                assert_eq!(number, round * HELD + n);
             }
             drop(held);
         })
+    }
+    let borrowed_round = |round: u64| {
+        hold(
+            &tx,
+            round,
+            || rx.recv().unwrap(),
+            |m| (m.is_copied(), read(m)),
+        )
     };
     let owned_round = |round: u64| {
-        for n in 0..HELD {
-            send(&owner_tx, round * HELD + n);
-        }
-        count(|| {
-            let held: Vec<_> = (0..HELD).map(|_| owned_rx.recv().unwrap()).collect();
-            for (n, m) in (0..).zip(&held) {
-                assert!(m.is_copied(), "carried");
+        hold(
+            &owner_tx,
+            round,
+            || owned_rx.recv().unwrap(),
+            |m| {
                 let list: capnp::data_list::Reader<'_> = m.get_root().unwrap();
-                assert_eq!(list.get(0).unwrap(), &(round * HELD + n).to_le_bytes()[..]);
-            }
-            drop(held);
-        })
+                let number = u64::from_le_bytes(list.get(0).unwrap().try_into().unwrap());
+                (m.is_copied(), number)
+            },
+        )
     };
     // Warm up: HELD buffers for each receiver.
     let warm = (borrowed_round(0), owned_round(0));
