@@ -197,7 +197,13 @@ pub(crate) struct DescriptorEntry<W: Word = AtomicU32> {
     /// Length in words of the segment, or of the table.
     pub(crate) len: W,
     /// A carried segment's bytes, as little-endian 64-bit words (the
-    /// bytes in order): the first `len` hold it, the rest are zero.
+    /// bytes in order): the first `len` hold it; the rest are left as
+    /// earlier messages wrote them, and read by no one. The first
+    /// [`SECOND_LINE_PAIR`] share the first 64-byte line with the tag, so
+    /// a message of that many words or fewer (an answer, an
+    /// acknowledgement) writes one line, and the receiver, which keeps
+    /// the second line of the entry it waits on cached, takes one line
+    /// from the sender rather than two.
     pub(crate) carried: [W::Pair; CARRIED_WORDS],
 }
 

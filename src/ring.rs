@@ -557,7 +557,8 @@ impl DescriptorProducer {
     pub(crate) fn publish_carried<W: Word>(&self, own: &OwnRegion<W>, segment: &[u8]) -> u32 {
         debug_assert!(carries(segment.len()) && segment.len() % WORD_BYTES == 0);
         // Relaxed, all: published by the Release store of the tag. Each
-        // word goes straight from the segment to the entry, the tail zero.
+        // word goes straight from the segment to the entry; the pairs past
+        // it are left alone (`DescriptorEntry::carried`).
         own.descriptor(self.published.get())
             .carried
             .store_words(segment);
@@ -860,10 +861,10 @@ fn copy_carried<P: Pair>(
     words: u32,
     mut buf: CarriedBuf,
 ) -> Carried {
-    // Every pair of the entry (the sender zeroes the tail), each loaded
-    // and stored as a word: a loop of fixed length, straight loads and
-    // stores.
-    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..]));
+    // The message's pairs only, each loaded and stored as a word: the
+    // pairs past it hold what earlier messages left there.
+    let n = (words as usize).min(CARRIED_WORDS);
+    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..n]));
     Carried { buf, words }
 }
 

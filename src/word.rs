@@ -140,22 +140,21 @@ impl<'a, P: Pair, const N: usize> MinePairs<'a, P, N> {
         MinePairs(pairs)
     }
 
-    /// Stores `bytes`, little-endian word by word, in the first pairs and
-    /// zero in the rest, `Relaxed`: a trailing part word is dropped, and
-    /// words past `N` too. Read straight from `bytes`: gathered into a
-    /// buffer first, the words would be copied by `memcpy`, whose wide,
-    /// overlapping stores the word loads after it waited on (a
-    /// store-forwarding stall, seen with perf).
+    /// Stores `bytes`, little-endian word by word, in the first pairs,
+    /// `Relaxed`: a trailing part word is dropped, and words past `N` too.
+    /// The other pairs keep what they held: a store takes the line it
+    /// lands on from the peer, so a message on the first line leaves the
+    /// second with the peer (see `DescriptorEntry::carried`). Read
+    /// straight from `bytes`: gathered into a buffer first, the words
+    /// would be copied by `memcpy`, whose wide, overlapping stores the
+    /// word loads after it waited on (a store-forwarding stall, seen with
+    /// perf).
     #[inline(always)]
     pub(crate) fn store_words(&self, bytes: &[u8]) {
-        let mut pairs = self.0.iter();
-        for (pair, chunk) in pairs.by_ref().zip(bytes.chunks_exact(8)) {
+        for (pair, chunk) in self.0.iter().zip(bytes.chunks_exact(8)) {
             let mut le = [0; 8];
             le.copy_from_slice(chunk);
             pair.store(u64::from_le_bytes(le));
-        }
-        for pair in pairs {
-            pair.store(0);
         }
     }
 }
@@ -174,9 +173,8 @@ impl<'a, P: Pair, const N: usize> TheirPairs<'a, P, N> {
         }
     }
 
-    /// Loads every pair, `Relaxed`, into `bytes`, little-endian word by
-    /// word: a pair whose word `bytes` has no room for whole is not
-    /// loaded. Each word is stored as it is loaded, so that nothing copies
+    /// Loads the first pairs, `Relaxed`, into `bytes`, little-endian word
+    /// by word, as many as `bytes` has room for whole. Each word is stored as it is loaded, so that nothing copies
     /// them again (see [`MinePairs::store_words`]).
     #[inline(always)]
     pub(crate) fn load_into(&self, bytes: &mut [u8]) {

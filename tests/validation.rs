@@ -666,6 +666,45 @@ fn the_real_end_carries_a_small_message_in_its_descriptor() {
     assert_eq!(text_of_segment(&carried), "small");
 }
 
+/// A carried message that fits on its entry's first line, the tag's,
+/// writes that line only: the words past it keep what the message before
+/// it in the entry left there, so the entry's second line stays in the
+/// receiver's cache. Its descriptor gives the short length, the words
+/// past which no receiver reads.
+#[test]
+fn a_short_carried_message_writes_only_its_entrys_first_line() {
+    let _w = Watchdog::new(LIMIT);
+    let conn = connected();
+    let capacity = conn.their_geometry.ring_capacity;
+    let send = |text: &str| {
+        let mut message = conn.channel.message();
+        message.set_root(capnp::text::Reader::from(text)).unwrap();
+        conn.channel.send(message).unwrap();
+    };
+    send("thirteen words of text, less than 112 bytes!!!!!!!!!!!!!!!!!!!!!");
+    let long = conn.their_entry_words(0);
+    assert!(
+        conn.their_descriptor(0).segments[0].1 > 6,
+        "the first message reaches the second line"
+    );
+    for _ in 1..capacity {
+        send("filler");
+    }
+    // We took them all: the real end may write entry 0 again.
+    conn.mine.set_counter(counter::CONSUMED, capacity);
+    send("hi");
+    let short = conn.their_carried(capacity).expect("carried");
+    let words = short.len();
+    assert!(words <= 48, "on the first line: {words} bytes");
+    assert_eq!(text_of_segment(&short), "hi");
+    let entry = conn.their_entry_words(capacity);
+    assert_eq!(
+        entry[words..],
+        long[words..],
+        "the words past the short message are not written"
+    );
+}
+
 /// One malformed out-of-line segment table.
 struct TableCase {
     /// Where the descriptor says the table is, in words.

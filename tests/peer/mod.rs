@@ -1104,17 +1104,24 @@ impl Connected {
             len <= CARRIED_WORDS,
             "an honest end carries at most 14 words"
         );
+        let mut words = self.their_entry_words(seq);
+        words.truncate(len as usize * 8);
+        Some(words)
+    }
+
+    /// All [`CARRIED_WORDS`] words of the real end's entry for message
+    /// `seq`, as bytes: the carried message's words first, whatever the
+    /// rest hold after them.
+    pub fn their_entry_words(&self, seq: u32) -> Vec<u8> {
         let g = self.their_geometry;
         let base = g.descriptors_offset() + u64::from(g.ring_index(seq)) * DESCRIPTOR_BYTES;
-        Some(
-            (0..len * 2)
-                .flat_map(|i| {
-                    self.theirs
-                        .load_u32(base + 16 + u64::from(i) * 4)
-                        .to_le_bytes()
-                })
-                .collect(),
-        )
+        (0..CARRIED_WORDS * 2)
+            .flat_map(|i| {
+                self.theirs
+                    .load_u32(base + 16 + u64::from(i) * 4)
+                    .to_le_bytes()
+            })
+            .collect()
     }
 
     /// A private copy of `len` words at word `offset` of the real end's data area.
