@@ -202,7 +202,9 @@ impl<W: Word> RecvSide<W> {
     /// path, as the common kind's test would only read the same descriptor
     /// again (an empty poll of an event loop, a message of several
     /// segments); what the peer published since is taken all the same.
-    /// Every later look (after a wait) tries the common kind first.
+    /// Without a deadline, a first look that finds the next tag missing
+    /// waits at once. Every later look (after a wait) tries the common
+    /// kind first.
     ///
     /// # Errors
     ///
@@ -215,7 +217,20 @@ impl<W: Word> RecvSide<W> {
             if link.has_seen_close() {
                 return self.drain(&state);
             }
-            let taken = self.take_counted(&state, simple)?;
+            let forever = matches!(deadline, Deadline::Never);
+            let taken = if !simple && forever && !state.descriptors.next_ready(link.peer()) {
+                // The first look of a receive that waits as long as it
+                // takes, after `take_one` found nothing there: nothing to
+                // take, and no need to read the peer's `published` to say
+                // so, a line its next send would then have to take back
+                // from us. A count stored without its entry is caught at
+                // the next look, after the wait; a receive with a deadline
+                // looks in full, as it may not look again.
+                link.enter()?;
+                None
+            } else {
+                self.take_counted(&state, simple)?
+            };
             simple = true;
             if let Some(taken) = taken {
                 return Ok(taken);

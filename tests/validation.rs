@@ -537,6 +537,25 @@ fn published_past_the_ring_is_published_out_of_range() {
     );
 }
 
+/// A receive with no deadline whose first look finds the next tag missing
+/// waits without reading the peer's `published`: a count the peer stored
+/// without writing the entry is caught at the look after the wait, spinning
+/// or not, and the receive fails rather than waiting on.
+#[test]
+fn a_count_without_its_entry_fails_a_receive_with_no_deadline() {
+    let _w = Watchdog::new(LIMIT);
+    let expected = ProtocolError::DescriptorSequence {
+        expected: 0,
+        found: u32::MAX,
+    };
+    for o in [options(), options().spin(Duration::ZERO)] {
+        let conn = Connected::new(&o, GEOMETRY);
+        conn.mine.publish(1);
+        assert_eq!(protocol_error(conn.channel.recv()), expected);
+        assert_stays_broken(&conn, expected);
+    }
+}
+
 #[test]
 fn descriptor_with_the_wrong_seq_is_descriptor_sequence() {
     let _w = Watchdog::new(LIMIT);
