@@ -174,8 +174,9 @@ impl<'a, P: Pair, const N: usize> TheirPairs<'a, P, N> {
     }
 
     /// Loads the first pairs, `Relaxed`, into `bytes`, little-endian word
-    /// by word, as many as `bytes` has room for whole. Each word is stored as it is loaded, so that nothing copies
-    /// them again (see [`MinePairs::store_words`]).
+    /// by word, as many as `bytes` has room for whole. Each word is stored
+    /// as it is loaded, so that nothing copies them again (see
+    /// [`MinePairs::store_words`]).
     #[inline(always)]
     pub(crate) fn load_into(&self, bytes: &mut [u8]) {
         for (chunk, pair) in bytes.chunks_exact_mut(8).zip(self.0) {
