@@ -713,13 +713,13 @@ fn a_short_carried_message_writes_only_its_entrys_first_line() {
     conn.mine.set_counter(counter::CONSUMED, capacity);
     send("hi");
     let short = conn.their_carried(capacity).expect("carried");
-    let words = short.len();
-    assert!(words <= 48, "on the first line: {words} bytes");
+    let bytes = short.len();
+    assert!(bytes <= 48, "on the first line: {bytes} bytes");
     assert_eq!(text_of_segment(&short), "hi");
     let entry = conn.their_entry_words(capacity);
     assert_eq!(
-        entry[words..],
-        long[words..],
+        entry[bytes..],
+        long[bytes..],
         "the words past the short message are not written"
     );
 }
