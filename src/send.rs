@@ -160,8 +160,16 @@ struct Books {
     /// capacity (its `held_capacity`), which must hold a release for every
     /// message in flight. Slots are made as needed, up to this many.
     max_in_flight: u32,
-    /// The free words of area 0, the region's data area.
+    /// The free words of area 0, the region's data area, but for `kept`.
     free: FreeList,
+    /// A span of area 0 given back by the builder that had it, kept out of
+    /// `free` for the next builder (empty: none). Every builder of a small
+    /// message, which its send carries in its descriptor entry, gives its
+    /// span back at its drop, and the next one takes it: kept aside, the
+    /// two are a compare and a store rather than a search of the free list
+    /// and a merge. Its words are zero and free; every other way of taking
+    /// words from area 0 first returns it to `free` (`unkeep`).
+    kept: Extent,
     /// End of the highest word of area 0 ever handed out. Below it, pages
     /// are already faulted in and likely cached; an allocation that would
     /// cross it first reclaims what the peer has released (see `allocate`).
@@ -198,6 +206,7 @@ impl Books {
             data_words: geometry.data_words(),
             max_in_flight: peer_held_capacity,
             free: FreeList::new(geometry.data_words()),
+            kept: Extent { start: 0, len: 0 },
             high_water: 0,
             grown: Vec::new(),
             retiring: 0,
@@ -358,12 +367,24 @@ impl Books {
             return None;
         }
         let want = want.max(min);
-        let warm_below = self.high_water.checked_sub(min)?;
-        let extent = self.free.allocate_first(want, warm_below)?;
-        self.high_water = self.high_water.max(extent.end());
+        let extent = if self.kept.len >= want {
+            // Below `high_water`: it was lent before.
+            std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 })
+        } else {
+            let warm_below = self.high_water.checked_sub(min)?;
+            let extent = self.free.allocate_first(want, warm_below)?;
+            self.high_water = self.high_water.max(extent.end());
+            extent
+        };
         let span = Span { area: 0, extent };
         self.open.push(span);
         Some(span)
+    }
+
+    /// Returns the kept span to the free list, before a search of it.
+    fn unkeep(&mut self) {
+        let kept = std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 });
+        self.free.free(kept);
     }
 
     /// Lends a span of at least `min` (ideally `want`) words to a builder.
@@ -383,6 +404,7 @@ impl Books {
         min: u32,
         want: u32,
     ) -> Result<Option<Span>, ProtocolError> {
+        self.unkeep();
         let mut extent = allocate_placed(&mut self.free, min, want);
         // Only the first `min` words are sure to be written; the rest of a
         // generous segment is usually trimmed away at send.
@@ -432,7 +454,8 @@ impl Books {
     }
 
     /// Takes `span`, just removed from `open`, back from its builder:
-    /// zeroes the `used` words it wrote and frees it.
+    /// zeroes the `used` words it wrote and frees it (or keeps it: see
+    /// `kept`).
     #[inline]
     fn give_back_open<W: Word>(&mut self, own: &OwnRegion<W>, span: Span, used: u32) {
         let written = Span {
@@ -446,7 +469,11 @@ impl Books {
         // capnp is done with it and nothing else refers to it; our caller
         // holds the end.
         unsafe { self.zero(own, written) };
-        self.free_span(span);
+        if span.area == 0 && self.kept.len == 0 {
+            self.kept = span.extent;
+        } else {
+            self.free_span(span);
+        }
     }
 
     /// Reads and applies the peer's new releases. Returns how many.
@@ -601,7 +628,7 @@ impl Books {
             .iter()
             .flatten()
             .map(|g| g.free.largest())
-            .chain([self.free.largest()])
+            .chain([self.free.largest(), self.kept.len])
             .max()
             .unwrap_or(0);
         TooLarge {
@@ -625,6 +652,7 @@ impl Books {
     /// Takes a free extent of exactly `words` words from any area (a large
     /// one at its phase where there is room: see [`LARGE_SEGMENT_WORDS`]).
     fn take_exact(&mut self, words: u32) -> Option<Span> {
+        self.unkeep();
         match allocate_placed(&mut self.free, words, words) {
             Some(extent) => Some(Span { area: 0, extent }),
             None => self.allocate_grown(words, words),
@@ -1263,7 +1291,7 @@ impl<W: Word> SendSide<W> {
             held_by_peer: books.in_flight(),
             held_by_peer_bytes: books.in_flight_words * WORD,
             held_limit: books.max_in_flight,
-            free_bytes: (books.free.free_words() + grown_free) * WORD,
+            free_bytes: (books.free.free_words() + u64::from(books.kept.len) + grown_free) * WORD,
             areas: u32::try_from(books.grown.iter().flatten().count()).unwrap_or(u32::MAX),
             area_bytes: books.grown_bytes,
             areas_added: books.areas_added,
@@ -1753,6 +1781,39 @@ mod tests {
             "area 1's first 8 words still held"
         );
         assert_eq!(books.in_flight_words, 0);
+    }
+
+    // A builder's span given back is zeroed and kept for the next builder,
+    // out of the free list; a search of the free list gets it back first.
+    #[test]
+    fn a_span_given_back_is_kept_for_the_next_builder_and_returned_before_a_search() {
+        let (mut books, own) = books();
+        let total = books.free.free_words();
+        books.high_water = 1024; // as if lent before: warm
+        let lent = books.allocate_warm(1, 64).expect("warm words");
+        assert_eq!(lent, span(0, 0, 64));
+        let ptr = books.span_ptr(&own, lent).unwrap().as_ptr();
+        // SAFETY: the span is lent to us, as to a builder: nothing else
+        // refers to its words.
+        unsafe { std::ptr::write_bytes(ptr, 0xff, 3 * WORD_BYTES) };
+        books.open.pop();
+        books.give_back_open(&own, lent, 3);
+        // SAFETY: as above; given back, and nobody writes it.
+        let words = unsafe { std::slice::from_raw_parts(ptr, 64 * WORD_BYTES) };
+        assert!(words.iter().all(|&b| b == 0), "the written words zeroed");
+        assert_eq!(books.kept, lent.extent);
+        assert_eq!(books.free.free_words(), total - 64, "kept out of the list");
+
+        assert_eq!(books.allocate_warm(1, 64), Some(lent), "the same words");
+        assert_eq!(books.kept.len, 0);
+        books.open.pop();
+        books.give_back_open(&own, lent, 0);
+        assert_eq!(books.kept, lent.extent);
+
+        // Every word of area 0 at once: only with the kept span merged back.
+        let all = u32::try_from(total).unwrap();
+        assert_eq!(books.take_exact(all), Some(span(0, 0, all)));
+        assert_eq!(books.kept.len, 0);
     }
 
     #[test]
