@@ -382,9 +382,12 @@ impl Books {
     }
 
     /// Returns the kept span to the free list, before a search of it.
+    #[inline]
     fn unkeep(&mut self) {
-        let kept = std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 });
-        self.free.free(kept);
+        if self.kept.len > 0 {
+            let kept = std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 });
+            self.free.free(kept);
+        }
     }
 
     /// Lends a span of at least `min` (ideally `want`) words to a builder.
@@ -956,6 +959,7 @@ impl Books {
     /// The span lent last, and `segment`'s words, when `segment` starts at
     /// that span and fits in it: a one-segment message built in place.
     /// Reads nothing shared.
+    #[inline]
     fn last_open_holding<W: Word>(
         &self,
         own: &OwnRegion<W>,
