@@ -20,6 +20,15 @@ const FLOOR: Duration = Duration::from_micros(2);
 /// At a zero budget, one wait in this many probes with the full budget.
 const PROBE_EVERY: u32 = 16;
 
+/// How long a spin looks without pausing between looks, from its start.
+/// A pause (`spin_loop`: x86's `pause`, up to ~140 cycles) in progress
+/// when the awaited line lands holds the waiter back for the rest of it,
+/// and the answer to a small request lands a few hundred nanoseconds after
+/// the request left: a 64-byte round trip took 7% less with no pauses in
+/// its waits. Past this, the pauses spare a hyperthread sibling (which may
+/// be the peer) and the power budget.
+const EAGER: Duration = Duration::from_micros(1);
+
 /// One direction's spin budget (a receiver's, or a blocked sender's).
 #[derive(Debug)]
 pub(crate) struct SpinBudget {
@@ -96,13 +105,13 @@ impl SpinBudget {
             if self.max.is_zero() {
                 return ready();
             }
-            return spin_for(FLOOR, &mut ready) || ready();
+            return spin_for(FLOOR, EAGER, &mut ready) || ready();
         }
         let start = Instant::now();
-        let mut ok = spin_for(FLOOR.min(budget), &mut ready);
+        let mut ok = spin_for(FLOOR.min(budget), EAGER, &mut ready);
         while !ok && start.elapsed() < budget {
             crate::sys::sched_yield();
-            ok = spin_for(Duration::ZERO, &mut ready); // one round
+            ok = spin_for(Duration::ZERO, Duration::ZERO, &mut ready); // one round
         }
         let ok = ok || ready();
         if ok {
@@ -115,19 +124,25 @@ impl SpinBudget {
 }
 
 /// Spins on `ready` for at most `span` (at least one round of 64 checks),
-/// without yielding. Whether it became ready.
-fn spin_for(span: Duration, ready: &mut impl FnMut() -> bool) -> bool {
+/// without yielding, pausing between checks once `eager` has passed.
+/// Whether it became ready.
+fn spin_for(span: Duration, eager: Duration, ready: &mut impl FnMut() -> bool) -> bool {
     let start = Instant::now();
+    let mut pause = eager.is_zero();
     loop {
         for _ in 0..64 {
             if ready() {
                 return true;
             }
-            std::hint::spin_loop();
+            if pause {
+                std::hint::spin_loop();
+            }
         }
-        if start.elapsed() >= span {
+        let spun = start.elapsed();
+        if spun >= span {
             return false;
         }
+        pause = spun >= eager;
     }
 }
 
