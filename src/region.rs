@@ -201,6 +201,13 @@ impl Area {
         (byte % WORD == 0 && word < self.words).then_some(word)
     }
 
+    /// Whether `ptr` is the address of word `offset`: as
+    /// `offset_of(ptr) == Some(offset)` for an offset inside, in a compare.
+    fn is_at(self, ptr: *const u8, offset: u32) -> bool {
+        let base = self.data.as_ptr() as usize;
+        ptr as usize == base.wrapping_add(offset as usize * WORD_BYTES)
+    }
+
     /// The address of the first word of `extent` (inside: checked).
     fn extent_ptr(self, extent: Extent) -> NonNull<u8> {
         assert!(self.contains(extent), "extent outside the data area");
@@ -460,6 +467,12 @@ impl<W: Word> OwnRegion<W> {
     /// address inside it.
     pub(crate) fn offset_of(&self, ptr: *const u8) -> Option<u32> {
         self.parts.area.offset_of(ptr)
+    }
+
+    /// Whether `ptr` is the address of word `offset` of the data area,
+    /// which lies inside it.
+    pub(crate) fn is_at(&self, ptr: *const u8, offset: u32) -> bool {
+        self.parts.area.is_at(ptr, offset)
     }
 
     /// The address of the first word of `extent`, for handing to capnp.

@@ -1393,7 +1393,7 @@ impl<W: Word> SendSide<W> {
                 return; // sent: the segment is the peer's until released
             };
             let own = self.link.own();
-            if last.area == 0 && own.offset_of(ptr.as_ptr()) == Some(last.extent.start) {
+            if last.area == 0 && own.is_at(ptr.as_ptr(), last.extent.start) {
                 // In a process that does not own the end (a builder
                 // inherited through fork), the words are the owner's.
                 if self.link.owned_here() {
