@@ -698,14 +698,22 @@ impl<W: Word> Link<W> {
     /// `Release` before it announces (`wake::announce`) and we fence
     /// `Acquire` after reading its flag, so its publishes before the
     /// announcement are visible to the load of `published` below.
+    #[inline]
     pub(crate) fn wake_sender_after_take(&self) -> u32 {
         // SeqCst: F2 (the take's store of `consumed` came before).
         W::fence(Ordering::SeqCst);
         let flag = self.peer.tx_sleeping().load();
-        let mode = wake::sleep_mode(flag);
-        if mode == AWAKE {
+        if wake::sleep_mode(flag) == AWAKE {
             return AWAKE;
         }
+        self.wake_sleeping_sender(flag)
+    }
+
+    /// The rest of [`wake_sender_after_take`](Self::wake_sender_after_take),
+    /// for a sender whose flag says it sleeps: out of line, as it is rare.
+    #[inline(never)]
+    fn wake_sleeping_sender(&self, flag: u32) -> u32 {
+        let mode = wake::sleep_mode(flag);
         // Acquire: pairs with the sleeper's Release fence before its
         // announcement (above).
         W::fence(Ordering::Acquire);
