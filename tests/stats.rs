@@ -45,6 +45,31 @@ fn counters_follow_what_was_sent_received_and_held() {
     assert!(format!("{a:?}").contains("held_by_peer"));
 }
 
+/// A small message's builder gives its span back at its drop (kept aside
+/// for the next builder): the space counts as free again at once.
+#[test]
+fn carried_messages_leave_every_byte_free() {
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let (a, b) = Channel::pair().unwrap();
+    let all = a.capacity_bytes() as u64;
+    assert_eq!(a.stats().send.free_bytes, all);
+    for n in 0..100u32 {
+        let mut m = a.message();
+        m.set_root(capnp::text::Reader::from("hi")).unwrap();
+        a.send(m).unwrap();
+        assert_eq!(a.stats().send.free_bytes, all, "after send {n}");
+        let got = b.recv().unwrap();
+        assert!(got.is_copied(), "carried in its descriptor");
+        assert_eq!(got.get_root::<capnp::text::Reader<'_>>().unwrap(), "hi");
+    }
+    // A span lent to a builder is not free; given back, it is again.
+    let mut held = a.message();
+    held.set_root(capnp::text::Reader::from("held")).unwrap();
+    assert!(a.stats().send.free_bytes < all);
+    drop(held);
+    assert_eq!(a.stats().send.free_bytes, all);
+}
+
 /// A receiver that holds as many messages as it may (its `max_held`) makes
 /// the sender wait: the timeout comes back, and the counters say why.
 #[test]
