@@ -356,10 +356,11 @@ impl Books {
     }
 
     /// The common case of [`allocate`](Self::allocate), in a few compares:
-    /// lends `want` words from the lowest free extent of area 0, if it has
-    /// more than that and its first `min` lie in memory already used (below
-    /// `high_water`); `None` (nothing changed) otherwise. The extent that
-    /// first fit would choose, and no release needs reading for it.
+    /// lends the kept span if it has `want` words; failing that, `want`
+    /// words from the lowest free extent of area 0, if it has more than
+    /// that and its first `min` lie in memory already used (below
+    /// `high_water`): the extent that first fit would choose, and no
+    /// release needs reading for it. `None` (nothing changed) otherwise.
     #[inline(always)]
     fn allocate_warm(&mut self, min: u32, want: u32) -> Option<Span> {
         // A large segment has its place in a page: `allocate_placed`.

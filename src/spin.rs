@@ -24,9 +24,9 @@ const PROBE_EVERY: u32 = 16;
 /// A pause (`spin_loop`: x86's `pause`, up to ~140 cycles) in progress
 /// when the awaited line lands holds the waiter back for the rest of it,
 /// and the answer to a small request lands a few hundred nanoseconds after
-/// the request left: a 64-byte round trip took 7% less with no pauses in
-/// its waits. Past this, the pauses spare a hyperthread sibling (which may
-/// be the peer) and the power budget.
+/// the request left: a 64-byte round trip took 3-4% less with no pauses
+/// for its first microsecond. Past this, the pauses spare a hyperthread
+/// sibling (which may be the peer) and the power budget.
 const EAGER: Duration = Duration::from_micros(1);
 
 /// One direction's spin budget (a receiver's, or a blocked sender's).
@@ -91,7 +91,7 @@ impl SpinBudget {
     /// Spins until `ready` or the budget runs out, and adapts the budget.
     ///
     /// The first [`FLOOR`] is a pure spin (the fast path of a ping-pong
-    /// between two cores). After that each round also offers the CPU to
+    /// between two cores), its first [`EAGER`] without pauses. After that each round also offers the CPU to
     /// another runnable thread (`sched_yield`): with more busy processes
     /// than cores, the peer that would answer may be waiting for this very
     /// core; with idle cores the yield returns at once.
