@@ -3,6 +3,7 @@
 //! descriptor, or a private copy, which release nothing.
 
 use std::fmt;
+use std::mem::{self, ManuallyDrop};
 use std::rc::Rc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
@@ -19,7 +20,7 @@ use crate::stream::StreamRecv;
 /// The methods a received message has, owned or borrowing: one body for
 /// both types.
 macro_rules! received_methods {
-    ($segments:ty, $copied:pat) => {
+    ($segments:ty) => {
         /// Gets the root of the message as the given type.
         ///
         /// # Errors
@@ -70,7 +71,7 @@ macro_rules! received_methods {
         /// channel](crate::Transport::Stream)'s socket into its receive
         /// buffer (always).
         pub fn is_copied(&self) -> bool {
-            matches!(self.reader.get_segments().body, $copied)
+            self.reader.get_segments().is_private()
         }
 
         /// Total size of the message in bytes.
@@ -218,10 +219,10 @@ impl<'c> Received<'c> {
             reader: Reader::new(
                 Segments {
                     first: &[],
-                    body: Body::Carried {
+                    body: ManuallyDrop::new(Body::Carried {
                         side,
                         carried: Some(carried),
-                    },
+                    }),
                 },
                 limits,
             ),
@@ -236,7 +237,7 @@ impl<'c> Received<'c> {
             reader: Reader::new(
                 Segments {
                     first: &[],
-                    body: Body::Framed { rx, frame },
+                    body: ManuallyDrop::new(Body::Framed { rx, frame }),
                 },
                 limits,
             ),
@@ -244,10 +245,7 @@ impl<'c> Received<'c> {
         }
     }
 
-    received_methods!(
-        Segments<'c>,
-        Body::Copied(_) | Body::Carried { .. } | Body::Framed { .. }
-    );
+    received_methods!(Segments<'c>);
 }
 
 /// A message carried in its descriptor: one segment, in the copy.
@@ -298,7 +296,13 @@ pub struct Segments<'c> {
     /// otherwise): capnp asks for it on every pointer it follows, so it is
     /// answered before the match on `body`.
     first: &'c [u8],
-    body: Body<'c>,
+    /// Dropped by hand in [`Drop`], so that `Segments` has no drop glue of
+    /// its own: a carried or in-place message leaves nothing in its body to
+    /// drop once its buffer or its release is given back, and without the
+    /// glue its drop is that and no more (no match over the kinds again).
+    /// The kinds that own buffers are moved out and dropped in
+    /// [`release`](Segments::release).
+    body: ManuallyDrop<Body<'c>>,
 }
 
 enum Body<'c> {
@@ -344,6 +348,9 @@ enum Body<'c> {
         rx: &'c StreamRecv,
         frame: HeldFrame,
     },
+    /// What [`Segments::release`] leaves behind once it has moved the body
+    /// out to drop it: nothing to read, nothing to release.
+    Dropped,
 }
 
 /// Copies the segments of `taken` out of `side`'s peer region, and releases
@@ -427,10 +434,10 @@ impl<'c> Segments<'c> {
         Segments {
             // Validated against the region: found.
             first: side.link().peer().segment(one.extent).unwrap_or(&[]),
-            body: Body::InPlace {
+            body: ManuallyDrop::new(Body::InPlace {
                 side,
                 release: Some((one.slot, one.seq)),
-            },
+            }),
         }
     }
 
@@ -446,11 +453,11 @@ impl<'c> Segments<'c> {
             side.recycle_spans(&mut table.take_spans());
             return Segments {
                 first: &[],
-                body: Body::InAreas {
+                body: ManuallyDrop::new(Body::InAreas {
                     side,
                     places,
                     release,
-                },
+                }),
             };
         }
         // The table was validated against the data area, so the lookup
@@ -460,11 +467,11 @@ impl<'c> Segments<'c> {
         debug_assert!(table.len() >= 2, "a spread table of {}", table.len());
         Segments {
             first: first.unwrap_or(&[]),
-            body: Body::InPlaceSpread {
+            body: ManuallyDrop::new(Body::InPlaceSpread {
                 side,
                 spans: table.take_spans(),
                 release,
-            },
+            }),
         }
     }
 
@@ -477,7 +484,7 @@ impl<'c> Segments<'c> {
         side.recycle_spans(&mut taken.table.take_spans());
         Ok(Segments {
             first: &[],
-            body: Body::Copied(copy?),
+            body: ManuallyDrop::new(Body::Copied(copy?)),
         })
     }
 }
@@ -494,7 +501,7 @@ impl ReaderSegments for Segments<'_> {
             }
             if let Body::Carried {
                 carried: Some(c), ..
-            } = &self.body
+            } = &*self.body
             {
                 return Some(c.segment());
             }
@@ -503,13 +510,14 @@ impl ReaderSegments for Segments<'_> {
     }
 
     fn len(&self) -> usize {
-        match &self.body {
+        match &*self.body {
             Body::InPlace { .. } => 1,
             Body::InPlaceSpread { spans, .. } => spans.len(),
             Body::InAreas { places, .. } => places.len(),
             Body::Copied(copy) => copy.len(),
             Body::Carried { .. } => 1,
             Body::Framed { frame, .. } => frame.len(),
+            Body::Dropped => 0,
         }
     }
 }
@@ -519,7 +527,7 @@ impl Segments<'_> {
     /// segment 0 of a message in place or carried.
     #[inline(never)]
     fn segment(&self, idx: u32) -> Option<&[u8]> {
-        match &self.body {
+        match &*self.body {
             Body::InPlace { .. } => (idx == 0).then_some(self.first),
             Body::InPlaceSpread { side, spans, .. } => match idx {
                 0 => Some(self.first),
@@ -535,16 +543,26 @@ impl Segments<'_> {
             Body::Copied(copy) => copy.get_segment(idx),
             Body::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
+            Body::Dropped => None,
         }
+    }
+
+    /// Whether the message lies in private memory (see
+    /// [`Received::is_copied`]).
+    fn is_private(&self) -> bool {
+        matches!(
+            *self.body,
+            Body::Copied(_) | Body::Carried { .. } | Body::Framed { .. }
+        )
     }
 }
 
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
-        // A carried message first, inline: its buffer goes back, nothing
-        // more. The other kinds out of line, so that it pays for none of
-        // their code.
-        if let Body::Carried { side, carried } = &mut self.body {
+        // A carried message first, inline: its buffer goes back, and the
+        // body holds nothing more to drop (`carried` is `None`). The other
+        // kinds out of line, so that it pays for none of their code.
+        if let Body::Carried { side, carried } = &mut *self.body {
             side.recycle_carried(carried);
             return;
         }
@@ -554,40 +572,52 @@ impl Drop for Segments<'_> {
 
 impl Segments<'_> {
     /// [`drop`](Drop::drop) for every kind but a carried message: the
-    /// release, and the buffers back to the side.
+    /// release, and the buffers back to the side; then the body's own
+    /// drop, for the kinds that own buffers.
     #[inline(never)]
     fn release(&mut self) {
-        match &mut self.body {
+        if let Body::InPlace { side, release } = &mut *self.body {
+            // Nothing in the body to drop: references and integers.
+            if let Some((slot, seq)) = release.take() {
+                side.release(slot, seq);
+            }
+            return;
+        }
+        match mem::replace(&mut *self.body, Body::Dropped) {
             Body::InPlace { side, release } => {
-                if let Some((slot, seq)) = release.take() {
+                if let Some((slot, seq)) = release {
                     side.release(slot, seq);
                 }
             }
             Body::InPlaceSpread {
                 side,
-                spans,
+                mut spans,
                 release,
             } => {
-                if let Some((slot, seq)) = release.take() {
+                if let Some((slot, seq)) = release {
                     side.release(slot, seq);
                 }
-                side.recycle_spans(spans);
+                side.recycle_spans(&mut spans);
             }
             Body::InAreas {
                 side,
-                places,
-                release,
-            } => side.let_go(release, places),
-            Body::Carried { side, carried } => side.recycle_carried(carried),
-            Body::Copied(_) => {}
-            Body::Framed { rx, .. } => rx.dropped(),
+                mut places,
+                mut release,
+            } => side.let_go(&mut release, &mut places),
+            Body::Carried { side, mut carried } => side.recycle_carried(&mut carried),
+            Body::Copied(copy) => drop(copy),
+            Body::Framed { rx, frame } => {
+                rx.dropped();
+                drop(frame);
+            }
+            Body::Dropped => {}
         }
     }
 }
 
 impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (kind, seq) = match &self.body {
+        let (kind, seq) = match &*self.body {
             Body::InPlace { release, .. } | Body::InPlaceSpread { release, .. } => {
                 ("in place", release.map(|(_, seq)| seq))
             }
@@ -595,6 +625,7 @@ impl fmt::Debug for Segments<'_> {
             Body::Copied(_) => ("copied", None),
             Body::Carried { .. } => ("carried in its descriptor", None),
             Body::Framed { .. } => ("stream buffer", None),
+            Body::Dropped => ("dropped", None),
         };
         f.debug_struct("Segments")
             .field("storage", &kind)
@@ -677,10 +708,7 @@ impl OwnedReceived {
         }
     }
 
-    received_methods!(
-        OwnedSegments,
-        OwnedBody::Copied(_) | OwnedBody::Carried { .. } | OwnedBody::Framed { .. }
-    );
+    received_methods!(OwnedSegments);
 }
 
 impl fmt::Debug for OwnedReceived {
@@ -752,6 +780,17 @@ impl ReaderSegments for OwnedSegments {
             OwnedBody::Carried { .. } => 1,
             OwnedBody::Framed { frame, .. } => frame.len(),
         }
+    }
+}
+
+impl OwnedSegments {
+    /// Whether the message lies in private memory (see
+    /// [`OwnedReceived::is_copied`]).
+    fn is_private(&self) -> bool {
+        matches!(
+            self.body,
+            OwnedBody::Copied(_) | OwnedBody::Carried { .. } | OwnedBody::Framed { .. }
+        )
     }
 }
 

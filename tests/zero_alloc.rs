@@ -228,6 +228,51 @@ fn steady_state_adds_no_allocations_to_capnps_own() {
 }
 
 #[test]
+fn a_copied_message_frees_its_copy_when_dropped() {
+    let _s = common::serial(); // the count is process-wide
+    let _w = common::Watchdog::new(Duration::from_secs(60));
+    const N: u64 = 1_000;
+    let options = capnp_shm::Options::new().copy_received(true);
+    let (tx, rx) = Channel::pair_with(&options).unwrap();
+    // A message too large to be carried in its descriptor: it is read
+    // in place, copied out and released at the receive.
+    let fill_large = |m: &mut Builder<_>, n: u64| {
+        let mut list = m.initn_root::<capnp::data_list::Builder<'_>>(2);
+        list.set(0, &n.to_le_bytes());
+        list.set(1, &[7; 256]);
+    };
+    let mut round = |n: u64| {
+        let mut m = tx.message();
+        fill_large(&mut m, n);
+        tx.send(m).unwrap();
+        let (allocs, frees) = (
+            counting_alloc::this_thread(),
+            counting_alloc::frees_this_thread(),
+        );
+        let got = rx.recv().unwrap();
+        assert!(got.is_copied());
+        let list: capnp::data_list::Reader<'_> = got.get_root().unwrap();
+        assert_eq!(list.get(0).unwrap(), &n.to_le_bytes()[..]);
+        drop(got);
+        (
+            counting_alloc::this_thread() - allocs,
+            counting_alloc::frees_this_thread() - frees,
+        )
+    };
+    for n in 0..100 {
+        round(n);
+    }
+    let (allocs, frees) = (0..N)
+        .map(&mut round)
+        .fold((0, 0), |(a, f), (da, df)| (a + da, f + df));
+    assert!(allocs >= N, "each receive copies: {allocs} allocations");
+    assert_eq!(
+        frees, allocs,
+        "a dropped copy freed what its receive allocated"
+    );
+}
+
+#[test]
 fn a_stream_channel_receives_without_allocating_in_the_steady_state() {
     let _s = common::serial(); // the count is process-wide
     let _w = common::Watchdog::new(Duration::from_secs(60));

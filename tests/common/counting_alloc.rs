@@ -1,5 +1,5 @@
 //! A global allocator that counts allocations (`alloc`, `alloc_zeroed`,
-//! `realloc`) and forwards every call to the system allocator, for the
+//! `realloc`) and frees (`dealloc`), and forwards every call to the system allocator, for the
 //! tests and the benchmark that measure allocations per message. Include it
 //! at a binary's root with `#[path]`: it installs itself as the binary's
 //! global allocator.
@@ -18,11 +18,18 @@ pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     // Const-initialised, no destructor: usable inside the allocator.
     static THIS_THREAD: Cell<u64> = const { Cell::new(0) };
+    static FREES_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Allocations made so far by the calling thread.
 pub fn this_thread() -> u64 {
     THIS_THREAD.with(Cell::get)
+}
+
+/// Frees made so far by the calling thread (a `realloc` counts as an
+/// allocation only).
+pub fn frees_this_thread() -> u64 {
+    FREES_THIS_THREAD.with(Cell::get)
 }
 
 fn counted() {
@@ -39,6 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        FREES_THIS_THREAD.with(|n| n.set(n.get() + 1));
         // SAFETY: the caller's contract is passed on as is.
         unsafe { System.dealloc(ptr, layout) }
     }
