@@ -861,10 +861,15 @@ fn copy_carried<P: Pair>(
     words: u32,
     mut buf: CarriedBuf,
 ) -> Carried {
-    // The message's pairs only, each loaded and stored as a word: the
-    // pairs past it hold what earlier messages left there.
-    let n = (words as usize).min(CARRIED_WORDS);
-    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..n]));
+    // Every pair, each loaded and stored as a word: a copy of a fixed
+    // length is unrolled into straight loads and stores, with no loop over
+    // the message's words and its remainder, whose branches cost more than
+    // the extra words (one-way 64 B went from 7.5 to 8.2 M messages a
+    // second). The pairs past the message hold what earlier messages left
+    // there (the copy reads as `words` long: [`Carried::segment`]); a line
+    // of them that the message does not reach was read here, if the peer
+    // last wrote it, with the message that did.
+    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..]));
     Carried { buf, words }
 }
 
