@@ -863,9 +863,9 @@ fn copy_carried<P: Pair>(
 ) -> Carried {
     // Every pair, each loaded and stored as a word: a copy of a fixed
     // length is unrolled into straight loads and stores, with no loop over
-    // the message's words and its remainder, whose branches cost more than
-    // the extra words (one-way 64 B went from 7.5 to 8.2 M messages a
-    // second). The pairs past the message hold what earlier messages left
+    // the message's words and its remainder, no branch on its length, and
+    // 17 fewer instructions for a message of 11 words (one-way 64 B went
+    // from 7.5 to 8.2 M messages a second in alternating runs). The pairs past the message hold what earlier messages left
     // there (the copy reads as `words` long: [`Carried::segment`]); a line
     // of them that the message does not reach was read here, if the peer
     // last wrote it, with the message that did.
