@@ -43,6 +43,29 @@ fn a_message_of_up_to_112_bytes_is_carried_and_a_larger_one_read_in_place() {
 }
 
 #[test]
+fn every_length_an_entry_carries_arrives_word_for_word() {
+    let _w = Watchdog::new(Duration::from_secs(30));
+    let (a, b) = Channel::pair().unwrap();
+    // Each length from 1 to 14 words is its own run of stores at send, and
+    // the take copies all 14 of the entry's words: longest first, so that
+    // every shorter message lands on words a longer one left, and then
+    // shortest first.
+    let lens: Vec<usize> = (0..=104).rev().chain(0..=104).collect();
+    for len in lens {
+        let mut m = a.message();
+        m.set_root::<capnp::data::Owned>(&payload(len)[..]).unwrap();
+        let sent = m.get_segments_for_output()[0].to_vec();
+        a.send(m).unwrap();
+        let got = b.recv().unwrap();
+        assert!(got.is_copied(), "{len} bytes");
+        let segments: Vec<&[u8]> = got.segments().collect();
+        assert_eq!(segments, [&sent[..]], "{len} bytes");
+        let data: capnp::data::Reader<'_> = got.get_root().unwrap();
+        assert_eq!(data, &payload(len)[..]);
+    }
+}
+
+#[test]
 fn carried_messages_held_by_the_receiver_hold_nothing_of_the_sender() {
     let _w = Watchdog::new(Duration::from_secs(30));
     // The receiver may hold two messages read in place; it holds 50 carried
