@@ -211,10 +211,7 @@ impl<'c> Received<'c> {
     /// private memory already, with nothing to release (copy mode or not).
     #[inline(always)]
     fn carried(side: &'c RecvSide, carried: Carried) -> Received<'c> {
-        let limits = side
-            .link()
-            .options()
-            .reader_options_for(u64::from(carried.words()));
+        let limits = side.carried_limits();
         Received {
             reader: Reader::new(
                 Segments {
@@ -656,7 +653,7 @@ impl OwnedReceived {
         let mut taken = match took {
             Took::Shared(taken) => taken,
             Took::Carried(c) => {
-                let limits = options.reader_options_for(u64::from(c.words()));
+                let limits = side.carried_limits();
                 return Ok(OwnedReceived {
                     reader: Reader::new(
                         OwnedSegments {

@@ -5,11 +5,13 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
+use capnp::message::ReaderOptions;
+
 use crate::deadline::Deadline;
 use crate::error::ProtocolError;
 use crate::error::{Failure, Halt};
 use crate::fault::{self, Fault};
-use crate::layout::{AWAKE, WORD};
+use crate::layout::{AWAKE, CARRIED_WORDS, WORD};
 use crate::link::{Link, Wakes};
 use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{
@@ -39,6 +41,10 @@ pub(crate) struct RecvSide<W: Word = AtomicU32> {
     spare_tables: Spares<Vec<Span>, SPARES>,
     /// The buffers of dropped carried messages.
     carried: CarriedBuffers,
+    /// The reader limits of every carried message: those of a message of
+    /// [`CARRIED_WORDS`], worked out once (for a message so small they do
+    /// not depend on its size).
+    carried_limits: ReaderOptions,
 }
 
 /// The receiving side's halves of both rings, and its waiter.
@@ -132,6 +138,7 @@ impl<W: Word> RecvSide<W> {
     pub(crate) fn new(link: Arc<Link<W>>, start: u32) -> RecvSide<W> {
         let options = link.options();
         let waiter = Waiter::new(options.spin, options.wait_slice);
+        let carried_limits = options.reader_options_for(CARRIED_WORDS as u64);
         RecvSide {
             link,
             state: RefCell::new(RecvState {
@@ -146,7 +153,14 @@ impl<W: Word> RecvSide<W> {
             spare_places: Spares::default(),
             spare_tables: Spares::default(),
             carried: CarriedBuffers::default(),
+            carried_limits,
         }
+    }
+
+    /// The reader limits of a carried message.
+    #[inline(always)]
+    pub(crate) fn carried_limits(&self) -> ReaderOptions {
+        self.carried_limits
     }
 
     pub(crate) fn link(&self) -> &Arc<Link<W>> {
