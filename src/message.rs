@@ -216,8 +216,10 @@ impl<'c> Received<'c> {
             reader: Reader::new(
                 Segments {
                     first: &[],
-                    carried: ManuallyDrop::new(Some(carried)),
-                    body: ManuallyDrop::new(Body::Carried { side }),
+                    body: ManuallyDrop::new(Body::Carried {
+                        side,
+                        carried: Some(carried),
+                    }),
                 },
                 limits,
             ),
@@ -232,7 +234,6 @@ impl<'c> Received<'c> {
             reader: Reader::new(
                 Segments {
                     first: &[],
-                    carried: ManuallyDrop::new(None),
                     body: ManuallyDrop::new(Body::Framed { rx, frame }),
                 },
                 limits,
@@ -292,11 +293,6 @@ pub struct Segments<'c> {
     /// otherwise): capnp asks for it on every pointer it follows, so it is
     /// answered before the match on `body`.
     first: &'c [u8],
-    /// The copy of a carried message, the other common kind (`None` for
-    /// every other kind): kept out of `body`, so that capnp's requests for
-    /// segment 0 find it without matching on the kind of message. Dropped
-    /// by hand, as `body`: its buffer goes back to the side.
-    carried: ManuallyDrop<Option<Carried>>,
     /// Dropped by hand in [`Drop`], so that `Segments` has no drop glue of
     /// its own: a carried or in-place message leaves nothing in its body to
     /// drop once its buffer or its release is given back, and without the
@@ -339,8 +335,10 @@ enum Body<'c> {
     /// A small message the peer carried in its descriptor, copied out at
     /// the take: nothing to release. Its buffer goes back to `side` on
     /// drop (`None` once it has).
-    /// The copy is `Segments::carried`.
-    Carried { side: &'c RecvSide },
+    Carried {
+        side: &'c RecvSide,
+        carried: Option<Carried>,
+    },
     /// A frame in a stream channel's receive buffer (shared with the
     /// receiver until it moves on; reused once this drops).
     Framed {
@@ -433,7 +431,6 @@ impl<'c> Segments<'c> {
         Segments {
             // Validated against the region: found.
             first: side.link().peer().segment(one.extent).unwrap_or(&[]),
-            carried: ManuallyDrop::new(None),
             body: ManuallyDrop::new(Body::InPlace {
                 side,
                 release: Some((one.slot, one.seq)),
@@ -453,7 +450,6 @@ impl<'c> Segments<'c> {
             side.recycle_spans(&mut table.take_spans());
             return Segments {
                 first: &[],
-                carried: ManuallyDrop::new(None),
                 body: ManuallyDrop::new(Body::InAreas {
                     side,
                     places,
@@ -468,7 +464,6 @@ impl<'c> Segments<'c> {
         debug_assert!(table.len() >= 2, "a spread table of {}", table.len());
         Segments {
             first: first.unwrap_or(&[]),
-            carried: ManuallyDrop::new(None),
             body: ManuallyDrop::new(Body::InPlaceSpread {
                 side,
                 spans: table.take_spans(),
@@ -486,7 +481,6 @@ impl<'c> Segments<'c> {
         side.recycle_spans(&mut taken.table.take_spans());
         Ok(Segments {
             first: &[],
-            carried: ManuallyDrop::new(None),
             body: ManuallyDrop::new(Body::Copied(copy?)),
         })
     }
@@ -502,7 +496,10 @@ impl ReaderSegments for Segments<'_> {
             if !self.first.is_empty() {
                 return Some(self.first);
             }
-            if let Some(c) = &*self.carried {
+            if let Body::Carried {
+                carried: Some(c), ..
+            } = &*self.body
+            {
                 return Some(c.segment());
             }
         }
@@ -541,7 +538,7 @@ impl Segments<'_> {
             },
             Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
             Body::Copied(copy) => copy.get_segment(idx),
-            Body::Carried { .. } => self.carried.as_ref()?.get_segment(idx),
+            Body::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             Body::Framed { frame, .. } => frame.get_segment(idx),
             Body::Dropped => None,
         }
@@ -559,11 +556,11 @@ impl Segments<'_> {
 
 impl Drop for Segments<'_> {
     fn drop(&mut self) {
-        // A carried message first, inline: its buffer goes back (leaving
-        // `carried` `None`), and the body holds nothing to drop. The other
+        // A carried message first, inline: its buffer goes back, and the
+        // body holds nothing more to drop (`carried` is `None`). The other
         // kinds out of line, so that it pays for none of their code.
-        if let Body::Carried { side } = *self.body {
-            side.recycle_carried(&mut self.carried);
+        if let Body::Carried { side, carried } = &mut *self.body {
+            side.recycle_carried(carried);
             return;
         }
         self.release();
@@ -604,7 +601,7 @@ impl Segments<'_> {
                 mut places,
                 mut release,
             } => side.let_go(&mut release, &mut places),
-            Body::Carried { side } => side.recycle_carried(&mut self.carried),
+            Body::Carried { side, mut carried } => side.recycle_carried(&mut carried),
             Body::Copied(copy) => drop(copy),
             Body::Framed { rx, frame } => {
                 rx.dropped();
