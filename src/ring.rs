@@ -853,8 +853,9 @@ impl DescriptorConsumer {
     }
 }
 
-/// Copies the `words` words (at most [`CARRIED_WORDS`]) a peer's entry
-/// carries into `buf`, after the `Acquire` fence that made them visible.
+/// Copies the pairs of a peer's entry into `buf`, all [`CARRIED_WORDS`]
+/// of them, after the `Acquire` fence that made them visible: the message
+/// it carries is the first `words` (at most [`CARRIED_WORDS`]).
 #[inline(always)]
 fn copy_carried<P: Pair>(
     carried: TheirPairs<'_, P, CARRIED_WORDS>,
@@ -865,10 +866,12 @@ fn copy_carried<P: Pair>(
     // length is unrolled into straight loads and stores, with no loop over
     // the message's words and its remainder, no branch on its length, and
     // 17 fewer instructions for a message of 11 words (one-way 64 B went
-    // from 7.5 to 8.2 M messages a second in alternating runs). The pairs past the message hold what earlier messages left
-    // there (the copy reads as `words` long: [`Carried::segment`]); a line
-    // of them that the message does not reach was read here, if the peer
-    // last wrote it, with the message that did.
+    // from 7.5 to 8.2 M messages a second in alternating runs). The pairs
+    // past the message hold what earlier messages left there (the copy
+    // reads as `words` long: [`Carried::segment`]). The entry's second
+    // line, which a short message does not reach, is touched anyway as the
+    // receive looks for the tag (`next_ready`), so the copy reads no line
+    // the take did not.
     carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..]));
     Carried { buf, words }
 }
