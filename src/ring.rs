@@ -866,7 +866,7 @@ fn copy_carried<P: Pair>(
     // length is unrolled into straight loads and stores, with no loop over
     // the message's words and its remainder, no branch on its length, and
     // 17 fewer instructions for a message of 11 words (one-way 64 B went
-    // from 7.5 to 8.2 M messages a second in alternating runs). The pairs
+    // from 7.7 to 8.3 M messages a second in alternating runs). The pairs
     // past the message hold what earlier messages left there (the copy
     // reads as `words` long: [`Carried::segment`]). The entry's second
     // line, which a short message does not reach, is touched anyway as the
