@@ -29,8 +29,8 @@ use crate::sys::file;
 use crate::sys::mapping::Mapping;
 use crate::word::{Mine, MinePairs, TheirPairs, Theirs, Word};
 
-/// A run of words in a data area: `start..start + len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A run of words in a data area: `start..start + len` (by default empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Extent {
     pub(crate) start: u32,
     pub(crate) len: u32,

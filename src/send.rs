@@ -206,7 +206,7 @@ impl Books {
             data_words: geometry.data_words(),
             max_in_flight: peer_held_capacity,
             free: FreeList::new(geometry.data_words()),
-            kept: Extent { start: 0, len: 0 },
+            kept: Extent::default(),
             high_water: 0,
             grown: Vec::new(),
             retiring: 0,
@@ -370,7 +370,7 @@ impl Books {
         let want = want.max(min);
         let extent = if self.kept.len >= want {
             // Below `high_water`: it was lent before.
-            std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 })
+            std::mem::take(&mut self.kept)
         } else {
             let warm_below = self.high_water.checked_sub(min)?;
             let extent = self.free.allocate_first(want, warm_below)?;
@@ -386,7 +386,7 @@ impl Books {
     #[inline]
     fn unkeep(&mut self) {
         if self.kept.len > 0 {
-            let kept = std::mem::replace(&mut self.kept, Extent { start: 0, len: 0 });
+            let kept = std::mem::take(&mut self.kept);
             self.free.free(kept);
         }
     }

@@ -91,10 +91,11 @@ impl SpinBudget {
     /// Spins until `ready` or the budget runs out, and adapts the budget.
     ///
     /// The first [`FLOOR`] is a pure spin (the fast path of a ping-pong
-    /// between two cores), its first [`EAGER`] without pauses. After that each round also offers the CPU to
-    /// another runnable thread (`sched_yield`): with more busy processes
-    /// than cores, the peer that would answer may be waiting for this very
-    /// core; with idle cores the yield returns at once.
+    /// between two cores), its first [`EAGER`] without pauses. After that
+    /// each round also offers the CPU to another runnable thread
+    /// (`sched_yield`): with more busy processes than cores, the peer that
+    /// would answer may be waiting for this very core; with idle cores the
+    /// yield returns at once.
     pub(crate) fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
         let budget = self.take_budget();
         if budget.is_zero() {

@@ -158,7 +158,7 @@ impl<'a, P: Pair, const N: usize> MinePairs<'a, P, N> {
             ($($k:literal)*) => {
                 match bytes.len() / 8 {
                     $($k => {
-                        if let Ok(b) = <&[u8; $k * 8]>::try_from(bytes.get(..$k * 8).unwrap_or(&[])) {
+                        if let Some(b) = bytes.first_chunk::<{ $k * 8 }>() {
                             self.store_fixed(b);
                         }
                     })*
