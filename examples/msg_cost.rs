@@ -49,7 +49,7 @@ struct Slot {
 
 impl Slot {
     /// Copies in the one segment of `message`, which fits.
-    fn put(&self, message: &Builder<ScratchSpaceHeapAllocator<'_>>) {
+    fn put(&self, message: &Builder<&mut ScratchSpaceHeapAllocator<'_>>) {
         let output = message.get_segments_for_output();
         let segment = output[0];
         assert!(output.len() == 1 && segment.len() <= SLOT_WORDS * 8);
@@ -157,18 +157,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "bare-echo" => {
-            let (mut scratch_a, mut scratch_b) = (vec![0u8; 1024], vec![0u8; 1024]);
+            let (mut scratch_a, mut scratch_b) = (
+                [capnp::word(0, 0, 0, 0, 0, 0, 0, 0); 128],
+                [capnp::word(0, 0, 0, 0, 0, 0, 0, 0); 128],
+            );
+            let mut alloc_a =
+                ScratchSpaceHeapAllocator::new(capnp::Word::words_to_bytes_mut(&mut scratch_a));
+            let mut alloc_b =
+                ScratchSpaceHeapAllocator::new(capnp::Word::words_to_bytes_mut(&mut scratch_b));
             let (there, back) = (Slot::default(), Slot::default());
             let mut copy = [capnp::word(0, 0, 0, 0, 0, 0, 0, 0); SLOT_WORDS];
             for seq in 0..n {
-                let mut request = Builder::new(ScratchSpaceHeapAllocator::new(&mut scratch_a));
+                let mut request = Builder::new(&mut alloc_a);
                 request.set_root::<capnp::data::Owned>(&payload[..])?;
                 there.put(&request);
                 drop(request);
                 let segments = [there.take(&mut copy)];
                 let got = Reader::new(SegmentArray::new(&segments), ReaderOptions::new());
                 let data: capnp::data::Reader<'_> = got.get_root()?;
-                let mut reply = Builder::new(ScratchSpaceHeapAllocator::new(&mut scratch_b));
+                let mut reply = Builder::new(&mut alloc_b);
                 reply.set_root::<capnp::data::Owned>(data)?;
                 back.put(&reply);
                 drop(reply);

@@ -645,18 +645,19 @@ pub(crate) fn memory_floors(total: u64) -> MemoryFloors {
 
 /// Messages a second that capnp builds the 64 B blob of the one-way 64 B
 /// row (`fill_blob`), `count` times in one process: the builder on one
-/// reused scratch buffer (capnp's `ScratchSpaceHeapAllocator`, which zeroes
-/// the words a message used when it is dropped, as a segment must start
-/// zeroed), then its segments for output, as a send asks for them. No
+/// reused scratch buffer (capnp's `ScratchSpaceHeapAllocator`, kept from
+/// message to message, which zeroes the words a message used when it is
+/// dropped, as a segment must start zeroed; a new one would zero its whole
+/// buffer each time), then its segments for output, as a send asks for them. No
 /// transport and no segment from the heap: the least a sender does for
 /// each message, so the most messages a second any sender that builds each
 /// one can send.
 pub(crate) fn build_floor(count: u64) -> f64 {
     let payload = payload(64);
-    let mut scratch = vec![0u8; 1024];
+    let mut scratch = Scratch::default();
+    let mut allocator = scratch.allocator();
     let mut build = |seq: u64| {
-        let allocator = capnp::message::ScratchSpaceHeapAllocator::new(&mut scratch[..]);
-        let mut message = capnp::message::Builder::new(allocator);
+        let mut message = capnp::message::Builder::new(&mut allocator);
         fill_blob(&mut message, seq, black_box(&payload));
         black_box(message.get_segments_for_output()[0].len());
     };
@@ -668,6 +669,28 @@ pub(crate) fn build_floor(count: u64) -> f64 {
         build(seq);
     }
     count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A floor's capnp allocator: the first segment on a reused scratch buffer.
+type Allocator<'a> = capnp::message::ScratchSpaceHeapAllocator<'a>;
+
+/// The scratch buffer of a floor's builder: 1 KiB of words, enough for
+/// every message a floor builds.
+struct Scratch([capnp::Word; 128]);
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch([capnp::word(0, 0, 0, 0, 0, 0, 0, 0); 128])
+    }
+}
+
+impl Scratch {
+    /// An allocator over the buffer, to be kept for every message: made
+    /// once, it zeroes the whole buffer once, and then only the words each
+    /// message used as the message drops.
+    fn allocator(&mut self) -> Allocator<'_> {
+        capnp::message::ScratchSpaceHeapAllocator::new(capnp::Word::words_to_bytes_mut(&mut self.0))
+    }
 }
 
 /// Slots of the ring floor's ring.
@@ -699,9 +722,8 @@ impl Slot {
     ///
     /// The reader of the slot is done with its last message and reads none
     /// of its words until it sees the new tag.
-    unsafe fn put(&self, scratch: &mut [u8], seq: u64, value: u64, payload: &[u8]) {
-        let allocator = capnp::message::ScratchSpaceHeapAllocator::new(scratch);
-        let mut message = capnp::message::Builder::new(allocator);
+    unsafe fn put(&self, scratch: &mut Allocator<'_>, seq: u64, value: u64, payload: &[u8]) {
+        let mut message = capnp::message::Builder::new(scratch);
         fill_blob(&mut message, value, black_box(payload));
         let output = message.get_segments_for_output();
         let segment = output[0];
@@ -803,7 +825,8 @@ pub(crate) fn ring_floor(count: u64) -> f64 {
         ring.get(),
         ring.get(),
         |ring| {
-            let mut scratch = vec![0u8; 1024];
+            let mut scratch = Scratch::default();
+            let mut scratch = scratch.allocator();
             let mut consumed = 0;
             for seq in 0..count {
                 ring.consumed
@@ -870,7 +893,8 @@ pub(crate) fn ring_echo(warmup: u64, count: u64) -> Vec<u64> {
         ring.get(),
         ring.get(),
         |ring| {
-            let mut scratch = vec![0u8; 1024];
+            let mut scratch = Scratch::default();
+            let mut scratch = scratch.allocator();
             for seq in 0..trips {
                 // SAFETY: the parent writes the request slot again only
                 // after it has our answer to `seq`, which we put after
@@ -884,7 +908,8 @@ pub(crate) fn ring_echo(warmup: u64, count: u64) -> Vec<u64> {
             0
         },
         |ring| {
-            let mut scratch = vec![0u8; 1024];
+            let mut scratch = Scratch::default();
+            let mut scratch = scratch.allocator();
             let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
             for seq in 0..trips {
                 let start = Instant::now();
@@ -914,16 +939,15 @@ pub(crate) fn ring_echo(warmup: u64, count: u64) -> Vec<u64> {
 /// the row times its own.
 pub(crate) fn echo_floor(warmup: u64, count: u64) -> Vec<u64> {
     let payload = payload(64);
-    let (mut a, mut b) = (vec![0u8; 1024], vec![0u8; 1024]);
+    let (mut a, mut b) = (Scratch::default(), Scratch::default());
+    let (mut a, mut b) = (a.allocator(), b.allocator());
     let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     for seq in 0..warmup + count {
         let start = Instant::now();
-        let mut request =
-            capnp::message::Builder::new(capnp::message::ScratchSpaceHeapAllocator::new(&mut a));
+        let mut request = capnp::message::Builder::new(&mut a);
         fill_blob(&mut request, seq, black_box(&payload));
         let (got, sum) = read_blob(&request.into_reader());
-        let mut answer =
-            capnp::message::Builder::new(capnp::message::ScratchSpaceHeapAllocator::new(&mut b));
+        let mut answer = capnp::message::Builder::new(&mut b);
         fill_blob(&mut answer, got ^ sum, &[]);
         let (back, _) = read_blob(&answer.into_reader());
         let elapsed = start.elapsed();
