@@ -1,9 +1,17 @@
 //! Received messages: a capnp reader over segments in the peer's region, and
 //! the release when it drops; or over a small message copied out of its
 //! descriptor, or a private copy, which release nothing.
+//!
+//! `unsafe` here: capnp's reader asks for a segment at every pointer it
+//! follows, so a [`Segments`] keeps each segment as a pointer and a length
+//! ([`SegmentRef`]) beside the memory it points into, and answers with no
+//! match on the kind of message and no call (see its invariant).
+
+#![allow(unsafe_code)]
 
 use std::fmt;
 use std::mem::{self, ManuallyDrop};
+use std::ptr::NonNull;
 use std::rc::Rc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
@@ -12,6 +20,7 @@ use capnp::Word;
 
 use crate::error::{Failure, ProtocolError};
 use crate::framing::HeldFrame;
+use crate::layout::WORD_BYTES;
 use crate::recv::{Place, RecvSide};
 use crate::region::Span;
 use crate::ring::{Carried, SegmentTable, Taken, TakenOne, Took};
@@ -111,7 +120,7 @@ macro_rules! received_methods {
                 at += s.len();
                 ends.push(at);
             }
-            Reader::new(Detached { words, ends }, self.options)
+            Reader::new(Detached { words, ends }, self.limits())
         }
     };
 }
@@ -140,9 +149,12 @@ macro_rules! received_methods {
 /// # Ok(()) }
 /// ```
 pub struct Received<'c> {
+    /// No more than this: a `Received` moves from the take to the caller's
+    /// variable, and a few words more made each move a call of `memcpy`
+    /// whose wide stores the message's first reads then waited on. (The
+    /// reader's limits, which a copy keeps, are worked out again by
+    /// [`Segments::limits`].)
     reader: Reader<Segments<'c>>,
-    /// The limits the reader was made with (for copies of it).
-    options: ReaderOptions,
 }
 
 impl<'c> Received<'c> {
@@ -169,7 +181,6 @@ impl<'c> Received<'c> {
         };
         Ok(Received {
             reader: Reader::new(segments, limits),
-            options: limits,
         })
     }
 
@@ -197,7 +208,6 @@ impl<'c> Received<'c> {
         let limits = options.reader_options_for(u64::from(one.extent.len));
         Ok(Received {
             reader: Reader::new(Segments::one(side, one), limits),
-            options: limits,
         })
     }
 
@@ -211,35 +221,46 @@ impl<'c> Received<'c> {
     /// private memory already, with nothing to release (copy mode or not).
     #[inline(always)]
     fn carried(side: &'c RecvSide, carried: Carried) -> Received<'c> {
-        let limits = side.carried_limits();
         Received {
             reader: Reader::new(
                 Segments {
-                    first: &[],
+                    first: SegmentRef::of(carried.segment()),
+                    rest: Vec::new(),
                     body: ManuallyDrop::new(Body::Carried {
                         side,
                         carried: Some(carried),
                     }),
                 },
-                limits,
+                side.carried_limits(),
             ),
-            options: limits,
         }
     }
 
     /// A message `rx` read from its stream, into its receive buffer.
     pub(crate) fn framed(rx: &'c StreamRecv, frame: HeldFrame) -> Received<'c> {
         let limits = rx.link().options().reader_options_for(frame.words());
+        let mut segments = (0..).map_while(|i| frame.get_segment(i));
+        let first = segments.next().map_or(SegmentRef::EMPTY, SegmentRef::of);
+        let mut rest = Vec::new();
+        if frame.len() > 1 {
+            rest = rx.segment_refs();
+            rest.extend(segments.map(SegmentRef::of));
+        }
         Received {
             reader: Reader::new(
                 Segments {
-                    first: &[],
+                    first,
+                    rest,
                     body: ManuallyDrop::new(Body::Framed { rx, frame }),
                 },
                 limits,
             ),
-            options: limits,
         }
+    }
+
+    /// The limits the reader was made with, for a copy of it.
+    fn limits(&self) -> ReaderOptions {
+        self.reader.get_segments().limits()
     }
 
     received_methods!(Segments<'c>);
@@ -288,11 +309,24 @@ impl fmt::Debug for Received<'_> {
 
 /// The segments of a [`Received`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
+///
+/// Invariant: `first` and every entry of `rest` were made by
+/// [`SegmentRef::of`] from a slice that stays valid, and unwritten by this
+/// process, until this `Segments` drops: a slice of the peer's region or
+/// area, mapped for as long as the receiving side lives (`'c`) or an area's
+/// `Place` in `body` keeps it; or of memory that `body` owns and that does
+/// not move when the body moves (the heap buffer of a vector: a carried
+/// message's words, a copy's words, a frame's shared buffer, which nobody
+/// writes while a frame holds it). `body` gives that memory up only in
+/// [`release`](Segments::release), as this drops, after which nothing
+/// reads the segments.
 pub struct Segments<'c> {
-    /// Segment 0 of a message read in place in the peer's region (empty
-    /// otherwise): capnp asks for it on every pointer it follows, so it is
-    /// answered before the match on `body`.
-    first: &'c [u8],
+    /// Segment 0: capnp asks for a segment on every pointer it follows,
+    /// and segment 0 nearly always.
+    first: SegmentRef,
+    /// Segments 1 and on: empty (no allocation) for a message of one
+    /// segment; a buffer kept by the receiving side otherwise.
+    rest: Vec<SegmentRef>,
     /// Dropped by hand in [`Drop`], so that `Segments` has no drop glue of
     /// its own: a carried or in-place message leaves nothing in its body to
     /// drop once its buffer or its release is given back, and without the
@@ -302,24 +336,47 @@ pub struct Segments<'c> {
     body: ManuallyDrop<Body<'c>>,
 }
 
+/// A segment's bytes as a pointer and a length, held by a [`Segments`]
+/// (whose invariant says why they can be read). A slice with no lifetime:
+/// the memory may be the message's own.
+#[derive(Clone, Copy)]
+pub(crate) struct SegmentRef {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: only `Segments::get_segment` reads through a `SegmentRef`, under
+// the invariant of its `Segments`, which owns or borrows the bytes. On its
+// own a `SegmentRef` is an address and a length: sending or sharing one
+// (an empty list of them kept by a receiving side, or a `Segments` whose
+// body may be sent) reads nothing, as with the `&[u8]` it stands for.
+unsafe impl Send for SegmentRef {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SegmentRef {}
+
+impl SegmentRef {
+    /// No bytes.
+    const EMPTY: SegmentRef = SegmentRef {
+        ptr: NonNull::dangling(),
+        len: 0,
+    };
+
+    /// The bytes of `segment`.
+    #[inline(always)]
+    fn of(segment: &[u8]) -> SegmentRef {
+        SegmentRef {
+            ptr: NonNull::from(segment).cast(),
+            len: segment.len(),
+        }
+    }
+}
+
 enum Body<'c> {
-    /// A message of one segment in the peer's data area, the common kind:
-    /// the segment is `Segments::first`. Nothing in it needs dropping, so
-    /// its drop is the release alone.
+    /// A message in the peer's data area, of one segment (the common kind)
+    /// or several. Nothing in it needs dropping, so its drop is the release
+    /// (and `Segments::rest` back to `side`).
     InPlace {
         side: &'c RecvSide,
-        /// `(slot, seq)` to release on drop; `None` once released.
-        release: Option<(u32, u32)>,
-    },
-    /// A message of several segments in the peer's data area: segment 0 is
-    /// `Segments::first`, the others are looked up in the peer's region
-    /// from their validated spans on each `get_segment`.
-    InPlaceSpread {
-        side: &'c RecvSide,
-        /// Every segment, each validated against the peer's region. The
-        /// table's own buffer, given back to `side` on drop for the next
-        /// such message.
-        spans: Vec<Span>,
         /// `(slot, seq)` to release on drop; `None` once released.
         release: Option<(u32, u32)>,
     },
@@ -330,8 +387,11 @@ enum Body<'c> {
         places: Vec<Place>,
         release: Option<(u32, u32)>,
     },
-    /// A private copy, already released.
-    Copied(Detached),
+    /// A private copy, already released: its words, segment after segment.
+    Copied {
+        side: &'c RecvSide,
+        words: Vec<Word>,
+    },
     /// A small message the peer carried in its descriptor, copied out at
     /// the take: nothing to release. Its buffer goes back to `side` on
     /// drop (`None` once it has).
@@ -428,9 +488,11 @@ impl<'c> Segments<'c> {
     /// The segment of `one`, read where it lies.
     #[inline(always)]
     fn one(side: &'c RecvSide, one: TakenOne) -> Segments<'c> {
+        // Validated against the region: found.
+        let first = side.link().peer().segment(one.extent).unwrap_or(&[]);
         Segments {
-            // Validated against the region: found.
-            first: side.link().peer().segment(one.extent).unwrap_or(&[]),
+            first: SegmentRef::of(first),
+            rest: Vec::new(),
             body: ManuallyDrop::new(Body::InPlace {
                 side,
                 release: Some((one.slot, one.seq)),
@@ -445,30 +507,40 @@ impl<'c> Segments<'c> {
         let peer = side.link().peer();
         let release = Some((taken.slot, taken.seq));
         let table = &mut taken.table;
-        if table.in_areas() {
+        let mut rest = side.segment_refs();
+        let (first, body) = if table.in_areas() {
             let places = side.places(table);
-            side.recycle_spans(&mut table.take_spans());
-            return Segments {
-                first: &[],
-                body: ManuallyDrop::new(Body::InAreas {
+            let mut segments = places.iter().map(|p| p.bytes(side).unwrap_or(&[]));
+            let first = segments.next().unwrap_or(&[]);
+            rest.extend(segments.map(SegmentRef::of));
+            let first = SegmentRef::of(first);
+            (
+                first,
+                Body::InAreas {
                     side,
                     places,
                     release,
-                }),
-            };
-        }
-        // The table was validated against the data area, so the lookup
-        // succeeds; an empty slice would only make capnp report an error.
-        let first = table.get(0).and_then(|s| peer.segment(s.extent));
-        // One segment in the region is `Segments::one`'s.
-        debug_assert!(table.len() >= 2, "a spread table of {}", table.len());
+                },
+            )
+        } else {
+            // The table was validated against the data area, so every
+            // lookup succeeds; an empty slice would only make capnp report
+            // an error.
+            let mut segments = (0..table.len()).map(|i| {
+                table
+                    .get(i)
+                    .and_then(|s| peer.segment(s.extent))
+                    .unwrap_or(&[])
+            });
+            let first = segments.next().unwrap_or(&[]);
+            rest.extend(segments.map(SegmentRef::of));
+            (SegmentRef::of(first), Body::InPlace { side, release })
+        };
+        side.recycle_spans(&mut table.take_spans());
         Segments {
-            first: first.unwrap_or(&[]),
-            body: ManuallyDrop::new(Body::InPlaceSpread {
-                side,
-                spans: table.take_spans(),
-                release,
-            }),
+            first,
+            rest,
+            body: ManuallyDrop::new(body),
         }
     }
 
@@ -479,77 +551,79 @@ impl<'c> Segments<'c> {
     ) -> Result<Segments<'c>, Failure> {
         let copy = copy_out(side, &taken, limits);
         side.recycle_spans(&mut taken.table.take_spans());
+        let Detached { words, ends } = copy?;
+        let bytes = Word::words_to_bytes(&words);
+        let mut segments = ends
+            .iter()
+            .scan(0, |start, &end| {
+                let segment = bytes.get(*start..end).unwrap_or(&[]);
+                *start = end;
+                Some(segment)
+            })
+            .map(SegmentRef::of);
+        let first = segments.next().unwrap_or(SegmentRef::EMPTY);
+        let mut rest = Vec::new();
+        if ends.len() > 1 {
+            rest = side.segment_refs();
+            rest.extend(segments);
+        }
         Ok(Segments {
-            first: &[],
-            body: ManuallyDrop::new(Body::Copied(copy?)),
+            first,
+            rest,
+            body: ManuallyDrop::new(Body::Copied { side, words }),
         })
+    }
+
+    /// The limits the reader was made with (see [`Received::limits`]).
+    fn limits(&self) -> ReaderOptions {
+        let words = self.segments().map(|s| s.len() / WORD_BYTES).sum::<usize>() as u64;
+        match &*self.body {
+            Body::Carried { side, .. } => side.carried_limits(),
+            Body::InPlace { side, .. } | Body::InAreas { side, .. } | Body::Copied { side, .. } => {
+                side.link().options().reader_options_for(words)
+            }
+            Body::Framed { rx, .. } => rx.link().options().reader_options_for(words),
+            Body::Dropped => ReaderOptions::new(),
+        }
+    }
+
+    /// Every segment, in order.
+    fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        (0..).map_while(|i| self.get_segment(i))
     }
 }
 
 impl ReaderSegments for Segments<'_> {
-    /// Segment 0 of the common kinds inline in capnp's reader, which asks
-    /// for a segment at every pointer it follows (a hundred times for a
-    /// message of 50 texts); the rest out of line.
+    /// Inline in capnp's reader, which asks for a segment at every pointer
+    /// it follows (a hundred times for a message of 50 texts): a load, a
+    /// compare, and no call, whatever the kind of message.
     #[inline(always)]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        if idx == 0 {
-            if !self.first.is_empty() {
-                return Some(self.first);
-            }
-            if let Body::Carried {
-                carried: Some(c), ..
-            } = &*self.body
-            {
-                return Some(c.segment());
-            }
-        }
-        self.segment(idx)
+        let segment = match idx {
+            0 => self.first,
+            i => *self.rest.get(i as usize - 1)?,
+        };
+        // SAFETY: the invariant of `Segments`: the bytes are valid and
+        // unwritten by this process until `self` drops, so for as long as
+        // the borrow of `self` that this slice inherits.
+        Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
     }
 
     fn len(&self) -> usize {
-        match &*self.body {
-            Body::InPlace { .. } => 1,
-            Body::InPlaceSpread { spans, .. } => spans.len(),
-            Body::InAreas { places, .. } => places.len(),
-            Body::Copied(copy) => copy.len(),
-            Body::Carried { .. } => 1,
-            Body::Framed { frame, .. } => frame.len(),
+        match *self.body {
             Body::Dropped => 0,
+            _ => 1 + self.rest.len(),
         }
     }
 }
 
 impl Segments<'_> {
-    /// [`get_segment`](ReaderSegments::get_segment) of anything but
-    /// segment 0 of a message in place or carried.
-    #[inline(never)]
-    fn segment(&self, idx: u32) -> Option<&[u8]> {
-        match &*self.body {
-            Body::InPlace { .. } => (idx == 0).then_some(self.first),
-            Body::InPlaceSpread { side, spans, .. } => match idx {
-                0 => Some(self.first),
-                // Validated against the region: found (see `in_place_spread`).
-                i => Some(
-                    side.link()
-                        .peer()
-                        .segment(spans.get(i as usize)?.extent)
-                        .unwrap_or(&[]),
-                ),
-            },
-            Body::InAreas { side, places, .. } => places.get(idx as usize)?.bytes(side),
-            Body::Copied(copy) => copy.get_segment(idx),
-            Body::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
-            Body::Framed { frame, .. } => frame.get_segment(idx),
-            Body::Dropped => None,
-        }
-    }
-
     /// Whether the message lies in private memory (see
     /// [`Received::is_copied`]).
     fn is_private(&self) -> bool {
         matches!(
             *self.body,
-            Body::Copied(_) | Body::Carried { .. } | Body::Framed { .. }
+            Body::Copied { .. } | Body::Carried { .. } | Body::Framed { .. }
         )
     }
 }
@@ -570,14 +644,17 @@ impl Drop for Segments<'_> {
 impl Segments<'_> {
     /// [`drop`](Drop::drop) for every kind but a carried message: the
     /// release, and the buffers back to the side; then the body's own
-    /// drop, for the kinds that own buffers.
+    /// drop, for the kinds that own buffers. Nothing reads the segments
+    /// after (they may point into what is dropped here).
     #[inline(never)]
     fn release(&mut self) {
+        self.first = SegmentRef::EMPTY;
         if let Body::InPlace { side, release } = &mut *self.body {
             // Nothing in the body to drop: references and integers.
             if let Some((slot, seq)) = release.take() {
                 side.release(slot, seq);
             }
+            side.recycle_segment_refs(&mut self.rest);
             return;
         }
         match mem::replace(&mut *self.body, Body::Dropped) {
@@ -585,25 +662,23 @@ impl Segments<'_> {
                 if let Some((slot, seq)) = release {
                     side.release(slot, seq);
                 }
-            }
-            Body::InPlaceSpread {
-                side,
-                mut spans,
-                release,
-            } => {
-                if let Some((slot, seq)) = release {
-                    side.release(slot, seq);
-                }
-                side.recycle_spans(&mut spans);
+                side.recycle_segment_refs(&mut self.rest);
             }
             Body::InAreas {
                 side,
                 mut places,
                 mut release,
-            } => side.let_go(&mut release, &mut places),
+            } => {
+                side.let_go(&mut release, &mut places);
+                side.recycle_segment_refs(&mut self.rest);
+            }
             Body::Carried { side, mut carried } => side.recycle_carried(&mut carried),
-            Body::Copied(copy) => drop(copy),
+            Body::Copied { side, words } => {
+                side.recycle_segment_refs(&mut self.rest);
+                drop(words);
+            }
             Body::Framed { rx, frame } => {
+                rx.recycle_segment_refs(&mut self.rest);
                 rx.dropped();
                 drop(frame);
             }
@@ -615,11 +690,9 @@ impl Segments<'_> {
 impl fmt::Debug for Segments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, seq) = match &*self.body {
-            Body::InPlace { release, .. } | Body::InPlaceSpread { release, .. } => {
-                ("in place", release.map(|(_, seq)| seq))
-            }
+            Body::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
             Body::InAreas { release, .. } => ("in place, areas", release.map(|(_, seq)| seq)),
-            Body::Copied(_) => ("copied", None),
+            Body::Copied { .. } => ("copied", None),
             Body::Carried { .. } => ("carried in its descriptor", None),
             Body::Framed { .. } => ("stream buffer", None),
             Body::Dropped => ("dropped", None),
@@ -703,6 +776,11 @@ impl OwnedReceived {
             ),
             options: limits,
         }
+    }
+
+    /// The limits the reader was made with, for a copy of it.
+    fn limits(&self) -> ReaderOptions {
+        self.options
     }
 
     received_methods!(OwnedSegments);

@@ -13,6 +13,7 @@ use crate::error::{Failure, Halt};
 use crate::fault::{self, Fault};
 use crate::layout::{AWAKE, CARRIED_WORDS, WORD};
 use crate::link::{Link, Wakes};
+use crate::message::SegmentRef;
 use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{
     Carried, CarriedBuffers, DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken,
@@ -39,6 +40,8 @@ pub(crate) struct RecvSide<W: Word = AtomicU32> {
     spare_places: Spares<Vec<Place>, SPARES>,
     /// Out-of-line segment tables of dropped messages.
     spare_tables: Spares<Vec<Span>, SPARES>,
+    /// The lists of segments past the first of dropped messages.
+    spare_segment_refs: Spares<Vec<SegmentRef>, SPARES>,
     /// The buffers of dropped carried messages.
     carried: CarriedBuffers,
     /// The reader limits of every carried message: those of a message of
@@ -152,6 +155,7 @@ impl<W: Word> RecvSide<W> {
             }),
             spare_places: Spares::default(),
             spare_tables: Spares::default(),
+            spare_segment_refs: Spares::default(),
             carried: CarriedBuffers::default(),
             carried_limits,
         }
@@ -492,6 +496,19 @@ impl<W: Word> RecvSide<W> {
     /// message of several segments.
     pub(crate) fn recycle_spans(&self, spans: &mut Vec<Span>) {
         self.spare_tables.keep_vec(spans);
+    }
+
+    /// An empty list for the segments past the first of a message of
+    /// several: a dropped message's, or a new one.
+    pub(crate) fn segment_refs(&self) -> Vec<SegmentRef> {
+        self.spare_segment_refs.take_vec()
+    }
+
+    /// Takes back the list of a dropped message (see
+    /// [`segment_refs`](Self::segment_refs)), if it has one.
+    #[inline(always)]
+    pub(crate) fn recycle_segment_refs(&self, refs: &mut Vec<SegmentRef>) {
+        self.spare_segment_refs.keep_vec(refs);
     }
 
     /// Keeps the buffer of a dropped carried message for the next one

@@ -174,7 +174,12 @@ pub(crate) struct Carried {
 }
 
 /// The words a carried message is copied into.
-pub(crate) type CarriedBuf = Box<[capnp::Word; CARRIED_WORDS]>;
+///
+/// A vector of [`CARRIED_WORDS`] rather than a box: a received message
+/// keeps a pointer into it (`message::SegmentRef`) while the message moves,
+/// and moving a `Box` asserts it is the only way to its memory, where
+/// moving a vector does not.
+pub(crate) type CarriedBuf = Vec<capnp::Word>;
 
 impl Carried {
     /// The segment.
@@ -218,7 +223,7 @@ fn carried_buf(buffers: &CarriedBuffers) -> CarriedBuf {
 #[cold]
 #[inline(never)]
 fn new_carried_buf() -> CarriedBuf {
-    Box::new([capnp::word(0, 0, 0, 0, 0, 0, 0, 0); CARRIED_WORDS])
+    vec![capnp::word(0, 0, 0, 0, 0, 0, 0, 0); CARRIED_WORDS]
 }
 
 impl std::fmt::Debug for Carried {
@@ -872,7 +877,11 @@ fn copy_carried<P: Pair>(
     // line, which a short message does not reach, is touched anyway as the
     // receive looks for the tag (`next_ready`), so the copy reads no line
     // the take did not.
-    carried.load_into(capnp::Word::words_to_bytes_mut(&mut buf[..]));
+    // Every buffer has `CARRIED_WORDS` (`new_carried_buf`); the array
+    // tells the compiler how many.
+    if let Some(all) = buf.first_chunk_mut::<CARRIED_WORDS>() {
+        carried.load_into(capnp::Word::words_to_bytes_mut(all));
+    }
     Carried { buf, words }
 }
 

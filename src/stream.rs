@@ -32,7 +32,9 @@ use crate::deadline::Deadline;
 use crate::error::{Failure, Halt, NotOwner, ProtocolError, SendHalt, TooLarge, TooLargeKind};
 use crate::framing::{self, Filled, FrameError, FrameReader, HeldFrame, MAX_SEGMENTS};
 use crate::link::Owner;
+use crate::message::SegmentRef;
 use crate::options::Options;
+use crate::spares::Spares;
 use crate::stats::{RecvStats, SendStats};
 use crate::sys::{process, socket};
 use crate::wait::Readiness;
@@ -576,6 +578,8 @@ pub(crate) struct StreamRecv {
     sleeps: Cell<u64>,
     /// Received messages not dropped yet.
     held: Cell<u32>,
+    /// The lists of segments past the first of dropped messages.
+    spare_segment_refs: Spares<Vec<SegmentRef>, 8>,
 }
 
 impl StreamRecv {
@@ -592,6 +596,7 @@ impl StreamRecv {
             bytes: Cell::new(0),
             sleeps: Cell::new(0),
             held: Cell::new(0),
+            spare_segment_refs: Spares::default(),
         }
     }
 
@@ -639,6 +644,17 @@ impl StreamRecv {
             }
             Err(StreamHalt::Io(e)) => Err(link.io_halt(e)),
         }
+    }
+
+    /// An empty list for the segments past the first of a message of
+    /// several: a dropped message's, or a new one.
+    pub(crate) fn segment_refs(&self) -> Vec<SegmentRef> {
+        self.spare_segment_refs.take_vec()
+    }
+
+    /// Takes back the list of a dropped message, if it has one.
+    pub(crate) fn recycle_segment_refs(&self, refs: &mut Vec<SegmentRef>) {
+        self.spare_segment_refs.keep_vec(refs);
     }
 
     /// A received message was dropped.
