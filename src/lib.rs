@@ -120,8 +120,12 @@
 //! `unsafe_code` is denied crate-wide and allowed only in: `src/sys/` (every
 //! system call), `src/region.rs` (references into mapped memory, and the
 //! data-area writes behind `unsafe fn`s), `src/send.rs` (the calls of those
-//! writes, each justified by the sending side's books), and `src/alloc.rs`
-//! (implementing capnp's `Allocator`, an unsafe trait).
+//! writes, each justified by the sending side's books), `src/alloc.rs`
+//! (implementing capnp's `Allocator`, an unsafe trait), and
+//! `src/message.rs` (a received message's segments kept as pointers beside
+//! the memory they point into, read by one `unsafe` block under one
+//! invariant, so that capnp's reader finds a segment with no branch on the
+//! kind of message).
 
 #![cfg(target_os = "linux")]
 
