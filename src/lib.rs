@@ -123,9 +123,9 @@
 //! writes, each justified by the sending side's books), `src/alloc.rs`
 //! (implementing capnp's `Allocator`, an unsafe trait), and
 //! `src/message.rs` (a received message's segments kept as pointers beside
-//! the memory they point into, read by one `unsafe` block under one
-//! invariant, so that capnp's reader finds a segment with no branch on the
-//! kind of message).
+//! the memory they point into, read under the invariant of `Segments` and
+//! of `OwnedSegments`, so that capnp's reader finds a segment with no
+//! branch on the kind of message).
 
 #![cfg(target_os = "linux")]
 

@@ -3,9 +3,10 @@
 //! descriptor, or a private copy, which release nothing.
 //!
 //! `unsafe` here: capnp's reader asks for a segment at every pointer it
-//! follows, so a [`Segments`] keeps each segment as a pointer and a length
-//! ([`SegmentRef`]) beside the memory it points into, and answers with no
-//! match on the kind of message and no call (see its invariant).
+//! follows, so a [`Segments`] (and an [`OwnedSegments`]) keeps each segment
+//! as a pointer and a length ([`SegmentRef`]) beside the memory it points
+//! into, and answers with no match on the kind of message and no call (see
+//! their invariants).
 
 #![allow(unsafe_code)]
 
@@ -345,11 +346,12 @@ pub(crate) struct SegmentRef {
     len: usize,
 }
 
-// SAFETY: only `Segments::get_segment` reads through a `SegmentRef`, under
-// the invariant of its `Segments`, which owns or borrows the bytes. On its
-// own a `SegmentRef` is an address and a length: sending or sharing one
-// (an empty list of them kept by a receiving side, or a `Segments` whose
-// body may be sent) reads nothing, as with the `&[u8]` it stands for.
+// SAFETY: only the `get_segment` of `Segments` and of `OwnedSegments` read
+// through a `SegmentRef`, under the invariant of the one that holds it,
+// which owns or borrows the bytes. On its own a `SegmentRef` is an address
+// and a length: sending or sharing one (an empty list of them kept by a
+// receiving side, or segments whose body may be sent) reads nothing, as
+// with the `&[u8]` it stands for.
 unsafe impl Send for SegmentRef {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for SegmentRef {}
@@ -729,12 +731,10 @@ impl OwnedReceived {
                 let limits = side.carried_limits();
                 return Ok(OwnedReceived {
                     reader: Reader::new(
-                        OwnedSegments {
-                            body: OwnedBody::Carried {
-                                side,
-                                carried: Some(c),
-                            },
-                        },
+                        OwnedSegments::new(OwnedBody::Carried {
+                            side,
+                            carried: Some(c),
+                        }),
                         limits,
                     ),
                     options: limits,
@@ -745,7 +745,7 @@ impl OwnedReceived {
         let body = if options.copy_received {
             let copy = copy_out(&side, &taken, limits);
             side.recycle_spans(&mut taken.table.take_spans());
-            OwnedBody::Copied(copy?)
+            OwnedBody::Copied { side, copy: copy? }
         } else {
             OwnedBody::InPlace {
                 release: Some((taken.slot, taken.seq)),
@@ -759,7 +759,7 @@ impl OwnedReceived {
             }
         };
         Ok(OwnedReceived {
-            reader: Reader::new(OwnedSegments { body }, limits),
+            reader: Reader::new(OwnedSegments::new(body), limits),
             options: limits,
         })
     }
@@ -768,12 +768,7 @@ impl OwnedReceived {
     pub(crate) fn framed(rx: Rc<StreamRecv>, frame: HeldFrame) -> OwnedReceived {
         let limits = rx.link().options().reader_options_for(frame.words());
         OwnedReceived {
-            reader: Reader::new(
-                OwnedSegments {
-                    body: OwnedBody::Framed { rx, frame },
-                },
-                limits,
-            ),
+            reader: Reader::new(OwnedSegments::new(OwnedBody::Framed { rx, frame }), limits),
             options: limits,
         }
     }
@@ -796,13 +791,27 @@ impl fmt::Debug for OwnedReceived {
 
 /// The segments of an [`OwnedReceived`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
+///
+/// Invariant, as for [`Segments`]: `first` and every entry of `rest` were
+/// made by [`SegmentRef::of`] from a slice that stays valid, and unwritten
+/// by this process, until this drops: of the peer's region (mapped for as
+/// long as the `Rc` in `body` keeps the receiving side) or an area (kept
+/// mapped by its `Place` in `body`), or of a heap buffer `body` owns (a
+/// carried message's words, a copy's words, a frame's shared buffer),
+/// which does not move when the body moves and is freed only as this
+/// drops.
 pub struct OwnedSegments {
+    /// Segment 0.
+    first: SegmentRef,
+    /// Segments 1 and on: empty (no allocation) for a message of one
+    /// segment; a buffer kept by the receiving side otherwise.
+    rest: Vec<SegmentRef>,
     body: OwnedBody,
 }
 
 enum OwnedBody {
-    /// The validated table: each segment is looked up in the peer's
-    /// mapping, which the `Rc` keeps alive.
+    /// The validated table: each segment is in the peer's mapping, which
+    /// the `Rc` keeps alive.
     InPlace {
         side: Rc<RecvSide>,
         table: SegmentTable,
@@ -813,7 +822,7 @@ enum OwnedBody {
         release: Option<(u32, u32)>,
     },
     /// A private copy, already released.
-    Copied(Detached),
+    Copied { side: Rc<RecvSide>, copy: Detached },
     /// A small message carried in its descriptor, copied out; its buffer
     /// goes back to `side` on drop (`None` once it has).
     Carried {
@@ -827,9 +836,30 @@ enum OwnedBody {
     },
 }
 
-impl ReaderSegments for OwnedSegments {
-    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        match &self.body {
+impl OwnedSegments {
+    /// The segments of `body`, found once: each lookup after is a load.
+    fn new(body: OwnedBody) -> OwnedSegments {
+        let count = body.len();
+        let mut segments = (0..count).map(|i| body.segment(i).unwrap_or(&[]));
+        let first = segments.next().map_or(SegmentRef::EMPTY, SegmentRef::of);
+        let mut rest = Vec::new();
+        if count > 1 {
+            rest = match &body {
+                OwnedBody::InPlace { side, .. }
+                | OwnedBody::Copied { side, .. }
+                | OwnedBody::Carried { side, .. } => side.segment_refs(),
+                OwnedBody::Framed { rx, .. } => rx.segment_refs(),
+            };
+            rest.extend(segments.map(SegmentRef::of));
+        }
+        OwnedSegments { first, rest, body }
+    }
+}
+
+impl OwnedBody {
+    /// Segment `idx`, looked up (once, by [`OwnedSegments::new`]).
+    fn segment(&self, idx: u32) -> Option<&[u8]> {
+        match self {
             OwnedBody::InPlace {
                 side,
                 table,
@@ -842,19 +872,40 @@ impl ReaderSegments for OwnedSegments {
                     places.get(idx as usize)?.bytes(side)
                 }
             }
-            OwnedBody::Copied(copy) => copy.get_segment(idx),
+            OwnedBody::Copied { copy, .. } => copy.get_segment(idx),
             OwnedBody::Carried { carried, .. } => carried.as_ref()?.get_segment(idx),
             OwnedBody::Framed { frame, .. } => frame.get_segment(idx),
         }
     }
 
-    fn len(&self) -> usize {
-        match &self.body {
+    /// How many segments.
+    fn len(&self) -> u32 {
+        let n = match self {
             OwnedBody::InPlace { table, .. } => table.len() as usize,
-            OwnedBody::Copied(copy) => copy.len(),
+            OwnedBody::Copied { copy, .. } => copy.len(),
             OwnedBody::Carried { .. } => 1,
             OwnedBody::Framed { frame, .. } => frame.len(),
-        }
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+impl ReaderSegments for OwnedSegments {
+    /// As [`Segments`]' own: a load and a compare, no call.
+    #[inline(always)]
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        let segment = match idx {
+            0 => self.first,
+            i => *self.rest.get(i as usize - 1)?,
+        };
+        // SAFETY: the invariant of `OwnedSegments`: the bytes are valid and
+        // unwritten by this process until `self` drops, so for as long as
+        // the borrow of `self` that this slice inherits.
+        Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
+    }
+
+    fn len(&self) -> usize {
+        1 + self.rest.len()
     }
 }
 
@@ -864,13 +915,17 @@ impl OwnedSegments {
     fn is_private(&self) -> bool {
         matches!(
             self.body,
-            OwnedBody::Copied(_) | OwnedBody::Carried { .. } | OwnedBody::Framed { .. }
+            OwnedBody::Copied { .. } | OwnedBody::Carried { .. } | OwnedBody::Framed { .. }
         )
     }
 }
 
 impl Drop for OwnedSegments {
+    /// The release and the buffers back to the side; the body's own drop
+    /// follows. Nothing reads the segments after (they may point into
+    /// what the body frees).
     fn drop(&mut self) {
+        self.first = SegmentRef::EMPTY;
         match &mut self.body {
             OwnedBody::InPlace {
                 side,
@@ -880,10 +935,14 @@ impl Drop for OwnedSegments {
             } => {
                 side.let_go(release, places);
                 side.recycle_spans(&mut table.take_spans());
+                side.recycle_segment_refs(&mut self.rest);
             }
             OwnedBody::Carried { side, carried } => side.recycle_carried(carried),
-            OwnedBody::Copied(_) => {}
-            OwnedBody::Framed { rx, .. } => rx.dropped(),
+            OwnedBody::Copied { side, .. } => side.recycle_segment_refs(&mut self.rest),
+            OwnedBody::Framed { rx, .. } => {
+                rx.recycle_segment_refs(&mut self.rest);
+                rx.dropped();
+            }
         }
     }
 }
@@ -892,7 +951,7 @@ impl fmt::Debug for OwnedSegments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, seq) = match &self.body {
             OwnedBody::InPlace { release, .. } => ("in place", release.map(|(_, seq)| seq)),
-            OwnedBody::Copied(_) => ("copied", None),
+            OwnedBody::Copied { .. } => ("copied", None),
             OwnedBody::Carried { .. } => ("carried in its descriptor", None),
             OwnedBody::Framed { .. } => ("stream buffer", None),
         };
