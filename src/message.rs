@@ -346,15 +346,15 @@ pub(crate) struct SegmentRef {
     len: usize,
 }
 
-// SAFETY: only the `get_segment` of `Segments` and of `OwnedSegments` read
-// through a `SegmentRef`, under the invariant of the one that holds it,
-// which owns or borrows the bytes. On its own a `SegmentRef` is an address
-// and a length: sending or sharing one (an empty list of them kept by a
-// receiving side, or segments whose body may be sent) reads nothing, as
-// with the `&[u8]` it stands for.
+// SAFETY: a receiving side keeps emptied lists of `SegmentRef`s for the
+// next messages (`RecvSide::segment_refs`, `StreamRecv::segment_refs`), and
+// without this the receiving halves that own a side (`Receiver`, `Channel`)
+// could not move to another thread. A list is emptied when it is kept
+// (`Spares::keep_vec`), so a moved side holds no `SegmentRef` at all. The
+// segments that do hold them, `Segments` and `OwnedSegments`, are not
+// `Send` (their bodies hold the side by `&` or `Rc`, and a side is not
+// `Sync`), and only their `get_segment` reads through one.
 unsafe impl Send for SegmentRef {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for SegmentRef {}
 
 impl SegmentRef {
     /// No bytes.
@@ -607,7 +607,11 @@ impl ReaderSegments for Segments<'_> {
         };
         // SAFETY: the invariant of `Segments`: the bytes are valid and
         // unwritten by this process until `self` drops, so for as long as
-        // the borrow of `self` that this slice inherits.
+        // the borrow of `self` that this slice inherits. They lie in a
+        // mapping or a vector's heap block, which no move of the body
+        // retags, and nothing makes a `&mut` to them while they are held
+        // (a frame's buffer is written only through `Arc::get_mut`, and a
+        // carried buffer only once it is back in the side's pool).
         Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
     }
 
@@ -898,9 +902,10 @@ impl ReaderSegments for OwnedSegments {
             0 => self.first,
             i => *self.rest.get(i as usize - 1)?,
         };
-        // SAFETY: the invariant of `OwnedSegments`: the bytes are valid and
-        // unwritten by this process until `self` drops, so for as long as
-        // the borrow of `self` that this slice inherits.
+        // SAFETY: the invariant of `OwnedSegments`, as for `Segments`' own
+        // (see there why moving the body keeps the pointers good): the
+        // bytes are valid and unwritten by this process until `self` drops,
+        // so for as long as the borrow of `self` that this slice inherits.
         Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
     }
 

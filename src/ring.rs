@@ -879,6 +879,7 @@ fn copy_carried<P: Pair>(
     // the take did not.
     // Every buffer has `CARRIED_WORDS` (`new_carried_buf`); the array
     // tells the compiler how many.
+    debug_assert_eq!(buf.len(), CARRIED_WORDS, "a carried buffer's words");
     if let Some(all) = buf.first_chunk_mut::<CARRIED_WORDS>() {
         carried.load_into(capnp::Word::words_to_bytes_mut(all));
     }
