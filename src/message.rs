@@ -310,17 +310,17 @@ impl fmt::Debug for Received<'_> {
 
 /// The segments of a [`Received`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
-///
-/// Invariant: `first` and every entry of `rest` were made by
-/// [`SegmentRef::of`] from a slice that stays valid, and unwritten by this
-/// process, until this `Segments` drops: a slice of the peer's region or
-/// area, mapped for as long as the receiving side lives (`'c`) or an area's
-/// `Place` in `body` keeps it; or of memory that `body` owns and that does
-/// not move when the body moves (the heap buffer of a vector: a carried
-/// message's words, a copy's words, a frame's shared buffer, which nobody
-/// writes while a frame holds it). `body` gives that memory up only in
-/// [`release`](Segments::release), as this drops, after which nothing
-/// reads the segments.
+//
+// Invariant: `first` and every entry of `rest` were made by
+// `SegmentRef::of` from a slice that stays valid, and unwritten by this
+// process, until this `Segments` drops: a slice of the peer's region or
+// area, mapped for as long as the receiving side lives (`'c`) or an area's
+// `Place` in `body` keeps it; or of memory that `body` owns and that does
+// not move when the body moves (the heap buffer of a vector: a carried
+// message's words, a copy's words, a frame's shared buffer, which nobody
+// writes while a frame holds it). `body` gives that memory up only in
+// `Segments::release`, as this drops, after which nothing reads the
+// segments.
 pub struct Segments<'c> {
     /// Segment 0: capnp asks for a segment on every pointer it follows,
     /// and segment 0 nearly always.
@@ -795,15 +795,15 @@ impl fmt::Debug for OwnedReceived {
 
 /// The segments of an [`OwnedReceived`] message; implements capnp's
 /// [`ReaderSegments`]. Dropping it releases the message to the peer.
-///
-/// Invariant, as for [`Segments`]: `first` and every entry of `rest` were
-/// made by [`SegmentRef::of`] from a slice that stays valid, and unwritten
-/// by this process, until this drops: of the peer's region (mapped for as
-/// long as the `Rc` in `body` keeps the receiving side) or an area (kept
-/// mapped by its `Place` in `body`), or of a heap buffer `body` owns (a
-/// carried message's words, a copy's words, a frame's shared buffer),
-/// which does not move when the body moves and is freed only as this
-/// drops.
+//
+// Invariant, as for `Segments`: `first` and every entry of `rest` were
+// made by `SegmentRef::of` from a slice that stays valid, and unwritten
+// by this process, until this drops: of the peer's region (mapped for as
+// long as the `Rc` in `body` keeps the receiving side) or an area (kept
+// mapped by its `Place` in `body`), or of a heap buffer `body` owns (a
+// carried message's words, a copy's words, a frame's shared buffer),
+// which does not move when the body moves and is freed only as this
+// drops.
 pub struct OwnedSegments {
     /// Segment 0.
     first: SegmentRef,
