@@ -94,6 +94,8 @@
 //!   alloc        the capnp Allocator over the sending side (free list: free)
 //!   recv       the receiving side: take, receive loop, release
 //!   message      Received, reading in place over the receiving side
+//!   segment_ref  a received message's segments as pointers (below recv,
+//!                stream and message, which all hold them)
 //!   link       what both sides share: socket, regions, the peer's areas,
 //!              owner claim, failure
 //! ring       descriptor ring and release ring: both halves of each, encodings
@@ -121,11 +123,12 @@
 //! system call), `src/region.rs` (references into mapped memory, and the
 //! data-area writes behind `unsafe fn`s), `src/send.rs` (the calls of those
 //! writes, each justified by the sending side's books), `src/alloc.rs`
-//! (implementing capnp's `Allocator`, an unsafe trait), and
-//! `src/message.rs` (a received message's segments kept as pointers beside
-//! the memory they point into, read under the invariant of `Segments` and
-//! of `OwnedSegments`, so that capnp's reader finds a segment with no
-//! branch on the kind of message).
+//! (implementing capnp's `Allocator`, an unsafe trait), `src/segment_ref.rs`
+//! (a received message's segments kept as pointers beside the memory they
+//! point into, and the `unsafe fn` that reads one, so that capnp's reader
+//! finds a segment with no branch on the kind of message), and
+//! `src/message.rs` (its two calls, under the invariants of `Segments` and
+//! of `OwnedSegments`).
 
 #![cfg(target_os = "linux")]
 
@@ -147,6 +150,7 @@ mod options;
 mod recv;
 mod region;
 mod ring;
+mod segment_ref;
 mod select;
 mod send;
 mod spares;

@@ -4,15 +4,14 @@
 //!
 //! `unsafe` here: capnp's reader asks for a segment at every pointer it
 //! follows, so a [`Segments`] (and an [`OwnedSegments`]) keeps each segment
-//! as a pointer and a length ([`SegmentRef`]) beside the memory it points
-//! into, and answers with no match on the kind of message and no call (see
-//! their invariants).
+//! as a pointer and a length (`SegmentRef`) beside the memory it points
+//! into, and reads one with `segment_ref::segment`, whose duty their
+//! invariants meet.
 
 #![allow(unsafe_code)]
 
 use std::fmt;
 use std::mem::{self, ManuallyDrop};
-use std::ptr::NonNull;
 use std::rc::Rc;
 
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
@@ -25,6 +24,7 @@ use crate::layout::WORD_BYTES;
 use crate::recv::{Place, RecvSide};
 use crate::region::Span;
 use crate::ring::{Carried, SegmentTable, Taken, TakenOne, Took};
+use crate::segment_ref::{self, SegmentRef};
 use crate::stream::StreamRecv;
 
 /// The methods a received message has, owned or borrowing: one body for
@@ -337,42 +337,6 @@ pub struct Segments<'c> {
     body: ManuallyDrop<Body<'c>>,
 }
 
-/// A segment's bytes as a pointer and a length, held by a [`Segments`]
-/// (whose invariant says why they can be read). A slice with no lifetime:
-/// the memory may be the message's own.
-#[derive(Clone, Copy)]
-pub(crate) struct SegmentRef {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: a receiving side keeps emptied lists of `SegmentRef`s for the
-// next messages (`RecvSide::segment_refs`, `StreamRecv::segment_refs`), and
-// without this the receiving halves that own a side (`Receiver`, `Channel`)
-// could not move to another thread. A list is emptied when it is kept
-// (`Spares::keep_vec`), so a moved side holds no `SegmentRef` at all. The
-// segments that do hold them, `Segments` and `OwnedSegments`, are not
-// `Send` (their bodies hold the side by `&` or `Rc`, and a side is not
-// `Sync`), and only their `get_segment` reads through one.
-unsafe impl Send for SegmentRef {}
-
-impl SegmentRef {
-    /// No bytes.
-    const EMPTY: SegmentRef = SegmentRef {
-        ptr: NonNull::dangling(),
-        len: 0,
-    };
-
-    /// The bytes of `segment`.
-    #[inline(always)]
-    fn of(segment: &[u8]) -> SegmentRef {
-        SegmentRef {
-            ptr: NonNull::from(segment).cast(),
-            len: segment.len(),
-        }
-    }
-}
-
 enum Body<'c> {
     /// A message in the peer's data area, of one segment (the common kind)
     /// or several. Nothing in it needs dropping, so its drop is the release
@@ -601,18 +565,13 @@ impl ReaderSegments for Segments<'_> {
     /// compare, and no call, whatever the kind of message.
     #[inline(always)]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        let segment = match idx {
-            0 => self.first,
-            i => *self.rest.get(i as usize - 1)?,
-        };
-        // SAFETY: the invariant of `Segments`: the bytes are valid and
-        // unwritten by this process until `self` drops, so for as long as
-        // the borrow of `self` that this slice inherits. They lie in a
-        // mapping or a vector's heap block, which no move of the body
-        // retags, and nothing makes a `&mut` to them while they are held
-        // (a frame's buffer is written only through `Arc::get_mut`, and a
-        // carried buffer only once it is back in the side's pool).
-        Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
+        // The bytes lie in a mapping or a vector's heap block, which no
+        // move of the body retags; nothing makes a `&mut` to them while
+        // held (a frame's buffer is written only through `Arc::get_mut`, a
+        // carried buffer only once back in the pool).
+        // SAFETY: the invariant of `Segments`: valid and unwritten by this
+        // process until `self` drops, so for the borrow of `self`.
+        unsafe { segment_ref::segment(self.first, &self.rest, idx) }
     }
 
     fn len(&self) -> usize {
@@ -898,15 +857,10 @@ impl ReaderSegments for OwnedSegments {
     /// As [`Segments`]' own: a load and a compare, no call.
     #[inline(always)]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        let segment = match idx {
-            0 => self.first,
-            i => *self.rest.get(i as usize - 1)?,
-        };
         // SAFETY: the invariant of `OwnedSegments`, as for `Segments`' own
-        // (see there why moving the body keeps the pointers good): the
-        // bytes are valid and unwritten by this process until `self` drops,
-        // so for as long as the borrow of `self` that this slice inherits.
-        Some(unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) })
+        // (see there why moving the body keeps the pointers good): valid
+        // and unwritten by this process until `self` drops.
+        unsafe { segment_ref::segment(self.first, &self.rest, idx) }
     }
 
     fn len(&self) -> usize {

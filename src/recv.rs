@@ -13,12 +13,12 @@ use crate::error::{Failure, Halt};
 use crate::fault::{self, Fault};
 use crate::layout::{AWAKE, CARRIED_WORDS, WORD};
 use crate::link::{Link, Wakes};
-use crate::message::SegmentRef;
 use crate::region::{Extent, PeerArea, Span};
 use crate::ring::{
     Carried, CarriedBuffers, DescriptorConsumer, Entry, ReleaseProducer, SegmentTable, Taken,
     TakenOne, Took,
 };
+use crate::segment_ref::SegmentRef;
 use crate::spares::Spares;
 use crate::stats::RecvStats;
 use crate::wait::{Condition, Readiness, Waiter};

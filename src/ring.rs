@@ -176,7 +176,7 @@ pub(crate) struct Carried {
 /// The words a carried message is copied into.
 ///
 /// A vector of [`CARRIED_WORDS`] rather than a box: a received message
-/// keeps a pointer into it (`message::SegmentRef`) while the message moves,
+/// keeps a pointer into it (`segment_ref::SegmentRef`) while the message moves,
 /// and moving a `Box` asserts it is the only way to its memory, where
 /// moving a vector does not.
 pub(crate) type CarriedBuf = Vec<capnp::Word>;
