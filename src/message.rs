@@ -240,13 +240,8 @@ impl<'c> Received<'c> {
     /// A message `rx` read from its stream, into its receive buffer.
     pub(crate) fn framed(rx: &'c StreamRecv, frame: HeldFrame) -> Received<'c> {
         let limits = rx.link().options().reader_options_for(frame.words());
-        let mut segments = (0..).map_while(|i| frame.get_segment(i));
-        let first = segments.next().map_or(SegmentRef::EMPTY, SegmentRef::of);
-        let mut rest = Vec::new();
-        if frame.len() > 1 {
-            rest = rx.segment_refs();
-            rest.extend(segments.map(SegmentRef::of));
-        }
+        let segments = (0..).map_while(|i| frame.get_segment(i));
+        let (first, rest) = segment_ref::split(frame.len(), segments, || rx.segment_refs());
         Received {
             reader: Reader::new(
                 Segments {
@@ -473,34 +468,29 @@ impl<'c> Segments<'c> {
         let peer = side.link().peer();
         let release = Some((taken.slot, taken.seq));
         let table = &mut taken.table;
-        let mut rest = side.segment_refs();
-        let (first, body) = if table.in_areas() {
+        let spare = || side.segment_refs();
+        let ((first, rest), body) = if table.in_areas() {
             let places = side.places(table);
-            let mut segments = places.iter().map(|p| p.bytes(side).unwrap_or(&[]));
-            let first = segments.next().unwrap_or(&[]);
-            rest.extend(segments.map(SegmentRef::of));
-            let first = SegmentRef::of(first);
-            (
-                first,
-                Body::InAreas {
-                    side,
-                    places,
-                    release,
-                },
-            )
+            let segments = places.iter().map(|p| p.bytes(side).unwrap_or(&[]));
+            let refs = segment_ref::split(places.len(), segments, spare);
+            let body = Body::InAreas {
+                side,
+                places,
+                release,
+            };
+            (refs, body)
         } else {
             // The table was validated against the data area, so every
             // lookup succeeds; an empty slice would only make capnp report
             // an error.
-            let mut segments = (0..table.len()).map(|i| {
+            let segments = (0..table.len()).map(|i| {
                 table
                     .get(i)
                     .and_then(|s| peer.segment(s.extent))
                     .unwrap_or(&[])
             });
-            let first = segments.next().unwrap_or(&[]);
-            rest.extend(segments.map(SegmentRef::of));
-            (SegmentRef::of(first), Body::InPlace { side, release })
+            let refs = segment_ref::split(table.len() as usize, segments, spare);
+            (refs, Body::InPlace { side, release })
         };
         side.recycle_spans(&mut table.take_spans());
         Segments {
@@ -519,20 +509,12 @@ impl<'c> Segments<'c> {
         side.recycle_spans(&mut taken.table.take_spans());
         let Detached { words, ends } = copy?;
         let bytes = Word::words_to_bytes(&words);
-        let mut segments = ends
-            .iter()
-            .scan(0, |start, &end| {
-                let segment = bytes.get(*start..end).unwrap_or(&[]);
-                *start = end;
-                Some(segment)
-            })
-            .map(SegmentRef::of);
-        let first = segments.next().unwrap_or(SegmentRef::EMPTY);
-        let mut rest = Vec::new();
-        if ends.len() > 1 {
-            rest = side.segment_refs();
-            rest.extend(segments);
-        }
+        let segments = ends.iter().scan(0, |start, &end| {
+            let segment = bytes.get(*start..end).unwrap_or(&[]);
+            *start = end;
+            Some(segment)
+        });
+        let (first, rest) = segment_ref::split(ends.len(), segments, || side.segment_refs());
         Ok(Segments {
             first,
             rest,
@@ -803,18 +785,13 @@ impl OwnedSegments {
     /// The segments of `body`, found once: each lookup after is a load.
     fn new(body: OwnedBody) -> OwnedSegments {
         let count = body.len();
-        let mut segments = (0..count).map(|i| body.segment(i).unwrap_or(&[]));
-        let first = segments.next().map_or(SegmentRef::EMPTY, SegmentRef::of);
-        let mut rest = Vec::new();
-        if count > 1 {
-            rest = match &body {
-                OwnedBody::InPlace { side, .. }
-                | OwnedBody::Copied { side, .. }
-                | OwnedBody::Carried { side, .. } => side.segment_refs(),
-                OwnedBody::Framed { rx, .. } => rx.segment_refs(),
-            };
-            rest.extend(segments.map(SegmentRef::of));
-        }
+        let segments = (0..count).map(|i| body.segment(i).unwrap_or(&[]));
+        let (first, rest) = segment_ref::split(count as usize, segments, || match &body {
+            OwnedBody::InPlace { side, .. }
+            | OwnedBody::Copied { side, .. }
+            | OwnedBody::Carried { side, .. } => side.segment_refs(),
+            OwnedBody::Framed { rx, .. } => rx.segment_refs(),
+        });
         OwnedSegments { first, rest, body }
     }
 }

@@ -176,9 +176,9 @@ pub(crate) struct Carried {
 /// The words a carried message is copied into.
 ///
 /// A vector of [`CARRIED_WORDS`] rather than a box: a received message
-/// keeps a pointer into it (`segment_ref::SegmentRef`) while the message moves,
-/// and moving a `Box` asserts it is the only way to its memory, where
-/// moving a vector does not.
+/// keeps a pointer into it (`segment_ref::SegmentRef`) while the message
+/// moves, and moving a `Box` asserts it is the only way to its memory,
+/// where moving a vector does not.
 pub(crate) type CarriedBuf = Vec<capnp::Word>;
 
 impl Carried {

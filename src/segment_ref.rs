@@ -66,3 +66,22 @@ pub(crate) unsafe fn segment(first: SegmentRef, rest: &[SegmentRef], idx: u32) -
     let bytes = unsafe { std::slice::from_raw_parts(segment.ptr.as_ptr(), segment.len) };
     Some(bytes)
 }
+
+/// The references of `segments`, `count` of them: segment 0's, and a list
+/// of the others, taken from `spare` (a receiving side's kept lists) only
+/// when there are others, so that a message of one segment allocates
+/// nothing.
+#[inline(always)]
+pub(crate) fn split<'a>(
+    count: usize,
+    mut segments: impl Iterator<Item = &'a [u8]>,
+    spare: impl FnOnce() -> Vec<SegmentRef>,
+) -> (SegmentRef, Vec<SegmentRef>) {
+    let first = segments.next().map_or(SegmentRef::EMPTY, SegmentRef::of);
+    let mut rest = Vec::new();
+    if count > 1 {
+        rest = spare();
+        rest.extend(segments.map(SegmentRef::of));
+    }
+    (first, rest)
+}
