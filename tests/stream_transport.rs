@@ -3,11 +3,12 @@
 //! socket without shared memory, each with real processes (a forked peer).
 //! Every test holds the `serial` lock: a child forked by one test would
 //! hold copies of another test's sockets, and hide its closes.
+#![allow(unsafe_code)] // setsockopt(2), to cap a receive buffer
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -40,6 +41,27 @@ fn tcp_sockets() -> (TcpStream, TcpStream) {
     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
     (client, server)
+}
+
+/// Caps the receive buffer of `end`'s socket at `bytes` (the kernel
+/// doubles it), which also ends its autotuning: a test that needs a peer's
+/// buffers full needs to know how much they hold, whatever this host's
+/// `net.ipv4.tcp_rmem` lets a TCP buffer grow to (32 MiB on ours, enough
+/// to take an 8 MiB message whole once a first one has grown it).
+fn cap_receive_buffer(end: &Channel, bytes: libc::c_int) {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+    // SAFETY: `end`'s descriptor is open for the call, and the option is
+    // an int whose address and size are given.
+    let r = unsafe {
+        libc::setsockopt(
+            end.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_ref(&bytes).cast(),
+            len,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
 }
 
 /// A connected pair of stream channel ends.
@@ -771,6 +793,9 @@ fn a_message_larger_than_the_socket_buffer_goes_whole_or_waits_for_a_flush() {
     let _w = Watchdog::new(Duration::from_secs(60));
     for net in NETS {
         let (ours, theirs) = pair(net);
+        // Less than the 8 MiB message below, with the sender's buffer: the
+        // second message cannot all leave while the peer does not read.
+        cap_receive_buffer(&theirs, 1 << 20);
         let mut go = Go::new();
         let (mut ours, mut theirs) = (Some(ours), Some(theirs));
         // The peer answers each message with its size; before the second,
